@@ -1,0 +1,177 @@
+//! `BrokerSupervisor`: starts, restarts and retires the partition actors of one broker.
+//!
+//! Why not actix's built-in `Supervisor`: it restarts an actor only when it stops, never on a
+//! panic, and it cannot tell "crashed, restart me" from "topic deleted, stay down". Here each
+//! `PartitionReplica` catches its own panics and stops; its `stopped` hook reports to this actor,
+//! which starts a fresh incarnation (with backoff for crash loops) unless the partition is
+//! retired. Replicas are spread over a pool of arbiters, one per core, so one busy partition does
+//! not stall the others and none share a thread with the HTTP workers.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+
+use crate::metrics::Metrics;
+use crate::partition_replica::{PartitionReplica, PartitionShared, ReplicaSettings, ReplicaStopped, Retire};
+use crate::registry::{Registry, TopicHandle};
+use crate::storage::Storage;
+use crate::topic::{LogId, TopicMeta};
+
+/// First restart delay after a crash; doubles per crash within [`CRASH_WINDOW`].
+const RESTART_DELAY_INITIAL: Duration = Duration::from_millis(50);
+/// Longest restart delay: a crash-looping partition retries this often.
+const RESTART_DELAY_MAX: Duration = Duration::from_secs(5);
+/// Crashes further apart than this reset the backoff.
+const CRASH_WINDOW: Duration = Duration::from_secs(60);
+
+/// Start replicas for every partition of a topic and publish it in the registry.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct HostTopic {
+    pub meta: Arc<TopicMeta>,
+}
+
+/// Remove a topic from the registry and stop its replicas once their writes are durable.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct RetireTopic {
+    pub name: String,
+}
+
+/// Send a test-only message to the live actor of one partition.
+#[cfg(test)]
+#[derive(Debug, Message)]
+#[rtype(result = "bool")]
+pub struct InjectPanicInto {
+    pub topic: String,
+    pub partition: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct CrashHistory {
+    consecutive: u32,
+    last: Instant,
+}
+
+pub struct BrokerSupervisor {
+    storage: Storage,
+    metrics: Arc<Metrics>,
+    settings: ReplicaSettings,
+    registry: Registry,
+    arbiters: Vec<Arbiter>,
+    next_arbiter: usize,
+    crashes: HashMap<LogId, CrashHistory>,
+}
+
+impl BrokerSupervisor {
+    pub fn new(storage: Storage, metrics: Arc<Metrics>, settings: ReplicaSettings, registry: Registry, threads: usize) -> Self {
+        let arbiters = (0..threads.max(1)).map(|_| Arbiter::new()).collect();
+        Self { storage, metrics, settings, registry, arbiters, next_arbiter: 0, crashes: HashMap::new() }
+    }
+
+    fn start_replica(&mut self, shared: Arc<PartitionShared>, meta: &TopicMeta, ctx: &mut Context<Self>) {
+        let arbiter = self.arbiters[self.next_arbiter % self.arbiters.len()].handle();
+        self.next_arbiter += 1;
+        let (storage, metrics, settings, configs) = (self.storage.clone(), self.metrics.clone(), self.settings, meta.configs);
+        let supervisor = ctx.address().recipient();
+        let for_actor = shared.clone();
+        let addr = PartitionReplica::start_in_arbiter(&arbiter, move |_| {
+            PartitionReplica::new(for_actor, storage, metrics, configs, settings, supervisor)
+        });
+        shared.set_addr(Some(addr));
+    }
+
+    fn restart_delay(&mut self, log: LogId) -> Duration {
+        let now = Instant::now();
+        let history = self.crashes.entry(log).or_insert(CrashHistory { consecutive: 0, last: now });
+        if now.duration_since(history.last) > CRASH_WINDOW {
+            history.consecutive = 0;
+        }
+        history.consecutive += 1;
+        history.last = now;
+        let factor = 2u32.saturating_pow(history.consecutive - 1);
+        RESTART_DELAY_INITIAL.saturating_mul(factor).min(RESTART_DELAY_MAX)
+    }
+}
+
+impl Actor for BrokerSupervisor {
+    type Context = Context<Self>;
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        for arbiter in &self.arbiters {
+            arbiter.stop();
+        }
+    }
+}
+
+impl Handler<HostTopic> for BrokerSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: HostTopic, ctx: &mut Self::Context) {
+        let name: Arc<str> = Arc::from(msg.meta.name.as_str());
+        let partitions: Vec<Arc<PartitionShared>> = (0..msg.meta.partitions)
+            .map(|p| Arc::new(PartitionShared::new(name.clone(), p, msg.meta.log_id(p))))
+            .collect();
+        for shared in &partitions {
+            self.start_replica(shared.clone(), &msg.meta, ctx);
+        }
+        self.registry.insert(Arc::new(TopicHandle::new(msg.meta, partitions)));
+    }
+}
+
+impl Handler<RetireTopic> for BrokerSupervisor {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, msg: RetireTopic, _ctx: &mut Self::Context) -> Self::Result {
+        let Some(handle) = self.registry.remove(&msg.name) else {
+            return Box::pin(async {});
+        };
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            for shared in &handle.partitions {
+                shared.retire();
+                if let Some(addr) = shared.addr() {
+                    // Err means it already stopped: nothing of it is left in flight either way.
+                    let _ = addr.send(Retire).await;
+                }
+                shared.set_addr(None);
+                metrics.forget_partition(&shared.topic, shared.partition);
+            }
+        })
+    }
+}
+
+impl Handler<ReplicaStopped> for BrokerSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ReplicaStopped, ctx: &mut Self::Context) {
+        let shared = msg.shared;
+        shared.set_addr(None);
+        if shared.is_retired() || !msg.crashed {
+            return;
+        }
+        let Some(topic) = self.registry.get(&shared.topic).filter(|t| t.meta.topic_id == shared.log.topic_id) else {
+            return;
+        };
+        self.metrics.actor_restarts_total.with_label_values(&["partition_replica"]).inc();
+        let delay = self.restart_delay(shared.log);
+        tracing::warn!(topic = %shared.topic, partition = shared.partition, ?delay, "restarting crashed partition actor");
+        ctx.run_later(delay, move |act, ctx| {
+            if !shared.is_retired() {
+                act.start_replica(shared, &topic.meta, ctx);
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+impl Handler<InjectPanicInto> for BrokerSupervisor {
+    type Result = bool;
+
+    fn handle(&mut self, msg: InjectPanicInto, _ctx: &mut Self::Context) -> bool {
+        let addr = self.registry.get(&msg.topic).and_then(|t| t.partition(msg.partition).and_then(|p| p.addr()));
+        addr.map(|a| a.do_send(crate::partition_replica::InjectPanic)).is_some()
+    }
+}

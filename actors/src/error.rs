@@ -1,0 +1,97 @@
+//! Typed errors at the edge of the actors crate, one enum per concern.
+//!
+//! Callers (the HTTP layer) map these to status codes; each variant says whether retrying can help
+//! through [`PartitionError::is_retriable`] so clients get 503/429 versus 4xx right.
+
+use thiserror::Error;
+
+/// A record batch that cannot be encoded, or stored bytes that are not a valid v2 batch.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum BatchError {
+    #[error("a batch needs at least one record")]
+    Empty,
+    #[error("base offset {base_offset} does not fit a Kafka offset (i64)")]
+    OffsetOverflow { base_offset: u64 },
+    #[error("batch is truncated or has an impossible length ({len} bytes available)")]
+    Truncated { len: usize },
+    #[error("batch has magic {magic}, only v2 record batches are stored")]
+    Magic { magic: i8 },
+    #[error("batch at offset {base_offset} fails its CRC (stored {stored:#010x}, computed {computed:#010x})")]
+    Crc { base_offset: i64, stored: u32, computed: u32 },
+    #[error("batch at offset {base_offset} has last offset delta {last_offset_delta} but {record_count} records")]
+    Sparse { base_offset: i64, last_offset_delta: i32, record_count: u32 },
+    #[error("encoding batch: {0}")]
+    Encode(String),
+    #[error("decoding batch: {0}")]
+    Decode(String),
+}
+
+/// Failures of the RocksDB storage layer.
+#[derive(Debug, Error, Clone)]
+pub enum StorageError {
+    #[error("opening RocksDB at {path}: {message}")]
+    Open { path: String, message: String },
+    #[error("RocksDB {operation} failed: {message}")]
+    Rocks { operation: &'static str, message: String },
+    /// A durable write failed earlier; the storage fails closed until the broker restarts, because
+    /// a log with a hole after an fsync error cannot promise gap-free offsets.
+    #[error("storage is failed after an earlier write error; restart the broker")]
+    Failed,
+    #[error("the storage write queue is full ({capacity} writes waiting)")]
+    QueueFull { capacity: usize },
+    #[error("storage is shut down")]
+    ShutDown,
+    #[error("corrupt data in {what}: {message}")]
+    Corrupt { what: String, message: String },
+}
+
+impl StorageError {
+    pub(crate) fn rocks(operation: &'static str, error: rocksdb::Error) -> Self {
+        Self::Rocks { operation, message: error.into_string() }
+    }
+}
+
+/// Why a produce or fetch on one partition did not happen.
+#[derive(Debug, Error, Clone)]
+pub enum PartitionError {
+    #[error("offset {offset} is out of range: the log holds offsets {log_start_offset}..{high_watermark}")]
+    OffsetOutOfRange { offset: u64, log_start_offset: u64, high_watermark: u64 },
+    #[error("partition {partition} of topic '{topic}' is restarting; retry")]
+    Restarting { topic: String, partition: u32 },
+    #[error("partition {partition} of topic '{topic}' was deleted")]
+    Deleted { topic: String, partition: u32 },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+}
+
+impl PartitionError {
+    /// Whether the same request may succeed if the client retries it later.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            Self::Restarting { .. } => true,
+            Self::Storage(StorageError::QueueFull { .. }) => true,
+            Self::Storage(_) | Self::Batch(_) | Self::OffsetOutOfRange { .. } | Self::Deleted { .. } => false,
+        }
+    }
+}
+
+/// Why a topic admin request was refused.
+#[derive(Debug, Error, Clone)]
+pub enum TopicError {
+    #[error("invalid topic name '{name}': {reason}")]
+    InvalidName { name: String, reason: String },
+    #[error("topic '{0}' already exists")]
+    AlreadyExists(String),
+    #[error("topic '{0}' does not exist")]
+    NotFound(String),
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument { field: String, reason: String },
+    #[error("the broker already holds {limit} topics, the configured maximum")]
+    TooManyTopics { limit: usize },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("broker is shutting down")]
+    ShuttingDown,
+}

@@ -1,0 +1,95 @@
+//! The actors of a PubG1 broker and the storage they share.
+//!
+//! ```text
+//! BrokerSupervisor ─┬─ PartitionReplica × P   one per partition: assigns offsets, appends
+//!                   │                          (crash → restarted from RocksDB)
+//! Metadata          │  topic catalog: create/delete, durable before hosted
+//! Storage           └─ RocksDB + one group-commit writer thread (fsync per group, not per request)
+//! ```
+//!
+//! Modules:
+//! - [`batch`]: Kafka v2 record batches (encode with offsets, header + CRC checks, decode).
+//! - [`partitioner`]: Kafka's murmur2 key → partition.
+//! - [`topic`]: topic names, configs, limits.
+//! - [`storage`]: RocksDB column families, keys, group commit, reads.
+//! - [`partition_replica`], [`broker_supervisor`], [`metadata`]: the actors, one a file.
+//! - [`registry`]: the name → partitions map the HTTP layer reads without messaging actors.
+//! - [`log_reader`]: fetch with long poll, off the write path.
+//! - [`metrics`]: the broker's Prometheus registry.
+//!
+//! [`Broker`] wires them together; the `pubg1-broker` binary adds config and HTTP.
+
+pub mod batch;
+pub mod broker_supervisor;
+pub mod error;
+pub mod log_reader;
+pub mod metadata;
+pub mod metrics;
+pub mod partition_replica;
+pub mod partitioner;
+pub mod registry;
+pub mod storage;
+pub mod topic;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+
+use crate::broker_supervisor::BrokerSupervisor;
+use crate::error::StorageError;
+use crate::metadata::{CatalogLimits, HostAll, Metadata};
+use crate::metrics::Metrics;
+use crate::partition_replica::ReplicaSettings;
+use crate::registry::Registry;
+use crate::storage::Storage;
+
+/// What [`Broker::start`] needs; the binary builds it from its validated config.
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    pub data_dir: PathBuf,
+    pub retention_check_interval: Duration,
+    pub limits: CatalogLimits,
+    /// Arbiter threads the partition actors are spread over.
+    pub partition_threads: usize,
+}
+
+/// A running broker's actors and shared handles.
+#[derive(Debug, Clone)]
+pub struct Broker {
+    pub storage: Storage,
+    pub metrics: Arc<Metrics>,
+    pub registry: Registry,
+    pub metadata: Addr<Metadata>,
+    pub supervisor: Addr<BrokerSupervisor>,
+}
+
+impl Broker {
+    /// Open storage, recover the catalog and host every partition. Call inside an actix System.
+    pub async fn start(settings: BrokerSettings) -> Result<Self, StorageError> {
+        let metrics = Arc::new(Metrics::new());
+        std::fs::create_dir_all(&settings.data_dir).map_err(|e| StorageError::Open {
+            path: settings.data_dir.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let storage = Storage::open(&settings.data_dir, metrics.clone())?;
+        let catalog = storage.load_catalog()?;
+        let registry = Registry::default();
+        let replica = ReplicaSettings { retention_check_interval: settings.retention_check_interval };
+        let supervisor =
+            BrokerSupervisor::new(storage.clone(), metrics.clone(), replica, registry.clone(), settings.partition_threads).start();
+        let metadata = Metadata::new(storage.clone(), supervisor.clone(), settings.limits, catalog).start();
+        metadata.send(HostAll).await.map_err(|_| StorageError::ShutDown)?;
+        Ok(Self { storage, metrics, registry, metadata, supervisor })
+    }
+
+    /// Finish every queued write, flush and close RocksDB. Blocking the caller is intended:
+    /// nothing acknowledged may be left in memory when the process exits.
+    pub fn shutdown(&self) {
+        self.storage.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod component_tests;

@@ -1,0 +1,91 @@
+//! The read path: fetch committed records of one partition, with a long poll.
+//!
+//! Fetches never go through the partition actor's mailbox. They read the high watermark from
+//! [`PartitionShared`], wait on its watch channel when the consumer is caught up, and read RocksDB
+//! from the blocking pool, so a busy producer never delays a consumer and vice versa.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::batch::{self, StoredRecord};
+use crate::error::{PartitionError, StorageError};
+use crate::metrics::Metrics;
+use crate::partition_replica::PartitionShared;
+use crate::storage::Storage;
+
+/// What a consumer asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct FetchRequest {
+    pub offset: u64,
+    pub records_max: usize,
+    /// Soft cap on key + value bytes returned; at least one record is returned if any exists.
+    pub bytes_max: usize,
+    /// How long to wait for data when `offset` is the high watermark.
+    pub wait: Duration,
+}
+
+/// Committed records from the requested offset, and where the log stands.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub records: Vec<StoredRecord>,
+    pub high_watermark: u64,
+    pub log_start_offset: u64,
+}
+
+fn out_of_range(offset: u64, partition: &PartitionShared) -> PartitionError {
+    PartitionError::OffsetOutOfRange {
+        offset,
+        log_start_offset: partition.log_start_offset(),
+        high_watermark: partition.high_watermark(),
+    }
+}
+
+/// Read committed records of `partition` from `request.offset`.
+pub async fn fetch(
+    storage: &Storage,
+    partition: &Arc<PartitionShared>,
+    metrics: &Metrics,
+    request: FetchRequest,
+) -> Result<Fetched, PartitionError> {
+    let offset = request.offset;
+    if offset < partition.log_start_offset() || offset > partition.high_watermark() {
+        return Err(out_of_range(offset, partition));
+    }
+    if offset == partition.high_watermark() && !request.wait.is_zero() {
+        let mut watermark = partition.subscribe_high_watermark();
+        // Timing out is the normal end of a long poll with nothing new.
+        let _ = tokio::time::timeout(request.wait, watermark.wait_for(|hw| *hw > offset)).await;
+    }
+    let high_watermark = partition.high_watermark();
+    let mut records = Vec::new();
+    let mut bytes = 0usize;
+    if offset < high_watermark {
+        let (reader, log, bytes_max) = (storage.clone(), partition.log, request.bytes_max);
+        let batches = tokio::task::spawn_blocking(move || reader.read_batches(log, offset, high_watermark, bytes_max))
+            .await
+            .map_err(|_| StorageError::ShutDown)??;
+        'batches: for stored in &batches {
+            for record in batch::decode(stored)? {
+                if record.offset < offset || record.offset >= high_watermark {
+                    continue;
+                }
+                let size = record.key.as_ref().map_or(0, |k| k.len()) + record.value.as_ref().map_or(0, |v| v.len());
+                if records.len() >= request.records_max || (!records.is_empty() && bytes + size > request.bytes_max) {
+                    break 'batches;
+                }
+                bytes += size;
+                records.push(record);
+            }
+        }
+    }
+    // Retention may have moved the log start while we read: those records are gone, not skipped.
+    if offset < partition.log_start_offset() {
+        return Err(out_of_range(offset, partition));
+    }
+    // Invariant pair to the append path: what we return is dense from the requested offset.
+    debug_assert!(records.iter().enumerate().all(|(i, r)| r.offset == offset + i as u64));
+    let topic = [partition.topic.as_ref()];
+    metrics.fetch_records_total.with_label_values(&topic).inc_by(records.len() as u64);
+    metrics.fetch_bytes_total.with_label_values(&topic).inc_by(bytes as u64);
+    Ok(Fetched { records, high_watermark, log_start_offset: partition.log_start_offset() })
+}

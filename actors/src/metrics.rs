@@ -1,0 +1,143 @@
+//! Prometheus metrics of one broker, on a registry of its own (not the process-global default) so
+//! several brokers in one test process do not mix their numbers.
+//!
+//! Names follow Prometheus conventions (`pubg1_` prefix, base units, `_total` counters) and are
+//! checked by `promtool check metrics` in the test suite.
+
+use prometheus::{
+    exponential_buckets, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry,
+};
+
+/// Every metric the broker exports. Fields are cheap handles; clone the `Arc<Metrics>`.
+pub struct Metrics {
+    pub registry: Registry,
+    pub produce_records_total: IntCounterVec,
+    pub produce_bytes_total: IntCounterVec,
+    pub produce_latency_seconds: HistogramVec,
+    pub fetch_records_total: IntCounterVec,
+    pub fetch_bytes_total: IntCounterVec,
+    pub storage_fsync_seconds: Histogram,
+    pub storage_group_commit_writes: Histogram,
+    pub storage_group_commit_bytes: Histogram,
+    pub storage_write_errors_total: IntCounter,
+    pub partition_high_watermark: IntGaugeVec,
+    pub partition_log_start_offset: IntGaugeVec,
+    pub partition_log_size_bytes: IntGaugeVec,
+    pub actor_restarts_total: IntCounterVec,
+    pub http_request_duration_seconds: HistogramVec,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Latency buckets from 50 µs to ~13 s: fsyncs and produce round trips both fit.
+fn latency_buckets() -> Vec<f64> {
+    exponential_buckets(0.000_05, 2.0, 19).unwrap_or_default()
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let topic = &["topic"];
+        let partition = &["topic", "partition"];
+        let metrics = Self {
+            produce_records_total: counter_vec("pubg1_produce_records_total", "Records acknowledged to producers.", topic),
+            produce_bytes_total: counter_vec("pubg1_produce_bytes_total", "Bytes of record batches acknowledged to producers.", topic),
+            produce_latency_seconds: HistogramVec::new(
+                HistogramOpts::new("pubg1_produce_latency_seconds", "Time from a partition receiving an append to it being durable.")
+                    .buckets(latency_buckets()),
+                topic,
+            )
+            .expect("valid metric"),
+            fetch_records_total: counter_vec("pubg1_fetch_records_total", "Records returned to consumers.", topic),
+            fetch_bytes_total: counter_vec("pubg1_fetch_bytes_total", "Bytes of record batches read for consumers.", topic),
+            storage_fsync_seconds: Histogram::with_opts(
+                HistogramOpts::new("pubg1_storage_fsync_seconds", "Duration of one group-committed, fsync'd RocksDB write.")
+                    .buckets(latency_buckets()),
+            )
+            .expect("valid metric"),
+            storage_group_commit_writes: Histogram::with_opts(
+                HistogramOpts::new("pubg1_storage_group_commit_writes", "Writes merged into one fsync'd group commit.")
+                    .buckets(exponential_buckets(1.0, 2.0, 14).unwrap_or_default()),
+            )
+            .expect("valid metric"),
+            storage_group_commit_bytes: Histogram::with_opts(
+                HistogramOpts::new("pubg1_storage_group_commit_bytes", "Bytes written by one group commit.")
+                    .buckets(exponential_buckets(64.0, 4.0, 12).unwrap_or_default()),
+            )
+            .expect("valid metric"),
+            storage_write_errors_total: IntCounter::new(
+                "pubg1_storage_write_errors_total",
+                "Durable writes that failed; any makes the storage fail closed.",
+            )
+            .expect("valid metric"),
+            partition_high_watermark: gauge_vec("pubg1_partition_high_watermark", "Offset after the last durable record.", partition),
+            partition_log_start_offset: gauge_vec("pubg1_partition_log_start_offset", "First offset still retained.", partition),
+            partition_log_size_bytes: gauge_vec("pubg1_partition_log_size_bytes", "Bytes of record batches retained.", partition),
+            actor_restarts_total: counter_vec("pubg1_actor_restarts_total", "Actors restarted by their supervisor after a crash.", &["actor"]),
+            http_request_duration_seconds: HistogramVec::new(
+                HistogramOpts::new("pubg1_http_request_duration_seconds", "HTTP request latency by route and status class.")
+                    .buckets(latency_buckets()),
+                &["method", "route", "status"],
+            )
+            .expect("valid metric"),
+            registry,
+        };
+        metrics.register_all();
+        metrics
+    }
+
+    fn register_all(&self) {
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(self.produce_records_total.clone()),
+            Box::new(self.produce_bytes_total.clone()),
+            Box::new(self.produce_latency_seconds.clone()),
+            Box::new(self.fetch_records_total.clone()),
+            Box::new(self.fetch_bytes_total.clone()),
+            Box::new(self.storage_fsync_seconds.clone()),
+            Box::new(self.storage_group_commit_writes.clone()),
+            Box::new(self.storage_group_commit_bytes.clone()),
+            Box::new(self.storage_write_errors_total.clone()),
+            Box::new(self.partition_high_watermark.clone()),
+            Box::new(self.partition_log_start_offset.clone()),
+            Box::new(self.partition_log_size_bytes.clone()),
+            Box::new(self.actor_restarts_total.clone()),
+            Box::new(self.http_request_duration_seconds.clone()),
+        ];
+        for collector in collectors {
+            // Names are distinct constants above; a clash is a programming error.
+            self.registry.register(collector).expect("metric names are unique");
+        }
+    }
+
+    /// Drop the per-partition series of a deleted topic so dashboards do not show ghosts.
+    pub fn forget_partition(&self, topic: &str, partition: u32) {
+        let labels = [topic, &partition.to_string()];
+        for gauge in [&self.partition_high_watermark, &self.partition_log_start_offset, &self.partition_log_size_bytes] {
+            let _ = gauge.remove_label_values(&labels);
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        prometheus::TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_default()
+    }
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+}
+
+fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric")
+}

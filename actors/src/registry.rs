@@ -1,0 +1,64 @@
+//! The broker's live view of its topics: name → partitions, shared by the HTTP layer (lookups on
+//! every request) and the supervisor (which installs and removes entries).
+//!
+//! Lookups clone an `Arc` under a read lock and never touch an actor mailbox, so metadata reads and
+//! routing stay off the write path.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, RwLock};
+
+use crate::partition_replica::PartitionShared;
+use crate::topic::TopicMeta;
+
+/// One hosted topic and its partitions.
+#[derive(Debug)]
+pub struct TopicHandle {
+    pub meta: Arc<TopicMeta>,
+    /// Index = partition number; length = `meta.partitions`.
+    pub partitions: Vec<Arc<PartitionShared>>,
+    /// Spreads keyless records over partitions.
+    round_robin: AtomicU32,
+}
+
+impl TopicHandle {
+    pub fn new(meta: Arc<TopicMeta>, partitions: Vec<Arc<PartitionShared>>) -> Self {
+        assert_eq!(partitions.len(), meta.partitions as usize, "one handle per partition");
+        Self { meta, partitions, round_robin: AtomicU32::new(0) }
+    }
+
+    pub fn partition(&self, partition: u32) -> Option<&Arc<PartitionShared>> {
+        self.partitions.get(partition as usize)
+    }
+
+    /// The partition the next keyless record goes to.
+    pub fn next_round_robin(&self) -> u32 {
+        self.round_robin.fetch_add(1, Ordering::Relaxed) % self.meta.partitions
+    }
+}
+
+/// Topic name → handle. A std `RwLock`: held only to clone an `Arc` or swap an entry.
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    topics: Arc<RwLock<BTreeMap<String, Arc<TopicHandle>>>>,
+}
+
+impl Registry {
+    pub fn get(&self, name: &str) -> Option<Arc<TopicHandle>> {
+        self.topics.read().ok().and_then(|t| t.get(name).cloned())
+    }
+
+    pub fn list(&self) -> Vec<Arc<TopicHandle>> {
+        self.topics.read().map(|t| t.values().cloned().collect()).unwrap_or_default()
+    }
+
+    pub(crate) fn insert(&self, handle: Arc<TopicHandle>) {
+        if let Ok(mut topics) = self.topics.write() {
+            topics.insert(handle.meta.name.clone(), handle);
+        }
+    }
+
+    pub(crate) fn remove(&self, name: &str) -> Option<Arc<TopicHandle>> {
+        self.topics.write().ok().and_then(|mut t| t.remove(name))
+    }
+}

@@ -1,0 +1,183 @@
+//! Broker configuration: one typed struct, layered defaults < TOML file < `PUBG1_*` env < flags,
+//! validated once at start-up with messages that name the bad key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// This broker's id, unique in its cluster.
+    pub id: u32,
+    /// Where RocksDB keeps this broker's data; created if missing.
+    pub data_dir: PathBuf,
+    /// HTTP listen address.
+    pub http: SocketAddr,
+    /// HTTP worker threads; 0 means one per core.
+    pub http_workers: usize,
+    /// Largest request body accepted; larger ones get 413 before being read whole.
+    pub request_body_bytes_max: usize,
+    /// Most records one produce request may carry.
+    pub produce_records_max: usize,
+    /// Upper bound a consumer may ask for with `max_records`.
+    pub fetch_records_max: usize,
+    /// Upper bound a consumer may ask for with `max_bytes`.
+    pub fetch_bytes_max: usize,
+    /// Longest long poll a consumer may ask for with `timeout_ms`.
+    pub fetch_wait_ms_max: u64,
+    /// Topics one broker holds at most.
+    pub topics_max: usize,
+    /// Partitions one topic has at most (each is an actor with its own timers).
+    pub partitions_per_topic_max: u32,
+    /// How often each partition checks its retention limits.
+    pub retention_check_interval_ms: u64,
+    /// Threads the partition actors are spread over; 0 means one per core.
+    pub partition_threads: usize,
+    pub log_format: LogFormat,
+    /// A tracing filter such as `info` or `pubg1=debug`; `RUST_LOG` overrides it.
+    pub log_filter: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            id: 1,
+            data_dir: PathBuf::from("data/1"),
+            http: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            http_workers: 0,
+            request_body_bytes_max: 16 * 1024 * 1024,
+            produce_records_max: 10_000,
+            fetch_records_max: 10_000,
+            fetch_bytes_max: 64 * 1024 * 1024,
+            fetch_wait_ms_max: 30_000,
+            topics_max: 1_000,
+            partitions_per_topic_max: 256,
+            retention_check_interval_ms: 5_000,
+            partition_threads: 0,
+            log_format: LogFormat::Text,
+            log_filter: "info".to_owned(),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then the TOML file if given, then `PUBG1_*` environment, then `overrides`.
+    pub fn load(file: Option<&Path>, overrides: impl Serialize) -> Result<Self, String> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(format!("config file {} does not exist", file.display()));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        let config: Config = figment
+            .merge(Env::prefixed("PUBG1_").ignore(&["config"]))
+            .merge(Serialized::defaults(overrides))
+            .extract()
+            .map_err(|e| e.to_string())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reject settings the broker cannot run with, naming the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let at_least = |key: &str, value: u64, min: u64| {
+            if value < min {
+                Err(format!("{key} must be at least {min} (got {value})"))
+            } else {
+                Ok(())
+            }
+        };
+        at_least("request_body_bytes_max", self.request_body_bytes_max as u64, 1024)?;
+        at_least("produce_records_max", self.produce_records_max as u64, 1)?;
+        at_least("fetch_records_max", self.fetch_records_max as u64, 1)?;
+        at_least("fetch_bytes_max", self.fetch_bytes_max as u64, 1024)?;
+        at_least("topics_max", self.topics_max as u64, 1)?;
+        at_least("partitions_per_topic_max", u64::from(self.partitions_per_topic_max), 1)?;
+        at_least("retention_check_interval_ms", self.retention_check_interval_ms, 10)?;
+        if self.partitions_per_topic_max > 100_000 {
+            return Err("partitions_per_topic_max must be at most 100000".into());
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err("data_dir must not be empty".into());
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log_filter).is_err() {
+            return Err(format!("log_filter '{}' is not a valid tracing filter", self.log_filter));
+        }
+        Ok(())
+    }
+
+    pub fn http_workers(&self) -> usize {
+        if self.http_workers == 0 {
+            cores()
+        } else {
+            self.http_workers
+        }
+    }
+
+    pub fn partition_threads(&self) -> usize {
+        if self.partition_threads == 0 {
+            cores()
+        } else {
+            self.partition_threads
+        }
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize)]
+    struct NoOverrides {}
+
+    #[test]
+    fn defaults_are_valid_and_file_and_overrides_layer() {
+        assert_eq!(Config::default().validate(), Ok(()));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("broker.toml");
+        std::fs::write(&file, "id = 7\nhttp = \"127.0.0.1:9000\"\nproduce_records_max = 5\n").expect("write");
+        #[derive(Serialize)]
+        struct Flags {
+            id: u32,
+        }
+        let config = Config::load(Some(&file), Flags { id: 9 }).expect("load");
+        assert_eq!(config.id, 9, "flags win over the file");
+        assert_eq!(config.produce_records_max, 5);
+        assert_eq!(config.http.port(), 9000);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("broker.toml");
+        for (toml, key) in [
+            ("http = \"not an address\"", "http"),
+            ("produce_records_max = 0", "produce_records_max"),
+            ("no_such_key = 1", "no_such_key"),
+            ("log_format = \"xml\"", "log_format"),
+        ] {
+            std::fs::write(&file, toml).expect("write");
+            let err = Config::load(Some(&file), NoOverrides {}).expect_err(toml);
+            assert!(err.contains(key), "error for {toml:?} should name {key}: {err}");
+        }
+        let missing = Config::load(Some(&dir.path().join("nope.toml")), NoOverrides {}).expect_err("missing");
+        assert!(missing.contains("nope.toml"), "{missing}");
+    }
+}

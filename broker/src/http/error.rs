@@ -1,0 +1,127 @@
+//! The one place HTTP errors become status codes and JSON bodies.
+//!
+//! Every error a client sees is `{"error_code": <status*100+n>, "message": "..."}`, the shape of
+//! Confluent REST Proxy errors, with the HTTP status the code starts with. Retriable conditions
+//! (503, 429) also carry `Retry-After`.
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{HttpResponse, ResponseError};
+use pubg1_actors::error::{PartitionError, StorageError, TopicError};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// Seconds a client should wait before retrying a retriable error.
+const RETRY_AFTER_SECONDS: &str = "1";
+
+/// The body of every error response.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// The HTTP status times 100 plus a detail number, e.g. 40401 = topic not found.
+    pub error_code: u32,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("no route for {method} {path}")]
+    NoRoute { method: String, path: String },
+    #[error("topic '{0}' not found")]
+    TopicNotFound(String),
+    #[error("partition {partition} of topic '{topic}' not found")]
+    PartitionNotFound { topic: String, partition: String },
+    #[error("{0}")]
+    NotAcceptable(String),
+    #[error("topic '{0}' already exists")]
+    TopicExists(String),
+    #[error("request body is larger than the {limit} byte limit")]
+    PayloadTooLarge { limit: usize },
+    #[error("{0}")]
+    OffsetOutOfRange(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
+    Unprocessable(String),
+    #[error("{0}")]
+    TooManyRecords(String),
+    #[error("{0}")]
+    Throttled(String),
+    #[error("{0}")]
+    Internal(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl ApiError {
+    pub fn error_code(&self) -> u32 {
+        match self {
+            ApiError::BadRequest(_) => 40001,
+            ApiError::NoRoute { .. } => 40400,
+            ApiError::TopicNotFound(_) => 40401,
+            ApiError::PartitionNotFound { .. } => 40402,
+            ApiError::NotAcceptable(_) => 40601,
+            ApiError::TopicExists(_) => 40901,
+            ApiError::PayloadTooLarge { .. } => 41301,
+            ApiError::UnsupportedMediaType(_) => 41501,
+            ApiError::OffsetOutOfRange(_) => 41601,
+            ApiError::Unprocessable(_) => 42201,
+            ApiError::TooManyRecords(_) => 42202,
+            ApiError::Throttled(_) => 42901,
+            ApiError::Internal(_) => 50001,
+            ApiError::Unavailable(_) => 50301,
+        }
+    }
+
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody { error_code: self.error_code(), message: self.to_string() }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        StatusCode::from_u16((self.error_code() / 100) as u16).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status_code());
+        if matches!(self, ApiError::Unavailable(_) | ApiError::Throttled(_)) {
+            response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECONDS));
+        }
+        response.json(self.body())
+    }
+}
+
+impl From<PartitionError> for ApiError {
+    fn from(error: PartitionError) -> Self {
+        match &error {
+            PartitionError::OffsetOutOfRange { .. } => ApiError::OffsetOutOfRange(error.to_string()),
+            PartitionError::Restarting { .. } => ApiError::Unavailable(error.to_string()),
+            PartitionError::Deleted { topic, .. } => ApiError::TopicNotFound(topic.clone()),
+            PartitionError::Storage(storage) => storage_error(storage),
+            PartitionError::Batch(_) => ApiError::Internal(error.to_string()),
+        }
+    }
+}
+
+impl From<TopicError> for ApiError {
+    fn from(error: TopicError) -> Self {
+        match error {
+            TopicError::InvalidName { .. } | TopicError::InvalidArgument { .. } | TopicError::TooManyTopics { .. } => {
+                ApiError::Unprocessable(error.to_string())
+            }
+            TopicError::AlreadyExists(name) => ApiError::TopicExists(name),
+            TopicError::NotFound(name) => ApiError::TopicNotFound(name),
+            TopicError::Storage(storage) => storage_error(&storage),
+            TopicError::ShuttingDown => ApiError::Unavailable(error.to_string()),
+        }
+    }
+}
+
+fn storage_error(error: &StorageError) -> ApiError {
+    match error {
+        StorageError::QueueFull { .. } => ApiError::Throttled(error.to_string()),
+        StorageError::ShutDown => ApiError::Unavailable(error.to_string()),
+        _ => ApiError::Internal(error.to_string()),
+    }
+}

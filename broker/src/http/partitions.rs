@@ -1,0 +1,78 @@
+//! `/topics/{topic}/partitions`: where each partition's log stands.
+
+use std::sync::Arc;
+
+use actix_web::{get, web, HttpResponse};
+use pubg1_actors::partition_replica::PartitionShared;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::error::{ApiError, ErrorBody};
+use super::State;
+
+/// One replica of a partition.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReplicaInfo {
+    pub broker: u32,
+    pub leader: bool,
+    pub in_sync: bool,
+}
+
+/// A partition: its leader, replicas and log offsets.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PartitionInfo {
+    pub partition: u32,
+    pub leader: u32,
+    pub replicas: Vec<ReplicaInfo>,
+    /// First offset still retained.
+    pub log_start_offset: u64,
+    /// Offset after the last committed record: consumers read below it.
+    pub high_watermark: u64,
+    pub log_size_bytes: u64,
+}
+
+pub fn describe_partition(partition: &PartitionShared, broker_id: u32) -> PartitionInfo {
+    PartitionInfo {
+        partition: partition.partition,
+        leader: broker_id,
+        replicas: vec![ReplicaInfo { broker: broker_id, leader: true, in_sync: true }],
+        log_start_offset: partition.log_start_offset(),
+        high_watermark: partition.high_watermark(),
+        log_size_bytes: partition.log_size_bytes(),
+    }
+}
+
+/// Look up a partition or answer 404 naming what is missing.
+pub fn find(state: &State, topic: &str, partition: u32) -> Result<Arc<PartitionShared>, ApiError> {
+    let handle = state.broker.registry.get(topic).ok_or_else(|| ApiError::TopicNotFound(topic.to_owned()))?;
+    handle
+        .partition(partition)
+        .cloned()
+        .ok_or_else(|| ApiError::PartitionNotFound { topic: topic.to_owned(), partition: partition.to_string() })
+}
+
+/// All partitions of a topic.
+#[utoipa::path(
+    tag = "topics",
+    params(("topic" = String, Path, description = "Topic name")),
+    responses((status = 200, body = Vec<PartitionInfo>), (status = 404, body = ErrorBody))
+)]
+#[get("/topics/{topic}/partitions")]
+pub async fn list(state: State, topic: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let handle = state.broker.registry.get(&topic).ok_or_else(|| ApiError::TopicNotFound(topic.into_inner()))?;
+    let partitions: Vec<PartitionInfo> = handle.partitions.iter().map(|p| describe_partition(p, state.config.id)).collect();
+    Ok(HttpResponse::Ok().json(partitions))
+}
+
+/// One partition.
+#[utoipa::path(
+    tag = "topics",
+    params(("topic" = String, Path, description = "Topic name"), ("partition" = u32, Path, description = "Partition number")),
+    responses((status = 200, body = PartitionInfo), (status = 404, body = ErrorBody))
+)]
+#[get("/topics/{topic}/partitions/{partition}")]
+pub async fn describe(state: State, path: web::Path<(String, u32)>) -> Result<HttpResponse, ApiError> {
+    let (topic, partition) = path.into_inner();
+    let partition = find(&state, &topic, partition)?;
+    Ok(HttpResponse::Ok().json(describe_partition(&partition, state.config.id)))
+}

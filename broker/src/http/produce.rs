@@ -1,0 +1,194 @@
+//! Produce: `POST /topics/{topic}` and `POST /topics/{topic}/partitions/{partition}`.
+//!
+//! The whole request is parsed and validated before anything is written, so bad input never
+//! causes a partial write. Records are then grouped by partition and each group is appended as
+//! one batch: all-or-nothing per partition. Replies come after the batches are durable.
+
+use std::collections::BTreeMap;
+
+use actix_web::{post, web, HttpRequest, HttpResponse};
+use base64::Engine;
+use bytes::Bytes;
+use pubg1_actors::batch::NewRecord;
+use pubg1_actors::partitioner::partition_for_key;
+use pubg1_actors::registry::TopicHandle;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::error::{ApiError, ErrorBody};
+use super::{body_format, parse_json, read_body, EmbeddedFormat, State};
+
+/// A produce request body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProduceRequest {
+    pub records: Vec<ProduceRecord>,
+}
+
+/// One record to produce. With the JSON formats `key` and `value` are any JSON; with the binary
+/// format they are base64 strings. A missing or null key means keyless.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProduceRecord {
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub key: Option<serde_json::Value>,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub value: Option<serde_json::Value>,
+    /// Send this record to this partition instead of choosing by key.
+    #[serde(default)]
+    pub partition: Option<u32>,
+}
+
+/// Where each record landed, in request order.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProduceResponse {
+    pub offsets: Vec<RecordOffset>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct RecordOffset {
+    pub partition: u32,
+    /// Null when this record's partition failed (see `error_code`).
+    pub offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Produce records to a topic; keys pick partitions as Kafka's default partitioner does.
+#[utoipa::path(
+    tag = "records",
+    params(("topic" = String, Path, description = "Topic name")),
+    request_body(content = ProduceRequest, content_type = ["application/json", "application/vnd.kafka.json.v2+json", "application/vnd.kafka.binary.v2+json"]),
+    responses(
+        (status = 200, body = ProduceResponse),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 415, body = ErrorBody), (status = 422, body = ErrorBody), (status = 429, body = ErrorBody),
+        (status = 503, body = ErrorBody)
+    )
+)]
+#[post("/topics/{topic}")]
+pub async fn to_topic(state: State, topic: web::Path<String>, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+    produce(state, topic.into_inner(), None, req, payload).await
+}
+
+/// Produce records to one partition.
+#[utoipa::path(
+    tag = "records",
+    params(("topic" = String, Path, description = "Topic name"), ("partition" = u32, Path, description = "Partition number")),
+    request_body(content = ProduceRequest, content_type = ["application/json", "application/vnd.kafka.json.v2+json", "application/vnd.kafka.binary.v2+json"]),
+    responses(
+        (status = 200, body = ProduceResponse),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 415, body = ErrorBody), (status = 422, body = ErrorBody), (status = 429, body = ErrorBody),
+        (status = 503, body = ErrorBody)
+    )
+)]
+#[post("/topics/{topic}/partitions/{partition}")]
+pub async fn to_partition(
+    state: State,
+    path: web::Path<(String, u32)>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let (topic, partition) = path.into_inner();
+    produce(state, topic, Some(partition), req, payload).await
+}
+
+async fn produce(state: State, topic: String, partition: Option<u32>, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+    let format = body_format(&req, true)?;
+    let body = read_body(&req, payload, state.config.request_body_bytes_max).await?;
+    let request: ProduceRequest = parse_json(&body)?;
+    let handle = state.broker.registry.get(&topic).ok_or_else(|| ApiError::TopicNotFound(topic.clone()))?;
+    let limit = state.config.produce_records_max;
+    if request.records.is_empty() {
+        return Err(ApiError::Unprocessable("records must contain at least one record".into()));
+    }
+    if request.records.len() > limit {
+        return Err(ApiError::TooManyRecords(format!("{} records in one request; the limit is {limit}", request.records.len())));
+    }
+    let groups = route(&handle, partition, format, request.records)?;
+    let mut offsets: Vec<Option<RecordOffset>> = vec![None; groups.values().map(Vec::len).sum()];
+    let appends = groups.into_iter().map(|(p, records)| {
+        let shared = handle.partitions[p as usize].clone();
+        async move {
+            let (indexes, records): (Vec<usize>, Vec<NewRecord>) = records.into_iter().unzip();
+            (p, indexes, shared.append(records).await)
+        }
+    });
+    let mut first_error = None;
+    for (p, indexes, result) in futures::future::join_all(appends).await {
+        for (position, index) in indexes.into_iter().enumerate() {
+            offsets[index] = Some(match &result {
+                Ok(appended) => RecordOffset { partition: p, offset: Some(appended.base_offset + position as u64), error_code: None, error: None },
+                Err(e) => {
+                    let api = ApiError::from(e.clone());
+                    RecordOffset { partition: p, offset: None, error_code: Some(api.error_code()), error: Some(api.to_string()) }
+                }
+            });
+        }
+        if let Err(e) = result {
+            first_error.get_or_insert(e);
+        }
+    }
+    let offsets: Vec<RecordOffset> = offsets.into_iter().flatten().collect();
+    match first_error {
+        // Nothing was written: the status says why.
+        Some(e) if offsets.iter().all(|o| o.offset.is_none()) => Err(e.into()),
+        // Some partitions took their records: REST Proxy reports per record, with 200.
+        _ => Ok(HttpResponse::Ok().json(ProduceResponse { offsets })),
+    }
+}
+
+type Routed = BTreeMap<u32, Vec<(usize, NewRecord)>>;
+
+/// Decode every record and choose its partition; any error rejects the whole request.
+fn route(handle: &TopicHandle, fixed: Option<u32>, format: EmbeddedFormat, records: Vec<ProduceRecord>) -> Result<Routed, ApiError> {
+    let partitions = handle.meta.partitions;
+    let not_found = |p: u32| ApiError::PartitionNotFound { topic: handle.meta.name.clone(), partition: p.to_string() };
+    if let Some(p) = fixed.filter(|p| *p >= partitions) {
+        return Err(not_found(p));
+    }
+    // Keyless records of one request stick to one partition (Kafka's sticky partitioner):
+    // bigger batches, and successive requests still spread round-robin.
+    let mut sticky = None;
+    let mut routed = Routed::new();
+    for (index, record) in records.into_iter().enumerate() {
+        let key = embed(format, record.key, index, "key")?;
+        let value = embed(format, record.value, index, "value")?;
+        let partition = match (fixed, record.partition, &key) {
+            (Some(fixed), Some(asked), _) if asked != fixed => {
+                return Err(ApiError::Unprocessable(format!(
+                    "records[{index}].partition is {asked} but the request is for partition {fixed}"
+                )))
+            }
+            (Some(fixed), _, _) => fixed,
+            (None, Some(asked), _) if asked >= partitions => return Err(not_found(asked)),
+            (None, Some(asked), _) => asked,
+            (None, None, Some(key)) => partition_for_key(key, partitions),
+            (None, None, None) => *sticky.get_or_insert_with(|| handle.next_round_robin()),
+        };
+        routed.entry(partition).or_default().push((index, NewRecord { key, value }));
+    }
+    Ok(routed)
+}
+
+/// The bytes a key or value is stored as.
+fn embed(format: EmbeddedFormat, field: Option<serde_json::Value>, index: usize, name: &str) -> Result<Option<Bytes>, ApiError> {
+    match (format, field) {
+        (_, None) | (_, Some(serde_json::Value::Null)) => Ok(None),
+        (EmbeddedFormat::Json, Some(value)) => serde_json::to_vec(&value)
+            .map(|v| Some(Bytes::from(v)))
+            .map_err(|e| ApiError::Unprocessable(format!("records[{index}].{name}: {e}"))),
+        (EmbeddedFormat::Binary, Some(serde_json::Value::String(text))) => base64::engine::general_purpose::STANDARD
+            .decode(text.as_bytes())
+            .map(|v| Some(Bytes::from(v)))
+            .map_err(|e| ApiError::Unprocessable(format!("records[{index}].{name} is not valid base64: {e}"))),
+        (EmbeddedFormat::Binary, Some(other)) => Err(ApiError::Unprocessable(format!(
+            "records[{index}].{name} must be a base64 string in the binary format, not {other}"
+        ))),
+    }
+}

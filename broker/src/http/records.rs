@@ -1,0 +1,119 @@
+//! Consume: `GET /topics/{topic}/partitions/{partition}/records`, a bounded long poll.
+
+use std::time::Duration;
+
+use actix_web::{get, web, HttpRequest, HttpResponse};
+use base64::Engine;
+use bytes::Bytes;
+use pubg1_actors::batch::StoredRecord;
+use pubg1_actors::log_reader::{self, FetchRequest};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::error::{ApiError, ErrorBody};
+use super::partitions::find;
+use super::{response_format, EmbeddedFormat, State};
+
+/// `max_records` when the consumer does not say.
+const RECORDS_DEFAULT: usize = 500;
+/// `max_bytes` when the consumer does not say.
+const BYTES_DEFAULT: usize = 1024 * 1024;
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct FetchParams {
+    /// First offset to return; defaults to the log start.
+    pub offset: Option<u64>,
+    /// Most records to return (default 500).
+    pub max_records: Option<usize>,
+    /// Soft cap on key+value bytes returned (default 1 MiB); one record is returned even if larger.
+    pub max_bytes: Option<usize>,
+    /// When caught up, wait this long for new records (default 0).
+    pub timeout_ms: Option<u64>,
+    /// `json` (default) or `binary` (base64); the Accept header `application/vnd.kafka.binary.v2+json` also selects binary.
+    pub format: Option<EmbeddedFormat>,
+}
+
+/// A consumed record.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ConsumerRecord {
+    pub partition: u32,
+    pub offset: u64,
+    /// Broker append time, milliseconds since the epoch.
+    pub timestamp: i64,
+    #[schema(value_type = Object)]
+    pub key: serde_json::Value,
+    #[schema(value_type = Object)]
+    pub value: serde_json::Value,
+}
+
+/// Records from one partition and where its log stands.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FetchResponse {
+    pub topic: String,
+    pub partition: u32,
+    pub high_watermark: u64,
+    pub log_start_offset: u64,
+    /// The offset to ask for next.
+    pub next_offset: u64,
+    pub records: Vec<ConsumerRecord>,
+}
+
+/// Read committed records from an offset.
+#[utoipa::path(
+    tag = "records",
+    params(("topic" = String, Path, description = "Topic name"), ("partition" = u32, Path, description = "Partition number"), FetchParams),
+    responses(
+        (status = 200, body = FetchResponse),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 406, body = ErrorBody),
+        (status = 416, description = "Offset outside the log", body = ErrorBody), (status = 422, body = ErrorBody)
+    )
+)]
+#[get("/topics/{topic}/partitions/{partition}/records")]
+pub async fn fetch(state: State, path: web::Path<(String, u32)>, params: web::Query<FetchParams>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let (topic, partition) = path.into_inner();
+    let shared = find(&state, &topic, partition)?;
+    let config = &state.config;
+    let records_max = bounded("max_records", params.max_records.unwrap_or(RECORDS_DEFAULT), 1, config.fetch_records_max)?;
+    let bytes_max = bounded("max_bytes", params.max_bytes.unwrap_or(BYTES_DEFAULT), 1, config.fetch_bytes_max)?;
+    let wait_ms = bounded("timeout_ms", params.timeout_ms.unwrap_or(0) as usize, 0, config.fetch_wait_ms_max as usize)?;
+    let format = response_format(&req, params.format);
+    let request = FetchRequest {
+        offset: params.offset.unwrap_or_else(|| shared.log_start_offset()),
+        records_max,
+        bytes_max,
+        wait: Duration::from_millis(wait_ms as u64),
+    };
+    let fetched = log_reader::fetch(&state.broker.storage, &shared, &state.broker.metrics, request).await?;
+    let next_offset = fetched.records.last().map_or(request.offset, |r| r.offset + 1);
+    let records = fetched.records.into_iter().map(|r| render(r, partition, format)).collect::<Result<Vec<_>, _>>()?;
+    Ok(HttpResponse::Ok().json(FetchResponse {
+        topic,
+        partition,
+        high_watermark: fetched.high_watermark,
+        log_start_offset: fetched.log_start_offset,
+        next_offset,
+        records,
+    }))
+}
+
+fn bounded(name: &str, value: usize, min: usize, max: usize) -> Result<usize, ApiError> {
+    if value < min || value > max {
+        return Err(ApiError::Unprocessable(format!("{name} must be between {min} and {max} (got {value})")));
+    }
+    Ok(value)
+}
+
+fn render(record: StoredRecord, partition: u32, format: EmbeddedFormat) -> Result<ConsumerRecord, ApiError> {
+    let offset = record.offset;
+    let field = |bytes: Option<Bytes>| -> Result<serde_json::Value, ApiError> {
+        match (bytes, format) {
+            (None, _) => Ok(serde_json::Value::Null),
+            (Some(b), EmbeddedFormat::Binary) => Ok(serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(b))),
+            (Some(b), EmbeddedFormat::Json) => serde_json::from_slice(&b).map_err(|_| {
+                ApiError::NotAcceptable(format!("record at offset {offset} is not JSON; fetch it with format=binary"))
+            }),
+        }
+    };
+    Ok(ConsumerRecord { partition, offset, timestamp: record.timestamp_ms, key: field(record.key)?, value: field(record.value)? })
+}

@@ -1,0 +1,46 @@
+//! Operational endpoints: liveness, readiness, Prometheus metrics, the OpenAPI document.
+
+use actix_web::{get, HttpResponse};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::error::{ApiError, ErrorBody};
+use super::State;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Status {
+    pub status: &'static str,
+    pub broker_id: u32,
+}
+
+/// Liveness: the process answers HTTP.
+#[utoipa::path(tag = "system", responses((status = 200, body = Status)))]
+#[get("/health")]
+pub async fn health(state: State) -> HttpResponse {
+    HttpResponse::Ok().json(Status { status: "ok", broker_id: state.config.id })
+}
+
+/// Readiness: the broker can accept writes (its storage is healthy).
+#[utoipa::path(tag = "system", responses((status = 200, body = Status), (status = 503, body = ErrorBody)))]
+#[get("/ready")]
+pub async fn ready(state: State) -> Result<HttpResponse, ApiError> {
+    if state.broker.storage.is_healthy() {
+        Ok(HttpResponse::Ok().json(Status { status: "ready", broker_id: state.config.id }))
+    } else {
+        Err(ApiError::Unavailable("storage failed a durable write; restart the broker".into()))
+    }
+}
+
+/// Prometheus text exposition of every broker metric.
+#[utoipa::path(tag = "system", responses((status = 200, content_type = "text/plain", body = String)))]
+#[get("/metrics")]
+pub async fn metrics(state: State) -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(state.broker.metrics.render())
+}
+
+/// This API's OpenAPI 3 document.
+#[utoipa::path(tag = "system", responses((status = 200, content_type = "application/json", body = Object)))]
+#[get("/openapi.json")]
+pub async fn openapi(state: State) -> HttpResponse {
+    HttpResponse::Ok().content_type("application/json").body(state.openapi.get().cloned().unwrap_or_default())
+}

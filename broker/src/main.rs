@@ -1,0 +1,102 @@
+//! `pubg1-broker`: one PubG1 broker process.
+//!
+//! Parses flags (clap) over file and environment config (figment), validates it, starts the
+//! broker's actors on its RocksDB, then serves HTTP until SIGTERM/SIGINT, after which it stops
+//! accepting requests, lets in-flight ones finish, drains every queued write and flushes RocksDB.
+
+mod config;
+mod http;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use actix_web::HttpServer;
+use anyhow::Context;
+use clap::Parser;
+use pubg1_actors::metadata::CatalogLimits;
+use pubg1_actors::{Broker, BrokerSettings};
+use serde::Serialize;
+
+use crate::config::{Config, LogFormat};
+
+/// Flags override the config file and `PUBG1_*` environment variables, key by key.
+#[derive(Debug, Parser, Serialize)]
+#[command(name = "pubg1-broker", version, about = "A PubG1 broker: a durable, Kafka-shaped log over HTTP")]
+struct Cli {
+    /// TOML config file (keys as in the Config struct, e.g. `data_dir = "data/1"`).
+    #[arg(long, env = "PUBG1_CONFIG")]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Broker id, unique in the cluster.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<u32>,
+    /// Data directory for RocksDB.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir: Option<PathBuf>,
+    /// HTTP listen address, e.g. 127.0.0.1:8081.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http: Option<SocketAddr>,
+    /// How often partitions check retention, in milliseconds.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retention_check_interval_ms: Option<u64>,
+    /// Log format.
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_format: Option<LogFormat>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref(), &cli) {
+        Ok(config) => config,
+        Err(message) => {
+            eprintln!("pubg1-broker: invalid configuration: {message}");
+            std::process::exit(2);
+        }
+    };
+    init_tracing(&config);
+    actix_rt::System::new().block_on(run(config))
+}
+
+fn init_tracing(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_filter));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let settings = BrokerSettings {
+        data_dir: config.data_dir.clone(),
+        retention_check_interval: Duration::from_millis(config.retention_check_interval_ms),
+        limits: CatalogLimits {
+            topics_max: config.topics_max,
+            partitions_per_topic_max: config.partitions_per_topic_max,
+            brokers: 1,
+        },
+        partition_threads: config.partition_threads(),
+    };
+    let broker = Broker::start(settings).await.with_context(|| format!("starting broker in {}", config.data_dir.display()))?;
+    let state = http::state(broker.clone(), config.clone());
+    let server = HttpServer::new(move || http::app(state.clone()))
+        .workers(config.http_workers())
+        .shutdown_timeout(10)
+        .bind(config.http)
+        .with_context(|| format!("binding HTTP to {}", config.http))?;
+    let bound: Vec<String> = server.addrs().iter().map(ToString::to_string).collect();
+    tracing::info!(id = config.id, http = ?bound, data_dir = %config.data_dir.display(), "broker started");
+    // actix-web handles SIGTERM/SIGINT: stop accepting, finish in-flight requests, then return.
+    server.run().await.context("HTTP server")?;
+    tracing::info!("HTTP stopped; draining writes and closing storage");
+    broker.shutdown();
+    tracing::info!("shutdown complete");
+    Ok(())
+}
