@@ -58,11 +58,16 @@ impl BatchHeader {
 /// Offsets are dense: record `i` gets `base_offset + i`. All records share `timestamp_ms`, the
 /// broker's append time (the encoder cannot set the LogAppendTime attribute bit, so the batch says
 /// CreateTime with the broker's clock, which is what retention by time is measured against).
-pub fn encode(base_offset: u64, timestamp_ms: i64, records: &[NewRecord]) -> Result<Bytes, BatchError> {
+pub fn encode(
+    base_offset: u64,
+    timestamp_ms: i64,
+    records: &[NewRecord],
+) -> Result<Bytes, BatchError> {
     if records.is_empty() {
         return Err(BatchError::Empty);
     }
-    let base = i64::try_from(base_offset).map_err(|_| BatchError::OffsetOverflow { base_offset })?;
+    let base =
+        i64::try_from(base_offset).map_err(|_| BatchError::OffsetOverflow { base_offset })?;
     let kafka_records: Vec<Record> = records
         .iter()
         .enumerate()
@@ -89,15 +94,29 @@ pub fn encode(base_offset: u64, timestamp_ms: i64, records: &[NewRecord]) -> Res
         })
         .collect();
     let mut buf = BytesMut::new();
-    let options = RecordEncodeOptions { version: MAGIC_V2, compression: Compression::None };
+    let options = RecordEncodeOptions {
+        version: MAGIC_V2,
+        compression: Compression::None,
+    };
     RecordBatchEncoder::encode(&mut buf, kafka_records.iter(), &options)
         .map_err(|e| BatchError::Encode(e.to_string()))?;
     let bytes = buf.freeze();
     let header = parse_header(&bytes)?;
     // Invariant pair: what we meant to write is what the header says (one batch, dense offsets).
-    assert_eq!(header.base_offset, base_offset, "encoder moved the base offset");
-    assert_eq!(header.record_count as usize, records.len(), "encoder split or dropped records");
-    assert_eq!(header.size_bytes as usize, bytes.len(), "encoder produced more than one batch");
+    assert_eq!(
+        header.base_offset, base_offset,
+        "encoder moved the base offset"
+    );
+    assert_eq!(
+        header.record_count as usize,
+        records.len(),
+        "encoder split or dropped records"
+    );
+    assert_eq!(
+        header.size_bytes as usize,
+        bytes.len(),
+        "encoder produced more than one batch"
+    );
     Ok(bytes)
 }
 
@@ -112,16 +131,19 @@ pub fn parse_header(bytes: &[u8]) -> Result<BatchHeader, BatchError> {
     if magic != MAGIC_V2 {
         return Err(BatchError::Magic { magic });
     }
-    let size_bytes = usize::try_from(batch_length)
-        .map_err(|_| BatchError::Truncated { len: bytes.len() })?
-        + 12;
+    let size_bytes =
+        usize::try_from(batch_length).map_err(|_| BatchError::Truncated { len: bytes.len() })? + 12;
     if size_bytes > bytes.len() || size_bytes < HEADER_BYTES || base_offset < 0 {
         return Err(BatchError::Truncated { len: bytes.len() });
     }
     let stored_crc = u32::from_be_bytes(array(bytes, CRC_OFFSET));
     let computed_crc = crc32c::crc32c(&bytes[ATTRIBUTES_OFFSET..size_bytes]);
     if stored_crc != computed_crc {
-        return Err(BatchError::Crc { base_offset, stored: stored_crc, computed: computed_crc });
+        return Err(BatchError::Crc {
+            base_offset,
+            stored: stored_crc,
+            computed: computed_crc,
+        });
     }
     let last_offset_delta = i32::from_be_bytes(array(bytes, 23));
     let max_timestamp_ms = i64::from_be_bytes(array(bytes, 35));
@@ -129,7 +151,11 @@ pub fn parse_header(bytes: &[u8]) -> Result<BatchHeader, BatchError> {
     let record_count =
         u32::try_from(record_count).map_err(|_| BatchError::Truncated { len: bytes.len() })?;
     if i64::from(last_offset_delta) + 1 != i64::from(record_count) {
-        return Err(BatchError::Sparse { base_offset, last_offset_delta, record_count });
+        return Err(BatchError::Sparse {
+            base_offset,
+            last_offset_delta,
+            record_count,
+        });
     }
     Ok(BatchHeader {
         base_offset: base_offset as u64,
@@ -143,11 +169,17 @@ pub fn parse_header(bytes: &[u8]) -> Result<BatchHeader, BatchError> {
 pub fn decode(bytes: &Bytes) -> Result<Vec<StoredRecord>, BatchError> {
     let header = parse_header(bytes)?;
     let mut buf = bytes.slice(..header.size_bytes as usize);
-    let set = RecordBatchDecoder::decode(&mut buf).map_err(|e| BatchError::Decode(e.to_string()))?;
+    let set =
+        RecordBatchDecoder::decode(&mut buf).map_err(|e| BatchError::Decode(e.to_string()))?;
     let records: Vec<StoredRecord> = set
         .records
         .into_iter()
-        .map(|r| StoredRecord { offset: r.offset as u64, timestamp_ms: r.timestamp, key: r.key, value: r.value })
+        .map(|r| StoredRecord {
+            offset: r.offset as u64,
+            timestamp_ms: r.timestamp,
+            key: r.key,
+            value: r.value,
+        })
         .collect();
     if records.len() != header.record_count as usize {
         return Err(BatchError::Decode(format!(
@@ -171,7 +203,10 @@ mod tests {
     use proptest::prelude::*;
 
     fn rec(key: Option<&str>, value: &str) -> NewRecord {
-        NewRecord { key: key.map(|k| Bytes::from(k.to_owned())), value: Some(Bytes::from(value.to_owned())) }
+        NewRecord {
+            key: key.map(|k| Bytes::from(k.to_owned())),
+            value: Some(Bytes::from(value.to_owned())),
+        }
     }
 
     #[test]
@@ -199,16 +234,28 @@ mod tests {
         let mut corrupt = bytes.to_vec();
         let last = corrupt.len() - 1;
         corrupt[last] ^= 0x01;
-        assert!(matches!(parse_header(&corrupt), Err(BatchError::Crc { .. })));
-        assert!(matches!(decode(&Bytes::from(corrupt)), Err(BatchError::Crc { .. })));
+        assert!(matches!(
+            parse_header(&corrupt),
+            Err(BatchError::Crc { .. })
+        ));
+        assert!(matches!(
+            decode(&Bytes::from(corrupt)),
+            Err(BatchError::Crc { .. })
+        ));
     }
 
     #[test]
     fn short_or_foreign_bytes_are_rejected() {
-        assert!(matches!(parse_header(&[0u8; 10]), Err(BatchError::Truncated { .. })));
+        assert!(matches!(
+            parse_header(&[0u8; 10]),
+            Err(BatchError::Truncated { .. })
+        ));
         let mut bytes = encode(0, 0, &[rec(None, "v")]).expect("encode").to_vec();
         bytes[16] = 1;
-        assert!(matches!(parse_header(&bytes), Err(BatchError::Magic { magic: 1 })));
+        assert!(matches!(
+            parse_header(&bytes),
+            Err(BatchError::Magic { magic: 1 })
+        ));
         assert!(matches!(encode(0, 0, &[]), Err(BatchError::Empty)));
     }
 

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use crate::metrics::Metrics;
-use crate::partition_replica::{PartitionReplica, PartitionShared, ReplicaSettings, ReplicaStopped, Retire};
+use crate::partition_replica::{
+    PartitionReplica, PartitionShared, ReplicaSettings, ReplicaStopped, Retire,
+};
 use crate::registry::{Registry, TopicHandle};
 use crate::storage::Storage;
 use crate::topic::{LogId, TopicMeta};
@@ -66,15 +68,39 @@ pub struct BrokerSupervisor {
 }
 
 impl BrokerSupervisor {
-    pub fn new(storage: Storage, metrics: Arc<Metrics>, settings: ReplicaSettings, registry: Registry, threads: usize) -> Self {
+    pub fn new(
+        storage: Storage,
+        metrics: Arc<Metrics>,
+        settings: ReplicaSettings,
+        registry: Registry,
+        threads: usize,
+    ) -> Self {
         let arbiters = (0..threads.max(1)).map(|_| Arbiter::new()).collect();
-        Self { storage, metrics, settings, registry, arbiters, next_arbiter: 0, crashes: HashMap::new() }
+        Self {
+            storage,
+            metrics,
+            settings,
+            registry,
+            arbiters,
+            next_arbiter: 0,
+            crashes: HashMap::new(),
+        }
     }
 
-    fn start_replica(&mut self, shared: Arc<PartitionShared>, meta: &TopicMeta, ctx: &mut Context<Self>) {
+    fn start_replica(
+        &mut self,
+        shared: Arc<PartitionShared>,
+        meta: &TopicMeta,
+        ctx: &mut Context<Self>,
+    ) {
         let arbiter = self.arbiters[self.next_arbiter % self.arbiters.len()].handle();
         self.next_arbiter += 1;
-        let (storage, metrics, settings, configs) = (self.storage.clone(), self.metrics.clone(), self.settings, meta.configs);
+        let (storage, metrics, settings, configs) = (
+            self.storage.clone(),
+            self.metrics.clone(),
+            self.settings,
+            meta.configs,
+        );
         let supervisor = ctx.address().recipient();
         let for_actor = shared.clone();
         let addr = PartitionReplica::start_in_arbiter(&arbiter, move |_| {
@@ -85,14 +111,19 @@ impl BrokerSupervisor {
 
     fn restart_delay(&mut self, log: LogId) -> Duration {
         let now = Instant::now();
-        let history = self.crashes.entry(log).or_insert(CrashHistory { consecutive: 0, last: now });
+        let history = self.crashes.entry(log).or_insert(CrashHistory {
+            consecutive: 0,
+            last: now,
+        });
         if now.duration_since(history.last) > CRASH_WINDOW {
             history.consecutive = 0;
         }
         history.consecutive += 1;
         history.last = now;
         let factor = 2u32.saturating_pow(history.consecutive - 1);
-        RESTART_DELAY_INITIAL.saturating_mul(factor).min(RESTART_DELAY_MAX)
+        RESTART_DELAY_INITIAL
+            .saturating_mul(factor)
+            .min(RESTART_DELAY_MAX)
     }
 }
 
@@ -117,7 +148,8 @@ impl Handler<HostTopic> for BrokerSupervisor {
         for shared in &partitions {
             self.start_replica(shared.clone(), &msg.meta, ctx);
         }
-        self.registry.insert(Arc::new(TopicHandle::new(msg.meta, partitions)));
+        self.registry
+            .insert(Arc::new(TopicHandle::new(msg.meta, partitions)));
     }
 }
 
@@ -152,10 +184,17 @@ impl Handler<ReplicaStopped> for BrokerSupervisor {
         if shared.is_retired() || !msg.crashed {
             return;
         }
-        let Some(topic) = self.registry.get(&shared.topic).filter(|t| t.meta.topic_id == shared.log.topic_id) else {
+        let Some(topic) = self
+            .registry
+            .get(&shared.topic)
+            .filter(|t| t.meta.topic_id == shared.log.topic_id)
+        else {
             return;
         };
-        self.metrics.actor_restarts_total.with_label_values(&["partition_replica"]).inc();
+        self.metrics
+            .actor_restarts_total
+            .with_label_values(&["partition_replica"])
+            .inc();
         let delay = self.restart_delay(shared.log);
         tracing::warn!(topic = %shared.topic, partition = shared.partition, ?delay, "restarting crashed partition actor");
         ctx.run_later(delay, move |act, ctx| {
@@ -171,7 +210,11 @@ impl Handler<InjectPanicInto> for BrokerSupervisor {
     type Result = bool;
 
     fn handle(&mut self, msg: InjectPanicInto, _ctx: &mut Self::Context) -> bool {
-        let addr = self.registry.get(&msg.topic).and_then(|t| t.partition(msg.partition).and_then(|p| p.addr()));
-        addr.map(|a| a.do_send(crate::partition_replica::InjectPanic)).is_some()
+        let addr = self
+            .registry
+            .get(&msg.topic)
+            .and_then(|t| t.partition(msg.partition).and_then(|p| p.addr()));
+        addr.map(|a| a.do_send(crate::partition_replica::InjectPanic))
+            .is_some()
     }
 }

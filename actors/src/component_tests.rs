@@ -16,25 +16,53 @@ fn settings(dir: &std::path::Path) -> BrokerSettings {
     BrokerSettings {
         data_dir: dir.to_path_buf(),
         retention_check_interval: Duration::from_millis(20),
-        limits: CatalogLimits { topics_max: 10, partitions_per_topic_max: 8, brokers: 1 },
+        limits: CatalogLimits {
+            topics_max: 10,
+            partitions_per_topic_max: 8,
+            brokers: 1,
+        },
         partition_threads: 2,
     }
 }
 
 async fn create(broker: &Broker, name: &str, partitions: u32, configs: &[(&str, &str)]) {
-    let configs: BTreeMap<String, String> = configs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    let configs: BTreeMap<String, String> = configs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
     broker
         .metadata
-        .send(CreateTopic { name: name.into(), partitions, replication_factor: 1, configs })
+        .send(CreateTopic {
+            name: name.into(),
+            partitions,
+            replication_factor: 1,
+            configs,
+        })
         .await
         .expect("mailbox")
         .expect("create");
 }
 
-async fn append(broker: &Broker, topic: &str, partition: u32, values: &[&str]) -> Result<u64, PartitionError> {
+async fn append(
+    broker: &Broker,
+    topic: &str,
+    partition: u32,
+    values: &[&str],
+) -> Result<u64, PartitionError> {
     let handle = broker.registry.get(topic).expect("topic");
-    let records = values.iter().map(|v| NewRecord { key: None, value: Some(Bytes::from(v.to_string())) }).collect();
-    handle.partition(partition).expect("partition").append(records).await.map(|a| a.base_offset)
+    let records = values
+        .iter()
+        .map(|v| NewRecord {
+            key: None,
+            value: Some(Bytes::from(v.to_string())),
+        })
+        .collect();
+    handle
+        .partition(partition)
+        .expect("partition")
+        .append(records)
+        .await
+        .map(|a| a.base_offset)
 }
 
 /// Poll `check` until it holds or the deadline passes; returns whether it held.
@@ -60,13 +88,28 @@ async fn a_crashed_partition_restarts_from_storage_while_the_others_keep_serving
     let broker = Broker::start(settings(dir.path())).await.expect("start");
     create(&broker, "crashy", 3, &[]).await;
     for p in 0..3 {
-        assert_eq!(append(&broker, "crashy", p, &["a", "b"]).await.expect("append"), 0);
+        assert_eq!(
+            append(&broker, "crashy", p, &["a", "b"])
+                .await
+                .expect("append"),
+            0
+        );
     }
-    assert!(broker.supervisor.send(InjectPanicInto { topic: "crashy".into(), partition: 1 }).await.expect("mailbox"));
+    assert!(broker
+        .supervisor
+        .send(InjectPanicInto {
+            topic: "crashy".into(),
+            partition: 1
+        })
+        .await
+        .expect("mailbox"));
 
     // The other partitions serve throughout.
     for p in [0, 2] {
-        assert_eq!(append(&broker, "crashy", p, &["c"]).await.expect("append"), 2);
+        assert_eq!(
+            append(&broker, "crashy", p, &["c"]).await.expect("append"),
+            2
+        );
     }
     // Partition 1 comes back and continues its offsets: no gap, no reuse.
     let recovered = eventually(Duration::from_secs(10), || async {
@@ -74,16 +117,34 @@ async fn a_crashed_partition_restarts_from_storage_while_the_others_keep_serving
     })
     .await;
     assert!(recovered, "partition 1 did not come back with offset 2");
-    assert_eq!(broker.metrics.actor_restarts_total.with_label_values(&["partition_replica"]).get(), 1);
+    assert_eq!(
+        broker
+            .metrics
+            .actor_restarts_total
+            .with_label_values(&["partition_replica"])
+            .get(),
+        1
+    );
     let partition = broker.registry.get("crashy").expect("topic").partitions[1].clone();
-    let fetched = fetch(&broker.storage, &partition, &broker.metrics, request(0)).await.expect("fetch");
-    let values: Vec<&[u8]> = fetched.records.iter().filter_map(|r| r.value.as_deref()).collect();
+    let fetched = fetch(&broker.storage, &partition, &broker.metrics, request(0))
+        .await
+        .expect("fetch");
+    let values: Vec<&[u8]> = fetched
+        .records
+        .iter()
+        .filter_map(|r| r.value.as_deref())
+        .collect();
     assert_eq!(values, vec![&b"a"[..], b"b", b"c"]);
     broker.shutdown();
 }
 
 fn request(offset: u64) -> FetchRequest {
-    FetchRequest { offset, records_max: 1000, bytes_max: 1 << 20, wait: Duration::ZERO }
+    FetchRequest {
+        offset,
+        records_max: 1000,
+        bytes_max: 1 << 20,
+        wait: Duration::ZERO,
+    }
 }
 
 #[actix_rt::test]
@@ -91,25 +152,63 @@ async fn size_retention_deletes_old_batches_for_real() {
     let dir = tempfile::tempdir().expect("tempdir");
     let broker = Broker::start(settings(dir.path())).await.expect("start");
     // One batch of one 1 KiB value is ~1.1 KiB; keep at least 3 KiB.
-    create(&broker, "short", 1, &[("retention.bytes", "3000"), ("retention.ms", "-1")]).await;
+    create(
+        &broker,
+        "short",
+        1,
+        &[("retention.bytes", "3000"), ("retention.ms", "-1")],
+    )
+    .await;
     let value = "x".repeat(1024);
     for i in 0..10u64 {
-        assert_eq!(append(&broker, "short", 0, &[&value]).await.expect("append"), i);
+        assert_eq!(
+            append(&broker, "short", 0, &[&value])
+                .await
+                .expect("append"),
+            i
+        );
     }
     let partition = broker.registry.get("short").expect("topic").partitions[0].clone();
     assert!(
-        eventually(Duration::from_secs(10), || async { partition.log_start_offset() >= 7 }).await,
+        eventually(Duration::from_secs(10), || async {
+            partition.log_start_offset() >= 7
+        })
+        .await,
         "retention did not advance the log start (at {})",
         partition.log_start_offset()
     );
-    assert!(partition.log_size_bytes() >= 3000 && partition.log_size_bytes() < 4500, "size {}", partition.log_size_bytes());
-    let err = fetch(&broker.storage, &partition, &broker.metrics, request(0)).await.expect_err("deleted");
-    assert!(matches!(err, PartitionError::OffsetOutOfRange { log_start_offset: 7, .. }), "{err}");
+    assert!(
+        partition.log_size_bytes() >= 3000 && partition.log_size_bytes() < 4500,
+        "size {}",
+        partition.log_size_bytes()
+    );
+    let err = fetch(&broker.storage, &partition, &broker.metrics, request(0))
+        .await
+        .expect_err("deleted");
+    assert!(
+        matches!(
+            err,
+            PartitionError::OffsetOutOfRange {
+                log_start_offset: 7,
+                ..
+            }
+        ),
+        "{err}"
+    );
     // Gone from RocksDB too, not just hidden.
     let start = partition.log_start_offset();
-    let stored = broker.storage.read_batches(partition.log, 0, start, usize::MAX).expect("read");
-    assert!(stored.is_empty(), "{} deleted batches still stored", stored.len());
-    let kept = fetch(&broker.storage, &partition, &broker.metrics, request(start)).await.expect("fetch");
+    let stored = broker
+        .storage
+        .read_batches(partition.log, 0, start, usize::MAX)
+        .expect("read");
+    assert!(
+        stored.is_empty(),
+        "{} deleted batches still stored",
+        stored.len()
+    );
+    let kept = fetch(&broker.storage, &partition, &broker.metrics, request(start))
+        .await
+        .expect("fetch");
     assert_eq!(kept.records.first().map(|r| r.offset), Some(start));
     assert_eq!(kept.high_watermark, 10);
     broker.shutdown();
@@ -121,12 +220,27 @@ async fn time_retention_can_empty_a_log_and_offsets_still_continue() {
     let broker = Broker::start(settings(dir.path())).await.expect("start");
     create(&broker, "fleeting", 1, &[("retention.ms", "1")]).await;
     for i in 0..3u64 {
-        assert_eq!(append(&broker, "fleeting", 0, &["v"]).await.expect("append"), i);
+        assert_eq!(
+            append(&broker, "fleeting", 0, &["v"])
+                .await
+                .expect("append"),
+            i
+        );
     }
     let partition = broker.registry.get("fleeting").expect("topic").partitions[0].clone();
-    assert!(eventually(Duration::from_secs(10), || async { partition.log_start_offset() == 3 }).await);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            partition.log_start_offset() == 3
+        })
+        .await
+    );
     assert_eq!(partition.log_size_bytes(), 0);
-    assert_eq!(append(&broker, "fleeting", 0, &["w"]).await.expect("append"), 3);
+    assert_eq!(
+        append(&broker, "fleeting", 0, &["w"])
+            .await
+            .expect("append"),
+        3
+    );
     broker.shutdown();
 }
 
@@ -135,13 +249,32 @@ async fn a_deleted_topic_created_again_starts_empty() {
     let dir = tempfile::tempdir().expect("tempdir");
     let broker = Broker::start(settings(dir.path())).await.expect("start");
     create(&broker, "again", 2, &[]).await;
-    append(&broker, "again", 1, &["old", "old"]).await.expect("append");
+    append(&broker, "again", 1, &["old", "old"])
+        .await
+        .expect("append");
     let old = broker.registry.get("again").expect("topic").partitions[1].clone();
-    broker.metadata.send(DeleteTopic { name: "again".into() }).await.expect("mailbox").expect("delete");
+    broker
+        .metadata
+        .send(DeleteTopic {
+            name: "again".into(),
+        })
+        .await
+        .expect("mailbox")
+        .expect("delete");
     assert!(broker.registry.get("again").is_none());
-    assert!(matches!(old.append(vec![]).await, Err(PartitionError::Deleted { .. })));
+    assert!(matches!(
+        old.append(vec![]).await,
+        Err(PartitionError::Deleted { .. })
+    ));
     create(&broker, "again", 2, &[]).await;
-    assert_eq!(append(&broker, "again", 1, &["new"]).await.expect("append"), 0);
-    assert!(broker.storage.read_batches(old.log, 0, u64::MAX, usize::MAX).expect("read").is_empty());
+    assert_eq!(
+        append(&broker, "again", 1, &["new"]).await.expect("append"),
+        0
+    );
+    assert!(broker
+        .storage
+        .read_batches(old.log, 0, u64::MAX, usize::MAX)
+        .expect("read")
+        .is_empty());
     broker.shutdown();
 }

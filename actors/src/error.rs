@@ -17,9 +17,17 @@ pub enum BatchError {
     #[error("batch has magic {magic}, only v2 record batches are stored")]
     Magic { magic: i8 },
     #[error("batch at offset {base_offset} fails its CRC (stored {stored:#010x}, computed {computed:#010x})")]
-    Crc { base_offset: i64, stored: u32, computed: u32 },
+    Crc {
+        base_offset: i64,
+        stored: u32,
+        computed: u32,
+    },
     #[error("batch at offset {base_offset} has last offset delta {last_offset_delta} but {record_count} records")]
-    Sparse { base_offset: i64, last_offset_delta: i32, record_count: u32 },
+    Sparse {
+        base_offset: i64,
+        last_offset_delta: i32,
+        record_count: u32,
+    },
     #[error("encoding batch: {0}")]
     Encode(String),
     #[error("decoding batch: {0}")]
@@ -32,7 +40,10 @@ pub enum StorageError {
     #[error("opening RocksDB at {path}: {message}")]
     Open { path: String, message: String },
     #[error("RocksDB {operation} failed: {message}")]
-    Rocks { operation: &'static str, message: String },
+    Rocks {
+        operation: &'static str,
+        message: String,
+    },
     /// A durable write failed earlier; the storage fails closed until the broker restarts, because
     /// a log with a hole after an fsync error cannot promise gap-free offsets.
     #[error("storage is failed after an earlier write error; restart the broker")]
@@ -47,7 +58,10 @@ pub enum StorageError {
 
 impl StorageError {
     pub(crate) fn rocks(operation: &'static str, error: rocksdb::Error) -> Self {
-        Self::Rocks { operation, message: error.into_string() }
+        Self::Rocks {
+            operation,
+            message: error.into_string(),
+        }
     }
 }
 
@@ -55,7 +69,11 @@ impl StorageError {
 #[derive(Debug, Error, Clone)]
 pub enum PartitionError {
     #[error("offset {offset} is out of range: the log holds offsets {log_start_offset}..{high_watermark}")]
-    OffsetOutOfRange { offset: u64, log_start_offset: u64, high_watermark: u64 },
+    OffsetOutOfRange {
+        offset: u64,
+        log_start_offset: u64,
+        high_watermark: u64,
+    },
     #[error("partition {partition} of topic '{topic}' is restarting; retry")]
     Restarting { topic: String, partition: u32 },
     #[error("partition {partition} of topic '{topic}' was deleted")]
@@ -72,7 +90,10 @@ impl PartitionError {
         match self {
             Self::Restarting { .. } => true,
             Self::Storage(StorageError::QueueFull { .. }) => true,
-            Self::Storage(_) | Self::Batch(_) | Self::OffsetOutOfRange { .. } | Self::Deleted { .. } => false,
+            Self::Storage(_)
+            | Self::Batch(_)
+            | Self::OffsetOutOfRange { .. }
+            | Self::Deleted { .. } => false,
         }
     }
 }

@@ -76,12 +76,35 @@ impl Broker {
         let storage = Storage::open(&settings.data_dir, metrics.clone())?;
         let catalog = storage.load_catalog()?;
         let registry = Registry::default();
-        let replica = ReplicaSettings { retention_check_interval: settings.retention_check_interval };
-        let supervisor =
-            BrokerSupervisor::new(storage.clone(), metrics.clone(), replica, registry.clone(), settings.partition_threads).start();
-        let metadata = Metadata::new(storage.clone(), supervisor.clone(), settings.limits, catalog).start();
-        metadata.send(HostAll).await.map_err(|_| StorageError::ShutDown)?;
-        Ok(Self { storage, metrics, registry, metadata, supervisor })
+        let replica = ReplicaSettings {
+            retention_check_interval: settings.retention_check_interval,
+        };
+        let supervisor = BrokerSupervisor::new(
+            storage.clone(),
+            metrics.clone(),
+            replica,
+            registry.clone(),
+            settings.partition_threads,
+        )
+        .start();
+        let metadata = Metadata::new(
+            storage.clone(),
+            supervisor.clone(),
+            settings.limits,
+            catalog,
+        )
+        .start();
+        metadata
+            .send(HostAll)
+            .await
+            .map_err(|_| StorageError::ShutDown)?;
+        Ok(Self {
+            storage,
+            metrics,
+            registry,
+            metadata,
+            supervisor,
+        })
     }
 
     /// Finish every queued write, flush and close RocksDB. Blocking the caller is intended:

@@ -61,16 +61,21 @@ pub async fn fetch(
     let mut bytes = 0usize;
     if offset < high_watermark {
         let (reader, log, bytes_max) = (storage.clone(), partition.log, request.bytes_max);
-        let batches = tokio::task::spawn_blocking(move || reader.read_batches(log, offset, high_watermark, bytes_max))
-            .await
-            .map_err(|_| StorageError::ShutDown)??;
+        let batches = tokio::task::spawn_blocking(move || {
+            reader.read_batches(log, offset, high_watermark, bytes_max)
+        })
+        .await
+        .map_err(|_| StorageError::ShutDown)??;
         'batches: for stored in &batches {
             for record in batch::decode(stored)? {
                 if record.offset < offset || record.offset >= high_watermark {
                     continue;
                 }
-                let size = record.key.as_ref().map_or(0, |k| k.len()) + record.value.as_ref().map_or(0, |v| v.len());
-                if records.len() >= request.records_max || (!records.is_empty() && bytes + size > request.bytes_max) {
+                let size = record.key.as_ref().map_or(0, |k| k.len())
+                    + record.value.as_ref().map_or(0, |v| v.len());
+                if records.len() >= request.records_max
+                    || (!records.is_empty() && bytes + size > request.bytes_max)
+                {
                     break 'batches;
                 }
                 bytes += size;
@@ -83,9 +88,22 @@ pub async fn fetch(
         return Err(out_of_range(offset, partition));
     }
     // Invariant pair to the append path: what we return is dense from the requested offset.
-    debug_assert!(records.iter().enumerate().all(|(i, r)| r.offset == offset + i as u64));
+    debug_assert!(records
+        .iter()
+        .enumerate()
+        .all(|(i, r)| r.offset == offset + i as u64));
     let topic = [partition.topic.as_ref()];
-    metrics.fetch_records_total.with_label_values(&topic).inc_by(records.len() as u64);
-    metrics.fetch_bytes_total.with_label_values(&topic).inc_by(bytes as u64);
-    Ok(Fetched { records, high_watermark, log_start_offset: partition.log_start_offset() })
+    metrics
+        .fetch_records_total
+        .with_label_values(&topic)
+        .inc_by(records.len() as u64);
+    metrics
+        .fetch_bytes_total
+        .with_label_values(&topic)
+        .inc_by(bytes as u64);
+    Ok(Fetched {
+        records,
+        high_watermark,
+        log_start_offset: partition.log_start_offset(),
+    })
 }

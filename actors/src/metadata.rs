@@ -65,10 +65,24 @@ pub struct Metadata {
 }
 
 impl Metadata {
-    pub fn new(storage: Storage, supervisor: Addr<BrokerSupervisor>, limits: CatalogLimits, catalog: (Vec<TopicMeta>, u32)) -> Self {
+    pub fn new(
+        storage: Storage,
+        supervisor: Addr<BrokerSupervisor>,
+        limits: CatalogLimits,
+        catalog: (Vec<TopicMeta>, u32),
+    ) -> Self {
         let (topics, next_topic_id) = catalog;
-        let topics = topics.into_iter().map(|t| (t.name.clone(), Arc::new(t))).collect();
-        Self { storage, supervisor, limits, topics, next_topic_id }
+        let topics = topics
+            .into_iter()
+            .map(|t| (t.name.clone(), Arc::new(t)))
+            .collect();
+        Self {
+            storage,
+            supervisor,
+            limits,
+            topics,
+            next_topic_id,
+        }
     }
 
     fn validate(&self, msg: &CreateTopic) -> Result<TopicConfigs, TopicError> {
@@ -77,22 +91,33 @@ impl Metadata {
             return Err(TopicError::AlreadyExists(msg.name.clone()));
         }
         if self.topics.len() >= self.limits.topics_max {
-            return Err(TopicError::TooManyTopics { limit: self.limits.topics_max });
+            return Err(TopicError::TooManyTopics {
+                limit: self.limits.topics_max,
+            });
         }
         if msg.partitions == 0 || msg.partitions > self.limits.partitions_per_topic_max {
             return Err(TopicError::InvalidArgument {
                 field: "partitions".into(),
-                reason: format!("{} is not between 1 and {}", msg.partitions, self.limits.partitions_per_topic_max),
+                reason: format!(
+                    "{} is not between 1 and {}",
+                    msg.partitions, self.limits.partitions_per_topic_max
+                ),
             });
         }
         if msg.replication_factor == 0 || msg.replication_factor > self.limits.brokers {
             return Err(TopicError::InvalidArgument {
                 field: "replication_factor".into(),
-                reason: format!("{} is not between 1 and the {} broker(s) in this cluster", msg.replication_factor, self.limits.brokers),
+                reason: format!(
+                    "{} is not between 1 and the {} broker(s) in this cluster",
+                    msg.replication_factor, self.limits.brokers
+                ),
             });
         }
         if self.next_topic_id == u32::MAX {
-            return Err(TopicError::InvalidArgument { field: "name".into(), reason: "topic ids are exhausted".into() });
+            return Err(TopicError::InvalidArgument {
+                field: "name".into(),
+                reason: "topic ids are exhausted".into(),
+            });
         }
         TopicConfigs::from_kafka(&msg.configs)
     }
@@ -170,7 +195,9 @@ impl Handler<DeleteTopic> for Metadata {
 
     fn handle(&mut self, msg: DeleteTopic, _ctx: &mut Self::Context) -> Self::Result {
         let Some(meta) = self.topics.get(&msg.name).cloned() else {
-            return AtomicResponse::new(Box::pin(actix::fut::ready(Err(TopicError::NotFound(msg.name)))));
+            return AtomicResponse::new(Box::pin(actix::fut::ready(Err(TopicError::NotFound(
+                msg.name,
+            )))));
         };
         let storage = self.storage.clone();
         let supervisor = self.supervisor.clone();
@@ -178,17 +205,34 @@ impl Handler<DeleteTopic> for Metadata {
         AtomicResponse::new(Box::pin(
             async move {
                 // Retire first: no partition actor may write after its data is deleted.
-                supervisor.send(RetireTopic { name: meta.name.clone() }).await.map_err(|_| TopicError::ShuttingDown)?;
+                supervisor
+                    .send(RetireTopic {
+                        name: meta.name.clone(),
+                    })
+                    .await
+                    .map_err(|_| TopicError::ShuttingDown)?;
                 let (from, to) = topic_key_range(meta.topic_id);
                 storage
                     .write(vec![
-                        WriteOp::Delete { cf: Cf::Metadata, key: topic_meta_key(&meta.name) },
-                        WriteOp::DeleteRange { cf: Cf::Records, from: from.clone(), to: to.clone() },
-                        WriteOp::DeleteRange { cf: Cf::LogState, from: from.clone(), to: to.clone() },
+                        WriteOp::Delete {
+                            cf: Cf::Metadata,
+                            key: topic_meta_key(&meta.name),
+                        },
+                        WriteOp::DeleteRange {
+                            cf: Cf::Records,
+                            from: from.clone(),
+                            to: to.clone(),
+                        },
+                        WriteOp::DeleteRange {
+                            cf: Cf::LogState,
+                            from: from.clone(),
+                            to: to.clone(),
+                        },
                     ])
                     .await?;
                 let compact = storage.clone();
-                let _ = tokio::task::spawn_blocking(move || compact.compact_records(&from, &to)).await;
+                let _ =
+                    tokio::task::spawn_blocking(move || compact.compact_records(&from, &to)).await;
                 Ok(())
             }
             .into_actor(self)

@@ -5,8 +5,8 @@
 //! checked by `promtool check metrics` in the test suite.
 
 use prometheus::{
-    exponential_buckets, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry,
+    exponential_buckets, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGaugeVec, Opts, Registry,
 };
 
 /// Every metric the broker exports. Fields are cheap handles; clone the `Arc<Metrics>`.
@@ -51,29 +51,57 @@ impl Metrics {
         let topic = &["topic"];
         let partition = &["topic", "partition"];
         let metrics = Self {
-            produce_records_total: counter_vec("pubg1_produce_records_total", "Records acknowledged to producers.", topic),
-            produce_bytes_total: counter_vec("pubg1_produce_bytes_total", "Bytes of record batches acknowledged to producers.", topic),
+            produce_records_total: counter_vec(
+                "pubg1_produce_records_total",
+                "Records acknowledged to producers.",
+                topic,
+            ),
+            produce_bytes_total: counter_vec(
+                "pubg1_produce_bytes_total",
+                "Bytes of record batches acknowledged to producers.",
+                topic,
+            ),
             produce_latency_seconds: HistogramVec::new(
-                HistogramOpts::new("pubg1_produce_latency_seconds", "Time from a partition receiving an append to it being durable.")
-                    .buckets(latency_buckets()),
+                HistogramOpts::new(
+                    "pubg1_produce_latency_seconds",
+                    "Time from a partition receiving an append to it being durable.",
+                )
+                .buckets(latency_buckets()),
                 topic,
             )
             .expect("valid metric"),
-            fetch_records_total: counter_vec("pubg1_fetch_records_total", "Records returned to consumers.", topic),
-            fetch_bytes_total: counter_vec("pubg1_fetch_bytes_total", "Bytes of record batches read for consumers.", topic),
+            fetch_records_total: counter_vec(
+                "pubg1_fetch_records_total",
+                "Records returned to consumers.",
+                topic,
+            ),
+            fetch_bytes_total: counter_vec(
+                "pubg1_fetch_bytes_total",
+                "Bytes of record batches read for consumers.",
+                topic,
+            ),
             storage_fsync_seconds: Histogram::with_opts(
-                HistogramOpts::new("pubg1_storage_fsync_seconds", "Duration of one group-committed, fsync'd RocksDB write.")
-                    .buckets(latency_buckets()),
+                HistogramOpts::new(
+                    "pubg1_storage_fsync_seconds",
+                    "Duration of one group-committed, fsync'd RocksDB write.",
+                )
+                .buckets(latency_buckets()),
             )
             .expect("valid metric"),
             storage_group_commit_writes: Histogram::with_opts(
-                HistogramOpts::new("pubg1_storage_group_commit_writes", "Writes merged into one fsync'd group commit.")
-                    .buckets(exponential_buckets(1.0, 2.0, 14).unwrap_or_default()),
+                HistogramOpts::new(
+                    "pubg1_storage_group_commit_writes",
+                    "Writes merged into one fsync'd group commit.",
+                )
+                .buckets(exponential_buckets(1.0, 2.0, 14).unwrap_or_default()),
             )
             .expect("valid metric"),
             storage_group_commit_bytes: Histogram::with_opts(
-                HistogramOpts::new("pubg1_storage_group_commit_bytes", "Bytes written by one group commit.")
-                    .buckets(exponential_buckets(64.0, 4.0, 12).unwrap_or_default()),
+                HistogramOpts::new(
+                    "pubg1_storage_group_commit_bytes",
+                    "Bytes written by one group commit.",
+                )
+                .buckets(exponential_buckets(64.0, 4.0, 12).unwrap_or_default()),
             )
             .expect("valid metric"),
             storage_write_errors_total: IntCounter::new(
@@ -81,13 +109,32 @@ impl Metrics {
                 "Durable writes that failed; any makes the storage fail closed.",
             )
             .expect("valid metric"),
-            partition_high_watermark: gauge_vec("pubg1_partition_high_watermark", "Offset after the last durable record.", partition),
-            partition_log_start_offset: gauge_vec("pubg1_partition_log_start_offset", "First offset still retained.", partition),
-            partition_log_size_bytes: gauge_vec("pubg1_partition_log_size_bytes", "Bytes of record batches retained.", partition),
-            actor_restarts_total: counter_vec("pubg1_actor_restarts_total", "Actors restarted by their supervisor after a crash.", &["actor"]),
+            partition_high_watermark: gauge_vec(
+                "pubg1_partition_high_watermark",
+                "Offset after the last durable record.",
+                partition,
+            ),
+            partition_log_start_offset: gauge_vec(
+                "pubg1_partition_log_start_offset",
+                "First offset still retained.",
+                partition,
+            ),
+            partition_log_size_bytes: gauge_vec(
+                "pubg1_partition_log_size_bytes",
+                "Bytes of record batches retained.",
+                partition,
+            ),
+            actor_restarts_total: counter_vec(
+                "pubg1_actor_restarts_total",
+                "Actors restarted by their supervisor after a crash.",
+                &["actor"],
+            ),
             http_request_duration_seconds: HistogramVec::new(
-                HistogramOpts::new("pubg1_http_request_duration_seconds", "HTTP request latency by route and status class.")
-                    .buckets(latency_buckets()),
+                HistogramOpts::new(
+                    "pubg1_http_request_duration_seconds",
+                    "HTTP request latency by route and status class.",
+                )
+                .buckets(latency_buckets()),
                 &["method", "route", "status"],
             )
             .expect("valid metric"),
@@ -116,21 +163,29 @@ impl Metrics {
         ];
         for collector in collectors {
             // Names are distinct constants above; a clash is a programming error.
-            self.registry.register(collector).expect("metric names are unique");
+            self.registry
+                .register(collector)
+                .expect("metric names are unique");
         }
     }
 
     /// Drop the per-partition series of a deleted topic so dashboards do not show ghosts.
     pub fn forget_partition(&self, topic: &str, partition: u32) {
         let labels = [topic, &partition.to_string()];
-        for gauge in [&self.partition_high_watermark, &self.partition_log_start_offset, &self.partition_log_size_bytes] {
+        for gauge in [
+            &self.partition_high_watermark,
+            &self.partition_log_start_offset,
+            &self.partition_log_size_bytes,
+        ] {
             let _ = gauge.remove_label_values(&labels);
         }
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        prometheus::TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_default()
+        prometheus::TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_default()
     }
 }
 

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use crate::batch::{self, BatchHeader, NewRecord};
 use crate::error::{PartitionError, StorageError};
 use crate::metrics::Metrics;
-use crate::storage::{log_key, record_key, Cf, LogState, Storage, WriteOp};
+use crate::storage::{log_key, record_key, Cf, Durable, LogState, Storage, WriteOp};
 use crate::topic::{LogId, TopicConfigs};
 
 /// Messages a partition actor may hold before senders wait: bounds memory per partition.
@@ -99,16 +99,24 @@ impl PartitionShared {
 
     fn unavailable(&self) -> PartitionError {
         if self.is_retired() {
-            PartitionError::Deleted { topic: self.topic.to_string(), partition: self.partition }
+            PartitionError::Deleted {
+                topic: self.topic.to_string(),
+                partition: self.partition,
+            }
         } else {
-            PartitionError::Restarting { topic: self.topic.to_string(), partition: self.partition }
+            PartitionError::Restarting {
+                topic: self.topic.to_string(),
+                partition: self.partition,
+            }
         }
     }
 
     /// Append `records` as one batch and wait until it is durable.
     pub async fn append(&self, records: Vec<NewRecord>) -> Result<Appended, PartitionError> {
         let addr = self.addr().ok_or_else(|| self.unavailable())?;
-        addr.send(Append { records }).await.map_err(|_| self.unavailable())?
+        addr.send(Append { records })
+            .await
+            .map_err(|_| self.unavailable())?
     }
 }
 
@@ -194,14 +202,21 @@ impl PartitionReplica {
     }
 
     fn labels(&self) -> [String; 2] {
-        [self.shared.topic.to_string(), self.shared.partition.to_string()]
+        [
+            self.shared.topic.to_string(),
+            self.shared.partition.to_string(),
+        ]
     }
 
     fn recovered(&mut self, state: LogState) {
         self.state = state;
         self.recovered = true;
-        self.shared.log_start_offset.store(state.log_start_offset, Ordering::Release);
-        self.shared.log_size_bytes.store(state.size_bytes, Ordering::Release);
+        self.shared
+            .log_start_offset
+            .store(state.log_start_offset, Ordering::Release);
+        self.shared
+            .log_size_bytes
+            .store(state.size_bytes, Ordering::Release);
         self.publish_durable(state.next_offset);
         self.publish_log_gauges();
         tracing::debug!(topic = %self.shared.topic, partition = self.shared.partition, ?state, "partition recovered");
@@ -218,21 +233,30 @@ impl PartitionReplica {
         });
         let labels = self.labels();
         let labels = [labels[0].as_str(), labels[1].as_str()];
-        self.metrics.partition_high_watermark.with_label_values(&labels).set(self.shared.high_watermark() as i64);
+        self.metrics
+            .partition_high_watermark
+            .with_label_values(&labels)
+            .set(self.shared.high_watermark() as i64);
     }
 
     fn publish_log_gauges(&self) {
         let labels = self.labels();
         let labels = [labels[0].as_str(), labels[1].as_str()];
-        self.metrics.partition_log_start_offset.with_label_values(&labels).set(self.state.log_start_offset as i64);
-        self.metrics.partition_log_size_bytes.with_label_values(&labels).set(self.state.size_bytes as i64);
+        self.metrics
+            .partition_log_start_offset
+            .with_label_values(&labels)
+            .set(self.state.log_start_offset as i64);
+        self.metrics
+            .partition_log_size_bytes
+            .with_label_values(&labels)
+            .set(self.state.size_bytes as i64);
     }
 
     /// Assign offsets, encode, queue the durable write. Nothing changes if queueing fails.
     fn prepare_append(
         &mut self,
         records: &[NewRecord],
-    ) -> Result<(tokio::sync::oneshot::Receiver<Result<(), StorageError>>, Appended, u64), PartitionError> {
+    ) -> Result<(Durable, Appended, u64), PartitionError> {
         if !self.recovered {
             return Err(self.shared.unavailable());
         }
@@ -246,18 +270,42 @@ impl PartitionReplica {
         };
         let log = self.shared.log;
         let receiver = self.storage.submit(vec![
-            WriteOp::Put { cf: Cf::Records, key: record_key(log, base_offset), value: bytes },
-            WriteOp::Put { cf: Cf::LogState, key: log_key(log), value: next.encode() },
+            WriteOp::Put {
+                cf: Cf::Records,
+                key: record_key(log, base_offset),
+                value: bytes,
+            },
+            WriteOp::Put {
+                cf: Cf::LogState,
+                key: log_key(log),
+                value: next.encode(),
+            },
         ])?;
         // Offsets only grow: the invariant pair to `recover_log`'s check on the way back in.
-        assert!(next.next_offset > self.state.next_offset, "offsets must grow");
+        assert!(
+            next.next_offset > self.state.next_offset,
+            "offsets must grow"
+        );
         self.state = next;
-        self.shared.log_size_bytes.store(next.size_bytes, Ordering::Release);
-        Ok((receiver, Appended { base_offset, record_count: records.len() as u32 }, size))
+        self.shared
+            .log_size_bytes
+            .store(next.size_bytes, Ordering::Release);
+        Ok((
+            receiver,
+            Appended {
+                base_offset,
+                record_count: records.len() as u32,
+            },
+            size,
+        ))
     }
 
     /// A handler panicked: stop this incarnation so the supervisor starts a fresh one.
-    fn crash(&mut self, ctx: &mut Context<Self>, panic: Box<dyn std::any::Any + Send>) -> PartitionError {
+    fn crash(
+        &mut self,
+        ctx: &mut Context<Self>,
+        panic: Box<dyn std::any::Any + Send>,
+    ) -> PartitionError {
         let message = panic
             .downcast_ref::<&str>()
             .map(|s| (*s).to_owned())
@@ -266,22 +314,33 @@ impl PartitionReplica {
         tracing::error!(topic = %self.shared.topic, partition = self.shared.partition, %message, "partition actor crashed; restarting");
         self.crashed = true;
         ctx.stop();
-        PartitionError::Restarting { topic: self.shared.topic.to_string(), partition: self.shared.partition }
+        PartitionError::Restarting {
+            topic: self.shared.topic.to_string(),
+            partition: self.shared.partition,
+        }
     }
 
     fn check_retention(&mut self, ctx: &mut Context<Self>) {
         let configs = self.configs;
-        if self.retention_running || !self.recovered || (configs.retention_ms.is_none() && configs.retention_bytes.is_none()) {
+        if self.retention_running
+            || !self.recovered
+            || (configs.retention_ms.is_none() && configs.retention_bytes.is_none())
+        {
             return;
         }
         self.retention_running = true;
         let storage = self.storage.clone();
         let log = self.shared.log;
-        let mut planner = RetentionPlanner::new(self.state, self.shared.high_watermark(), configs, now_ms());
+        let mut planner =
+            RetentionPlanner::new(self.state, self.shared.high_watermark(), configs, now_ms());
         let scan = async move {
-            tokio::task::spawn_blocking(move || storage.scan_headers(log, planner.start, |h| planner.offer(h)).map(|()| planner.plan()))
-                .await
-                .unwrap_or(Err(StorageError::ShutDown))
+            tokio::task::spawn_blocking(move || {
+                storage
+                    .scan_headers(log, planner.start, |h| planner.offer(h))
+                    .map(|()| planner.plan())
+            })
+            .await
+            .unwrap_or(Err(StorageError::ShutDown))
         };
         ctx.spawn(scan.into_actor(self).map(|result, act, _ctx| {
             act.retention_running = false;
@@ -298,30 +357,51 @@ impl PartitionReplica {
         if plan.new_start <= old_start {
             return;
         }
-        let next = LogState { log_start_offset: plan.new_start, size_bytes: self.state.size_bytes - plan.freed_bytes, ..self.state };
+        let next = LogState {
+            log_start_offset: plan.new_start,
+            size_bytes: self.state.size_bytes - plan.freed_bytes,
+            ..self.state
+        };
         let log = self.shared.log;
         let (from, to) = (record_key(log, old_start), record_key(log, plan.new_start));
         let ops = vec![
-            WriteOp::DeleteRange { cf: Cf::Records, from: from.clone(), to: to.clone() },
-            WriteOp::Put { cf: Cf::LogState, key: log_key(log), value: next.encode() },
+            WriteOp::DeleteRange {
+                cf: Cf::Records,
+                from: from.clone(),
+                to: to.clone(),
+            },
+            WriteOp::Put {
+                cf: Cf::LogState,
+                key: log_key(log),
+                value: next.encode(),
+            },
         ];
         // Readers must stop asking for the range before it disappears.
-        self.shared.log_start_offset.store(plan.new_start, Ordering::Release);
+        self.shared
+            .log_start_offset
+            .store(plan.new_start, Ordering::Release);
         match self.storage.submit(ops) {
             Ok(done) => {
                 self.state = next;
-                self.shared.log_size_bytes.store(next.size_bytes, Ordering::Release);
+                self.shared
+                    .log_size_bytes
+                    .store(next.size_bytes, Ordering::Release);
                 self.publish_log_gauges();
                 tracing::info!(topic = %self.shared.topic, partition = self.shared.partition, from = old_start, to = plan.new_start, freed_bytes = plan.freed_bytes, "retention deleted old batches");
                 let storage = self.storage.clone();
                 actix::spawn(async move {
                     if matches!(done.await, Ok(Ok(()))) {
-                        let _ = tokio::task::spawn_blocking(move || storage.compact_records(&from, &to)).await;
+                        let _ = tokio::task::spawn_blocking(move || {
+                            storage.compact_records(&from, &to)
+                        })
+                        .await;
                     }
                 });
             }
             Err(e) => {
-                self.shared.log_start_offset.store(old_start, Ordering::Release);
+                self.shared
+                    .log_start_offset
+                    .store(old_start, Ordering::Release);
                 tracing::warn!(error = %e, "retention deferred: storage queue refused the delete");
             }
         }
@@ -348,11 +428,16 @@ impl Actor for PartitionReplica {
                 ctx.stop();
             }
         }));
-        ctx.run_interval(self.settings.retention_check_interval, |act, ctx| act.check_retention(ctx));
+        ctx.run_interval(self.settings.retention_check_interval, |act, ctx| {
+            act.check_retention(ctx)
+        });
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
-        self.supervisor.do_send(ReplicaStopped { shared: self.shared.clone(), crashed: self.crashed });
+        self.supervisor.do_send(ReplicaStopped {
+            shared: self.shared.clone(),
+            crashed: self.crashed,
+        });
     }
 }
 
@@ -369,20 +454,33 @@ impl Handler<Append> for PartitionReplica {
             Ok(prepared) => prepared,
             Err(e) => return Box::pin(actix::fut::ready(Err(e))),
         };
-        Box::pin(async move { durable.await }.into_actor(self).map(move |result, act, _ctx| {
-            match result {
-                Ok(Ok(())) => {
-                    act.publish_durable(appended.base_offset + u64::from(appended.record_count));
-                    let topic = [act.shared.topic.as_ref()];
-                    act.metrics.produce_records_total.with_label_values(&topic).inc_by(u64::from(appended.record_count));
-                    act.metrics.produce_bytes_total.with_label_values(&topic).inc_by(bytes);
-                    act.metrics.produce_latency_seconds.with_label_values(&topic).observe(started.elapsed().as_secs_f64());
-                    Ok(appended)
-                }
-                Ok(Err(e)) => Err(e.into()),
-                Err(_) => Err(StorageError::ShutDown.into()),
-            }
-        }))
+        Box::pin(
+            durable
+                .into_actor(self)
+                .map(move |result, act, _ctx| match result {
+                    Ok(Ok(())) => {
+                        act.publish_durable(
+                            appended.base_offset + u64::from(appended.record_count),
+                        );
+                        let topic = [act.shared.topic.as_ref()];
+                        act.metrics
+                            .produce_records_total
+                            .with_label_values(&topic)
+                            .inc_by(u64::from(appended.record_count));
+                        act.metrics
+                            .produce_bytes_total
+                            .with_label_values(&topic)
+                            .inc_by(bytes);
+                        act.metrics
+                            .produce_latency_seconds
+                            .with_label_values(&topic)
+                            .observe(started.elapsed().as_secs_f64());
+                        Ok(appended)
+                    }
+                    Ok(Err(e)) => Err(e.into()),
+                    Err(_) => Err(StorageError::ShutDown.into()),
+                }),
+        )
     }
 }
 
@@ -414,7 +512,10 @@ impl Handler<InjectPanic> for PartitionReplica {
 }
 
 pub(crate) fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
 }
 
 /// Which prefix of a log retention deletes.
@@ -446,7 +547,9 @@ impl RetentionPlanner {
             size_after: state.size_bytes,
             freed_bytes: 0,
             durable_end,
-            cutoff_ms: configs.retention_ms.map(|ms| now_ms.saturating_sub(ms as i64)),
+            cutoff_ms: configs
+                .retention_ms
+                .map(|ms| now_ms.saturating_sub(ms as i64)),
             bytes_min: configs.retention_bytes,
         }
     }
@@ -456,8 +559,12 @@ impl RetentionPlanner {
         if header.next_offset() > self.durable_end || header.size_bytes > self.size_after {
             return false;
         }
-        let expired = self.cutoff_ms.is_some_and(|cutoff| header.max_timestamp_ms < cutoff);
-        let oversize = self.bytes_min.is_some_and(|min| self.size_after - header.size_bytes >= min);
+        let expired = self
+            .cutoff_ms
+            .is_some_and(|cutoff| header.max_timestamp_ms < cutoff);
+        let oversize = self
+            .bytes_min
+            .is_some_and(|min| self.size_after - header.size_bytes >= min);
         if !(expired || oversize) {
             return false;
         }
@@ -468,7 +575,10 @@ impl RetentionPlanner {
     }
 
     pub fn plan(&self) -> Option<RetentionPlan> {
-        (self.new_start > self.start).then_some(RetentionPlan { new_start: self.new_start, freed_bytes: self.freed_bytes })
+        (self.new_start > self.start).then_some(RetentionPlan {
+            new_start: self.new_start,
+            freed_bytes: self.freed_bytes,
+        })
     }
 }
 
@@ -476,9 +586,18 @@ impl RetentionPlanner {
 mod tests {
     use super::*;
 
-    fn plan(configs: TopicConfigs, durable_end: u64, now: i64, batches: &[BatchHeader]) -> Option<RetentionPlan> {
+    fn plan(
+        configs: TopicConfigs,
+        durable_end: u64,
+        now: i64,
+        batches: &[BatchHeader],
+    ) -> Option<RetentionPlan> {
         let size = batches.iter().map(|b| b.size_bytes).sum();
-        let state = LogState { log_start_offset: batches[0].base_offset, next_offset: durable_end, size_bytes: size };
+        let state = LogState {
+            log_start_offset: batches[0].base_offset,
+            next_offset: durable_end,
+            size_bytes: size,
+        };
         let mut planner = RetentionPlanner::new(state, durable_end, configs, now);
         for b in batches {
             if !planner.offer(b) {
@@ -489,33 +608,97 @@ mod tests {
     }
 
     const LOG: [BatchHeader; 3] = [
-        BatchHeader { base_offset: 0, size_bytes: 100, record_count: 10, max_timestamp_ms: 1_000 },
-        BatchHeader { base_offset: 10, size_bytes: 100, record_count: 5, max_timestamp_ms: 2_000 },
-        BatchHeader { base_offset: 15, size_bytes: 100, record_count: 5, max_timestamp_ms: 3_000 },
+        BatchHeader {
+            base_offset: 0,
+            size_bytes: 100,
+            record_count: 10,
+            max_timestamp_ms: 1_000,
+        },
+        BatchHeader {
+            base_offset: 10,
+            size_bytes: 100,
+            record_count: 5,
+            max_timestamp_ms: 2_000,
+        },
+        BatchHeader {
+            base_offset: 15,
+            size_bytes: 100,
+            record_count: 5,
+            max_timestamp_ms: 3_000,
+        },
     ];
 
     #[test]
     fn time_retention_deletes_batches_older_than_the_cutoff() {
-        let configs = TopicConfigs { retention_ms: Some(1_500), retention_bytes: None };
-        // now 3_600: cutoff 2_100, so batches with max timestamps 1_000 and 2_000 go.
-        assert_eq!(plan(configs, 20, 3_600, &LOG), Some(RetentionPlan { new_start: 15, freed_bytes: 200 }));
-        assert_eq!(plan(configs, 20, 2_400, &LOG), Some(RetentionPlan { new_start: 10, freed_bytes: 100 }));
+        let configs = TopicConfigs {
+            retention_ms: Some(1_500),
+            retention_bytes: None,
+        };
+        // now 3_600: cutoff 2_100, so batches with max timestamps 1_000 and 2_000 go; now 2_600:
+        // cutoff 1_100, only the first; now 2_000: cutoff 500, none.
+        assert_eq!(
+            plan(configs, 20, 3_600, &LOG),
+            Some(RetentionPlan {
+                new_start: 15,
+                freed_bytes: 200
+            })
+        );
+        assert_eq!(
+            plan(configs, 20, 2_600, &LOG),
+            Some(RetentionPlan {
+                new_start: 10,
+                freed_bytes: 100
+            })
+        );
         assert_eq!(plan(configs, 20, 2_000, &LOG), None);
     }
 
     #[test]
     fn size_retention_keeps_at_least_the_limit() {
-        let configs = TopicConfigs { retention_ms: None, retention_bytes: Some(150) };
+        let configs = TopicConfigs {
+            retention_ms: None,
+            retention_bytes: Some(150),
+        };
         // 300 bytes: dropping one leaves 200 >= 150, dropping two would leave 100 < 150.
-        assert_eq!(plan(configs, 20, 0, &LOG), Some(RetentionPlan { new_start: 10, freed_bytes: 100 }));
-        let exact = TopicConfigs { retention_ms: None, retention_bytes: Some(100) };
-        assert_eq!(plan(exact, 20, 0, &LOG), Some(RetentionPlan { new_start: 15, freed_bytes: 200 }));
+        assert_eq!(
+            plan(configs, 20, 0, &LOG),
+            Some(RetentionPlan {
+                new_start: 10,
+                freed_bytes: 100
+            })
+        );
+        let exact = TopicConfigs {
+            retention_ms: None,
+            retention_bytes: Some(100),
+        };
+        assert_eq!(
+            plan(exact, 20, 0, &LOG),
+            Some(RetentionPlan {
+                new_start: 15,
+                freed_bytes: 200
+            })
+        );
     }
 
     #[test]
     fn nothing_past_the_durable_end_is_touched() {
-        let configs = TopicConfigs { retention_ms: Some(1), retention_bytes: None };
-        assert_eq!(plan(configs, 14, 1_000_000, &LOG), Some(RetentionPlan { new_start: 10, freed_bytes: 100 }));
-        assert_eq!(plan(configs, 20, 1_000_000, &LOG), Some(RetentionPlan { new_start: 20, freed_bytes: 300 }));
+        let configs = TopicConfigs {
+            retention_ms: Some(1),
+            retention_bytes: None,
+        };
+        assert_eq!(
+            plan(configs, 14, 1_000_000, &LOG),
+            Some(RetentionPlan {
+                new_start: 10,
+                freed_bytes: 100
+            })
+        );
+        assert_eq!(
+            plan(configs, 20, 1_000_000, &LOG),
+            Some(RetentionPlan {
+                new_start: 20,
+                freed_bytes: 300
+            })
+        );
     }
 }

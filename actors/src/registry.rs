@@ -23,8 +23,16 @@ pub struct TopicHandle {
 
 impl TopicHandle {
     pub fn new(meta: Arc<TopicMeta>, partitions: Vec<Arc<PartitionShared>>) -> Self {
-        assert_eq!(partitions.len(), meta.partitions as usize, "one handle per partition");
-        Self { meta, partitions, round_robin: AtomicU32::new(0) }
+        assert_eq!(
+            partitions.len(),
+            meta.partitions as usize,
+            "one handle per partition"
+        );
+        Self {
+            meta,
+            partitions,
+            round_robin: AtomicU32::new(0),
+        }
     }
 
     pub fn partition(&self, partition: u32) -> Option<&Arc<PartitionShared>> {
@@ -49,7 +57,10 @@ impl Registry {
     }
 
     pub fn list(&self) -> Vec<Arc<TopicHandle>> {
-        self.topics.read().map(|t| t.values().cloned().collect()).unwrap_or_default()
+        self.topics
+            .read()
+            .map(|t| t.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     pub(crate) fn insert(&self, handle: Arc<TopicHandle>) {

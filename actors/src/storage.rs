@@ -25,7 +25,9 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use bytes::Bytes;
-use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
 use tokio::sync::oneshot;
 
 use crate::batch::{self, BatchHeader};
@@ -81,10 +83,21 @@ impl Cf {
 /// One mutation inside an atomic, durable write.
 #[derive(Debug, Clone)]
 pub enum WriteOp {
-    Put { cf: Cf, key: Vec<u8>, value: Bytes },
-    Delete { cf: Cf, key: Vec<u8> },
+    Put {
+        cf: Cf,
+        key: Vec<u8>,
+        value: Bytes,
+    },
+    Delete {
+        cf: Cf,
+        key: Vec<u8>,
+    },
     /// Deletes keys in `[from, to)`.
-    DeleteRange { cf: Cf, from: Vec<u8>, to: Vec<u8> },
+    DeleteRange {
+        cf: Cf,
+        from: Vec<u8>,
+        to: Vec<u8>,
+    },
 }
 
 impl WriteOp {
@@ -121,10 +134,18 @@ impl LogState {
 
     pub fn decode(bytes: &[u8]) -> Result<Self, StorageError> {
         if bytes.len() != Self::ENCODED_BYTES {
-            return Err(StorageError::Corrupt { what: "log_state".into(), message: format!("{} bytes", bytes.len()) });
+            return Err(StorageError::Corrupt {
+                what: "log_state".into(),
+                message: format!("{} bytes", bytes.len()),
+            });
         }
-        let word = |i: usize| u64::from_be_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap_or_default());
-        Ok(Self { log_start_offset: word(0), next_offset: word(1), size_bytes: word(2) })
+        let word =
+            |i: usize| u64::from_be_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap_or_default());
+        Ok(Self {
+            log_start_offset: word(0),
+            next_offset: word(1),
+            size_bytes: word(2),
+        })
     }
 }
 
@@ -145,7 +166,10 @@ pub fn log_key(log: LogId) -> Vec<u8> {
 
 /// The `[from, to)` key range holding every log of a topic, in `records` and `log_state`.
 pub fn topic_key_range(topic_id: u32) -> (Vec<u8>, Vec<u8>) {
-    (topic_id.to_be_bytes().to_vec(), (u64::from(topic_id) + 1).to_be_bytes()[4..].to_vec())
+    (
+        topic_id.to_be_bytes().to_vec(),
+        (u64::from(topic_id) + 1).to_be_bytes()[4..].to_vec(),
+    )
 }
 
 pub fn topic_meta_key(name: &str) -> Vec<u8> {
@@ -155,6 +179,9 @@ pub const NEXT_TOPIC_ID_KEY: &[u8] = b"next_topic_id";
 const TOPIC_META_PREFIX: &[u8] = b"topic/";
 
 type Waiter = oneshot::Sender<Result<(), StorageError>>;
+
+/// Resolves once a submitted write is durable (or has failed).
+pub type Durable = oneshot::Receiver<Result<(), StorageError>>;
 
 enum Command {
     Write { ops: Vec<WriteOp>, done: Waiter },
@@ -169,7 +196,9 @@ pub struct Storage {
 
 impl std::fmt::Debug for Storage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Storage").field("path", &self.inner.db.path()).finish()
+        f.debug_struct("Storage")
+            .field("path", &self.inner.db.path())
+            .finish()
     }
 }
 
@@ -198,37 +227,59 @@ impl Storage {
             }
             ColumnFamilyDescriptor::new(cf.name(), cf_options)
         });
-        let db = DB::open_cf_descriptors(&options, dir, families)
-            .map_err(|e| StorageError::Open { path: dir.display().to_string(), message: e.into_string() })?;
+        let db =
+            DB::open_cf_descriptors(&options, dir, families).map_err(|e| StorageError::Open {
+                path: dir.display().to_string(),
+                message: e.into_string(),
+            })?;
         let db = Arc::new(db);
         let (queue, receiver) = mpsc::sync_channel(WRITE_QUEUE_CAPACITY);
         let healthy = Arc::new(AtomicBool::new(true));
-        let writer = GroupCommitWriter { db: db.clone(), receiver, healthy: healthy.clone(), metrics };
+        let writer = GroupCommitWriter {
+            db: db.clone(),
+            receiver,
+            healthy: healthy.clone(),
+            metrics,
+        };
         let handle = std::thread::Builder::new()
             .name("pubg1-storage-writer".into())
             .spawn(move || writer.run())
-            .map_err(|e| StorageError::Open { path: dir.display().to_string(), message: e.to_string() })?;
-        Ok(Self { inner: Arc::new(Inner { db, queue, healthy, writer: Mutex::new(Some(handle)) }) })
+            .map_err(|e| StorageError::Open {
+                path: dir.display().to_string(),
+                message: e.to_string(),
+            })?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                queue,
+                healthy,
+                writer: Mutex::new(Some(handle)),
+            }),
+        })
     }
 
     /// Queue an atomic write; the receiver resolves once it is fsync'd (or failed).
     ///
     /// Never blocks: a full queue is [`StorageError::QueueFull`], so callers can shed load.
-    pub fn submit(&self, ops: Vec<WriteOp>) -> Result<oneshot::Receiver<Result<(), StorageError>>, StorageError> {
+    pub fn submit(&self, ops: Vec<WriteOp>) -> Result<Durable, StorageError> {
         if !self.is_healthy() {
             return Err(StorageError::Failed);
         }
         let (done, receiver) = oneshot::channel();
         match self.inner.queue.try_send(Command::Write { ops, done }) {
             Ok(()) => Ok(receiver),
-            Err(TrySendError::Full(_)) => Err(StorageError::QueueFull { capacity: WRITE_QUEUE_CAPACITY }),
+            Err(TrySendError::Full(_)) => Err(StorageError::QueueFull {
+                capacity: WRITE_QUEUE_CAPACITY,
+            }),
             Err(TrySendError::Disconnected(_)) => Err(StorageError::ShutDown),
         }
     }
 
     /// Write `ops` atomically and durably.
     pub async fn write(&self, ops: Vec<WriteOp>) -> Result<(), StorageError> {
-        self.submit(ops)?.await.map_err(|_| StorageError::ShutDown)?
+        self.submit(ops)?
+            .await
+            .map_err(|_| StorageError::ShutDown)?
     }
 
     /// Resolves once every write submitted before it is durable (or failed).
@@ -243,7 +294,12 @@ impl Storage {
 
     /// Finish queued writes, stop the writer and flush memtables. Idempotent.
     pub fn shutdown(&self) {
-        let handle = self.inner.writer.lock().map(|mut w| w.take()).unwrap_or(None);
+        let handle = self
+            .inner
+            .writer
+            .lock()
+            .map(|mut w| w.take())
+            .unwrap_or(None);
         if let Some(handle) = handle {
             // A blocking send: shutdown waits behind queued writes rather than dropping them.
             let _ = self.inner.queue.send(Command::Shutdown);
@@ -261,13 +317,21 @@ impl Storage {
     /// The durable state of `log` (None for a log never written), cross-checked against its last
     /// batch. Blocking: call from a blocking context or at start-up.
     pub fn recover_log(&self, log: LogId) -> Result<LogState, StorageError> {
-        let state = match self.inner.db.get_cf(self.cf(Cf::LogState)?, log_key(log)).map_err(|e| StorageError::rocks("get", e))? {
+        let state = match self
+            .inner
+            .db
+            .get_cf(self.cf(Cf::LogState)?, log_key(log))
+            .map_err(|e| StorageError::rocks("get", e))?
+        {
             Some(bytes) => LogState::decode(&bytes)?,
             None => LogState::default(),
         };
         let last = self.last_batch(log)?;
         let consistent = match last {
-            Some(header) => header.next_offset() == state.next_offset && header.base_offset >= state.log_start_offset,
+            Some(header) => {
+                header.next_offset() == state.next_offset
+                    && header.base_offset >= state.log_start_offset
+            }
             None => state.log_start_offset == state.next_offset && state.size_bytes == 0,
         };
         if !consistent {
@@ -281,9 +345,14 @@ impl Storage {
 
     fn last_batch(&self, log: LogId) -> Result<Option<BatchHeader>, StorageError> {
         let upper = record_key(log, u64::MAX);
-        let mut iter = self.inner.db.iterator_cf(self.cf(Cf::Records)?, IteratorMode::From(&upper, Direction::Reverse));
+        let mut iter = self.inner.db.iterator_cf(
+            self.cf(Cf::Records)?,
+            IteratorMode::From(&upper, Direction::Reverse),
+        );
         match iter.next() {
-            Some(Ok((key, value))) if key.starts_with(&log_key(log)) => Ok(Some(batch::parse_header(&value).map_err(|e| corrupt(log, e))?)),
+            Some(Ok((key, value))) if key.starts_with(&log_key(log)) => Ok(Some(
+                batch::parse_header(&value).map_err(|e| corrupt(log, e))?,
+            )),
             Some(Err(e)) => Err(StorageError::rocks("iterate", e)),
             _ => Ok(None),
         }
@@ -292,21 +361,34 @@ impl Storage {
     /// Stored batches of `log` that hold offsets in `[from, below)`, in order, stopping once
     /// `bytes_max` is reached (the first batch is always included so a large batch cannot stall a
     /// reader). Each batch's header and CRC are checked. Blocking.
-    pub fn read_batches(&self, log: LogId, from: u64, below: u64, bytes_max: usize) -> Result<Vec<Bytes>, StorageError> {
+    pub fn read_batches(
+        &self,
+        log: LogId,
+        from: u64,
+        below: u64,
+        bytes_max: usize,
+    ) -> Result<Vec<Bytes>, StorageError> {
         let cf = self.cf(Cf::Records)?;
         let prefix = log_key(log);
         let mut out = Vec::new();
         let mut total = 0usize;
         // The batch holding `from` starts at or before it: seek backwards once, then go forward.
         let start = {
-            let mut back = self.inner.db.iterator_cf(cf, IteratorMode::From(&record_key(log, from), Direction::Reverse));
+            let mut back = self.inner.db.iterator_cf(
+                cf,
+                IteratorMode::From(&record_key(log, from), Direction::Reverse),
+            );
             match back.next() {
                 Some(Ok((key, _))) if key.starts_with(&prefix) => key.to_vec(),
                 Some(Err(e)) => return Err(StorageError::rocks("iterate", e)),
                 _ => record_key(log, from),
             }
         };
-        for item in self.inner.db.iterator_cf(cf, IteratorMode::From(&start, Direction::Forward)) {
+        for item in self
+            .inner
+            .db
+            .iterator_cf(cf, IteratorMode::From(&start, Direction::Forward))
+        {
             let (key, value) = item.map_err(|e| StorageError::rocks("iterate", e))?;
             if !key.starts_with(&prefix) {
                 break;
@@ -328,10 +410,18 @@ impl Storage {
     }
 
     /// Headers of `log`'s batches from `from` (inclusive) while `keep_going` says so. Blocking.
-    pub fn scan_headers(&self, log: LogId, from: u64, mut keep_going: impl FnMut(&BatchHeader) -> bool) -> Result<(), StorageError> {
+    pub fn scan_headers(
+        &self,
+        log: LogId,
+        from: u64,
+        mut keep_going: impl FnMut(&BatchHeader) -> bool,
+    ) -> Result<(), StorageError> {
         let cf = self.cf(Cf::Records)?;
         let prefix = log_key(log);
-        for item in self.inner.db.iterator_cf(cf, IteratorMode::From(&record_key(log, from), Direction::Forward)) {
+        for item in self.inner.db.iterator_cf(
+            cf,
+            IteratorMode::From(&record_key(log, from), Direction::Forward),
+        ) {
             let (key, value) = item.map_err(|e| StorageError::rocks("iterate", e))?;
             if !key.starts_with(&prefix) {
                 break;
@@ -346,7 +436,9 @@ impl Storage {
 
     /// Ask RocksDB to reclaim the space of a deleted key range now rather than eventually.
     pub fn compact_records(&self, from: &[u8], to: &[u8]) -> Result<(), StorageError> {
-        self.inner.db.compact_range_cf(self.cf(Cf::Records)?, Some(from), Some(to));
+        self.inner
+            .db
+            .compact_range_cf(self.cf(Cf::Records)?, Some(from), Some(to));
         Ok(())
     }
 
@@ -354,21 +446,32 @@ impl Storage {
     pub fn load_catalog(&self) -> Result<(Vec<TopicMeta>, u32), StorageError> {
         let cf = self.cf(Cf::Metadata)?;
         let mut topics = Vec::new();
-        for item in self.inner.db.iterator_cf(cf, IteratorMode::From(TOPIC_META_PREFIX, Direction::Forward)) {
+        for item in self.inner.db.iterator_cf(
+            cf,
+            IteratorMode::From(TOPIC_META_PREFIX, Direction::Forward),
+        ) {
             let (key, value) = item.map_err(|e| StorageError::rocks("iterate", e))?;
             if !key.starts_with(TOPIC_META_PREFIX) {
                 break;
             }
-            let meta: TopicMeta = rmp_serde::from_slice(&value).map_err(|e| StorageError::Corrupt {
-                what: String::from_utf8_lossy(&key).into_owned(),
-                message: e.to_string(),
-            })?;
+            let meta: TopicMeta =
+                rmp_serde::from_slice(&value).map_err(|e| StorageError::Corrupt {
+                    what: String::from_utf8_lossy(&key).into_owned(),
+                    message: e.to_string(),
+                })?;
             topics.push(meta);
         }
-        let next_id = match self.inner.db.get_cf(cf, NEXT_TOPIC_ID_KEY).map_err(|e| StorageError::rocks("get", e))? {
-            Some(bytes) => u32::from_be_bytes(bytes.as_slice().try_into().map_err(|_| StorageError::Corrupt {
-                what: "next_topic_id".into(),
-                message: format!("{} bytes", bytes.len()),
+        let next_id = match self
+            .inner
+            .db
+            .get_cf(cf, NEXT_TOPIC_ID_KEY)
+            .map_err(|e| StorageError::rocks("get", e))?
+        {
+            Some(bytes) => u32::from_be_bytes(bytes.as_slice().try_into().map_err(|_| {
+                StorageError::Corrupt {
+                    what: "next_topic_id".into(),
+                    message: format!("{} bytes", bytes.len()),
+                }
             })?),
             None => 0,
         };
@@ -377,11 +480,18 @@ impl Storage {
 }
 
 fn cf_handle(db: &DB, cf: Cf) -> Result<&rocksdb::ColumnFamily, StorageError> {
-    db.cf_handle(cf.name()).ok_or_else(|| StorageError::Corrupt { what: cf.name().into(), message: "missing column family".into() })
+    db.cf_handle(cf.name())
+        .ok_or_else(|| StorageError::Corrupt {
+            what: cf.name().into(),
+            message: "missing column family".into(),
+        })
 }
 
 fn corrupt(log: LogId, error: crate::error::BatchError) -> StorageError {
-    StorageError::Corrupt { what: format!("log {}/{}", log.topic_id, log.partition), message: error.to_string() }
+    StorageError::Corrupt {
+        what: format!("log {}/{}", log.topic_id, log.partition),
+        message: error.to_string(),
+    }
 }
 
 /// The writer thread: drain the queue, one `WriteBatch`, one fsync, wake every waiter.
@@ -403,7 +513,9 @@ impl GroupCommitWriter {
             let mut shutdown = self.add(first, &mut batch, &mut waiters, &mut bytes);
             while !shutdown && bytes < GROUP_COMMIT_BYTES_MAX {
                 match self.receiver.try_recv() {
-                    Ok(command) => shutdown = self.add(command, &mut batch, &mut waiters, &mut bytes),
+                    Ok(command) => {
+                        shutdown = self.add(command, &mut batch, &mut waiters, &mut bytes)
+                    }
                     Err(_) => break,
                 }
             }
@@ -415,7 +527,13 @@ impl GroupCommitWriter {
     }
 
     /// Add one command to the group; true if it asks the writer to stop after this group.
-    fn add(&self, command: Command, batch: &mut WriteBatch, waiters: &mut Vec<Waiter>, bytes: &mut usize) -> bool {
+    fn add(
+        &self,
+        command: Command,
+        batch: &mut WriteBatch,
+        waiters: &mut Vec<Waiter>,
+        bytes: &mut usize,
+    ) -> bool {
         match command {
             Command::Shutdown => true,
             Command::Write { ops, done } => {
@@ -430,7 +548,9 @@ impl GroupCommitWriter {
                     match op {
                         WriteOp::Put { key, value, .. } => batch.put_cf(handle, key, value),
                         WriteOp::Delete { key, .. } => batch.delete_cf(handle, key),
-                        WriteOp::DeleteRange { from, to, .. } => batch.delete_range_cf(handle, from, to),
+                        WriteOp::DeleteRange { from, to, .. } => {
+                            batch.delete_range_cf(handle, from, to)
+                        }
                     }
                 }
                 waiters.push(done);
@@ -450,9 +570,15 @@ impl GroupCommitWriter {
         } else {
             let started = Instant::now();
             let written = self.db.write_opt(batch, sync);
-            self.metrics.storage_fsync_seconds.observe(started.elapsed().as_secs_f64());
-            self.metrics.storage_group_commit_writes.observe(waiters.len() as f64);
-            self.metrics.storage_group_commit_bytes.observe(bytes as f64);
+            self.metrics
+                .storage_fsync_seconds
+                .observe(started.elapsed().as_secs_f64());
+            self.metrics
+                .storage_group_commit_writes
+                .observe(waiters.len() as f64);
+            self.metrics
+                .storage_group_commit_bytes
+                .observe(bytes as f64);
             written.map_err(|e| {
                 tracing::error!(error = %e, "durable write failed; storage now fails closed");
                 self.healthy.store(false, Ordering::Release);
@@ -468,7 +594,9 @@ impl GroupCommitWriter {
 
 fn op_cf(op: &WriteOp) -> Cf {
     match op {
-        WriteOp::Put { cf, .. } | WriteOp::Delete { cf, .. } | WriteOp::DeleteRange { cf, .. } => *cf,
+        WriteOp::Put { cf, .. } | WriteOp::Delete { cf, .. } | WriteOp::DeleteRange { cf, .. } => {
+            *cf
+        }
     }
 }
 
@@ -484,29 +612,74 @@ mod tests {
     #[test]
     fn topic_range_covers_exactly_one_topic() {
         let (from, to) = topic_key_range(7);
-        assert!(record_key(LogId { topic_id: 7, partition: 0 }, 0) >= from);
-        assert!(record_key(LogId { topic_id: 7, partition: u32::MAX }, u64::MAX) < to);
-        assert!(record_key(LogId { topic_id: 8, partition: 0 }, 0) >= to);
+        assert!(
+            record_key(
+                LogId {
+                    topic_id: 7,
+                    partition: 0
+                },
+                0
+            ) >= from
+        );
+        assert!(
+            record_key(
+                LogId {
+                    topic_id: 7,
+                    partition: u32::MAX
+                },
+                u64::MAX
+            ) < to
+        );
+        assert!(
+            record_key(
+                LogId {
+                    topic_id: 8,
+                    partition: 0
+                },
+                0
+            ) >= to
+        );
         let (_, last) = topic_key_range(u32::MAX);
-        assert_eq!(last, vec![0, 0, 0, 0], "wraps: callers never allocate u32::MAX");
+        assert_eq!(
+            last,
+            vec![0, 0, 0, 0],
+            "wraps: callers never allocate u32::MAX"
+        );
     }
 
     #[actix_rt::test]
     async fn writes_survive_reopen_and_reads_check_batches() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = LogId { topic_id: 1, partition: 0 };
-        let records = vec![NewRecord { key: None, value: Some(Bytes::from_static(b"v")) }; 3];
+        let log = LogId {
+            topic_id: 1,
+            partition: 0,
+        };
+        let records = vec![
+            NewRecord {
+                key: None,
+                value: Some(Bytes::from_static(b"v"))
+            };
+            3
+        ];
         {
             let storage = open(dir.path());
             let mut ops = Vec::new();
             let mut state = LogState::default();
             for _ in 0..4 {
                 let bytes = batch::encode(state.next_offset, 1, &records).expect("encode");
-                ops.push(WriteOp::Put { cf: Cf::Records, key: record_key(log, state.next_offset), value: bytes.clone() });
+                ops.push(WriteOp::Put {
+                    cf: Cf::Records,
+                    key: record_key(log, state.next_offset),
+                    value: bytes.clone(),
+                });
                 state.next_offset += 3;
                 state.size_bytes += bytes.len() as u64;
             }
-            ops.push(WriteOp::Put { cf: Cf::LogState, key: log_key(log), value: state.encode() });
+            ops.push(WriteOp::Put {
+                cf: Cf::LogState,
+                key: log_key(log),
+                value: state.encode(),
+            });
             storage.write(ops).await.expect("write");
             storage.shutdown();
         }
@@ -515,7 +688,10 @@ mod tests {
         assert_eq!(state.next_offset, 12);
         // Offset 4 lives in the batch starting at 3; reading below 9 stops before the batch at 9.
         let batches = storage.read_batches(log, 4, 9, usize::MAX).expect("read");
-        let bases: Vec<u64> = batches.iter().map(|b| batch::parse_header(b).expect("header").base_offset).collect();
+        let bases: Vec<u64> = batches
+            .iter()
+            .map(|b| batch::parse_header(b).expect("header").base_offset)
+            .collect();
         assert_eq!(bases, vec![3, 6]);
         // A byte budget smaller than one batch still returns that one batch.
         assert_eq!(storage.read_batches(log, 0, 12, 1).expect("read").len(), 1);
@@ -526,17 +702,43 @@ mod tests {
     async fn recovery_refuses_a_log_state_that_disagrees_with_the_log() {
         let dir = tempfile::tempdir().expect("tempdir");
         let storage = open(dir.path());
-        let log = LogId { topic_id: 2, partition: 1 };
-        let bytes = batch::encode(0, 1, &[NewRecord { key: None, value: None }]).expect("encode");
-        let wrong = LogState { log_start_offset: 0, next_offset: 5, size_bytes: bytes.len() as u64 };
+        let log = LogId {
+            topic_id: 2,
+            partition: 1,
+        };
+        let bytes = batch::encode(
+            0,
+            1,
+            &[NewRecord {
+                key: None,
+                value: None,
+            }],
+        )
+        .expect("encode");
+        let wrong = LogState {
+            log_start_offset: 0,
+            next_offset: 5,
+            size_bytes: bytes.len() as u64,
+        };
         storage
             .write(vec![
-                WriteOp::Put { cf: Cf::Records, key: record_key(log, 0), value: bytes },
-                WriteOp::Put { cf: Cf::LogState, key: log_key(log), value: wrong.encode() },
+                WriteOp::Put {
+                    cf: Cf::Records,
+                    key: record_key(log, 0),
+                    value: bytes,
+                },
+                WriteOp::Put {
+                    cf: Cf::LogState,
+                    key: log_key(log),
+                    value: wrong.encode(),
+                },
             ])
             .await
             .expect("write");
-        assert!(matches!(storage.recover_log(log), Err(StorageError::Corrupt { .. })));
+        assert!(matches!(
+            storage.recover_log(log),
+            Err(StorageError::Corrupt { .. })
+        ));
         storage.shutdown();
     }
 
@@ -548,7 +750,11 @@ mod tests {
         let writes: Vec<_> = (0..200u64)
             .map(|i| {
                 storage
-                    .submit(vec![WriteOp::Put { cf: Cf::Metadata, key: i.to_be_bytes().to_vec(), value: Bytes::from_static(b"x") }])
+                    .submit(vec![WriteOp::Put {
+                        cf: Cf::Metadata,
+                        key: i.to_be_bytes().to_vec(),
+                        value: Bytes::from_static(b"x"),
+                    }])
                     .expect("submit")
             })
             .collect();
@@ -556,8 +762,14 @@ mod tests {
             w.await.expect("waiter").expect("durable");
         }
         let fsyncs = metrics.storage_fsync_seconds.get_sample_count();
-        assert!(fsyncs < 200, "200 queued writes took {fsyncs} fsyncs; group commit should merge them");
+        assert!(
+            fsyncs < 200,
+            "200 queued writes took {fsyncs} fsyncs; group commit should merge them"
+        );
         storage.shutdown();
-        assert!(matches!(storage.submit(Vec::new()), Err(StorageError::ShutDown)));
+        assert!(matches!(
+            storage.submit(Vec::new()),
+            Err(StorageError::ShutDown)
+        ));
     }
 }

@@ -37,7 +37,10 @@ pub struct TopicMeta {
 
 impl TopicMeta {
     pub fn log_id(&self, partition: u32) -> LogId {
-        LogId { topic_id: self.topic_id, partition }
+        LogId {
+            topic_id: self.topic_id,
+            partition,
+        }
     }
 }
 
@@ -53,7 +56,10 @@ pub struct TopicConfigs {
 
 impl Default for TopicConfigs {
     fn default() -> Self {
-        Self { retention_ms: Some(RETENTION_MS_DEFAULT), retention_bytes: None }
+        Self {
+            retention_ms: Some(RETENTION_MS_DEFAULT),
+            retention_bytes: None,
+        }
     }
 }
 
@@ -69,7 +75,8 @@ impl TopicConfigs {
                 _ => {
                     return Err(TopicError::InvalidArgument {
                         field: format!("configs.{key}"),
-                        reason: "unknown topic config; supported: retention.ms, retention.bytes".into(),
+                        reason: "unknown topic config; supported: retention.ms, retention.bytes"
+                            .into(),
                     })
                 }
             }
@@ -101,18 +108,28 @@ fn parse_limit(key: &str, value: &str) -> Result<Option<u64>, TopicError> {
 
 /// Kafka's topic-name rule: 1–249 of `[a-zA-Z0-9._-]`, and not `.` or `..`.
 pub fn validate_name(name: &str) -> Result<(), TopicError> {
-    let invalid = |reason: &str| TopicError::InvalidName { name: name.to_owned(), reason: reason.to_owned() };
+    let invalid = |reason: &str| TopicError::InvalidName {
+        name: name.to_owned(),
+        reason: reason.to_owned(),
+    };
     if name.is_empty() {
         return Err(invalid("a topic name cannot be empty"));
     }
     if name.len() > TOPIC_NAME_LENGTH_MAX {
-        return Err(invalid(&format!("longer than {TOPIC_NAME_LENGTH_MAX} characters")));
+        return Err(invalid(&format!(
+            "longer than {TOPIC_NAME_LENGTH_MAX} characters"
+        )));
     }
     if name == "." || name == ".." {
         return Err(invalid("'.' and '..' are not allowed"));
     }
-    if let Some(bad) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
-        return Err(invalid(&format!("character {bad:?} is not one of [a-zA-Z0-9._-]")));
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(invalid(&format!(
+            "character {bad:?} is not one of [a-zA-Z0-9._-]"
+        )));
     }
     Ok(())
 }
@@ -127,20 +144,40 @@ mod tests {
             assert!(validate_name(ok).is_ok(), "{ok}");
         }
         for bad in ["", ".", "..", "a b", "a/b", "ü", &"x".repeat(250)] {
-            assert!(matches!(validate_name(bad), Err(TopicError::InvalidName { .. })), "{bad}");
+            assert!(
+                matches!(validate_name(bad), Err(TopicError::InvalidName { .. })),
+                "{bad}"
+            );
         }
     }
 
     #[test]
     fn configs_parse_kafka_style() {
         let map = |pairs: &[(&str, &str)]| {
-            pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect::<BTreeMap<_, _>>()
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<BTreeMap<_, _>>()
         };
-        let parsed = TopicConfigs::from_kafka(&map(&[("retention.ms", "1000"), ("retention.bytes", "-1")]))
-            .expect("valid");
-        assert_eq!(parsed, TopicConfigs { retention_ms: Some(1000), retention_bytes: None });
-        assert_eq!(TopicConfigs::from_kafka(&map(&[])).expect("defaults"), TopicConfigs::default());
-        for bad in [("retention.ms", "0"), ("retention.ms", "soon"), ("cleanup.policy", "compact")] {
+        let parsed =
+            TopicConfigs::from_kafka(&map(&[("retention.ms", "1000"), ("retention.bytes", "-1")]))
+                .expect("valid");
+        assert_eq!(
+            parsed,
+            TopicConfigs {
+                retention_ms: Some(1000),
+                retention_bytes: None
+            }
+        );
+        assert_eq!(
+            TopicConfigs::from_kafka(&map(&[])).expect("defaults"),
+            TopicConfigs::default()
+        );
+        for bad in [
+            ("retention.ms", "0"),
+            ("retention.ms", "soon"),
+            ("cleanup.policy", "compact"),
+        ] {
             let err = TopicConfigs::from_kafka(&map(&[bad])).expect_err("invalid");
             assert!(err.to_string().contains(bad.0), "{err}");
         }

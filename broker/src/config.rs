@@ -100,13 +100,25 @@ impl Config {
                 Ok(())
             }
         };
-        at_least("request_body_bytes_max", self.request_body_bytes_max as u64, 1024)?;
+        at_least(
+            "request_body_bytes_max",
+            self.request_body_bytes_max as u64,
+            1024,
+        )?;
         at_least("produce_records_max", self.produce_records_max as u64, 1)?;
         at_least("fetch_records_max", self.fetch_records_max as u64, 1)?;
         at_least("fetch_bytes_max", self.fetch_bytes_max as u64, 1024)?;
         at_least("topics_max", self.topics_max as u64, 1)?;
-        at_least("partitions_per_topic_max", u64::from(self.partitions_per_topic_max), 1)?;
-        at_least("retention_check_interval_ms", self.retention_check_interval_ms, 10)?;
+        at_least(
+            "partitions_per_topic_max",
+            u64::from(self.partitions_per_topic_max),
+            1,
+        )?;
+        at_least(
+            "retention_check_interval_ms",
+            self.retention_check_interval_ms,
+            10,
+        )?;
         if self.partitions_per_topic_max > 100_000 {
             return Err("partitions_per_topic_max must be at most 100000".into());
         }
@@ -114,7 +126,10 @@ impl Config {
             return Err("data_dir must not be empty".into());
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log_filter).is_err() {
-            return Err(format!("log_filter '{}' is not a valid tracing filter", self.log_filter));
+            return Err(format!(
+                "log_filter '{}' is not a valid tracing filter",
+                self.log_filter
+            ));
         }
         Ok(())
     }
@@ -137,7 +152,9 @@ impl Config {
 }
 
 fn cores() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
 }
 
 #[cfg(test)]
@@ -152,7 +169,11 @@ mod tests {
         assert_eq!(Config::default().validate(), Ok(()));
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("broker.toml");
-        std::fs::write(&file, "id = 7\nhttp = \"127.0.0.1:9000\"\nproduce_records_max = 5\n").expect("write");
+        std::fs::write(
+            &file,
+            "id = 7\nhttp = \"127.0.0.1:9000\"\nproduce_records_max = 5\n",
+        )
+        .expect("write");
         #[derive(Serialize)]
         struct Flags {
             id: u32,
@@ -175,9 +196,13 @@ mod tests {
         ] {
             std::fs::write(&file, toml).expect("write");
             let err = Config::load(Some(&file), NoOverrides {}).expect_err(toml);
-            assert!(err.contains(key), "error for {toml:?} should name {key}: {err}");
+            assert!(
+                err.contains(key),
+                "error for {toml:?} should name {key}: {err}"
+            );
         }
-        let missing = Config::load(Some(&dir.path().join("nope.toml")), NoOverrides {}).expect_err("missing");
+        let missing =
+            Config::load(Some(&dir.path().join("nope.toml")), NoOverrides {}).expect_err("missing");
         assert!(missing.contains("nope.toml"), "{missing}");
     }
 }

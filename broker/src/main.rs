@@ -22,7 +22,11 @@ use crate::config::{Config, LogFormat};
 
 /// Flags override the config file and `PUBG1_*` environment variables, key by key.
 #[derive(Debug, Parser, Serialize)]
-#[command(name = "pubg1-broker", version, about = "A PubG1 broker: a durable, Kafka-shaped log over HTTP")]
+#[command(
+    name = "pubg1-broker",
+    version,
+    about = "A PubG1 broker: a durable, Kafka-shaped log over HTTP"
+)]
 struct Cli {
     /// TOML config file (keys as in the Config struct, e.g. `data_dir = "data/1"`).
     #[arg(long, env = "PUBG1_CONFIG")]
@@ -66,7 +70,9 @@ fn main() -> anyhow::Result<()> {
 fn init_tracing(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_filter));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -84,7 +90,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         },
         partition_threads: config.partition_threads(),
     };
-    let broker = Broker::start(settings).await.with_context(|| format!("starting broker in {}", config.data_dir.display()))?;
+    let broker = Broker::start(settings)
+        .await
+        .with_context(|| format!("starting broker in {}", config.data_dir.display()))?;
     let state = http::state(broker.clone(), config.clone());
     let server = HttpServer::new(move || http::app(state.clone()))
         .workers(config.http_workers())

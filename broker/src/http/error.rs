@@ -74,13 +74,17 @@ impl ApiError {
     }
 
     pub fn body(&self) -> ErrorBody {
-        ErrorBody { error_code: self.error_code(), message: self.to_string() }
+        ErrorBody {
+            error_code: self.error_code(),
+            message: self.to_string(),
+        }
     }
 }
 
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
-        StatusCode::from_u16((self.error_code() / 100) as u16).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+        StatusCode::from_u16((self.error_code() / 100) as u16)
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 
     fn error_response(&self) -> HttpResponse {
@@ -95,7 +99,9 @@ impl ResponseError for ApiError {
 impl From<PartitionError> for ApiError {
     fn from(error: PartitionError) -> Self {
         match &error {
-            PartitionError::OffsetOutOfRange { .. } => ApiError::OffsetOutOfRange(error.to_string()),
+            PartitionError::OffsetOutOfRange { .. } => {
+                ApiError::OffsetOutOfRange(error.to_string())
+            }
             PartitionError::Restarting { .. } => ApiError::Unavailable(error.to_string()),
             PartitionError::Deleted { topic, .. } => ApiError::TopicNotFound(topic.clone()),
             PartitionError::Storage(storage) => storage_error(storage),
@@ -107,9 +113,9 @@ impl From<PartitionError> for ApiError {
 impl From<TopicError> for ApiError {
     fn from(error: TopicError) -> Self {
         match error {
-            TopicError::InvalidName { .. } | TopicError::InvalidArgument { .. } | TopicError::TooManyTopics { .. } => {
-                ApiError::Unprocessable(error.to_string())
-            }
+            TopicError::InvalidName { .. }
+            | TopicError::InvalidArgument { .. }
+            | TopicError::TooManyTopics { .. } => ApiError::Unprocessable(error.to_string()),
             TopicError::AlreadyExists(name) => ApiError::TopicExists(name),
             TopicError::NotFound(name) => ApiError::TopicNotFound(name),
             TopicError::Storage(storage) => storage_error(&storage),

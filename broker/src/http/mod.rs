@@ -51,8 +51,15 @@ struct ApiDoc;
 /// Build the application: routes, JSON error handlers, request metrics.
 pub fn app(
     state: web::Data<AppState>,
-) -> App<impl ServiceFactory<ServiceRequest, Config = (), Response = ServiceResponse<impl MessageBody>, Error = actix_web::Error, InitError = ()>>
-{
+) -> App<
+    impl ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
     let (app, openapi) = App::new()
         .into_utoipa_app()
         .openapi(ApiDoc::openapi())
@@ -70,13 +77,23 @@ pub fn app(
         .service(partitions::describe)
         .service(records::fetch)
         .split_for_parts();
-    state.openapi.get_or_init(|| openapi.to_pretty_json().unwrap_or_default());
+    state
+        .openapi
+        .get_or_init(|| openapi.to_pretty_json().unwrap_or_default());
     let metrics = state.broker.metrics.clone();
     app.app_data(state)
-        .app_data(web::PathConfig::default().error_handler(|err, req| path_error(&err.to_string(), req).into()))
-        .app_data(web::QueryConfig::default().error_handler(|err, _req| ApiError::BadRequest(format!("bad query parameter: {err}")).into()))
+        .app_data(
+            web::PathConfig::default()
+                .error_handler(|err, req| path_error(&err.to_string(), req).into()),
+        )
+        .app_data(web::QueryConfig::default().error_handler(|err, _req| {
+            ApiError::BadRequest(format!("bad query parameter: {err}")).into()
+        }))
         .default_service(web::to(|req: HttpRequest| async move {
-            Err::<actix_web::HttpResponse, _>(ApiError::NoRoute { method: req.method().to_string(), path: req.path().to_owned() })
+            Err::<actix_web::HttpResponse, _>(ApiError::NoRoute {
+                method: req.method().to_string(),
+                path: req.path().to_owned(),
+            })
         }))
         .wrap_fn(move |req, srv| {
             use actix_web::dev::Service;
@@ -86,7 +103,10 @@ pub fn app(
             let response = srv.call(req);
             async move {
                 let response = response.await?;
-                let route = response.request().match_pattern().unwrap_or_else(|| "unmatched".to_owned());
+                let route = response
+                    .request()
+                    .match_pattern()
+                    .unwrap_or_else(|| "unmatched".to_owned());
                 let status = format!("{}xx", response.status().as_u16() / 100);
                 metrics
                     .http_request_duration_seconds
@@ -101,9 +121,10 @@ pub fn app(
 fn path_error(message: &str, req: &HttpRequest) -> ApiError {
     let topic = req.match_info().get("topic").unwrap_or_default().to_owned();
     match req.match_info().get("partition") {
-        Some(partition) if partition.parse::<u32>().is_err() => {
-            ApiError::PartitionNotFound { topic, partition: partition.to_owned() }
-        }
+        Some(partition) if partition.parse::<u32>().is_err() => ApiError::PartitionNotFound {
+            topic,
+            partition: partition.to_owned(),
+        },
         _ => ApiError::BadRequest(format!("bad path: {message}")),
     }
 }
@@ -118,12 +139,23 @@ pub enum EmbeddedFormat {
     Binary,
 }
 
-const JSON_TYPES: [&str; 3] = ["application/json", "application/vnd.kafka.json.v2+json", "application/vnd.kafka.v2+json"];
+const JSON_TYPES: [&str; 3] = [
+    "application/json",
+    "application/vnd.kafka.json.v2+json",
+    "application/vnd.kafka.v2+json",
+];
 const BINARY_TYPE: &str = "application/vnd.kafka.binary.v2+json";
 
 fn media_type(value: Option<&header::HeaderValue>) -> Option<String> {
     let value = value?.to_str().ok()?;
-    Some(value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase())
+    Some(
+        value
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase(),
+    )
 }
 
 /// The embedded format a request body uses, from its Content-Type; 415 for anything else.
@@ -134,10 +166,14 @@ pub fn body_format(req: &HttpRequest, allow_binary: bool) -> Result<EmbeddedForm
         "application/json or application/vnd.kafka.v2+json"
     };
     match media_type(req.headers().get(header::CONTENT_TYPE)) {
-        None => Err(ApiError::UnsupportedMediaType(format!("Content-Type is required: use {accepted}"))),
+        None => Err(ApiError::UnsupportedMediaType(format!(
+            "Content-Type is required: use {accepted}"
+        ))),
         Some(t) if JSON_TYPES.contains(&t.as_str()) => Ok(EmbeddedFormat::Json),
         Some(t) if allow_binary && t == BINARY_TYPE => Ok(EmbeddedFormat::Binary),
-        Some(t) => Err(ApiError::UnsupportedMediaType(format!("Content-Type '{t}' is not supported: use {accepted}"))),
+        Some(t) => Err(ApiError::UnsupportedMediaType(format!(
+            "Content-Type '{t}' is not supported: use {accepted}"
+        ))),
     }
 }
 
@@ -150,7 +186,11 @@ pub fn response_format(req: &HttpRequest, requested: Option<EmbeddedFormat>) -> 
 }
 
 /// Read a request body, refusing (413) anything over `limit` before buffering it whole.
-pub async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<web::Bytes, ApiError> {
+pub async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<web::Bytes, ApiError> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -161,7 +201,8 @@ pub async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usiz
     }
     let mut body = web::BytesMut::with_capacity(declared.unwrap_or(0));
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading request body: {e}")))?;
+        let chunk =
+            chunk.map_err(|e| ApiError::BadRequest(format!("reading request body: {e}")))?;
         if body.len() + chunk.len() > limit {
             return Err(ApiError::PayloadTooLarge { limit });
         }
@@ -172,12 +213,17 @@ pub async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usiz
 
 /// Parse a JSON body, with serde's line/column message on failure.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("request body is not valid: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("request body is not valid: {e}")))
 }
 
 pub type State = web::Data<AppState>;
 
 /// Shared constructor for the worker factory in `main` and the tests.
 pub fn state(broker: Broker, config: Config) -> web::Data<AppState> {
-    web::Data::from(Arc::new(AppState { broker, config, openapi: OnceLock::new() }))
+    web::Data::from(Arc::new(AppState {
+        broker,
+        config,
+        openapi: OnceLock::new(),
+    }))
 }

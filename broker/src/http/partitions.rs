@@ -35,7 +35,11 @@ pub fn describe_partition(partition: &PartitionShared, broker_id: u32) -> Partit
     PartitionInfo {
         partition: partition.partition,
         leader: broker_id,
-        replicas: vec![ReplicaInfo { broker: broker_id, leader: true, in_sync: true }],
+        replicas: vec![ReplicaInfo {
+            broker: broker_id,
+            leader: true,
+            in_sync: true,
+        }],
         log_start_offset: partition.log_start_offset(),
         high_watermark: partition.high_watermark(),
         log_size_bytes: partition.log_size_bytes(),
@@ -44,11 +48,18 @@ pub fn describe_partition(partition: &PartitionShared, broker_id: u32) -> Partit
 
 /// Look up a partition or answer 404 naming what is missing.
 pub fn find(state: &State, topic: &str, partition: u32) -> Result<Arc<PartitionShared>, ApiError> {
-    let handle = state.broker.registry.get(topic).ok_or_else(|| ApiError::TopicNotFound(topic.to_owned()))?;
+    let handle = state
+        .broker
+        .registry
+        .get(topic)
+        .ok_or_else(|| ApiError::TopicNotFound(topic.to_owned()))?;
     handle
         .partition(partition)
         .cloned()
-        .ok_or_else(|| ApiError::PartitionNotFound { topic: topic.to_owned(), partition: partition.to_string() })
+        .ok_or_else(|| ApiError::PartitionNotFound {
+            topic: topic.to_owned(),
+            partition: partition.to_string(),
+        })
 }
 
 /// All partitions of a topic.
@@ -59,8 +70,16 @@ pub fn find(state: &State, topic: &str, partition: u32) -> Result<Arc<PartitionS
 )]
 #[get("/topics/{topic}/partitions")]
 pub async fn list(state: State, topic: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    let handle = state.broker.registry.get(&topic).ok_or_else(|| ApiError::TopicNotFound(topic.into_inner()))?;
-    let partitions: Vec<PartitionInfo> = handle.partitions.iter().map(|p| describe_partition(p, state.config.id)).collect();
+    let handle = state
+        .broker
+        .registry
+        .get(&topic)
+        .ok_or_else(|| ApiError::TopicNotFound(topic.into_inner()))?;
+    let partitions: Vec<PartitionInfo> = handle
+        .partitions
+        .iter()
+        .map(|p| describe_partition(p, state.config.id))
+        .collect();
     Ok(HttpResponse::Ok().json(partitions))
 }
 
@@ -71,7 +90,10 @@ pub async fn list(state: State, topic: web::Path<String>) -> Result<HttpResponse
     responses((status = 200, body = PartitionInfo), (status = 404, body = ErrorBody))
 )]
 #[get("/topics/{topic}/partitions/{partition}")]
-pub async fn describe(state: State, path: web::Path<(String, u32)>) -> Result<HttpResponse, ApiError> {
+pub async fn describe(
+    state: State,
+    path: web::Path<(String, u32)>,
+) -> Result<HttpResponse, ApiError> {
     let (topic, partition) = path.into_inner();
     let partition = find(&state, &topic, partition)?;
     Ok(HttpResponse::Ok().json(describe_partition(&partition, state.config.id)))

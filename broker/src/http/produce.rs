@@ -62,7 +62,11 @@ pub struct RecordOffset {
 #[utoipa::path(
     tag = "records",
     params(("topic" = String, Path, description = "Topic name")),
-    request_body(content = ProduceRequest, content_type = ["application/json", "application/vnd.kafka.json.v2+json", "application/vnd.kafka.binary.v2+json"]),
+    request_body(content(
+        (ProduceRequest = "application/json"),
+        (ProduceRequest = "application/vnd.kafka.json.v2+json"),
+        (ProduceRequest = "application/vnd.kafka.binary.v2+json")
+    )),
     responses(
         (status = 200, body = ProduceResponse),
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
@@ -71,7 +75,12 @@ pub struct RecordOffset {
     )
 )]
 #[post("/topics/{topic}")]
-pub async fn to_topic(state: State, topic: web::Path<String>, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+pub async fn to_topic(
+    state: State,
+    topic: web::Path<String>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
     produce(state, topic.into_inner(), None, req, payload).await
 }
 
@@ -79,7 +88,11 @@ pub async fn to_topic(state: State, topic: web::Path<String>, req: HttpRequest, 
 #[utoipa::path(
     tag = "records",
     params(("topic" = String, Path, description = "Topic name"), ("partition" = u32, Path, description = "Partition number")),
-    request_body(content = ProduceRequest, content_type = ["application/json", "application/vnd.kafka.json.v2+json", "application/vnd.kafka.binary.v2+json"]),
+    request_body(content(
+        (ProduceRequest = "application/json"),
+        (ProduceRequest = "application/vnd.kafka.json.v2+json"),
+        (ProduceRequest = "application/vnd.kafka.binary.v2+json")
+    )),
     responses(
         (status = 200, body = ProduceResponse),
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
@@ -98,17 +111,32 @@ pub async fn to_partition(
     produce(state, topic, Some(partition), req, payload).await
 }
 
-async fn produce(state: State, topic: String, partition: Option<u32>, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+async fn produce(
+    state: State,
+    topic: String,
+    partition: Option<u32>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
     let format = body_format(&req, true)?;
     let body = read_body(&req, payload, state.config.request_body_bytes_max).await?;
     let request: ProduceRequest = parse_json(&body)?;
-    let handle = state.broker.registry.get(&topic).ok_or_else(|| ApiError::TopicNotFound(topic.clone()))?;
+    let handle = state
+        .broker
+        .registry
+        .get(&topic)
+        .ok_or_else(|| ApiError::TopicNotFound(topic.clone()))?;
     let limit = state.config.produce_records_max;
     if request.records.is_empty() {
-        return Err(ApiError::Unprocessable("records must contain at least one record".into()));
+        return Err(ApiError::Unprocessable(
+            "records must contain at least one record".into(),
+        ));
     }
     if request.records.len() > limit {
-        return Err(ApiError::TooManyRecords(format!("{} records in one request; the limit is {limit}", request.records.len())));
+        return Err(ApiError::TooManyRecords(format!(
+            "{} records in one request; the limit is {limit}",
+            request.records.len()
+        )));
     }
     let groups = route(&handle, partition, format, request.records)?;
     let mut offsets: Vec<Option<RecordOffset>> = vec![None; groups.values().map(Vec::len).sum()];
@@ -123,10 +151,20 @@ async fn produce(state: State, topic: String, partition: Option<u32>, req: HttpR
     for (p, indexes, result) in futures::future::join_all(appends).await {
         for (position, index) in indexes.into_iter().enumerate() {
             offsets[index] = Some(match &result {
-                Ok(appended) => RecordOffset { partition: p, offset: Some(appended.base_offset + position as u64), error_code: None, error: None },
+                Ok(appended) => RecordOffset {
+                    partition: p,
+                    offset: Some(appended.base_offset + position as u64),
+                    error_code: None,
+                    error: None,
+                },
                 Err(e) => {
                     let api = ApiError::from(e.clone());
-                    RecordOffset { partition: p, offset: None, error_code: Some(api.error_code()), error: Some(api.to_string()) }
+                    RecordOffset {
+                        partition: p,
+                        offset: None,
+                        error_code: Some(api.error_code()),
+                        error: Some(api.to_string()),
+                    }
                 }
             });
         }
@@ -146,9 +184,17 @@ async fn produce(state: State, topic: String, partition: Option<u32>, req: HttpR
 type Routed = BTreeMap<u32, Vec<(usize, NewRecord)>>;
 
 /// Decode every record and choose its partition; any error rejects the whole request.
-fn route(handle: &TopicHandle, fixed: Option<u32>, format: EmbeddedFormat, records: Vec<ProduceRecord>) -> Result<Routed, ApiError> {
+fn route(
+    handle: &TopicHandle,
+    fixed: Option<u32>,
+    format: EmbeddedFormat,
+    records: Vec<ProduceRecord>,
+) -> Result<Routed, ApiError> {
     let partitions = handle.meta.partitions;
-    let not_found = |p: u32| ApiError::PartitionNotFound { topic: handle.meta.name.clone(), partition: p.to_string() };
+    let not_found = |p: u32| ApiError::PartitionNotFound {
+        topic: handle.meta.name.clone(),
+        partition: p.to_string(),
+    };
     if let Some(p) = fixed.filter(|p| *p >= partitions) {
         return Err(not_found(p));
     }
@@ -171,22 +217,36 @@ fn route(handle: &TopicHandle, fixed: Option<u32>, format: EmbeddedFormat, recor
             (None, None, Some(key)) => partition_for_key(key, partitions),
             (None, None, None) => *sticky.get_or_insert_with(|| handle.next_round_robin()),
         };
-        routed.entry(partition).or_default().push((index, NewRecord { key, value }));
+        routed
+            .entry(partition)
+            .or_default()
+            .push((index, NewRecord { key, value }));
     }
     Ok(routed)
 }
 
 /// The bytes a key or value is stored as.
-fn embed(format: EmbeddedFormat, field: Option<serde_json::Value>, index: usize, name: &str) -> Result<Option<Bytes>, ApiError> {
+fn embed(
+    format: EmbeddedFormat,
+    field: Option<serde_json::Value>,
+    index: usize,
+    name: &str,
+) -> Result<Option<Bytes>, ApiError> {
     match (format, field) {
         (_, None) | (_, Some(serde_json::Value::Null)) => Ok(None),
         (EmbeddedFormat::Json, Some(value)) => serde_json::to_vec(&value)
             .map(|v| Some(Bytes::from(v)))
             .map_err(|e| ApiError::Unprocessable(format!("records[{index}].{name}: {e}"))),
-        (EmbeddedFormat::Binary, Some(serde_json::Value::String(text))) => base64::engine::general_purpose::STANDARD
-            .decode(text.as_bytes())
-            .map(|v| Some(Bytes::from(v)))
-            .map_err(|e| ApiError::Unprocessable(format!("records[{index}].{name} is not valid base64: {e}"))),
+        (EmbeddedFormat::Binary, Some(serde_json::Value::String(text))) => {
+            base64::engine::general_purpose::STANDARD
+                .decode(text.as_bytes())
+                .map(|v| Some(Bytes::from(v)))
+                .map_err(|e| {
+                    ApiError::Unprocessable(format!(
+                        "records[{index}].{name} is not valid base64: {e}"
+                    ))
+                })
+        }
         (EmbeddedFormat::Binary, Some(other)) => Err(ApiError::Unprocessable(format!(
             "records[{index}].{name} must be a base64 string in the binary format, not {other}"
         ))),

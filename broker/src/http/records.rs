@@ -70,13 +70,33 @@ pub struct FetchResponse {
     )
 )]
 #[get("/topics/{topic}/partitions/{partition}/records")]
-pub async fn fetch(state: State, path: web::Path<(String, u32)>, params: web::Query<FetchParams>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+pub async fn fetch(
+    state: State,
+    path: web::Path<(String, u32)>,
+    params: web::Query<FetchParams>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
     let (topic, partition) = path.into_inner();
     let shared = find(&state, &topic, partition)?;
     let config = &state.config;
-    let records_max = bounded("max_records", params.max_records.unwrap_or(RECORDS_DEFAULT), 1, config.fetch_records_max)?;
-    let bytes_max = bounded("max_bytes", params.max_bytes.unwrap_or(BYTES_DEFAULT), 1, config.fetch_bytes_max)?;
-    let wait_ms = bounded("timeout_ms", params.timeout_ms.unwrap_or(0) as usize, 0, config.fetch_wait_ms_max as usize)?;
+    let records_max = bounded(
+        "max_records",
+        params.max_records.unwrap_or(RECORDS_DEFAULT),
+        1,
+        config.fetch_records_max,
+    )?;
+    let bytes_max = bounded(
+        "max_bytes",
+        params.max_bytes.unwrap_or(BYTES_DEFAULT),
+        1,
+        config.fetch_bytes_max,
+    )?;
+    let wait_ms = bounded(
+        "timeout_ms",
+        params.timeout_ms.unwrap_or(0) as usize,
+        0,
+        config.fetch_wait_ms_max as usize,
+    )?;
     let format = response_format(&req, params.format);
     let request = FetchRequest {
         offset: params.offset.unwrap_or_else(|| shared.log_start_offset()),
@@ -84,9 +104,22 @@ pub async fn fetch(state: State, path: web::Path<(String, u32)>, params: web::Qu
         bytes_max,
         wait: Duration::from_millis(wait_ms as u64),
     };
-    let fetched = log_reader::fetch(&state.broker.storage, &shared, &state.broker.metrics, request).await?;
-    let next_offset = fetched.records.last().map_or(request.offset, |r| r.offset + 1);
-    let records = fetched.records.into_iter().map(|r| render(r, partition, format)).collect::<Result<Vec<_>, _>>()?;
+    let fetched = log_reader::fetch(
+        &state.broker.storage,
+        &shared,
+        &state.broker.metrics,
+        request,
+    )
+    .await?;
+    let next_offset = fetched
+        .records
+        .last()
+        .map_or(request.offset, |r| r.offset + 1);
+    let records = fetched
+        .records
+        .into_iter()
+        .map(|r| render(r, partition, format))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(HttpResponse::Ok().json(FetchResponse {
         topic,
         partition,
@@ -99,21 +132,37 @@ pub async fn fetch(state: State, path: web::Path<(String, u32)>, params: web::Qu
 
 fn bounded(name: &str, value: usize, min: usize, max: usize) -> Result<usize, ApiError> {
     if value < min || value > max {
-        return Err(ApiError::Unprocessable(format!("{name} must be between {min} and {max} (got {value})")));
+        return Err(ApiError::Unprocessable(format!(
+            "{name} must be between {min} and {max} (got {value})"
+        )));
     }
     Ok(value)
 }
 
-fn render(record: StoredRecord, partition: u32, format: EmbeddedFormat) -> Result<ConsumerRecord, ApiError> {
+fn render(
+    record: StoredRecord,
+    partition: u32,
+    format: EmbeddedFormat,
+) -> Result<ConsumerRecord, ApiError> {
     let offset = record.offset;
     let field = |bytes: Option<Bytes>| -> Result<serde_json::Value, ApiError> {
         match (bytes, format) {
             (None, _) => Ok(serde_json::Value::Null),
-            (Some(b), EmbeddedFormat::Binary) => Ok(serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(b))),
+            (Some(b), EmbeddedFormat::Binary) => Ok(serde_json::Value::String(
+                base64::engine::general_purpose::STANDARD.encode(b),
+            )),
             (Some(b), EmbeddedFormat::Json) => serde_json::from_slice(&b).map_err(|_| {
-                ApiError::NotAcceptable(format!("record at offset {offset} is not JSON; fetch it with format=binary"))
+                ApiError::NotAcceptable(format!(
+                    "record at offset {offset} is not JSON; fetch it with format=binary"
+                ))
             }),
         }
     };
-    Ok(ConsumerRecord { partition, offset, timestamp: record.timestamp_ms, key: field(record.key)?, value: field(record.value)? })
+    Ok(ConsumerRecord {
+        partition,
+        offset,
+        timestamp: record.timestamp_ms,
+        key: field(record.key)?,
+        value: field(record.value)?,
+    })
 }

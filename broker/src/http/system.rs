@@ -17,7 +17,10 @@ pub struct Status {
 #[utoipa::path(tag = "system", responses((status = 200, body = Status)))]
 #[get("/health")]
 pub async fn health(state: State) -> HttpResponse {
-    HttpResponse::Ok().json(Status { status: "ok", broker_id: state.config.id })
+    HttpResponse::Ok().json(Status {
+        status: "ok",
+        broker_id: state.config.id,
+    })
 }
 
 /// Readiness: the broker can accept writes (its storage is healthy).
@@ -25,9 +28,14 @@ pub async fn health(state: State) -> HttpResponse {
 #[get("/ready")]
 pub async fn ready(state: State) -> Result<HttpResponse, ApiError> {
     if state.broker.storage.is_healthy() {
-        Ok(HttpResponse::Ok().json(Status { status: "ready", broker_id: state.config.id }))
+        Ok(HttpResponse::Ok().json(Status {
+            status: "ready",
+            broker_id: state.config.id,
+        }))
     } else {
-        Err(ApiError::Unavailable("storage failed a durable write; restart the broker".into()))
+        Err(ApiError::Unavailable(
+            "storage failed a durable write; restart the broker".into(),
+        ))
     }
 }
 
@@ -35,12 +43,16 @@ pub async fn ready(state: State) -> Result<HttpResponse, ApiError> {
 #[utoipa::path(tag = "system", responses((status = 200, content_type = "text/plain", body = String)))]
 #[get("/metrics")]
 pub async fn metrics(state: State) -> HttpResponse {
-    HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(state.broker.metrics.render())
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(state.broker.metrics.render())
 }
 
 /// This API's OpenAPI 3 document.
 #[utoipa::path(tag = "system", responses((status = 200, content_type = "application/json", body = Object)))]
 #[get("/openapi.json")]
 pub async fn openapi(state: State) -> HttpResponse {
-    HttpResponse::Ok().content_type("application/json").body(state.openapi.get().cloned().unwrap_or_default())
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(state.openapi.get().cloned().unwrap_or_default())
 }

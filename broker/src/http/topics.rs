@@ -51,7 +51,11 @@ pub fn describe_topic(topic: &TopicHandle, broker_id: u32) -> TopicInfo {
         name: topic.meta.name.clone(),
         replication_factor: topic.meta.replication_factor,
         configs: topic.meta.configs.to_kafka(),
-        partitions: topic.partitions.iter().map(|p| describe_partition(p, broker_id)).collect(),
+        partitions: topic
+            .partitions
+            .iter()
+            .map(|p| describe_partition(p, broker_id))
+            .collect(),
     }
 }
 
@@ -59,7 +63,13 @@ pub fn describe_topic(topic: &TopicHandle, broker_id: u32) -> TopicInfo {
 #[utoipa::path(tag = "topics", responses((status = 200, body = Vec<String>)))]
 #[get("/topics")]
 pub async fn list(state: State) -> HttpResponse {
-    let names: Vec<String> = state.broker.registry.list().iter().map(|t| t.meta.name.clone()).collect();
+    let names: Vec<String> = state
+        .broker
+        .registry
+        .list()
+        .iter()
+        .map(|t| t.meta.name.clone())
+        .collect();
     HttpResponse::Ok().json(names)
 }
 
@@ -77,7 +87,11 @@ pub async fn list(state: State) -> HttpResponse {
     )
 )]
 #[post("/topics")]
-pub async fn create(state: State, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+pub async fn create(
+    state: State,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
     body_format(&req, false)?;
     let body = read_body(&req, payload, state.config.request_body_bytes_max).await?;
     let request: CreateTopicRequest = parse_json(&body)?;
@@ -87,12 +101,28 @@ pub async fn create(state: State, req: HttpRequest, payload: web::Payload) -> Re
         .map(|(key, value)| match value {
             serde_json::Value::String(s) => Ok((key, s)),
             serde_json::Value::Number(n) => Ok((key, n.to_string())),
-            other => Err(ApiError::Unprocessable(format!("invalid configs.{key}: {other} is not a number or string"))),
+            other => Err(ApiError::Unprocessable(format!(
+                "invalid configs.{key}: {other} is not a number or string"
+            ))),
         })
         .collect::<Result<BTreeMap<_, _>, _>>()?;
-    let create = CreateTopic { name: request.name, partitions: request.partitions, replication_factor: request.replication_factor, configs };
-    let meta = state.broker.metadata.send(create).await.map_err(|_| ApiError::Unavailable("broker is shutting down".into()))??;
-    let handle = state.broker.registry.get(&meta.name).ok_or_else(|| ApiError::Internal("created topic is not hosted".into()))?;
+    let create = CreateTopic {
+        name: request.name,
+        partitions: request.partitions,
+        replication_factor: request.replication_factor,
+        configs,
+    };
+    let meta = state
+        .broker
+        .metadata
+        .send(create)
+        .await
+        .map_err(|_| ApiError::Unavailable("broker is shutting down".into()))??;
+    let handle = state
+        .broker
+        .registry
+        .get(&meta.name)
+        .ok_or_else(|| ApiError::Internal("created topic is not hosted".into()))?;
     Ok(HttpResponse::Created().json(describe_topic(&handle, state.config.id)))
 }
 
@@ -104,7 +134,11 @@ pub async fn create(state: State, req: HttpRequest, payload: web::Payload) -> Re
 )]
 #[get("/topics/{topic}")]
 pub async fn describe(state: State, topic: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    let handle = state.broker.registry.get(&topic).ok_or_else(|| ApiError::TopicNotFound(topic.into_inner()))?;
+    let handle = state
+        .broker
+        .registry
+        .get(&topic)
+        .ok_or_else(|| ApiError::TopicNotFound(topic.into_inner()))?;
     Ok(HttpResponse::Ok().json(describe_topic(&handle, state.config.id)))
 }
 
@@ -117,6 +151,11 @@ pub async fn describe(state: State, topic: web::Path<String>) -> Result<HttpResp
 #[delete("/topics/{topic}")]
 pub async fn delete(state: State, topic: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let name = topic.into_inner();
-    state.broker.metadata.send(DeleteTopic { name }).await.map_err(|_| ApiError::Unavailable("broker is shutting down".into()))??;
+    state
+        .broker
+        .metadata
+        .send(DeleteTopic { name })
+        .await
+        .map_err(|_| ApiError::Unavailable("broker is shutting down".into()))??;
     Ok(HttpResponse::NoContent().finish())
 }
