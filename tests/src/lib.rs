@@ -1,1 +1,365 @@
+//! Harness for PubG1's process-level tests: real `pubg1-broker` processes on 127.0.0.1, real
+//! RocksDB data dirs, real `kill -9`.
+//!
+//! - [`BrokerProcess`] starts a broker on a free port with its own data dir, waits for `/ready`
+//!   with a deadline, and kills it by PID when dropped, so a failing test never leaves one behind.
+//! - [`Client`] is a small blocking HTTP client that never treats an error status as a transport
+//!   error: tests assert on statuses and JSON bodies.
+//! - [`wait_until`] is the only way tests wait: a condition polled until a deadline.
+//! - [`workload`] holds the publish-then-verify job more than one test runs.
 
+pub mod workload;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+/// How long a broker may take from spawn to `/ready`; a cold RocksDB open is well under a second.
+pub const START_DEADLINE: Duration = Duration::from_secs(30);
+/// How long a broker may take to exit after SIGTERM.
+pub const STOP_DEADLINE: Duration = Duration::from_secs(30);
+/// Interval between checks of a [`wait_until`] condition.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Poll `check` until it returns `Some`, failing with `what` once `deadline` has passed.
+pub fn wait_until<T>(
+    deadline: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Option<T>,
+) -> Result<T> {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return Ok(value);
+        }
+        if started.elapsed() > deadline {
+            bail!("timed out after {deadline:?} waiting for {what}");
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// The `pubg1-broker` binary: `PUBG1_BROKER_BIN`, else the one cargo built beside this test.
+pub fn broker_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("PUBG1_BROKER_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    // Test executables live in target/<profile>/deps; binaries in target/<profile>.
+    let exe = std::env::current_exe().context("locating the test executable")?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| anyhow!("unexpected test path {}", exe.display()))?;
+    let binary = profile_dir.join("pubg1-broker");
+    if !binary.exists() {
+        bail!("{} is missing: build it first (cargo build --release --workspace) or set PUBG1_BROKER_BIN", binary.display());
+    }
+    Ok(binary)
+}
+
+/// A port that was free a moment ago. Another process may take it before the broker binds it,
+/// so [`BrokerProcess::start`] retries with a new port when the broker cannot bind.
+fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding port 0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// One running `pubg1-broker` process.
+#[derive(Debug)]
+pub struct BrokerProcess {
+    child: Option<Child>,
+    pub http: SocketAddr,
+    pub data_dir: PathBuf,
+    /// The broker's stderr, appended across restarts, shown when start-up fails.
+    log_path: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl BrokerProcess {
+    /// Start a broker on `data_dir` with extra `PUBG1_*` environment settings, and wait for it to
+    /// be ready.
+    pub fn start(data_dir: &Path, env: &[(&str, &str)]) -> Result<Self> {
+        let env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let log_path = data_dir.with_extension("log");
+        let mut broker = Self {
+            child: None,
+            http: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: data_dir.to_owned(),
+            log_path,
+            env,
+        };
+        broker.restart()?;
+        Ok(broker)
+    }
+
+    /// Start the (stopped) broker again on the same data dir, on a new port.
+    pub fn restart(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            bail!("broker pid {} is still running", self.pid());
+        }
+        let mut last_error = None;
+        for _attempt in 0..3 {
+            match self.spawn_once() {
+                Ok(()) => return Ok(()),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| anyhow!("broker did not start")))
+    }
+
+    fn spawn_once(&mut self) -> Result<()> {
+        let port = free_port()?;
+        self.http = SocketAddr::from(([127, 0, 0, 1], port));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)?;
+        let child = Command::new(broker_binary()?)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--http")
+            .arg(self.http.to_string())
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawning pubg1-broker")?;
+        self.child = Some(child);
+        let client = Client::new();
+        let url = self.url("/ready");
+        let ready = wait_until(START_DEADLINE, "the broker to become ready", || {
+            if let Ok(Some(status)) = self.child.as_mut().map_or(Ok(None), Child::try_wait) {
+                return Some(Err(anyhow!("broker exited during start-up with {status}")));
+            }
+            match client.get(&url) {
+                Ok(reply) if reply.status == 200 => Some(Ok(())),
+                _ => None,
+            }
+        });
+        match ready.and_then(|r| r) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.kill9();
+                let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                Err(e.context(format!(
+                    "broker log tail:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )))
+            }
+        }
+    }
+
+    /// PID of the running process (0 when stopped).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http, path)
+    }
+
+    /// SIGKILL, then reap. No flush, no goodbye: what was acknowledged must already be on disk.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // std's Child::kill sends SIGKILL on Unix.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for the process to exit on its own.
+    pub fn terminate(&mut self) -> Result<ExitStatus> {
+        let mut child = self
+            .child
+            .take()
+            .ok_or_else(|| anyhow!("broker is not running"))?;
+        let sent = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()?;
+        if !sent.success() {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("kill -TERM {} failed", child.id());
+        }
+        let status = wait_until(STOP_DEADLINE, "the broker to exit after SIGTERM", || {
+            child.try_wait().ok().flatten()
+        });
+        if status.is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        status
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A response: status, JSON body (Null when the body is empty or not JSON), raw text and headers.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+    pub text: String,
+    pub content_type: String,
+    pub retry_after: Option<String>,
+}
+
+impl Reply {
+    /// The `error_code` of an error body.
+    pub fn error_code(&self) -> Option<u64> {
+        self.body.get("error_code").and_then(Value::as_u64)
+    }
+
+    /// Assert this is a PubG1 JSON error with `status` and `error_code`, and a real message.
+    pub fn assert_error(&self, status: u16, error_code: u64, context: &str) {
+        assert_eq!(self.status, status, "{context}: status; body {}", self.text);
+        assert!(
+            self.content_type.starts_with("application/json"),
+            "{context}: content type {}",
+            self.content_type
+        );
+        assert_eq!(
+            self.error_code(),
+            Some(error_code),
+            "{context}: error_code; body {}",
+            self.text
+        );
+        let message = self
+            .body
+            .get("message")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        assert!(
+            message.len() > 5,
+            "{context}: error message should explain: {}",
+            self.text
+        );
+    }
+}
+
+/// A blocking HTTP client that returns every status as a [`Reply`].
+#[derive(Debug, Clone)]
+pub struct Client {
+    agent: ureq::Agent,
+}
+
+impl Default for Client {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Client {
+    pub fn new() -> Self {
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build();
+        Self {
+            agent: config.into(),
+        }
+    }
+
+    pub fn get(&self, url: &str) -> Result<Reply> {
+        reply(self.agent.get(url).call())
+    }
+
+    pub fn get_with_accept(&self, url: &str, accept: &str) -> Result<Reply> {
+        reply(self.agent.get(url).header("Accept", accept).call())
+    }
+
+    pub fn delete(&self, url: &str) -> Result<Reply> {
+        reply(self.agent.delete(url).call())
+    }
+
+    /// POST `body` with `content_type` (None: no Content-Type header at all).
+    pub fn post(&self, url: &str, content_type: Option<&str>, body: &[u8]) -> Result<Reply> {
+        let mut request = self.agent.post(url);
+        if let Some(content_type) = content_type {
+            request = request.header("Content-Type", content_type);
+        }
+        reply(request.send(body))
+    }
+
+    pub fn post_json(&self, url: &str, body: &Value) -> Result<Reply> {
+        self.post(url, Some("application/json"), body.to_string().as_bytes())
+    }
+}
+
+fn reply(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<Reply> {
+    let mut response = result?;
+    let status = response.status().as_u16();
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let content_type = header("content-type").unwrap_or_default();
+    let retry_after = header("retry-after");
+    let text = response
+        .body_mut()
+        .with_config()
+        .limit(256 * 1024 * 1024)
+        .read_to_string()?;
+    let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+    Ok(Reply {
+        status,
+        body,
+        text,
+        content_type,
+        retry_after,
+    })
+}
+
+/// Create a topic and assert it was created.
+pub fn create_topic(
+    client: &Client,
+    broker: &BrokerProcess,
+    name: &str,
+    partitions: u32,
+) -> Result<()> {
+    let reply = client.post_json(
+        &broker.url("/topics"),
+        &serde_json::json!({"name": name, "partitions": partitions}),
+    )?;
+    if reply.status != 201 {
+        bail!("creating topic {name}: {} {}", reply.status, reply.text);
+    }
+    Ok(())
+}
+
+/// High watermark of every partition of `topic`, from `GET /topics/{topic}`.
+pub fn high_watermarks(client: &Client, broker: &BrokerProcess, topic: &str) -> Result<Vec<u64>> {
+    let reply = client.get(&broker.url(&format!("/topics/{topic}")))?;
+    if reply.status != 200 {
+        bail!("describing {topic}: {} {}", reply.status, reply.text);
+    }
+    let partitions = reply.body["partitions"]
+        .as_array()
+        .ok_or_else(|| anyhow!("no partitions in {}", reply.text))?;
+    partitions
+        .iter()
+        .map(|p| {
+            p["high_watermark"]
+                .as_u64()
+                .ok_or_else(|| anyhow!("no high_watermark in {p}"))
+        })
+        .collect()
+}
