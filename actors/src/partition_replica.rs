@@ -416,9 +416,12 @@ impl Actor for PartitionReplica {
         let storage = self.storage.clone();
         let log = self.shared.log;
         // Writes a previous incarnation queued must land before its state is read back.
+        // The read is blocking RocksDB work, so it runs on the blocking pool, not this arbiter.
         let recover = async move {
             storage.barrier().await?;
-            storage.recover_log(log)
+            tokio::task::spawn_blocking(move || storage.recover_log(log))
+                .await
+                .unwrap_or(Err(StorageError::ShutDown))
         };
         ctx.wait(recover.into_actor(self).map(|result, act, ctx| match result {
             Ok(state) => act.recovered(state),
