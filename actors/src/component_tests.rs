@@ -195,7 +195,9 @@ async fn size_retention_deletes_old_batches_for_real() {
         ),
         "{err}"
     );
-    // Gone from RocksDB too, not just hidden.
+    // Gone from RocksDB too, not just hidden. Readers stop at the new log start before the delete
+    // is durable, so wait for the queued delete first.
+    broker.storage.barrier().await.expect("barrier");
     let start = partition.log_start_offset();
     let stored = broker
         .storage
