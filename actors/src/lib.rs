@@ -27,6 +27,7 @@ pub mod metadata;
 pub mod metrics;
 pub mod partition_replica;
 pub mod partitioner;
+pub mod raft_group;
 pub mod registry;
 pub mod storage;
 pub mod topic;
