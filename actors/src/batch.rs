@@ -120,6 +120,24 @@ pub fn encode(
     Ok(bytes)
 }
 
+/// A copy of the batch `bytes` (encoded with any base offset) that starts at `base_offset`.
+///
+/// The base offset sits before the CRC'd part of a v2 batch, so it is rewritten without touching
+/// the records or the CRC; the header is validated on the way (CRC included).
+pub fn with_base_offset(
+    bytes: &[u8],
+    base_offset: u64,
+) -> Result<(Bytes, BatchHeader), BatchError> {
+    let base =
+        i64::try_from(base_offset).map_err(|_| BatchError::OffsetOverflow { base_offset })?;
+    parse_header(bytes)?;
+    let mut out = BytesMut::from(bytes);
+    out[0..8].copy_from_slice(&base.to_be_bytes());
+    let out = out.freeze();
+    let header = parse_header(&out)?;
+    Ok((out, header))
+}
+
 /// Read and validate the fixed header of the batch at the start of `bytes`, CRC included.
 pub fn parse_header(bytes: &[u8]) -> Result<BatchHeader, BatchError> {
     if bytes.len() < HEADER_BYTES {

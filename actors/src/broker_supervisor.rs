@@ -63,6 +63,8 @@ pub struct BrokerSupervisor {
     settings: ReplicaSettings,
     registry: Registry,
     arbiters: Vec<Arbiter>,
+    /// Set at broker shutdown: crashed replicas are no longer restarted.
+    stopping: bool,
     next_arbiter: usize,
     crashes: HashMap<LogId, CrashHistory>,
 }
@@ -82,6 +84,7 @@ impl BrokerSupervisor {
             settings,
             registry,
             arbiters,
+            stopping: false,
             next_arbiter: 0,
             crashes: HashMap::new(),
         }
@@ -93,18 +96,24 @@ impl BrokerSupervisor {
         meta: &TopicMeta,
         ctx: &mut Context<Self>,
     ) {
+        if self.stopping || self.arbiters.is_empty() {
+            return;
+        }
         let arbiter = self.arbiters[self.next_arbiter % self.arbiters.len()].handle();
         self.next_arbiter += 1;
         let (storage, metrics, settings, configs) = (
             self.storage.clone(),
             self.metrics.clone(),
-            self.settings,
+            self.settings.clone(),
             meta.configs,
         );
+        let voters = meta.replicas(shared.partition, settings.broker_id);
         let supervisor = ctx.address().recipient();
         let for_actor = shared.clone();
         let addr = PartitionReplica::start_in_arbiter(&arbiter, move |_| {
-            PartitionReplica::new(for_actor, storage, metrics, configs, settings, supervisor)
+            PartitionReplica::new(
+                for_actor, storage, metrics, configs, settings, voters, supervisor,
+            )
         });
         shared.set_addr(Some(addr));
     }
@@ -124,6 +133,21 @@ impl BrokerSupervisor {
         RESTART_DELAY_INITIAL
             .saturating_mul(factor)
             .min(RESTART_DELAY_MAX)
+    }
+}
+
+/// Stop hosting for good (broker shutdown): no more restarts; returns the arbiter pool so the
+/// caller can stop and join it, dropping every partition actor before storage closes.
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<Arbiter>")]
+pub struct StopAll;
+
+impl Handler<StopAll> for BrokerSupervisor {
+    type Result = MessageResult<StopAll>;
+
+    fn handle(&mut self, _msg: StopAll, _ctx: &mut Self::Context) -> Self::Result {
+        self.stopping = true;
+        MessageResult(std::mem::take(&mut self.arbiters))
     }
 }
 
@@ -181,7 +205,7 @@ impl Handler<ReplicaStopped> for BrokerSupervisor {
     fn handle(&mut self, msg: ReplicaStopped, ctx: &mut Self::Context) {
         let shared = msg.shared;
         shared.set_addr(None);
-        if shared.is_retired() || !msg.crashed {
+        if shared.is_retired() || !msg.crashed || self.stopping {
             return;
         }
         let Some(topic) = self

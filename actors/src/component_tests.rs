@@ -22,6 +22,8 @@ fn settings(dir: &std::path::Path) -> BrokerSettings {
             brokers: 1,
         },
         partition_threads: 2,
+        broker_id: 1,
+        raft_timing: crate::raft_group::RaftTiming::default(),
     }
 }
 
@@ -135,7 +137,7 @@ async fn a_crashed_partition_restarts_from_storage_while_the_others_keep_serving
         .filter_map(|r| r.value.as_deref())
         .collect();
     assert_eq!(values, vec![&b"a"[..], b"b", b"c"]);
-    broker.shutdown();
+    broker.shutdown().await;
 }
 
 fn request(offset: u64) -> FetchRequest {
@@ -213,7 +215,7 @@ async fn size_retention_deletes_old_batches_for_real() {
         .expect("fetch");
     assert_eq!(kept.records.first().map(|r| r.offset), Some(start));
     assert_eq!(kept.high_watermark, 10);
-    broker.shutdown();
+    broker.shutdown().await;
 }
 
 #[actix_rt::test]
@@ -243,7 +245,7 @@ async fn time_retention_can_empty_a_log_and_offsets_still_continue() {
             .expect("append"),
         3
     );
-    broker.shutdown();
+    broker.shutdown().await;
 }
 
 #[actix_rt::test]
@@ -278,5 +280,5 @@ async fn a_deleted_topic_created_again_starts_empty() {
         .read_batches(old.log, 0, u64::MAX, usize::MAX)
         .expect("read")
         .is_empty());
-    broker.shutdown();
+    broker.shutdown().await;
 }

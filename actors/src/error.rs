@@ -78,6 +78,16 @@ pub enum PartitionError {
     Restarting { topic: String, partition: u32 },
     #[error("partition {partition} of topic '{topic}' was deleted")]
     Deleted { topic: String, partition: u32 },
+    /// No leader is known (an election is in progress), or leadership moved while the append
+    /// was in flight: it may or may not be committed.
+    #[error("partition {partition} of topic '{topic}' has no leader right now; retry")]
+    NoLeader { topic: String, partition: u32 },
+    #[error("partition {partition} of topic '{topic}' did not commit the append within {waited_ms} ms; it may still be committed")]
+    Timeout {
+        topic: String,
+        partition: u32,
+        waited_ms: u64,
+    },
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error(transparent)]
@@ -88,7 +98,7 @@ impl PartitionError {
     /// Whether the same request may succeed if the client retries it later.
     pub fn is_retriable(&self) -> bool {
         match self {
-            Self::Restarting { .. } => true,
+            Self::Restarting { .. } | Self::NoLeader { .. } | Self::Timeout { .. } => true,
             Self::Storage(StorageError::QueueFull { .. }) => true,
             Self::Storage(_)
             | Self::Batch(_)

@@ -31,6 +31,7 @@ pub mod raft_group;
 pub mod registry;
 pub mod storage;
 pub mod topic;
+pub mod transport;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -38,13 +39,15 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
-use crate::broker_supervisor::BrokerSupervisor;
+use crate::broker_supervisor::{BrokerSupervisor, StopAll};
 use crate::error::StorageError;
 use crate::metadata::{CatalogLimits, HostAll, Metadata};
 use crate::metrics::Metrics;
 use crate::partition_replica::ReplicaSettings;
+use crate::raft_group::RaftTiming;
 use crate::registry::Registry;
 use crate::storage::Storage;
+use crate::transport::Transport;
 
 /// What [`Broker::start`] needs; the binary builds it from its validated config.
 #[derive(Debug, Clone)]
@@ -54,6 +57,9 @@ pub struct BrokerSettings {
     pub limits: CatalogLimits,
     /// Arbiter threads the partition actors are spread over.
     pub partition_threads: usize,
+    /// This broker's id, its node id in every Raft group.
+    pub broker_id: u64,
+    pub raft_timing: RaftTiming,
 }
 
 /// A running broker's actors and shared handles.
@@ -79,6 +85,9 @@ impl Broker {
         let registry = Registry::default();
         let replica = ReplicaSettings {
             retention_check_interval: settings.retention_check_interval,
+            broker_id: settings.broker_id,
+            timing: settings.raft_timing,
+            transport: Transport::default(),
         };
         let supervisor = BrokerSupervisor::new(
             storage.clone(),
@@ -108,9 +117,16 @@ impl Broker {
         })
     }
 
-    /// Finish every queued write, flush and close RocksDB. Blocking the caller is intended:
-    /// nothing acknowledged may be left in memory when the process exits.
-    pub fn shutdown(&self) {
+    /// Stop every partition actor (joining their threads, so none is torn down while the
+    /// process exits), then finish every queued write and flush RocksDB. Nothing acknowledged is
+    /// left in memory when this returns.
+    pub async fn shutdown(&self) {
+        if let Ok(arbiters) = self.supervisor.send(StopAll).await {
+            for arbiter in arbiters {
+                arbiter.stop();
+                let _ = arbiter.join();
+            }
+        }
         self.storage.shutdown();
     }
 }

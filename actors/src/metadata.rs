@@ -156,6 +156,7 @@ impl Handler<CreateTopic> for Metadata {
             replication_factor: msg.replication_factor,
             configs,
             created_at_ms: now_ms(),
+            assignment: Vec::new(),
         });
         let encoded = rmp_serde::to_vec_named(meta.as_ref()).map(Bytes::from);
         let storage = self.storage.clone();
@@ -225,6 +226,16 @@ impl Handler<DeleteTopic> for Metadata {
                         },
                         WriteOp::DeleteRange {
                             cf: Cf::LogState,
+                            from: from.clone(),
+                            to: to.clone(),
+                        },
+                        WriteOp::DeleteRange {
+                            cf: Cf::RaftLog,
+                            from: from.clone(),
+                            to: to.clone(),
+                        },
+                        WriteOp::DeleteRange {
+                            cf: Cf::RaftState,
                             from: from.clone(),
                             to: to.clone(),
                         },

@@ -11,19 +11,22 @@
 //! storage queue to drain (a barrier) and then recovers its state from RocksDB. Offsets therefore
 //! continue after the last durable batch, with no gap and no reuse.
 
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::batch::{self, BatchHeader, NewRecord};
 use crate::error::{PartitionError, StorageError};
 use crate::metrics::Metrics;
-use crate::storage::{log_key, record_key, Cf, Durable, LogState, Storage, WriteOp};
+use crate::raft_group::{RaftGroup, RaftTiming, ReadyWork};
+use crate::storage::{log_key, record_key, Cf, LogState, Storage, WriteOp};
 use crate::topic::{LogId, TopicConfigs};
+use crate::transport::Transport;
 
 /// Messages a partition actor may hold before senders wait: bounds memory per partition.
 pub const PARTITION_MAILBOX_CAPACITY: usize = 1024;
@@ -45,6 +48,8 @@ pub struct PartitionShared {
     /// First offset still retained; only grows.
     log_start_offset: AtomicU64,
     log_size_bytes: AtomicU64,
+    /// Broker id of the partition's Raft leader as this replica last saw it; 0 = unknown.
+    leader: AtomicU64,
     /// Set when the topic is deleted; a retired partition is never restarted.
     retired: AtomicBool,
 }
@@ -59,6 +64,7 @@ impl PartitionShared {
             high_watermark: watch::Sender::new(0),
             log_start_offset: AtomicU64::new(0),
             log_size_bytes: AtomicU64::new(0),
+            leader: AtomicU64::new(0),
             retired: AtomicBool::new(false),
         }
     }
@@ -77,6 +83,11 @@ impl PartitionShared {
 
     pub fn log_size_bytes(&self) -> u64 {
         self.log_size_bytes.load(Ordering::Acquire)
+    }
+
+    /// The leader's broker id as last seen, 0 when unknown.
+    pub fn leader(&self) -> u64 {
+        self.leader.load(Ordering::Acquire)
     }
 
     pub fn is_retired(&self) -> bool {
@@ -157,9 +168,33 @@ pub struct ReplicaStopped {
 pub struct InjectPanic;
 
 /// Settings every replica of a broker shares.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ReplicaSettings {
     pub retention_check_interval: Duration,
+    /// This broker's id: its node id in every Raft group.
+    pub broker_id: u64,
+    pub timing: RaftTiming,
+    /// Sends Raft messages to the other replicas.
+    pub transport: Transport,
+}
+
+/// How long an append may wait for its entry to commit before the client is told to retry.
+const APPEND_COMMIT_WAIT: Duration = Duration::from_secs(10);
+
+/// An append waiting for its entry to be committed and applied.
+struct PendingAppend {
+    reply: oneshot::Sender<Result<Appended, PartitionError>>,
+    proposed_at: Instant,
+    bytes: u64,
+}
+
+/// Raft work in flight: at most one Ready is being persisted at a time, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drive {
+    Idle,
+    Busy,
+    /// Busy, and something new arrived meanwhile: look for a Ready again when done.
+    BusyAgain,
 }
 
 pub struct PartitionReplica {
@@ -168,15 +203,30 @@ pub struct PartitionReplica {
     metrics: Arc<Metrics>,
     configs: TopicConfigs,
     settings: ReplicaSettings,
+    /// The partition's Raft voters (broker ids); the first is the preferred leader.
+    voters: Vec<u64>,
     supervisor: Recipient<ReplicaStopped>,
-    /// The log including appends still in flight: offsets are assigned from `next_offset`.
-    /// Invariant: `state.next_offset >= shared.high_watermark`, equal when nothing is in flight.
+    /// The log as applied so far (including applies whose write is still in flight): offsets are
+    /// assigned from `next_offset` at apply, identically on every replica.
+    /// Invariant: `state.next_offset >= shared.high_watermark`.
     state: LogState,
-    /// True once `state` was loaded from storage; nothing is appended before.
-    recovered: bool,
+    /// `None` until recovered from storage; nothing is proposed or applied before.
+    raft: Option<RaftGroup>,
+    drive: Drive,
+    was_leader: bool,
+    /// Appends proposed through this replica, by proposal id.
+    pending: HashMap<u64, PendingAppend>,
+    /// Distinguishes this incarnation's proposals from any other's in entry contexts.
+    nonce: u64,
+    next_proposal: u64,
     retention_running: bool,
     crashed: bool,
 }
+
+/// Delivers a Raft message from another replica of this partition.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct RaftInbound(pub raft::prelude::Message);
 
 impl PartitionReplica {
     pub fn new(
@@ -185,17 +235,26 @@ impl PartitionReplica {
         metrics: Arc<Metrics>,
         configs: TopicConfigs,
         settings: ReplicaSettings,
+        voters: Vec<u64>,
         supervisor: Recipient<ReplicaStopped>,
     ) -> Self {
+        let nonce =
+            now_ms() as u64 ^ (u64::from(shared.partition) << 48) ^ settings.broker_id << 56;
         Self {
             shared,
             storage,
             metrics,
             configs,
             settings,
+            voters,
             supervisor,
             state: LogState::default(),
-            recovered: false,
+            raft: None,
+            drive: Drive::Idle,
+            was_leader: false,
+            pending: HashMap::new(),
+            nonce,
+            next_proposal: 0,
             retention_running: false,
             crashed: false,
         }
@@ -208,9 +267,8 @@ impl PartitionReplica {
         ]
     }
 
-    fn recovered(&mut self, state: LogState) {
+    fn recovered(&mut self, state: LogState, raft: RaftGroup, ctx: &mut Context<Self>) {
         self.state = state;
-        self.recovered = true;
         self.shared
             .log_start_offset
             .store(state.log_start_offset, Ordering::Release);
@@ -219,10 +277,21 @@ impl PartitionReplica {
             .store(state.size_bytes, Ordering::Release);
         self.publish_durable(state.next_offset);
         self.publish_log_gauges();
+        let mut raft = raft;
+        // A brand-new group elects its preferred replica at once instead of waiting for a
+        // timeout: leaders spread as the assignment spreads first replicas.
+        // A single-voter group is its own quorum: it need not wait for a timeout either.
+        let me = self.settings.broker_id;
+        let preferred = raft.is_fresh() && self.voters.first() == Some(&me);
+        if preferred || self.voters == [me] {
+            raft.campaign();
+        }
+        self.raft = Some(raft);
         tracing::debug!(topic = %self.shared.topic, partition = self.shared.partition, ?state, "partition recovered");
+        self.drive(ctx);
     }
 
-    /// The durable end of the log moved to `next_offset`: wake readers.
+    /// The applied end of the log moved to `next_offset` and is durable: wake readers.
     fn publish_durable(&self, next_offset: u64) {
         self.shared.high_watermark.send_if_modified(|hw| {
             let moved = next_offset > *hw;
@@ -252,52 +321,256 @@ impl PartitionReplica {
             .set(self.state.size_bytes as i64);
     }
 
-    /// Assign offsets, encode, queue the durable write. Nothing changes if queueing fails.
-    fn prepare_append(
-        &mut self,
-        records: &[NewRecord],
-    ) -> Result<(Durable, Appended, u64), PartitionError> {
-        if !self.recovered {
+    /// Encode the records once, with base offset 0 (the real one is set at apply), and propose.
+    fn propose(&mut self, records: &[NewRecord]) -> Result<(u64, u64), PartitionError> {
+        let no_leader = || PartitionError::NoLeader {
+            topic: self.shared.topic.to_string(),
+            partition: self.shared.partition,
+        };
+        let Some(raft) = self.raft.as_mut() else {
             return Err(self.shared.unavailable());
-        }
-        let base_offset = self.state.next_offset;
-        let bytes = batch::encode(base_offset, now_ms(), records)?;
-        let size = bytes.len() as u64;
-        let next = LogState {
-            next_offset: base_offset + records.len() as u64,
-            size_bytes: self.state.size_bytes + size,
-            ..self.state
+        };
+        let bytes = batch::encode(0, now_ms(), records)?;
+        let id = self.next_proposal;
+        let mut context = self.nonce.to_be_bytes().to_vec();
+        context.extend_from_slice(&id.to_be_bytes());
+        raft.propose(context, bytes.to_vec())
+            .map_err(|_| no_leader())?;
+        self.next_proposal += 1;
+        Ok((id, bytes.len() as u64))
+    }
+
+    /// Apply committed entries to the log: each non-empty entry is a batch whose base offset is
+    /// set here, from the applied log, so every replica assigns the same offsets. Returns the
+    /// writes (records + log state + hard state, one atomic batch) and the appends it completes.
+    fn apply(
+        &mut self,
+        entries: Vec<raft::prelude::Entry>,
+    ) -> (Vec<WriteOp>, Vec<(u64, Appended)>) {
+        let mut ops = Vec::new();
+        let mut completed = Vec::new();
+        let Some(last) = entries.last().map(|e| e.index) else {
+            return (ops, completed);
         };
         let log = self.shared.log;
-        let receiver = self.storage.submit(vec![
-            WriteOp::Put {
+        for entry in entries {
+            if entry.data.is_empty() {
+                continue; // a new leader's empty entry
+            }
+            let base_offset = self.state.next_offset;
+            let stored = match batch::with_base_offset(&entry.data, base_offset) {
+                Ok(stored) => stored,
+                Err(e) => {
+                    // Same bytes on every replica, so every replica skips it alike.
+                    tracing::error!(topic = %self.shared.topic, partition = self.shared.partition, index = entry.index, error = %e, "committed entry is not a valid batch; skipped");
+                    continue;
+                }
+            };
+            let header = stored.1;
+            ops.push(WriteOp::Put {
                 cf: Cf::Records,
                 key: record_key(log, base_offset),
-                value: bytes,
-            },
-            WriteOp::Put {
-                cf: Cf::LogState,
-                key: log_key(log),
-                value: next.encode(),
-            },
-        ])?;
-        // Offsets only grow: the invariant pair to `recover_log`'s check on the way back in.
+                value: stored.0,
+            });
+            self.state.next_offset = header.next_offset();
+            self.state.size_bytes += header.size_bytes;
+            if let Some(id) = self.own_proposal(&entry.context) {
+                completed.push((
+                    id,
+                    Appended {
+                        base_offset,
+                        record_count: header.record_count,
+                    },
+                ));
+            }
+        }
+        // Offsets and applied indexes only grow: the pair to `recover_log`'s check on restart.
         assert!(
-            next.next_offset > self.state.next_offset,
-            "offsets must grow"
+            last > self.state.applied_index,
+            "raft applied an entry twice"
         );
-        self.state = next;
+        self.state.applied_index = last;
+        ops.push(WriteOp::Put {
+            cf: Cf::LogState,
+            key: log_key(log),
+            value: self.state.encode(),
+        });
+        if let Some(raft) = &self.raft {
+            ops.push(raft.hard_state_op());
+        }
         self.shared
             .log_size_bytes
-            .store(next.size_bytes, Ordering::Release);
-        Ok((
-            receiver,
-            Appended {
-                base_offset,
-                record_count: records.len() as u32,
-            },
-            size,
-        ))
+            .store(self.state.size_bytes, Ordering::Release);
+        (ops, completed)
+    }
+
+    fn own_proposal(&self, context: &[u8]) -> Option<u64> {
+        let (nonce, id) = context.split_at_checked(8)?;
+        (nonce == self.nonce.to_be_bytes())
+            .then(|| u64::from_be_bytes(id.try_into().unwrap_or_default()))
+    }
+
+    /// Run the Ready loop if Raft has work and none is in flight.
+    fn drive(&mut self, ctx: &mut Context<Self>) {
+        if self.drive != Drive::Idle {
+            self.drive = Drive::BusyAgain;
+            return;
+        }
+        let Some(raft) = self.raft.as_mut() else {
+            return;
+        };
+        let Some(mut work) = raft.ready() else { return };
+        self.settings
+            .transport
+            .send(self.shared.log, std::mem::take(&mut work.messages));
+        if work.role_changed {
+            self.on_role_change();
+        }
+        let committed = std::mem::take(&mut work.committed);
+        let (apply_ops, completed) = self.apply(committed);
+        let mut ops = std::mem::take(&mut work.persist);
+        ops.extend(apply_ops);
+        self.drive = Drive::Busy;
+        let durable = match self.storage.submit(ops) {
+            Ok(durable) => durable,
+            Err(e) => return self.fail_stop(ctx, e),
+        };
+        ctx.spawn(
+            durable
+                .into_actor(self)
+                .map(move |result, act, ctx| match result {
+                    Ok(Ok(())) => act.on_persisted(work, completed, ctx),
+                    Ok(Err(e)) => act.fail_stop(ctx, e),
+                    Err(_) => act.fail_stop(ctx, StorageError::ShutDown),
+                }),
+        );
+    }
+
+    fn on_persisted(
+        &mut self,
+        work: ReadyWork,
+        completed: Vec<(u64, Appended)>,
+        ctx: &mut Context<Self>,
+    ) {
+        self.complete(completed);
+        let Some(raft) = self.raft.as_mut() else {
+            return;
+        };
+        let mut after = raft.persisted(work);
+        self.settings
+            .transport
+            .send(self.shared.log, std::mem::take(&mut after.messages));
+        let applied_before = self.state.applied_index;
+        let (ops, completed) = self.apply(after.committed);
+        if ops.is_empty() {
+            return self.on_applied(applied_before, ctx);
+        }
+        let durable = match self.storage.submit(ops) {
+            Ok(durable) => durable,
+            Err(e) => return self.fail_stop(ctx, e),
+        };
+        ctx.spawn(
+            durable
+                .into_actor(self)
+                .map(move |result, act, ctx| match result {
+                    Ok(Ok(())) => {
+                        act.complete(completed);
+                        let applied = act.state.applied_index;
+                        act.on_applied(applied, ctx);
+                    }
+                    Ok(Err(e)) => act.fail_stop(ctx, e),
+                    Err(_) => act.fail_stop(ctx, StorageError::ShutDown),
+                }),
+        );
+    }
+
+    fn on_applied(&mut self, applied: u64, ctx: &mut Context<Self>) {
+        if let Some(raft) = self.raft.as_mut() {
+            let compaction = raft.applied(applied);
+            if !compaction.is_empty() {
+                // Best effort: a failed compaction only leaves more log behind.
+                let _ = self.storage.submit(compaction);
+            }
+        }
+        let again = self.drive == Drive::BusyAgain;
+        self.drive = Drive::Idle;
+        if again || self.raft.as_ref().is_some_and(RaftGroup::has_ready) {
+            self.drive(ctx);
+        }
+    }
+
+    /// Appends are durable and applied: the high watermark moves and their clients get offsets.
+    fn complete(&mut self, completed: Vec<(u64, Appended)>) {
+        self.publish_durable(self.state.next_offset);
+        let topic = [self.shared.topic.as_ref()];
+        for (id, appended) in completed {
+            let Some(pending) = self.pending.remove(&id) else {
+                continue;
+            };
+            let metrics = &self.metrics;
+            metrics
+                .produce_records_total
+                .with_label_values(&topic)
+                .inc_by(u64::from(appended.record_count));
+            metrics
+                .produce_bytes_total
+                .with_label_values(&topic)
+                .inc_by(pending.bytes);
+            metrics
+                .produce_latency_seconds
+                .with_label_values(&topic)
+                .observe(pending.proposed_at.elapsed().as_secs_f64());
+            let _ = pending.reply.send(Ok(appended));
+        }
+    }
+
+    /// A leader that lost leadership fails its pending appends: they may or may not commit.
+    fn on_role_change(&mut self) {
+        let Some(raft) = &self.raft else { return };
+        let leader = raft.is_leader();
+        tracing::info!(topic = %self.shared.topic, partition = self.shared.partition, term = raft.term(), leader = raft.leader_id(), "partition leadership changed");
+        if self.was_leader && !leader {
+            let error = PartitionError::NoLeader {
+                topic: self.shared.topic.to_string(),
+                partition: self.shared.partition,
+            };
+            for (_, pending) in self.pending.drain() {
+                let _ = pending.reply.send(Err(error.clone()));
+            }
+        }
+        self.was_leader = leader;
+        self.shared
+            .leader
+            .store(raft.leader_id(), Ordering::Release);
+    }
+
+    fn expire_pending(&mut self) {
+        let expired: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.proposed_at.elapsed() > APPEND_COMMIT_WAIT)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(pending) = self.pending.remove(&id) {
+                let _ = pending.reply.send(Err(PartitionError::Timeout {
+                    topic: self.shared.topic.to_string(),
+                    partition: self.shared.partition,
+                    waited_ms: APPEND_COMMIT_WAIT.as_millis() as u64,
+                }));
+            }
+        }
+    }
+
+    /// A durable write failed: storage is failed closed, so stop; the supervisor restarts us and
+    /// recovery reports the failure for as long as it lasts.
+    fn fail_stop(&mut self, ctx: &mut Context<Self>, error: StorageError) {
+        tracing::error!(topic = %self.shared.topic, partition = self.shared.partition, error = %error, "partition write failed");
+        for (_, pending) in self.pending.drain() {
+            let _ = pending.reply.send(Err(error.clone().into()));
+        }
+        self.crashed = true;
+        ctx.stop();
     }
 
     /// A handler panicked: stop this incarnation so the supervisor starts a fresh one.
@@ -323,7 +596,7 @@ impl PartitionReplica {
     fn check_retention(&mut self, ctx: &mut Context<Self>) {
         let configs = self.configs;
         if self.retention_running
-            || !self.recovered
+            || self.raft.is_none()
             || (configs.retention_ms.is_none() && configs.retention_bytes.is_none())
         {
             return;
@@ -415,24 +688,49 @@ impl Actor for PartitionReplica {
         ctx.set_mailbox_capacity(PARTITION_MAILBOX_CAPACITY);
         let storage = self.storage.clone();
         let log = self.shared.log;
-        // Writes a previous incarnation queued must land before its state is read back.
-        // The read is blocking RocksDB work, so it runs on the blocking pool, not this arbiter.
+        let (id, voters, timing) = (
+            self.settings.broker_id,
+            self.voters.clone(),
+            self.settings.timing,
+        );
+        // Writes a previous incarnation queued must land before its state is read back; the
+        // reads are blocking RocksDB work, so they run on the blocking pool, not this arbiter.
         let recover = async move {
             storage.barrier().await?;
-            tokio::task::spawn_blocking(move || storage.recover_log(log))
-                .await
-                .unwrap_or(Err(StorageError::ShutDown))
+            tokio::task::spawn_blocking(move || {
+                let state = storage.recover_log(log)?;
+                let persisted = storage.load_raft(log)?;
+                let raft =
+                    RaftGroup::restore(log, id, &voters, persisted, state.applied_index, timing)
+                        .map_err(|e| StorageError::Corrupt {
+                            what: format!("raft group {}/{}", log.topic_id, log.partition),
+                            message: e.to_string(),
+                        })?;
+                Ok::<_, StorageError>((state, raft))
+            })
+            .await
+            .unwrap_or(Err(StorageError::ShutDown))
         };
         ctx.wait(recover.into_actor(self).map(|result, act, ctx| match result {
-            Ok(state) => act.recovered(state),
+            Ok((state, raft)) => act.recovered(state, raft, ctx),
             Err(e) => {
                 tracing::error!(topic = %act.shared.topic, partition = act.shared.partition, error = %e, "partition recovery failed");
                 act.crashed = true;
                 ctx.stop();
             }
         }));
+        ctx.run_interval(
+            Duration::from_millis(self.settings.timing.tick_ms),
+            |act, ctx| {
+                if let Some(raft) = act.raft.as_mut() {
+                    raft.tick();
+                    act.drive(ctx);
+                }
+            },
+        );
         ctx.run_interval(self.settings.retention_check_interval, |act, ctx| {
-            act.check_retention(ctx)
+            act.check_retention(ctx);
+            act.expire_pending();
         });
     }
 
@@ -445,45 +743,40 @@ impl Actor for PartitionReplica {
 }
 
 impl Handler<Append> for PartitionReplica {
-    type Result = ResponseActFuture<Self, Result<Appended, PartitionError>>;
+    type Result = ResponseFuture<Result<Appended, PartitionError>>;
 
     fn handle(&mut self, msg: Append, ctx: &mut Self::Context) -> Self::Result {
-        let started = Instant::now();
-        let prepared = match catch_unwind(AssertUnwindSafe(|| self.prepare_append(&msg.records))) {
-            Ok(prepared) => prepared,
+        let proposed = match catch_unwind(AssertUnwindSafe(|| self.propose(&msg.records))) {
+            Ok(proposed) => proposed,
             Err(panic) => Err(self.crash(ctx, panic)),
         };
-        let (durable, appended, bytes) = match prepared {
-            Ok(prepared) => prepared,
-            Err(e) => return Box::pin(actix::fut::ready(Err(e))),
+        let (id, bytes) = match proposed {
+            Ok(proposed) => proposed,
+            Err(e) => return Box::pin(async move { Err(e) }),
         };
-        Box::pin(
-            durable
-                .into_actor(self)
-                .map(move |result, act, _ctx| match result {
-                    Ok(Ok(())) => {
-                        act.publish_durable(
-                            appended.base_offset + u64::from(appended.record_count),
-                        );
-                        let topic = [act.shared.topic.as_ref()];
-                        act.metrics
-                            .produce_records_total
-                            .with_label_values(&topic)
-                            .inc_by(u64::from(appended.record_count));
-                        act.metrics
-                            .produce_bytes_total
-                            .with_label_values(&topic)
-                            .inc_by(bytes);
-                        act.metrics
-                            .produce_latency_seconds
-                            .with_label_values(&topic)
-                            .observe(started.elapsed().as_secs_f64());
-                        Ok(appended)
-                    }
-                    Ok(Err(e)) => Err(e.into()),
-                    Err(_) => Err(StorageError::ShutDown.into()),
-                }),
-        )
+        let (reply, receiver) = oneshot::channel();
+        self.pending.insert(
+            id,
+            PendingAppend {
+                reply,
+                proposed_at: Instant::now(),
+                bytes,
+            },
+        );
+        self.drive(ctx);
+        let gone = self.shared.unavailable();
+        Box::pin(async move { receiver.await.unwrap_or(Err(gone)) })
+    }
+}
+
+impl Handler<RaftInbound> for PartitionReplica {
+    type Result = ();
+
+    fn handle(&mut self, msg: RaftInbound, ctx: &mut Self::Context) {
+        if let Some(raft) = self.raft.as_mut() {
+            raft.step(msg.0);
+            self.drive(ctx);
+        }
     }
 }
 
@@ -600,6 +893,7 @@ mod tests {
             log_start_offset: batches[0].base_offset,
             next_offset: durable_end,
             size_bytes: size,
+            applied_index: 0,
         };
         let mut planner = RetentionPlanner::new(state, durable_end, configs, now);
         for b in batches {

@@ -8,8 +8,9 @@
 //! Ready order (raft-rs's documented order, as in its `five_mem_node` example):
 //! 1. [`RaftGroup::ready`]: send the leader's `messages` now; persist `entries` + hard state
 //!    (the returned ops, written by the caller with sync); apply `committed_entries`.
-//! 2. After the ops are durable, [`RaftGroup::persisted`]: send `persisted_messages`, `advance`,
-//!    then the light ready's messages and committed entries.
+//! 2. After the ops are durable, [`RaftGroup::persisted`]: send `persisted_messages` and tell the
+//!    node (`on_persist_ready`). raft-rs's async-ready API (`advance_append_async`) is used so that
+//!    proposals arriving while a Ready is being fsync'd are accepted, not a protocol violation.
 //! 3. After applying, [`RaftGroup::applied`] (`advance_apply_to`) and compaction of the in-memory log.
 //!
 //! raft-rs's `MemStorage` is the `raft::Storage` the node reads; it mirrors what is durable in the
@@ -72,7 +73,9 @@ pub struct ReadyWork {
     pub committed: Vec<Entry>,
     /// Role or leader changed.
     pub role_changed: bool,
-    ready: raft::Ready,
+    /// Sent only once this Ready's writes are durable (votes, append acknowledgements).
+    persisted_messages: Vec<Message>,
+    number: u64,
 }
 
 /// After a Ready's writes are durable.
@@ -272,27 +275,27 @@ impl RaftGroup {
         if ready.hs().is_some() || !persist.is_empty() {
             persist.push(self.hard_state_op());
         }
+        let persisted_messages = ready.take_persisted_messages();
+        let number = ready.number();
+        // Async persistence: the node may take new proposals while this Ready is written; it
+        // counts the entries as persisted only at `on_persist_ready`.
+        self.node.advance_append_async(ready);
         Some(ReadyWork {
             messages,
             persist,
             committed,
             role_changed,
-            ready,
+            persisted_messages,
+            number,
         })
     }
 
-    /// Step 2: the work's writes are durable.
+    /// Step 2: the work's writes are durable. What that commits comes out of the next Ready.
     pub fn persisted(&mut self, work: ReadyWork) -> Persisted {
-        let mut ready = work.ready;
-        let mut messages = ready.take_persisted_messages();
-        let mut light = self.node.advance(ready);
-        if let Some(commit) = light.commit_index() {
-            self.node.mut_store().wl().mut_hard_state().set_commit(commit);
-        }
-        messages.extend(light.take_messages());
+        self.node.on_persist_ready(work.number);
         Persisted {
-            messages,
-            committed: light.take_committed_entries(),
+            messages: work.persisted_messages,
+            committed: Vec::new(),
         }
     }
 
@@ -456,7 +459,10 @@ mod tests {
                 groups[to].step(m);
             }
         }
-        let leader = groups.iter().position(RaftGroup::is_leader).expect("a new leader");
+        let leader = groups
+            .iter()
+            .position(RaftGroup::is_leader)
+            .expect("a new leader");
         assert_eq!(groups[leader].propose(vec![], b"kept".to_vec()), Ok(()));
         let mut all = vec![isolated];
         all.append(&mut groups);

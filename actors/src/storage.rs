@@ -33,6 +33,7 @@ use tokio::sync::oneshot;
 use crate::batch::{self, BatchHeader};
 use crate::error::StorageError;
 use crate::metrics::Metrics;
+use crate::raft_group::{self, compacted_key, hard_state_key, raft_entry_key, PersistedRaft};
 use crate::topic::{LogId, TopicMeta};
 
 /// Writes waiting for the writer thread before submitters get [`StorageError::QueueFull`]:
@@ -119,16 +120,20 @@ pub struct LogState {
     pub next_offset: u64,
     /// Bytes of record batches between `log_start_offset` and `next_offset`.
     pub size_bytes: u64,
+    /// Index of the last Raft entry applied to this log; replay after a restart starts above it,
+    /// so no entry is applied twice.
+    pub applied_index: u64,
 }
 
 impl LogState {
-    const ENCODED_BYTES: usize = 24;
+    const ENCODED_BYTES: usize = 32;
 
     pub fn encode(&self) -> Bytes {
         let mut out = Vec::with_capacity(Self::ENCODED_BYTES);
         out.extend_from_slice(&self.log_start_offset.to_be_bytes());
         out.extend_from_slice(&self.next_offset.to_be_bytes());
         out.extend_from_slice(&self.size_bytes.to_be_bytes());
+        out.extend_from_slice(&self.applied_index.to_be_bytes());
         Bytes::from(out)
     }
 
@@ -145,6 +150,7 @@ impl LogState {
             log_start_offset: word(0),
             next_offset: word(1),
             size_bytes: word(2),
+            applied_index: word(3),
         })
     }
 }
@@ -307,6 +313,9 @@ impl Storage {
             if let Err(e) = self.inner.db.flush() {
                 tracing::warn!(error = %e, "flushing RocksDB at shutdown");
             }
+            // Stop compactions and flushes before the process exits: RocksDB's background
+            // threads outliving its static state at exit crash the process (seen as SIGSEGV).
+            self.inner.db.cancel_all_background_work(true);
         }
     }
 
@@ -440,6 +449,41 @@ impl Storage {
             .db
             .compact_range_cf(self.cf(Cf::Records)?, Some(from), Some(to));
         Ok(())
+    }
+
+    /// What `raft_log` and `raft_state` hold for `group`. Blocking; used when a group starts.
+    pub fn load_raft(&self, group: LogId) -> Result<PersistedRaft, StorageError> {
+        let state_cf = self.cf(Cf::RaftState)?;
+        let get = |key: Vec<u8>| {
+            self.inner
+                .db
+                .get_cf(state_cf, key)
+                .map_err(|e| StorageError::rocks("get", e))
+        };
+        let mut persisted = PersistedRaft::default();
+        if let Some(bytes) = get(hard_state_key(group))? {
+            persisted.hard_state = raft_group::decode(&bytes, "raft hard state")?;
+        }
+        if let Some(bytes) = get(compacted_key(group))? {
+            persisted.compacted = raft_group::decode_compacted(&bytes)?;
+        }
+        let prefix = log_key(group);
+        let start = raft_entry_key(group, 0);
+        let log_cf = self.cf(Cf::RaftLog)?;
+        for item in self
+            .inner
+            .db
+            .iterator_cf(log_cf, IteratorMode::From(&start, Direction::Forward))
+        {
+            let (key, value) = item.map_err(|e| StorageError::rocks("iterate", e))?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            persisted
+                .entries
+                .push(raft_group::decode(&value, "raft entry")?);
+        }
+        Ok(persisted)
     }
 
     /// Every topic in the catalog and the next free topic id. Blocking; used at start-up.
@@ -719,6 +763,7 @@ mod tests {
             log_start_offset: 0,
             next_offset: 5,
             size_bytes: bytes.len() as u64,
+            applied_index: 1,
         };
         storage
             .write(vec![

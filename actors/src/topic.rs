@@ -33,9 +33,21 @@ pub struct TopicMeta {
     pub replication_factor: u16,
     pub configs: TopicConfigs,
     pub created_at_ms: i64,
+    /// Replica broker ids per partition (index = partition); the first is the preferred leader.
+    #[serde(default)]
+    pub assignment: Vec<Vec<u64>>,
 }
 
 impl TopicMeta {
+    /// The Raft voters of `partition`; a topic without an assignment lives on `local` alone.
+    pub fn replicas(&self, partition: u32, local: u64) -> Vec<u64> {
+        self.assignment
+            .get(partition as usize)
+            .filter(|r| !r.is_empty())
+            .cloned()
+            .unwrap_or_else(|| vec![local])
+    }
+
     pub fn log_id(&self, partition: u32) -> LogId {
         LogId {
             topic_id: self.topic_id,

@@ -15,6 +15,7 @@ use actix_web::HttpServer;
 use anyhow::Context;
 use clap::Parser;
 use pubg1_actors::metadata::CatalogLimits;
+use pubg1_actors::raft_group::RaftTiming;
 use pubg1_actors::{Broker, BrokerSettings};
 use serde::Serialize;
 
@@ -89,6 +90,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
             brokers: 1,
         },
         partition_threads: config.partition_threads(),
+        broker_id: u64::from(config.id),
+        raft_timing: RaftTiming::default(),
     };
     let broker = Broker::start(settings)
         .await
@@ -104,7 +107,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // actix-web handles SIGTERM/SIGINT: stop accepting, finish in-flight requests, then return.
     server.run().await.context("HTTP server")?;
     tracing::info!("HTTP stopped; draining writes and closing storage");
-    broker.shutdown();
+    broker.shutdown().await;
     tracing::info!("shutdown complete");
     Ok(())
 }

@@ -102,7 +102,9 @@ impl From<PartitionError> for ApiError {
             PartitionError::OffsetOutOfRange { .. } => {
                 ApiError::OffsetOutOfRange(error.to_string())
             }
-            PartitionError::Restarting { .. } => ApiError::Unavailable(error.to_string()),
+            PartitionError::Restarting { .. }
+            | PartitionError::NoLeader { .. }
+            | PartitionError::Timeout { .. } => ApiError::Unavailable(error.to_string()),
             PartitionError::Deleted { topic, .. } => ApiError::TopicNotFound(topic.clone()),
             PartitionError::Storage(storage) => storage_error(storage),
             PartitionError::Batch(_) => ApiError::Internal(error.to_string()),
