@@ -107,7 +107,7 @@ impl BrokerSupervisor {
             self.settings.clone(),
             meta.configs,
         );
-        let voters = meta.replicas(shared.partition, settings.broker_id);
+        let voters = shared.replicas.clone();
         let supervisor = ctx.address().recipient();
         let for_actor = shared.clone();
         let addr = PartitionReplica::start_in_arbiter(&arbiter, move |_| {
@@ -166,10 +166,21 @@ impl Handler<HostTopic> for BrokerSupervisor {
 
     fn handle(&mut self, msg: HostTopic, ctx: &mut Self::Context) {
         let name: Arc<str> = Arc::from(msg.meta.name.as_str());
+        let me = self.settings.broker_id;
         let partitions: Vec<Arc<PartitionShared>> = (0..msg.meta.partitions)
-            .map(|p| Arc::new(PartitionShared::new(name.clone(), p, msg.meta.log_id(p))))
+            .map(|p| {
+                let replicas = msg.meta.replicas(p, me);
+                let hosted = replicas.contains(&me);
+                Arc::new(PartitionShared::new(
+                    name.clone(),
+                    p,
+                    msg.meta.log_id(p),
+                    replicas,
+                    hosted,
+                ))
+            })
             .collect();
-        for shared in &partitions {
+        for shared in partitions.iter().filter(|p| p.hosted) {
             self.start_replica(shared.clone(), &msg.meta, ctx);
         }
         self.registry

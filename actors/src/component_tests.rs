@@ -19,11 +19,13 @@ fn settings(dir: &std::path::Path) -> BrokerSettings {
         limits: CatalogLimits {
             topics_max: 10,
             partitions_per_topic_max: 8,
-            brokers: 1,
         },
         partition_threads: 2,
         broker_id: 1,
         raft_timing: crate::raft_group::RaftTiming::default(),
+        peer_listen: None,
+        seeds: Vec::new(),
+        http_advertised: "127.0.0.1:0".into(),
     }
 }
 

@@ -80,6 +80,13 @@ pub enum PartitionError {
     Deleted { topic: String, partition: u32 },
     /// No leader is known (an election is in progress), or leadership moved while the append
     /// was in flight: it may or may not be committed.
+    /// This broker holds no replica of the partition; the replicas are on `replicas`.
+    #[error("partition {partition} of topic '{topic}' is not replicated on this broker; its replicas are on brokers {replicas:?}")]
+    NotReplica {
+        topic: String,
+        partition: u32,
+        replicas: Vec<u64>,
+    },
     #[error("partition {partition} of topic '{topic}' has no leader right now; retry")]
     NoLeader { topic: String, partition: u32 },
     #[error("partition {partition} of topic '{topic}' did not commit the append within {waited_ms} ms; it may still be committed")]
@@ -103,7 +110,8 @@ impl PartitionError {
             Self::Storage(_)
             | Self::Batch(_)
             | Self::OffsetOutOfRange { .. }
-            | Self::Deleted { .. } => false,
+            | Self::Deleted { .. }
+            | Self::NotReplica { .. } => false,
         }
     }
 }
@@ -125,4 +133,7 @@ pub enum TopicError {
     Storage(#[from] StorageError),
     #[error("broker is shutting down")]
     ShuttingDown,
+    /// The metadata group has no leader (an election, or too few brokers up): retry.
+    #[error("the cluster's metadata group has no leader right now; retry")]
+    NoLeader,
 }

@@ -27,6 +27,7 @@ pub mod metadata;
 pub mod metrics;
 pub mod partition_replica;
 pub mod partitioner;
+pub mod peer_link;
 pub mod raft_group;
 pub mod registry;
 pub mod storage;
@@ -44,10 +45,11 @@ use crate::error::StorageError;
 use crate::metadata::{CatalogLimits, HostAll, Metadata};
 use crate::metrics::Metrics;
 use crate::partition_replica::ReplicaSettings;
+use crate::peer_link::PeerLink;
 use crate::raft_group::RaftTiming;
 use crate::registry::Registry;
 use crate::storage::Storage;
-use crate::transport::Transport;
+use crate::transport::{Cluster, Transport};
 
 /// What [`Broker::start`] needs; the binary builds it from its validated config.
 #[derive(Debug, Clone)]
@@ -60,6 +62,12 @@ pub struct BrokerSettings {
     /// This broker's id, its node id in every Raft group.
     pub broker_id: u64,
     pub raft_timing: RaftTiming,
+    /// Where this broker listens for peer (Raft) connections; None for a lone broker.
+    pub peer_listen: Option<std::net::SocketAddr>,
+    /// Every broker of the cluster with its peer address, this one included; empty = alone.
+    pub seeds: Vec<(u64, std::net::SocketAddr)>,
+    /// This broker's HTTP address as other brokers should advertise it to clients.
+    pub http_advertised: String,
 }
 
 /// A running broker's actors and shared handles.
@@ -70,6 +78,7 @@ pub struct Broker {
     pub registry: Registry,
     pub metadata: Addr<Metadata>,
     pub supervisor: Addr<BrokerSupervisor>,
+    pub cluster: Cluster,
 }
 
 impl Broker {
@@ -83,11 +92,28 @@ impl Broker {
         let storage = Storage::open(&settings.data_dir, metrics.clone())?;
         let catalog = storage.load_catalog()?;
         let registry = Registry::default();
+        let me = settings.broker_id;
+        let mut brokers: Vec<u64> = settings.seeds.iter().map(|(id, _)| *id).collect();
+        brokers.push(me);
+        let cluster = Cluster::new(me, brokers, settings.http_advertised.clone());
+        let transport = Transport::default();
+        for (id, address) in settings.seeds.iter().filter(|(id, _)| *id != me) {
+            let queue = transport.register(*id);
+            PeerLink::new(*id, *address, cluster.clone(), metrics.clone(), queue).start();
+        }
+        if let Some(address) = settings.peer_listen {
+            peer_link::listen(address, registry.clone(), cluster.clone())
+                .await
+                .map_err(|e| StorageError::Open {
+                    path: format!("peer listener {address}"),
+                    message: e.to_string(),
+                })?;
+        }
         let replica = ReplicaSettings {
             retention_check_interval: settings.retention_check_interval,
-            broker_id: settings.broker_id,
+            broker_id: me,
             timing: settings.raft_timing,
-            transport: Transport::default(),
+            transport: transport.clone(),
         };
         let supervisor = BrokerSupervisor::new(
             storage.clone(),
@@ -100,7 +126,12 @@ impl Broker {
         let metadata = Metadata::new(
             storage.clone(),
             supervisor.clone(),
+            registry.clone(),
+            cluster.clone(),
+            transport,
+            metrics.clone(),
             settings.limits,
+            settings.raft_timing,
             catalog,
         )
         .start();
@@ -114,6 +145,7 @@ impl Broker {
             registry,
             metadata,
             supervisor,
+            cluster,
         })
     }
 

@@ -1,29 +1,45 @@
-//! `Metadata`: the owner of the topic catalog (create, delete, and what exists after a restart).
+//! `Metadata`: the topic catalog, replicated by Raft group 0 over every broker of the cluster.
 //!
-//! Admin changes are validated here, made durable in the `metadata` column family, and only then
-//! handed to the [`BrokerSupervisor`] to host or retire partitions. Handlers are atomic (one admin
-//! change at a time), so two creates of one name cannot both succeed. In a cluster this catalog
-//! becomes the state machine of the metadata Raft group; its messages stay the same.
+//! An admin request (create, delete) is validated against the local catalog, then proposed to the
+//! metadata group; any broker may propose (raft-rs forwards a follower's proposal to the leader).
+//! Every broker applies the committed commands in the same order to the same state, so topic ids,
+//! replica assignments and the catalog are identical everywhere. Applying is one atomic RocksDB
+//! write (catalog change + applied index + hard state); then the [`BrokerSupervisor`] hosts or
+//! retires this broker's replicas, and the proposing broker answers its client.
+//!
+//! Validation happens twice on purpose: at proposal, for a fast clear error, and at apply, where
+//! it is authoritative (two brokers may propose the same name; the second to commit fails).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 
 use crate::broker_supervisor::{BrokerSupervisor, HostTopic, RetireTopic};
-use crate::error::TopicError;
+use crate::error::{StorageError, TopicError};
+use crate::metrics::Metrics;
 use crate::partition_replica::now_ms;
-use crate::storage::{topic_key_range, topic_meta_key, Cf, Storage, WriteOp, NEXT_TOPIC_ID_KEY};
+use crate::raft_group::{RaftGroup, RaftTiming, ReadyWork};
+use crate::registry::Registry;
+use crate::storage::{
+    topic_key_range, topic_meta_key, Catalog, Cf, Storage, WriteOp, METADATA_APPLIED_KEY,
+    NEXT_TOPIC_ID_KEY,
+};
 use crate::topic::{validate_name, TopicConfigs, TopicMeta};
+use crate::transport::{Cluster, RaftInbound, Transport, METADATA_GROUP};
 
-/// Bounds on what one broker's catalog may hold.
+/// How long an admin request waits for its command to commit before the client is told to retry.
+const COMMIT_WAIT: Duration = Duration::from_secs(10);
+
+/// Bounds on what the catalog may hold.
 #[derive(Debug, Clone, Copy)]
 pub struct CatalogLimits {
     pub topics_max: usize,
     pub partitions_per_topic_max: u32,
-    /// Brokers a replica can be placed on; a larger replication factor is refused.
-    pub brokers: u16,
 }
 
 /// Create a topic.
@@ -55,33 +71,100 @@ impl Message for DeleteTopic {
 #[rtype(result = "()")]
 pub struct HostAll;
 
+/// A committed catalog change: the metadata group's log entries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum Command {
+    CreateTopic {
+        name: String,
+        partitions: u32,
+        replication_factor: u16,
+        configs: TopicConfigs,
+        assignment: Vec<Vec<u64>>,
+        created_at_ms: i64,
+    },
+    DeleteTopic {
+        name: String,
+    },
+}
+
+/// The outcome of applying a command, sent to the proposer's client.
+#[derive(Debug, Clone)]
+enum Outcome {
+    Created(Arc<TopicMeta>),
+    Deleted,
+}
+
+type Reply = oneshot::Sender<Result<Outcome, TopicError>>;
+
+/// One applied command: whose proposal it was (if ours), its outcome, and what follows.
+type Applied = (Option<u64>, Result<Outcome, TopicError>, Effect);
+
+/// What to do once an applied batch is durable.
+enum Effect {
+    Host(Arc<TopicMeta>),
+    Retire(String),
+    Nothing,
+}
+
 pub struct Metadata {
     storage: Storage,
     supervisor: Addr<BrokerSupervisor>,
+    registry: Registry,
+    cluster: Cluster,
+    transport: Transport,
+    metrics: Arc<Metrics>,
     limits: CatalogLimits,
+    timing: RaftTiming,
+    /// The applied catalog (including applies whose write is in flight).
     topics: BTreeMap<String, Arc<TopicMeta>>,
-    /// The id the next topic gets; persisted with each create so ids are never reused.
+    /// The id the next created topic gets; ids are never reused (ids start at 1, 0 = metadata).
     next_topic_id: u32,
+    applied_index: u64,
+    raft: Option<RaftGroup>,
+    /// True while a Ready is being persisted; `again` asks for another pass after it.
+    busy: bool,
+    again: bool,
+    pending: HashMap<u64, (Reply, std::time::Instant)>,
+    nonce: u64,
+    next_proposal: u64,
 }
 
 impl Metadata {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         storage: Storage,
         supervisor: Addr<BrokerSupervisor>,
+        registry: Registry,
+        cluster: Cluster,
+        transport: Transport,
+        metrics: Arc<Metrics>,
         limits: CatalogLimits,
-        catalog: (Vec<TopicMeta>, u32),
+        timing: RaftTiming,
+        catalog: Catalog,
     ) -> Self {
-        let (topics, next_topic_id) = catalog;
-        let topics = topics
+        let topics = catalog
+            .topics
             .into_iter()
             .map(|t| (t.name.clone(), Arc::new(t)))
             .collect();
         Self {
             storage,
             supervisor,
+            registry,
+            nonce: now_ms() as u64 ^ (cluster.self_id << 56),
+            cluster,
+            transport,
+            metrics,
             limits,
+            timing,
             topics,
-            next_topic_id,
+            next_topic_id: catalog.next_topic_id.max(1),
+            applied_index: catalog.applied_index,
+            raft: None,
+            busy: false,
+            again: false,
+            pending: HashMap::new(),
+            next_proposal: 0,
         }
     }
 
@@ -104,27 +187,339 @@ impl Metadata {
                 ),
             });
         }
-        if msg.replication_factor == 0 || msg.replication_factor > self.limits.brokers {
+        let brokers = self.cluster.brokers.len();
+        if msg.replication_factor == 0 || usize::from(msg.replication_factor) > brokers {
             return Err(TopicError::InvalidArgument {
                 field: "replication_factor".into(),
                 reason: format!(
-                    "{} is not between 1 and the {} broker(s) in this cluster",
-                    msg.replication_factor, self.limits.brokers
+                    "{} is not between 1 and the {brokers} broker(s) in this cluster",
+                    msg.replication_factor
                 ),
-            });
-        }
-        if self.next_topic_id == u32::MAX {
-            return Err(TopicError::InvalidArgument {
-                field: "name".into(),
-                reason: "topic ids are exhausted".into(),
             });
         }
         TopicConfigs::from_kafka(&msg.configs)
     }
+
+    /// Replicas of each partition: consecutive brokers starting one further per partition, so
+    /// preferred leaders (first replicas) spread evenly; the start rotates per topic.
+    fn assign(&self, partitions: u32, replication_factor: u16) -> Vec<Vec<u64>> {
+        let brokers = &self.cluster.brokers;
+        let start = self.topics.len() + self.next_topic_id as usize;
+        (0..partitions as usize)
+            .map(|p| {
+                (0..usize::from(replication_factor))
+                    .map(|k| brokers[(start + p + k) % brokers.len()])
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn propose(
+        &mut self,
+        command: &Command,
+        ctx: &mut Context<Self>,
+    ) -> oneshot::Receiver<Result<Outcome, TopicError>> {
+        let (reply, receiver) = oneshot::channel();
+        let data = match rmp_serde::to_vec_named(command) {
+            Ok(data) => data,
+            Err(e) => {
+                let _ = reply.send(Err(TopicError::Storage(StorageError::Corrupt {
+                    what: "metadata command".into(),
+                    message: e.to_string(),
+                })));
+                return receiver;
+            }
+        };
+        let Some(raft) = self.raft.as_mut() else {
+            let _ = reply.send(Err(TopicError::NoLeader));
+            return receiver;
+        };
+        let id = self.next_proposal;
+        let mut context = self.nonce.to_be_bytes().to_vec();
+        context.extend_from_slice(&id.to_be_bytes());
+        if raft.propose(context, data).is_err() {
+            let _ = reply.send(Err(TopicError::NoLeader));
+            return receiver;
+        }
+        self.next_proposal += 1;
+        self.pending.insert(id, (reply, std::time::Instant::now()));
+        self.drive(ctx);
+        receiver
+    }
+
+    /// Apply committed commands: the same state change on every broker.
+    fn apply(&mut self, entries: Vec<raft::prelude::Entry>) -> (Vec<WriteOp>, Vec<Applied>) {
+        let mut ops = Vec::new();
+        let mut results = Vec::new();
+        let Some(last) = entries.last().map(|e| e.index) else {
+            return (ops, results);
+        };
+        for entry in entries {
+            if entry.data.is_empty() {
+                continue;
+            }
+            let own = own_proposal(self.nonce, &entry.context);
+            let command: Command = match rmp_serde::from_slice(&entry.data) {
+                Ok(command) => command,
+                Err(e) => {
+                    tracing::error!(index = entry.index, error = %e, "undecodable metadata command; skipped");
+                    continue;
+                }
+            };
+            let (result, effect) = self.apply_one(command, &mut ops);
+            results.push((own, result, effect));
+        }
+        self.applied_index = last;
+        ops.push(WriteOp::Put {
+            cf: Cf::Metadata,
+            key: METADATA_APPLIED_KEY.to_vec(),
+            value: Bytes::copy_from_slice(&last.to_be_bytes()),
+        });
+        if let Some(raft) = &self.raft {
+            ops.push(raft.hard_state_op());
+        }
+        (ops, results)
+    }
+
+    fn apply_one(
+        &mut self,
+        command: Command,
+        ops: &mut Vec<WriteOp>,
+    ) -> (Result<Outcome, TopicError>, Effect) {
+        match command {
+            Command::CreateTopic {
+                name,
+                partitions,
+                replication_factor,
+                configs,
+                assignment,
+                created_at_ms,
+            } => {
+                if self.topics.contains_key(&name) {
+                    return (Err(TopicError::AlreadyExists(name)), Effect::Nothing);
+                }
+                let meta = Arc::new(TopicMeta {
+                    name,
+                    topic_id: self.next_topic_id,
+                    partitions,
+                    replication_factor,
+                    configs,
+                    created_at_ms,
+                    assignment,
+                });
+                self.next_topic_id += 1;
+                let Ok(encoded) = rmp_serde::to_vec_named(meta.as_ref()) else {
+                    return (Err(TopicError::ShuttingDown), Effect::Nothing);
+                };
+                ops.push(WriteOp::Put {
+                    cf: Cf::Metadata,
+                    key: topic_meta_key(&meta.name),
+                    value: Bytes::from(encoded),
+                });
+                ops.push(WriteOp::Put {
+                    cf: Cf::Metadata,
+                    key: NEXT_TOPIC_ID_KEY.to_vec(),
+                    value: Bytes::copy_from_slice(&self.next_topic_id.to_be_bytes()),
+                });
+                self.topics.insert(meta.name.clone(), meta.clone());
+                tracing::info!(topic = %meta.name, partitions = meta.partitions, topic_id = meta.topic_id, "topic created");
+                (Ok(Outcome::Created(meta.clone())), Effect::Host(meta))
+            }
+            Command::DeleteTopic { name } => {
+                let Some(meta) = self.topics.remove(&name) else {
+                    return (Err(TopicError::NotFound(name)), Effect::Nothing);
+                };
+                ops.push(WriteOp::Delete {
+                    cf: Cf::Metadata,
+                    key: topic_meta_key(&name),
+                });
+                let (from, to) = topic_key_range(meta.topic_id);
+                for cf in [Cf::Records, Cf::LogState, Cf::RaftLog, Cf::RaftState] {
+                    ops.push(WriteOp::DeleteRange {
+                        cf,
+                        from: from.clone(),
+                        to: to.clone(),
+                    });
+                }
+                tracing::info!(topic = %name, "topic deleted");
+                (Ok(Outcome::Deleted), Effect::Retire(name))
+            }
+        }
+    }
+
+    fn drive(&mut self, ctx: &mut Context<Self>) {
+        if self.busy {
+            self.again = true;
+            return;
+        }
+        let Some(raft) = self.raft.as_mut() else {
+            return;
+        };
+        let Some(mut work) = raft.ready() else { return };
+        self.transport
+            .send(METADATA_GROUP, std::mem::take(&mut work.messages));
+        if work.role_changed {
+            self.on_role_change();
+        }
+        let (apply_ops, results) = self.apply(std::mem::take(&mut work.committed));
+        let mut ops = std::mem::take(&mut work.persist);
+        ops.extend(apply_ops);
+        self.busy = true;
+        let durable = match self.storage.submit(ops) {
+            Ok(durable) => durable,
+            Err(e) => return self.fail(e, results),
+        };
+        ctx.spawn(durable.into_actor(self).map(move |result, act, ctx| {
+            let result = result.unwrap_or(Err(StorageError::ShutDown));
+            match result {
+                Ok(()) => act.on_persisted(work, results, ctx),
+                Err(e) => act.fail(e, results),
+            }
+        }));
+    }
+
+    fn on_persisted(&mut self, work: ReadyWork, results: Vec<Applied>, ctx: &mut Context<Self>) {
+        for (own, result, effect) in results {
+            let reply = own
+                .and_then(|id| self.pending.remove(&id))
+                .map(|(reply, _)| reply);
+            let supervisor = self.supervisor.clone();
+            // Host (or retire) before answering, so the client's next request sees the change.
+            actix::spawn(async move {
+                match effect {
+                    Effect::Host(meta) => {
+                        let _ = supervisor.send(HostTopic { meta }).await;
+                    }
+                    Effect::Retire(name) => {
+                        let _ = supervisor.send(RetireTopic { name }).await;
+                    }
+                    Effect::Nothing => {}
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
+            });
+        }
+        if let Some(raft) = self.raft.as_mut() {
+            let after = raft.persisted(work);
+            self.transport.send(METADATA_GROUP, after.messages);
+            let compaction = raft.applied(self.applied_index);
+            if !compaction.is_empty() {
+                let _ = self.storage.submit(compaction);
+            }
+        }
+        self.busy = false;
+        if std::mem::take(&mut self.again) || self.raft.as_ref().is_some_and(RaftGroup::has_ready) {
+            self.drive(ctx);
+        }
+    }
+
+    /// A durable write failed: storage is failed closed and readiness reports it; fail waiters.
+    fn fail(&mut self, error: StorageError, _results: Vec<Applied>) {
+        tracing::error!(error = %error, "metadata write failed");
+        for (_, (reply, _)) in self.pending.drain() {
+            let _ = reply.send(Err(TopicError::Storage(error.clone())));
+        }
+    }
+
+    fn on_role_change(&mut self) {
+        let Some(raft) = &self.raft else { return };
+        let leader = raft.leader_id();
+        self.cluster.set_metadata_leader(leader);
+        let labels = ["__metadata", "0"];
+        self.metrics
+            .raft_leader
+            .with_label_values(&labels)
+            .set(leader as i64);
+        self.metrics
+            .raft_term
+            .with_label_values(&labels)
+            .set(raft.term() as i64);
+        self.metrics
+            .raft_leader_changes_total
+            .with_label_values(&labels)
+            .inc();
+        tracing::info!(term = raft.term(), leader, "metadata leadership changed");
+    }
+
+    fn expire_pending(&mut self) {
+        let expired: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, (_, at))| at.elapsed() > COMMIT_WAIT)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some((reply, _)) = self.pending.remove(&id) {
+                let _ = reply.send(Err(TopicError::NoLeader));
+            }
+        }
+    }
+}
+
+fn own_proposal(nonce: u64, context: &[u8]) -> Option<u64> {
+    let (n, id) = context.split_at_checked(8)?;
+    (n == nonce.to_be_bytes()).then(|| u64::from_be_bytes(id.try_into().unwrap_or_default()))
 }
 
 impl Actor for Metadata {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.registry.set_metadata(ctx.address().recipient());
+        let storage = self.storage.clone();
+        let (id, voters, applied, timing) = (
+            self.cluster.self_id,
+            self.cluster.brokers.to_vec(),
+            self.applied_index,
+            self.timing,
+        );
+        let recover = async move {
+            tokio::task::spawn_blocking(move || {
+                let persisted = storage.load_raft(METADATA_GROUP)?;
+                RaftGroup::restore(METADATA_GROUP, id, &voters, persisted, applied, timing).map_err(
+                    |e| StorageError::Corrupt {
+                        what: "metadata raft group".into(),
+                        message: e.to_string(),
+                    },
+                )
+            })
+            .await
+            .unwrap_or(Err(StorageError::ShutDown))
+        };
+        ctx.wait(recover.into_actor(self).map(|result, act, ctx| match result {
+            Ok(mut raft) => {
+                let me = act.cluster.self_id;
+                // The lowest id campaigns at once in a new cluster; a lone broker always does.
+                if (raft.is_fresh() && act.cluster.brokers.first() == Some(&me)) || act.cluster.brokers.as_slice() == [me] {
+                    raft.campaign();
+                }
+                act.raft = Some(raft);
+                act.drive(ctx);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "metadata recovery failed; the broker stays unready");
+            }
+        }));
+        ctx.run_interval(Duration::from_millis(self.timing.tick_ms), |act, ctx| {
+            if let Some(raft) = act.raft.as_mut() {
+                raft.tick();
+                act.drive(ctx);
+            }
+        });
+        ctx.run_interval(Duration::from_secs(1), |act, _ctx| act.expire_pending());
+    }
+}
+
+impl Handler<RaftInbound> for Metadata {
+    type Result = ();
+
+    fn handle(&mut self, msg: RaftInbound, ctx: &mut Self::Context) {
+        if let Some(raft) = self.raft.as_mut() {
+            raft.step(msg.0);
+            self.drive(ctx);
+        }
+    }
 }
 
 impl Handler<HostAll> for Metadata {
@@ -142,118 +537,44 @@ impl Handler<HostAll> for Metadata {
 }
 
 impl Handler<CreateTopic> for Metadata {
-    type Result = AtomicResponse<Self, Result<Arc<TopicMeta>, TopicError>>;
+    type Result = ResponseFuture<Result<Arc<TopicMeta>, TopicError>>;
 
-    fn handle(&mut self, msg: CreateTopic, _ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: CreateTopic, ctx: &mut Self::Context) -> Self::Result {
         let configs = match self.validate(&msg) {
             Ok(configs) => configs,
-            Err(e) => return AtomicResponse::new(Box::pin(actix::fut::ready(Err(e)))),
+            Err(e) => return Box::pin(async move { Err(e) }),
         };
-        let meta = Arc::new(TopicMeta {
+        let command = Command::CreateTopic {
+            assignment: self.assign(msg.partitions, msg.replication_factor),
             name: msg.name,
-            topic_id: self.next_topic_id,
             partitions: msg.partitions,
             replication_factor: msg.replication_factor,
             configs,
             created_at_ms: now_ms(),
-            assignment: Vec::new(),
-        });
-        let encoded = rmp_serde::to_vec_named(meta.as_ref()).map(Bytes::from);
-        let storage = self.storage.clone();
-        let supervisor = self.supervisor.clone();
-        let for_host = meta.clone();
-        AtomicResponse::new(Box::pin(
-            async move {
-                let encoded = encoded.map_err(|e| TopicError::InvalidArgument { field: "topic".into(), reason: e.to_string() })?;
-                storage
-                    .write(vec![
-                        WriteOp::Put { cf: Cf::Metadata, key: topic_meta_key(&for_host.name), value: encoded },
-                        WriteOp::Put {
-                            cf: Cf::Metadata,
-                            key: NEXT_TOPIC_ID_KEY.to_vec(),
-                            value: Bytes::copy_from_slice(&(for_host.topic_id + 1).to_be_bytes()),
-                        },
-                    ])
-                    .await?;
-                supervisor.send(HostTopic { meta: for_host }).await.map_err(|_| TopicError::ShuttingDown)
+        };
+        let receiver = self.propose(&command, ctx);
+        Box::pin(async move {
+            match receiver.await.unwrap_or(Err(TopicError::ShuttingDown))? {
+                Outcome::Created(meta) => Ok(meta),
+                Outcome::Deleted => Err(TopicError::ShuttingDown),
             }
-            .into_actor(self)
-            .map(move |result, act, _ctx| {
-                // The id is spent once the write was attempted, whatever its outcome.
-                act.next_topic_id = act.next_topic_id.max(meta.topic_id + 1);
-                result.map(|()| {
-                    act.topics.insert(meta.name.clone(), meta.clone());
-                    tracing::info!(topic = %meta.name, partitions = meta.partitions, topic_id = meta.topic_id, "topic created");
-                    meta
-                })
-            }),
-        ))
+        })
     }
 }
 
 impl Handler<DeleteTopic> for Metadata {
-    type Result = AtomicResponse<Self, Result<(), TopicError>>;
+    type Result = ResponseFuture<Result<(), TopicError>>;
 
-    fn handle(&mut self, msg: DeleteTopic, _ctx: &mut Self::Context) -> Self::Result {
-        let Some(meta) = self.topics.get(&msg.name).cloned() else {
-            return AtomicResponse::new(Box::pin(actix::fut::ready(Err(TopicError::NotFound(
-                msg.name,
-            )))));
-        };
-        let storage = self.storage.clone();
-        let supervisor = self.supervisor.clone();
-        let name = msg.name;
-        AtomicResponse::new(Box::pin(
-            async move {
-                // Retire first: no partition actor may write after its data is deleted.
-                supervisor
-                    .send(RetireTopic {
-                        name: meta.name.clone(),
-                    })
-                    .await
-                    .map_err(|_| TopicError::ShuttingDown)?;
-                let (from, to) = topic_key_range(meta.topic_id);
-                storage
-                    .write(vec![
-                        WriteOp::Delete {
-                            cf: Cf::Metadata,
-                            key: topic_meta_key(&meta.name),
-                        },
-                        WriteOp::DeleteRange {
-                            cf: Cf::Records,
-                            from: from.clone(),
-                            to: to.clone(),
-                        },
-                        WriteOp::DeleteRange {
-                            cf: Cf::LogState,
-                            from: from.clone(),
-                            to: to.clone(),
-                        },
-                        WriteOp::DeleteRange {
-                            cf: Cf::RaftLog,
-                            from: from.clone(),
-                            to: to.clone(),
-                        },
-                        WriteOp::DeleteRange {
-                            cf: Cf::RaftState,
-                            from: from.clone(),
-                            to: to.clone(),
-                        },
-                    ])
-                    .await?;
-                let compact = storage.clone();
-                let _ =
-                    tokio::task::spawn_blocking(move || compact.compact_records(&from, &to)).await;
-                Ok(())
-            }
-            .into_actor(self)
-            .map(move |result: Result<(), TopicError>, act, _ctx| {
-                if result.is_ok() {
-                    act.topics.remove(&name);
-                    tracing::info!(topic = %name, "topic deleted");
-                }
-                result
-            }),
-        ))
+    fn handle(&mut self, msg: DeleteTopic, ctx: &mut Self::Context) -> Self::Result {
+        if !self.topics.contains_key(&msg.name) {
+            return Box::pin(async move { Err(TopicError::NotFound(msg.name)) });
+        }
+        let receiver = self.propose(&Command::DeleteTopic { name: msg.name }, ctx);
+        Box::pin(async move {
+            receiver
+                .await
+                .unwrap_or(Err(TopicError::ShuttingDown))
+                .map(|_| ())
+        })
     }
 }

@@ -26,6 +26,13 @@ pub struct Metrics {
     pub partition_log_size_bytes: IntGaugeVec,
     pub actor_restarts_total: IntCounterVec,
     pub http_request_duration_seconds: HistogramVec,
+    /// Raft term of each group this broker replicates (group = topic/partition, or `__metadata`).
+    pub raft_term: IntGaugeVec,
+    /// Broker id of each group's leader as seen here; 0 = none known.
+    pub raft_leader: IntGaugeVec,
+    pub raft_leader_changes_total: IntCounterVec,
+    pub peer_connects_total: IntCounterVec,
+    pub peer_queue_depth: IntGaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -124,6 +131,31 @@ impl Metrics {
                 "Bytes of record batches retained.",
                 partition,
             ),
+            raft_term: gauge_vec(
+                "pubg1_raft_term",
+                "Current Raft term of a group.",
+                partition,
+            ),
+            raft_leader: gauge_vec(
+                "pubg1_raft_leader",
+                "Broker id of a group's Raft leader as seen by this broker (0 = unknown).",
+                partition,
+            ),
+            raft_leader_changes_total: counter_vec(
+                "pubg1_raft_leader_changes_total",
+                "Leadership changes (elections won or leaders learned) seen by this broker.",
+                partition,
+            ),
+            peer_connects_total: counter_vec(
+                "pubg1_peer_connects_total",
+                "Outbound peer connections established (a reconnect counts again).",
+                &["peer"],
+            ),
+            peer_queue_depth: gauge_vec(
+                "pubg1_peer_queue_depth",
+                "Raft messages waiting for a peer link at its last flush.",
+                &["peer"],
+            ),
             actor_restarts_total: counter_vec(
                 "pubg1_actor_restarts_total",
                 "Actors restarted by their supervisor after a crash.",
@@ -160,6 +192,11 @@ impl Metrics {
             Box::new(self.partition_log_size_bytes.clone()),
             Box::new(self.actor_restarts_total.clone()),
             Box::new(self.http_request_duration_seconds.clone()),
+            Box::new(self.raft_term.clone()),
+            Box::new(self.raft_leader.clone()),
+            Box::new(self.raft_leader_changes_total.clone()),
+            Box::new(self.peer_connects_total.clone()),
+            Box::new(self.peer_queue_depth.clone()),
         ];
         for collector in collectors {
             // Names are distinct constants above; a clash is a programming error.

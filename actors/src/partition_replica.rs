@@ -26,7 +26,7 @@ use crate::metrics::Metrics;
 use crate::raft_group::{RaftGroup, RaftTiming, ReadyWork};
 use crate::storage::{log_key, record_key, Cf, LogState, Storage, WriteOp};
 use crate::topic::{LogId, TopicConfigs};
-use crate::transport::Transport;
+use crate::transport::{RaftInbound, Transport};
 
 /// Messages a partition actor may hold before senders wait: bounds memory per partition.
 pub const PARTITION_MAILBOX_CAPACITY: usize = 1024;
@@ -52,10 +52,20 @@ pub struct PartitionShared {
     leader: AtomicU64,
     /// Set when the topic is deleted; a retired partition is never restarted.
     retired: AtomicBool,
+    /// The partition's Raft voters; the first is the preferred leader.
+    pub replicas: Vec<u64>,
+    /// Whether this broker holds a replica (and so runs an actor for it).
+    pub hosted: bool,
 }
 
 impl PartitionShared {
-    pub fn new(topic: Arc<str>, partition: u32, log: LogId) -> Self {
+    pub fn new(
+        topic: Arc<str>,
+        partition: u32,
+        log: LogId,
+        replicas: Vec<u64>,
+        hosted: bool,
+    ) -> Self {
         Self {
             topic,
             partition,
@@ -66,6 +76,8 @@ impl PartitionShared {
             log_size_bytes: AtomicU64::new(0),
             leader: AtomicU64::new(0),
             retired: AtomicBool::new(false),
+            replicas,
+            hosted,
         }
     }
 
@@ -108,8 +120,14 @@ impl PartitionShared {
         self.addr.lock().ok().and_then(|slot| slot.clone())
     }
 
-    fn unavailable(&self) -> PartitionError {
-        if self.is_retired() {
+    pub fn unavailable(&self) -> PartitionError {
+        if !self.hosted {
+            PartitionError::NotReplica {
+                topic: self.topic.to_string(),
+                partition: self.partition,
+                replicas: self.replicas.clone(),
+            }
+        } else if self.is_retired() {
             PartitionError::Deleted {
                 topic: self.topic.to_string(),
                 partition: self.partition,
@@ -222,11 +240,6 @@ pub struct PartitionReplica {
     retention_running: bool,
     crashed: bool,
 }
-
-/// Delivers a Raft message from another replica of this partition.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct RaftInbound(pub raft::prelude::Message);
 
 impl PartitionReplica {
     pub fn new(

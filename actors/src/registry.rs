@@ -4,12 +4,15 @@
 //! Lookups clone an `Arc` under a read lock and never touch an actor mailbox, so metadata reads and
 //! routing stay off the write path.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
+
+use actix::Recipient;
 
 use crate::partition_replica::PartitionShared;
-use crate::topic::TopicMeta;
+use crate::topic::{LogId, TopicMeta};
+use crate::transport::RaftInbound;
 
 /// One hosted topic and its partitions.
 #[derive(Debug)]
@@ -45,10 +48,13 @@ impl TopicHandle {
     }
 }
 
-/// Topic name → handle. A std `RwLock`: held only to clone an `Arc` or swap an entry.
+/// Topic name → handle, and Raft group → partition for messages from peers. std `RwLock`s: held
+/// only to clone an `Arc` or swap an entry.
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
     topics: Arc<RwLock<BTreeMap<String, Arc<TopicHandle>>>>,
+    by_log: Arc<RwLock<HashMap<LogId, Arc<PartitionShared>>>>,
+    metadata: Arc<OnceLock<Recipient<RaftInbound>>>,
 }
 
 impl Registry {
@@ -64,12 +70,37 @@ impl Registry {
     }
 
     pub(crate) fn insert(&self, handle: Arc<TopicHandle>) {
+        if let Ok(mut by_log) = self.by_log.write() {
+            for p in &handle.partitions {
+                by_log.insert(p.log, p.clone());
+            }
+        }
         if let Ok(mut topics) = self.topics.write() {
             topics.insert(handle.meta.name.clone(), handle);
         }
     }
 
     pub(crate) fn remove(&self, name: &str) -> Option<Arc<TopicHandle>> {
-        self.topics.write().ok().and_then(|mut t| t.remove(name))
+        let removed = self.topics.write().ok().and_then(|mut t| t.remove(name))?;
+        if let Ok(mut by_log) = self.by_log.write() {
+            for p in &removed.partitions {
+                by_log.remove(&p.log);
+            }
+        }
+        Some(removed)
+    }
+
+    /// The partition a Raft group belongs to, if this broker knows it.
+    pub fn partition_by_log(&self, log: LogId) -> Option<Arc<PartitionShared>> {
+        self.by_log.read().ok().and_then(|m| m.get(&log).cloned())
+    }
+
+    /// Where metadata-group messages go; set once when the metadata actor starts.
+    pub fn metadata(&self) -> Option<&Recipient<RaftInbound>> {
+        self.metadata.get()
+    }
+
+    pub(crate) fn set_metadata(&self, recipient: Recipient<RaftInbound>) {
+        let _ = self.metadata.set(recipient);
     }
 }

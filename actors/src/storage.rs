@@ -182,6 +182,16 @@ pub fn topic_meta_key(name: &str) -> Vec<u8> {
     format!("topic/{name}").into_bytes()
 }
 pub const NEXT_TOPIC_ID_KEY: &[u8] = b"next_topic_id";
+/// Index of the last metadata-group entry applied to the catalog.
+pub const METADATA_APPLIED_KEY: &[u8] = b"applied_index";
+
+/// The applied topic catalog, as read at start-up.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    pub topics: Vec<TopicMeta>,
+    pub next_topic_id: u32,
+    pub applied_index: u64,
+}
 const TOPIC_META_PREFIX: &[u8] = b"topic/";
 
 type Waiter = oneshot::Sender<Result<(), StorageError>>;
@@ -486,8 +496,9 @@ impl Storage {
         Ok(persisted)
     }
 
-    /// Every topic in the catalog and the next free topic id. Blocking; used at start-up.
-    pub fn load_catalog(&self) -> Result<(Vec<TopicMeta>, u32), StorageError> {
+    /// The applied catalog: every topic, the next free topic id, the applied index. Blocking;
+    /// used at start-up.
+    pub fn load_catalog(&self) -> Result<Catalog, StorageError> {
         let cf = self.cf(Cf::Metadata)?;
         let mut topics = Vec::new();
         for item in self.inner.db.iterator_cf(
@@ -505,21 +516,37 @@ impl Storage {
                 })?;
             topics.push(meta);
         }
-        let next_id = match self
-            .inner
-            .db
-            .get_cf(cf, NEXT_TOPIC_ID_KEY)
-            .map_err(|e| StorageError::rocks("get", e))?
-        {
-            Some(bytes) => u32::from_be_bytes(bytes.as_slice().try_into().map_err(|_| {
-                StorageError::Corrupt {
-                    what: "next_topic_id".into(),
-                    message: format!("{} bytes", bytes.len()),
-                }
-            })?),
+        let word = |key: &[u8]| -> Result<Option<Vec<u8>>, StorageError> {
+            self.inner
+                .db
+                .get_cf(cf, key)
+                .map_err(|e| StorageError::rocks("get", e))
+        };
+        let corrupt = |what: &str, len: usize| StorageError::Corrupt {
+            what: what.into(),
+            message: format!("{len} bytes"),
+        };
+        let next_topic_id = match word(NEXT_TOPIC_ID_KEY)? {
+            Some(b) => u32::from_be_bytes(
+                b.as_slice()
+                    .try_into()
+                    .map_err(|_| corrupt("next_topic_id", b.len()))?,
+            ),
+            None => 1,
+        };
+        let applied_index = match word(METADATA_APPLIED_KEY)? {
+            Some(b) => u64::from_be_bytes(
+                b.as_slice()
+                    .try_into()
+                    .map_err(|_| corrupt("applied_index", b.len()))?,
+            ),
             None => 0,
         };
-        Ok((topics, next_id))
+        Ok(Catalog {
+            topics,
+            next_topic_id,
+            applied_index,
+        })
     }
 }
 

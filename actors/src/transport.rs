@@ -69,3 +69,62 @@ impl Transport {
         dropped
     }
 }
+
+/// Delivers a Raft message from another broker to the local replica of its group.
+#[derive(Debug, actix::Message)]
+#[rtype(result = "()")]
+pub struct RaftInbound(pub Message);
+
+/// The Raft group id of the metadata group (topic ids start at 1).
+pub const METADATA_GROUP: LogId = LogId {
+    topic_id: 0,
+    partition: 0,
+};
+
+/// What this broker knows about the cluster: who is in it, where their HTTP APIs are, and who
+/// leads the metadata group. Shared by the actors and the HTTP layer.
+#[derive(Debug, Clone, Default)]
+pub struct Cluster {
+    /// Every broker id in the cluster (from the seeds), sorted.
+    pub brokers: Arc<Vec<u64>>,
+    pub self_id: u64,
+    /// Broker id → its HTTP address, learned from peer handshakes. A std RwLock: tiny, no awaits.
+    http: Arc<RwLock<HashMap<u64, String>>>,
+    /// Leader of the metadata group as last seen; 0 = unknown (then the broker is not ready).
+    metadata_leader: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Cluster {
+    pub fn new(self_id: u64, mut brokers: Vec<u64>, self_http: String) -> Self {
+        brokers.sort_unstable();
+        brokers.dedup();
+        let cluster = Self {
+            brokers: Arc::new(brokers),
+            self_id,
+            ..Self::default()
+        };
+        cluster.set_http(self_id, self_http);
+        cluster
+    }
+
+    pub fn set_http(&self, id: u64, http: String) {
+        if let Ok(mut map) = self.http.write() {
+            map.insert(id, http);
+        }
+    }
+
+    /// The HTTP address of broker `id`, if known.
+    pub fn http_of(&self, id: u64) -> Option<String> {
+        self.http.read().ok().and_then(|m| m.get(&id).cloned())
+    }
+
+    pub fn metadata_leader(&self) -> u64 {
+        self.metadata_leader
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn set_metadata_leader(&self, id: u64) {
+        self.metadata_leader
+            .store(id, std::sync::atomic::Ordering::Release);
+    }
+}

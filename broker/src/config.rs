@@ -25,6 +25,13 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// HTTP listen address.
     pub http: SocketAddr,
+    /// Listen address for other brokers' Raft traffic. Only used in a cluster (`seeds` set).
+    pub peer: SocketAddr,
+    /// Every broker of the cluster as `id@host:port` (peer addresses), this one included.
+    /// Empty: a lone broker, a cluster of one.
+    pub seeds: Vec<String>,
+    /// Milliseconds per Raft tick; elections start after 10–20 ticks without a leader.
+    pub raft_tick_ms: u64,
     /// HTTP worker threads; 0 means one per core.
     pub http_workers: usize,
     /// Largest request body accepted; larger ones get 413 before being read whole.
@@ -56,6 +63,9 @@ impl Default for Config {
             id: 1,
             data_dir: PathBuf::from("data/1"),
             http: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            peer: SocketAddr::from(([127, 0, 0, 1], 9091)),
+            seeds: Vec::new(),
+            raft_tick_ms: 30,
             http_workers: 0,
             request_body_bytes_max: 16 * 1024 * 1024,
             produce_records_max: 10_000,
@@ -122,6 +132,11 @@ impl Config {
         if self.partitions_per_topic_max > 100_000 {
             return Err("partitions_per_topic_max must be at most 100000".into());
         }
+        at_least("raft_tick_ms", self.raft_tick_ms, 5)?;
+        let seeds = self.parsed_seeds()?;
+        if !seeds.is_empty() && !seeds.iter().any(|(id, _)| u64::from(self.id) == *id) {
+            return Err(format!("seeds must include this broker's id {}", self.id));
+        }
         if self.data_dir.as_os_str().is_empty() {
             return Err("data_dir must not be empty".into());
         }
@@ -132,6 +147,22 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// `seeds` as (broker id, peer address) pairs.
+    pub fn parsed_seeds(&self) -> Result<Vec<(u64, SocketAddr)>, String> {
+        let mut seeds = Vec::new();
+        for seed in &self.seeds {
+            let bad = || format!("seeds entry '{seed}' is not id@host:port");
+            let (id, address) = seed.split_once('@').ok_or_else(bad)?;
+            let id: u64 = id.trim().parse().map_err(|_| bad())?;
+            let address: SocketAddr = address.trim().parse().map_err(|_| bad())?;
+            if seeds.iter().any(|(other, _)| *other == id) {
+                return Err(format!("seeds name broker {id} twice"));
+            }
+            seeds.push((id, address));
+        }
+        Ok(seeds)
     }
 
     pub fn http_workers(&self) -> usize {

@@ -45,6 +45,14 @@ struct Cli {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     http: Option<SocketAddr>,
+    /// Listen address for other brokers' Raft traffic, e.g. 127.0.0.1:9091.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peer: Option<SocketAddr>,
+    /// Every broker of the cluster as id@host:port (peer addresses), comma separated.
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seeds: Option<Vec<String>>,
     /// How often partitions check retention, in milliseconds.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -81,17 +89,23 @@ fn init_tracing(config: &Config) {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    let seeds = config.parsed_seeds().map_err(anyhow::Error::msg)?;
     let settings = BrokerSettings {
         data_dir: config.data_dir.clone(),
         retention_check_interval: Duration::from_millis(config.retention_check_interval_ms),
         limits: CatalogLimits {
             topics_max: config.topics_max,
             partitions_per_topic_max: config.partitions_per_topic_max,
-            brokers: 1,
         },
         partition_threads: config.partition_threads(),
         broker_id: u64::from(config.id),
-        raft_timing: RaftTiming::default(),
+        raft_timing: RaftTiming {
+            tick_ms: config.raft_tick_ms,
+            ..RaftTiming::default()
+        },
+        peer_listen: (!seeds.is_empty()).then_some(config.peer),
+        seeds,
+        http_advertised: config.http.to_string(),
     };
     let broker = Broker::start(settings)
         .await

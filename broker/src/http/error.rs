@@ -43,6 +43,9 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("{0}")]
     Unprocessable(String),
+    /// 421: this broker cannot serve the partition; the message names the brokers that can.
+    #[error("{0}")]
+    Misdirected(String),
     #[error("{0}")]
     TooManyRecords(String),
     #[error("{0}")]
@@ -65,6 +68,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => 41301,
             ApiError::UnsupportedMediaType(_) => 41501,
             ApiError::OffsetOutOfRange(_) => 41601,
+            ApiError::Misdirected(_) => 42101,
             ApiError::Unprocessable(_) => 42201,
             ApiError::TooManyRecords(_) => 42202,
             ApiError::Throttled(_) => 42901,
@@ -106,6 +110,7 @@ impl From<PartitionError> for ApiError {
             | PartitionError::NoLeader { .. }
             | PartitionError::Timeout { .. } => ApiError::Unavailable(error.to_string()),
             PartitionError::Deleted { topic, .. } => ApiError::TopicNotFound(topic.clone()),
+            PartitionError::NotReplica { .. } => ApiError::Misdirected(error.to_string()),
             PartitionError::Storage(storage) => storage_error(storage),
             PartitionError::Batch(_) => ApiError::Internal(error.to_string()),
         }
@@ -121,7 +126,9 @@ impl From<TopicError> for ApiError {
             TopicError::AlreadyExists(name) => ApiError::TopicExists(name),
             TopicError::NotFound(name) => ApiError::TopicNotFound(name),
             TopicError::Storage(storage) => storage_error(&storage),
-            TopicError::ShuttingDown => ApiError::Unavailable(error.to_string()),
+            TopicError::ShuttingDown | TopicError::NoLeader => {
+                ApiError::Unavailable(error.to_string())
+            }
         }
     }
 }

@@ -22,24 +22,32 @@ pub struct ReplicaInfo {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct PartitionInfo {
     pub partition: u32,
+    /// Leader's broker id as this broker sees it; 0 while no leader is known.
     pub leader: u32,
     pub replicas: Vec<ReplicaInfo>,
-    /// First offset still retained.
+    /// First offset still retained (on this broker's replica).
     pub log_start_offset: u64,
     /// Offset after the last committed record: consumers read below it.
     pub high_watermark: u64,
     pub log_size_bytes: u64,
 }
 
-pub fn describe_partition(partition: &PartitionShared, broker_id: u32) -> PartitionInfo {
+pub fn describe_partition(partition: &PartitionShared, _broker_id: u32) -> PartitionInfo {
+    let leader = partition.leader();
     PartitionInfo {
         partition: partition.partition,
-        leader: broker_id,
-        replicas: vec![ReplicaInfo {
-            broker: broker_id,
-            leader: true,
-            in_sync: true,
-        }],
+        leader: leader as u32,
+        replicas: partition
+            .replicas
+            .iter()
+            .map(|id| ReplicaInfo {
+                broker: *id as u32,
+                leader: *id == leader,
+                // Until follower lag is tracked here, a replica counts as in sync while the
+                // group has a leader.
+                in_sync: leader != 0,
+            })
+            .collect(),
         log_start_offset: partition.log_start_offset(),
         high_watermark: partition.high_watermark(),
         log_size_bytes: partition.log_size_bytes(),
@@ -53,13 +61,15 @@ pub fn find(state: &State, topic: &str, partition: u32) -> Result<Arc<PartitionS
         .registry
         .get(topic)
         .ok_or_else(|| ApiError::TopicNotFound(topic.to_owned()))?;
-    handle
-        .partition(partition)
-        .cloned()
-        .ok_or_else(|| ApiError::PartitionNotFound {
-            topic: topic.to_owned(),
-            partition: partition.to_string(),
-        })
+    let shared =
+        handle
+            .partition(partition)
+            .cloned()
+            .ok_or_else(|| ApiError::PartitionNotFound {
+                topic: topic.to_owned(),
+                partition: partition.to_string(),
+            })?;
+    Ok(shared)
 }
 
 /// All partitions of a topic.

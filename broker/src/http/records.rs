@@ -78,6 +78,9 @@ pub async fn fetch(
 ) -> Result<HttpResponse, ApiError> {
     let (topic, partition) = path.into_inner();
     let shared = find(&state, &topic, partition)?;
+    if !shared.hosted {
+        return Err(shared.unavailable().into());
+    }
     let config = &state.config;
     let records_max = bounded(
         "max_records",

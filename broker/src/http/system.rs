@@ -23,20 +23,24 @@ pub async fn health(state: State) -> HttpResponse {
     })
 }
 
-/// Readiness: the broker can accept writes (its storage is healthy).
+/// Readiness: storage is healthy and the cluster's metadata group has a leader.
 #[utoipa::path(tag = "system", responses((status = 200, body = Status), (status = 503, body = ErrorBody)))]
 #[get("/ready")]
 pub async fn ready(state: State) -> Result<HttpResponse, ApiError> {
-    if state.broker.storage.is_healthy() {
-        Ok(HttpResponse::Ok().json(Status {
-            status: "ready",
-            broker_id: state.config.id,
-        }))
-    } else {
-        Err(ApiError::Unavailable(
+    if !state.broker.storage.is_healthy() {
+        return Err(ApiError::Unavailable(
             "storage failed a durable write; restart the broker".into(),
-        ))
+        ));
     }
+    if state.broker.cluster.metadata_leader() == 0 {
+        return Err(ApiError::Unavailable(
+            "the cluster's metadata group has no leader yet (are a majority of brokers up?)".into(),
+        ));
+    }
+    Ok(HttpResponse::Ok().json(Status {
+        status: "ready",
+        broker_id: state.config.id,
+    }))
 }
 
 /// Prometheus text exposition of every broker metric.
