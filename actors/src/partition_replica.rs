@@ -197,7 +197,7 @@ pub struct ReplicaSettings {
 }
 
 /// How long an append may wait for its entry to commit before the client is told to retry.
-const APPEND_COMMIT_WAIT: Duration = Duration::from_secs(10);
+const APPEND_COMMIT_WAIT: Duration = Duration::from_secs(5);
 
 /// An append waiting for its entry to be committed and applied.
 struct PendingAppend {
@@ -537,12 +537,15 @@ impl PartitionReplica {
         }
     }
 
-    /// A leader that lost leadership fails its pending appends: they may or may not commit.
+    /// Leadership moved: pending appends fail with a retriable error (they may or may not commit).
     fn on_role_change(&mut self) {
         let Some(raft) = &self.raft else { return };
         let leader = raft.is_leader();
         tracing::info!(topic = %self.shared.topic, partition = self.shared.partition, term = raft.term(), leader = raft.leader_id(), "partition leadership changed");
-        if self.was_leader && !leader {
+        // Any change of leader fails what is pending here: a leader that stepped down may not
+        // commit its appends, and proposals this follower forwarded to a dead leader are lost.
+        // The client retries; an append that did commit anyway is stored but unacknowledged.
+        if self.shared.leader() != raft.leader_id() || (self.was_leader && !leader) {
             let error = PartitionError::NoLeader {
                 topic: self.shared.topic.to_string(),
                 partition: self.shared.partition,
@@ -555,6 +558,21 @@ impl PartitionReplica {
         self.shared
             .leader
             .store(raft.leader_id(), Ordering::Release);
+        let labels = self.labels();
+        let labels = [labels[0].as_str(), labels[1].as_str()];
+        let metrics = &self.metrics;
+        metrics
+            .raft_leader
+            .with_label_values(&labels)
+            .set(raft.leader_id() as i64);
+        metrics
+            .raft_term
+            .with_label_values(&labels)
+            .set(raft.term() as i64);
+        metrics
+            .raft_leader_changes_total
+            .with_label_values(&labels)
+            .inc();
     }
 
     fn expire_pending(&mut self) {

@@ -105,6 +105,9 @@ async fn run_outbound(
     let mut delay = RECONNECT_DELAY_INITIAL;
     let label = peer.to_string();
     loop {
+        // Whatever queued while the peer was unreachable is stale (old appends, heartbeats of
+        // past terms): drop it rather than flood the peer when it comes back. Raft retransmits.
+        while queue.try_recv().is_ok() {}
         let mut framed = match TcpStream::connect(address).await {
             Ok(stream) => {
                 let _ = stream.set_nodelay(true);

@@ -252,12 +252,16 @@ impl RaftGroup {
         if !ready.entries().is_empty() {
             let entries = ready.take_entries();
             let first = entries[0].index;
-            // Entries from `first` on replace whatever a previous leader left there.
-            persist.push(WriteOp::DeleteRange {
-                cf: Cf::RaftLog,
-                from: raft_entry_key(self.group, first),
-                to: raft_entry_key(self.group, u64::MAX),
-            });
+            let last_stored = self.node.store().last_index().unwrap_or(0);
+            // Entries from `first` on replace whatever a previous leader left there. Only then:
+            // a range tombstone per append would pile up and make every later read crawl.
+            if first <= last_stored {
+                persist.push(WriteOp::DeleteRange {
+                    cf: Cf::RaftLog,
+                    from: raft_entry_key(self.group, first),
+                    to: raft_entry_key(self.group, last_stored + 1),
+                });
+            }
             for entry in &entries {
                 persist.push(WriteOp::Put {
                     cf: Cf::RaftLog,

@@ -8,6 +8,7 @@
 //! - [`wait_until`] is the only way tests wait: a condition polled until a deadline.
 //! - [`workload`] holds the publish-then-verify job more than one test runs.
 
+pub mod cluster;
 pub mod workload;
 
 use std::net::{SocketAddr, TcpListener};
@@ -63,7 +64,7 @@ pub fn broker_binary() -> Result<PathBuf> {
 
 /// A port that was free a moment ago. Another process may take it before the broker binds it,
 /// so [`BrokerProcess::start`] retries with a new port when the broker cannot bind.
-fn free_port() -> Result<u16> {
+pub fn free_port() -> Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").context("binding port 0")?;
     Ok(listener.local_addr()?.port())
 }
@@ -77,6 +78,8 @@ pub struct BrokerProcess {
     /// The broker's stderr, appended across restarts, shown when start-up fails.
     log_path: PathBuf,
     env: Vec<(String, String)>,
+    /// Extra command-line arguments (cluster flags), kept for restarts.
+    args: Vec<String>,
 }
 
 impl BrokerProcess {
@@ -94,8 +97,24 @@ impl BrokerProcess {
             data_dir: data_dir.to_owned(),
             log_path,
             env,
+            args: Vec::new(),
         };
         broker.restart()?;
+        Ok(broker)
+    }
+
+    /// Spawn a broker with extra arguments without waiting for readiness (a cluster member is
+    /// ready only once a majority runs); call [`BrokerProcess::wait_ready`] after starting all.
+    pub fn spawn_with_args(data_dir: &Path, args: Vec<String>) -> Result<Self> {
+        let mut broker = Self {
+            child: None,
+            http: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: data_dir.to_owned(),
+            log_path: data_dir.with_extension("log"),
+            env: Vec::new(),
+            args,
+        };
+        broker.spawn()?;
         Ok(broker)
     }
 
@@ -115,6 +134,15 @@ impl BrokerProcess {
     }
 
     fn spawn_once(&mut self) -> Result<()> {
+        self.spawn()?;
+        self.wait_ready()
+    }
+
+    /// Start the process on a fresh HTTP port, keeping data dir, environment and arguments.
+    pub fn spawn(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            bail!("broker pid {} is still running", self.pid());
+        }
         let port = free_port()?;
         self.http = SocketAddr::from(([127, 0, 0, 1], port));
         let log = std::fs::OpenOptions::new()
@@ -126,6 +154,7 @@ impl BrokerProcess {
             .arg(&self.data_dir)
             .arg("--http")
             .arg(self.http.to_string())
+            .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -134,6 +163,11 @@ impl BrokerProcess {
             .spawn()
             .context("spawning pubg1-broker")?;
         self.child = Some(child);
+        Ok(())
+    }
+
+    /// Wait for `/ready` with a deadline; on failure the process is killed and its log shown.
+    pub fn wait_ready(&mut self) -> Result<()> {
         let client = Client::new();
         let url = self.url("/ready");
         let ready = wait_until(START_DEADLINE, "the broker to become ready", || {
@@ -157,6 +191,11 @@ impl BrokerProcess {
                 )))
             }
         }
+    }
+
+    /// Whether the process is running.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// PID of the running process (0 when stopped).

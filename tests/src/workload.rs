@@ -132,6 +132,48 @@ pub fn publish_until_failure(
         .collect()
 }
 
+/// Publish from `clients` threads through failures: a failed request (broker down, election,
+/// timeout) is not retried with the same records; the client moves to the next broker and goes
+/// on with new sequences, so every stored record is unique and only acknowledged ones count.
+pub fn publish_through_failures(
+    urls: crate::cluster::Urls,
+    tag: String,
+    clients: usize,
+    batch: usize,
+    stop: Arc<AtomicBool>,
+    acked_count: Arc<std::sync::atomic::AtomicUsize>,
+    failed_count: Arc<std::sync::atomic::AtomicUsize>,
+) -> Vec<std::thread::JoinHandle<Vec<Acked>>> {
+    (0..clients)
+        .map(|client| {
+            let (urls, tag, stop) = (urls.clone(), tag.clone(), stop.clone());
+            let (acked_count, failed_count) = (acked_count.clone(), failed_count.clone());
+            std::thread::spawn(move || {
+                let http = Client::new();
+                let mut acked = Vec::new();
+                let (mut next, mut broker) = (0, client);
+                while !stop.load(Ordering::Acquire) {
+                    let Ok(url) = crate::cluster::pick(&urls, broker) else {
+                        break;
+                    };
+                    match publish_batch(&http, &url, &tag, client, next..next + batch) {
+                        Ok(records) => {
+                            acked_count.fetch_add(records.len(), Ordering::AcqRel);
+                            acked.extend(records);
+                        }
+                        Err(_) => {
+                            failed_count.fetch_add(1, Ordering::AcqRel);
+                            broker += 1;
+                        }
+                    }
+                    next += batch;
+                }
+                acked
+            })
+        })
+        .collect()
+}
+
 /// One produce request; Ok only for a 200 whose every record has an offset.
 pub fn publish_batch(
     http: &Client,

@@ -1,0 +1,124 @@
+//! A local cluster of real brokers: free peer ports, one data dir each, all killed on drop.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+
+use crate::{free_port, wait_until, BrokerProcess, Client};
+
+/// How long a partition may go without an agreed leader before a test fails.
+pub const ELECTION_DEADLINE: Duration = Duration::from_secs(20);
+
+#[derive(Debug)]
+pub struct TestCluster {
+    /// Broker `id` is `brokers[id - 1]`.
+    pub brokers: Vec<BrokerProcess>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestCluster {
+    /// Start `n` brokers as one cluster and wait until every one is ready.
+    pub fn start(n: usize) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let peers: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_>>()?;
+        let seeds: Vec<String> = peers
+            .iter()
+            .enumerate()
+            .map(|(i, port)| format!("{}@127.0.0.1:{port}", i + 1))
+            .collect();
+        let mut brokers = Vec::new();
+        for (i, port) in peers.iter().enumerate() {
+            let args = vec![
+                "--id".to_owned(),
+                (i + 1).to_string(),
+                "--peer".to_owned(),
+                format!("127.0.0.1:{port}"),
+                "--seeds".to_owned(),
+                seeds.join(","),
+            ];
+            brokers.push(BrokerProcess::spawn_with_args(
+                &dir.path().join(format!("broker-{}", i + 1)),
+                args,
+            )?);
+        }
+        for broker in &mut brokers {
+            broker.wait_ready()?;
+        }
+        // KEEP_PUBG1_TEST_DIRS=1 keeps data dirs and broker logs for a post-mortem.
+        let dir = if std::env::var_os("KEEP_PUBG1_TEST_DIRS").is_some() {
+            eprintln!("keeping cluster data and logs in {}", dir.path().display());
+            let _ = dir.keep();
+            None
+        } else {
+            Some(dir)
+        };
+        Ok(Self { brokers, _dir: dir })
+    }
+
+    pub fn broker(&self, id: u64) -> &BrokerProcess {
+        &self.brokers[id as usize - 1]
+    }
+
+    pub fn broker_mut(&mut self, id: u64) -> &mut BrokerProcess {
+        &mut self.brokers[id as usize - 1]
+    }
+
+    /// The leader of a partition once every running broker names the same one.
+    pub fn leader_of(&self, topic: &str, partition: u32) -> Result<u64> {
+        let http = Client::new();
+        wait_until(ELECTION_DEADLINE, "an agreed partition leader", || {
+            let mut seen = None;
+            for broker in self.brokers.iter().filter(|b| b.is_running()) {
+                let reply = http
+                    .get(&broker.url(&format!("/topics/{topic}/partitions/{partition}")))
+                    .ok()?;
+                let leader = reply.body["leader"].as_u64().filter(|l| *l != 0)?;
+                if seen.is_some_and(|s| s != leader) {
+                    return None;
+                }
+                seen = Some(leader);
+            }
+            seen.filter(|id| self.broker(*id).is_running())
+        })
+    }
+
+    /// Produce URLs of `topic` on every running broker, for publishers that survive restarts.
+    pub fn topic_urls(&self, topic: &str) -> Vec<String> {
+        self.brokers
+            .iter()
+            .filter(|b| b.is_running())
+            .map(|b| b.url(&format!("/topics/{topic}")))
+            .collect()
+    }
+
+    /// Wait until every running broker's replica of every partition has the same high watermark.
+    pub fn wait_converged(&self, topic: &str, deadline: Duration) -> Result<Vec<u64>> {
+        let http = Client::new();
+        wait_until(deadline, "replicas to converge", || {
+            let mut first: Option<Vec<u64>> = None;
+            for broker in self.brokers.iter().filter(|b| b.is_running()) {
+                let hws = crate::high_watermarks(&http, broker, topic).ok()?;
+                match &first {
+                    Some(f) if *f != hws => return None,
+                    _ => first = Some(hws),
+                }
+            }
+            first
+        })
+    }
+}
+
+/// Shared, updatable list of URLs publishers rotate through when a broker fails them.
+pub type Urls = Arc<RwLock<Vec<String>>>;
+
+pub fn urls(list: Vec<String>) -> Urls {
+    Arc::new(RwLock::new(list))
+}
+
+pub fn pick(urls: &Urls, n: usize) -> Result<String> {
+    let list = urls.read().map_err(|_| anyhow!("poisoned"))?;
+    list.get(n % list.len().max(1))
+        .cloned()
+        .ok_or_else(|| anyhow!("no urls"))
+}
