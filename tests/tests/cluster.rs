@@ -130,3 +130,129 @@ fn killing_the_leader_five_times_under_load_loses_no_acknowledged_record() -> an
     assert!(stored >= acked.len());
     Ok(())
 }
+
+#[test]
+fn a_follower_killed_under_load_catches_up_byte_identical() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(3)?;
+    create_replicated(&cluster, "logs", 3)?;
+    let leader = cluster.leader_of("logs", 0)?;
+    let follower = (1..=3).find(|id| *id != leader).unwrap_or(1);
+    cluster.broker_mut(follower).kill9();
+    let targets = urls(cluster.topic_urls("logs"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (acked_count, failed_count) =
+        (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let publishers = publish_through_failures(
+        targets,
+        "f".into(),
+        4,
+        20,
+        stop.clone(),
+        acked_count.clone(),
+        failed_count,
+    );
+    // The follower stays down while the two others take real load.
+    wait_until(
+        Duration::from_secs(60),
+        "10,000 records acknowledged without the follower",
+        || (acked_count.load(Ordering::Acquire) >= 10_000).then_some(()),
+    )?;
+    cluster.broker_mut(follower).restart()?;
+    stop.store(true, Ordering::Release);
+    let mut acked = Vec::new();
+    for publisher in publishers {
+        acked.extend(
+            publisher
+                .join()
+                .map_err(|_| anyhow::anyhow!("publisher panicked"))?,
+        );
+    }
+    assert_replicas_identical(&cluster, "logs", 3)?;
+    verify(
+        &acked,
+        &fetch_topic(&Client::new(), cluster.broker(follower), "logs", 3)?,
+    )?;
+    Ok(())
+}
+
+#[test]
+fn kill_9_of_every_broker_loses_nothing_acknowledged() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(3)?;
+    create_replicated(&cluster, "all", 3)?;
+    let spec = Publish {
+        topic: "all".into(),
+        tag: "a".into(),
+        clients: 4,
+        records_per_client: 500,
+        batch: 25,
+    };
+    let acked = publish_all(cluster.broker(1), &spec)?;
+    for broker in &mut cluster.brokers {
+        broker.kill9();
+    }
+    for broker in &mut cluster.brokers {
+        broker.spawn()?;
+    }
+    for broker in &mut cluster.brokers {
+        broker.wait_ready()?;
+    }
+    for partition in 0..3 {
+        cluster.leader_of("all", partition)?;
+    }
+    // An acknowledged marker per partition: everything committed before it is applied.
+    let http = Client::new();
+    for partition in 0..3 {
+        let url = cluster
+            .broker(1)
+            .url(&format!("/topics/all/partitions/{partition}"));
+        let reply = wait_until(Duration::from_secs(20), "a write after the restart", || {
+            http.post_json(&url, &json!({"records":[{"value":"marker"}]}))
+                .ok()
+                .filter(|r| r.status == 200)
+        })?;
+        assert_eq!(reply.status, 200);
+    }
+    assert_replicas_identical(&cluster, "all", 3)?;
+    verify(&acked, &fetch_topic(&http, cluster.broker(2), "all", 3)?)?;
+    Ok(())
+}
+
+#[test]
+fn without_a_majority_nothing_is_acknowledged_and_service_returns_with_it() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(3)?;
+    create_replicated(&cluster, "quorum", 1)?;
+    let http = Client::new();
+    let url = cluster.broker(1).url("/topics/quorum/partitions/0");
+    let before = http.post_json(&url, &json!({"records":[{"value":1}]}))?;
+    assert_eq!(before.status, 200, "{}", before.text);
+    cluster.broker_mut(2).kill9();
+    cluster.broker_mut(3).kill9();
+    // Broker 1 alone: every attempt fails with a retriable error and nothing is acknowledged.
+    let mut refusals = 0;
+    let started = Instant::now();
+    while refusals < 3 && started.elapsed() < Duration::from_secs(30) {
+        let reply = http.post_json(&url, &json!({"records":[{"value":"no quorum"}]}))?;
+        assert_ne!(
+            reply.status, 200,
+            "acknowledged without a majority: {}",
+            reply.text
+        );
+        reply.assert_error(503, 50301, "write without a majority");
+        assert!(reply.retry_after.is_some(), "503 carries Retry-After");
+        refusals += 1;
+    }
+    assert_eq!(refusals, 3);
+    // One broker back: a majority again, and writes succeed.
+    cluster.broker_mut(2).spawn()?;
+    let reply = wait_until(
+        Duration::from_secs(30),
+        "writes to resume with a majority",
+        || {
+            http.post_json(&url, &json!({"records":[{"value":"back"}]}))
+                .ok()
+                .filter(|r| r.status == 200)
+        },
+    )?;
+    assert!(reply.body["offsets"][0]["offset"].as_u64().is_some());
+    Ok(())
+}
