@@ -1,10 +1,11 @@
-//! `PartitionReplica`: the actor that owns one partition's log.
+//! `PartitionReplica`: the actor that owns this broker's replica of one partition.
 //!
-//! It is the only writer of its log, so it assigns offsets: each append takes the next offsets,
-//! is encoded as one Kafka v2 batch and queued to [`Storage`] together with the new [`LogState`].
-//! Appends are pipelined (the actor does not wait for one fsync before assigning the next batch),
-//! and the storage writer applies them in order, so offsets are dense and become durable in order.
-//! The high watermark moves only when a batch is durable, and the reply goes out after that.
+//! It owns the partition's Raft group ([`RaftGroup`]). An append is encoded once as a Kafka v2
+//! batch (base offset 0) and proposed; committed entries are applied in log order, each getting its
+//! offsets from the applied log (`LogState::next_offset`), so every replica assigns the same ones.
+//! Raft persistence and the apply of committed entries go to [`Storage`] as one atomic write per
+//! Ready; the high watermark moves, and clients get their offsets, only once that write is durable.
+//! Proposals keep flowing while a Ready is being written (raft-rs's async-ready API).
 //!
 //! Crash safety: handler bodies run under `catch_unwind`; a panic stops this actor only, and the
 //! [`crate::broker_supervisor::BrokerSupervisor`] starts a new one, which first waits for the
