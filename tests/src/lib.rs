@@ -80,6 +80,8 @@ pub struct BrokerProcess {
     env: Vec<(String, String)>,
     /// Extra command-line arguments (cluster flags), kept for restarts.
     args: Vec<String>,
+    /// SIGSTOPped: alive but not answering.
+    paused: bool,
 }
 
 impl BrokerProcess {
@@ -98,6 +100,7 @@ impl BrokerProcess {
             log_path,
             env,
             args: Vec::new(),
+            paused: false,
         };
         broker.restart()?;
         Ok(broker)
@@ -113,6 +116,7 @@ impl BrokerProcess {
             log_path: data_dir.with_extension("log"),
             env: Vec::new(),
             args,
+            paused: false,
         };
         broker.spawn()?;
         Ok(broker)
@@ -193,9 +197,39 @@ impl BrokerProcess {
         }
     }
 
-    /// Whether the process is running.
+    /// Whether the process is running and not paused.
     pub fn is_running(&self) -> bool {
-        self.child.is_some()
+        self.child.is_some() && !self.paused
+    }
+
+    /// SIGSTOP: the process stays alive but stops answering anyone.
+    pub fn pause(&mut self) -> Result<()> {
+        self.signal("-STOP")?;
+        self.paused = true;
+        Ok(())
+    }
+
+    /// SIGCONT after [`BrokerProcess::pause`].
+    pub fn resume(&mut self) -> Result<()> {
+        self.signal("-CONT")?;
+        self.paused = false;
+        Ok(())
+    }
+
+    fn signal(&self, signal: &str) -> Result<()> {
+        let pid = self
+            .child
+            .as_ref()
+            .ok_or_else(|| anyhow!("broker is not running"))?
+            .id();
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(pid.to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill {signal} {pid} failed");
+        }
+        Ok(())
     }
 
     /// PID of the running process (0 when stopped).
@@ -209,6 +243,7 @@ impl BrokerProcess {
 
     /// SIGKILL, then reap. No flush, no goodbye: what was acknowledged must already be on disk.
     pub fn kill9(&mut self) {
+        self.paused = false;
         if let Some(mut child) = self.child.take() {
             // std's Child::kill sends SIGKILL on Unix.
             let _ = child.kill();

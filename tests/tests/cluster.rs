@@ -256,3 +256,72 @@ fn without_a_majority_nothing_is_acknowledged_and_service_returns_with_it() -> a
     assert!(reply.body["offsets"][0]["offset"].as_u64().is_some());
     Ok(())
 }
+
+#[test]
+fn a_paused_leader_is_replaced_and_acknowledges_nothing_only_it_holds() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(3)?;
+    create_replicated(&cluster, "paused", 1)?;
+    let leader = cluster.leader_of("paused", 0)?;
+    let targets = urls(cluster.topic_urls("paused"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (acked_count, failed_count) =
+        (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let publishers = publish_through_failures(
+        targets.clone(),
+        "p".into(),
+        4,
+        10,
+        stop.clone(),
+        acked_count.clone(),
+        failed_count,
+    );
+    wait_until(Duration::from_secs(30), "load before the pause", || {
+        (acked_count.load(Ordering::Acquire) >= 500).then_some(())
+    })?;
+
+    cluster.broker_mut(leader).pause()?;
+    *targets.write().map_err(|_| anyhow::anyhow!("poisoned"))? = cluster.topic_urls("paused");
+    let paused_at = Instant::now();
+    // The two others elect a new leader and keep acknowledging while the old one is frozen 5 s.
+    let new_leader = cluster.leader_of("paused", 0)?;
+    assert_ne!(new_leader, leader);
+    let during = acked_count.load(Ordering::Acquire);
+    wait_until(
+        Duration::from_secs(30),
+        "5 s of pause with progress",
+        || {
+            (paused_at.elapsed() >= Duration::from_secs(5)
+                && acked_count.load(Ordering::Acquire) >= during + 500)
+                .then_some(())
+        },
+    )?;
+    cluster.broker_mut(leader).resume()?;
+    *targets.write().map_err(|_| anyhow::anyhow!("poisoned"))? = cluster.topic_urls("paused");
+    // Publishing goes on with the old leader back as a follower.
+    let after = acked_count.load(Ordering::Acquire);
+    wait_until(Duration::from_secs(30), "progress after the resume", || {
+        (acked_count.load(Ordering::Acquire) >= after + 500).then_some(())
+    })?;
+    stop.store(true, Ordering::Release);
+    let mut acked = Vec::new();
+    for publisher in publishers {
+        acked.extend(
+            publisher
+                .join()
+                .map_err(|_| anyhow::anyhow!("publisher panicked"))?,
+        );
+    }
+    // Every acknowledged record is on the brokers that were never paused, and the resumed broker's
+    // replica converges to the same bytes: nothing acknowledged lives only on the paused one.
+    assert_replicas_identical(&cluster, "paused", 1)?;
+    let http = Client::new();
+    verify(
+        &acked,
+        &fetch_topic(&http, cluster.broker(new_leader), "paused", 1)?,
+    )?;
+    verify(
+        &acked,
+        &fetch_topic(&http, cluster.broker(leader), "paused", 1)?,
+    )?;
+    Ok(())
+}
