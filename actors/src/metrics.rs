@@ -31,6 +31,10 @@ pub struct Metrics {
     /// Broker id of each group's leader as seen here; 0 = none known.
     pub raft_leader: IntGaugeVec,
     pub raft_leader_changes_total: IntCounterVec,
+    pub raft_commit_index: IntGaugeVec,
+    pub raft_applied_index: IntGaugeVec,
+    /// On a group's leader: entries the slowest follower lacks.
+    pub raft_follower_lag_entries: IntGaugeVec,
     pub peer_connects_total: IntCounterVec,
     pub peer_queue_depth: IntGaugeVec,
 }
@@ -146,6 +150,21 @@ impl Metrics {
                 "Leadership changes (elections won or leaders learned) seen by this broker.",
                 partition,
             ),
+            raft_commit_index: gauge_vec(
+                "pubg1_raft_commit_index",
+                "Highest Raft index known committed in a group (commit minus applied = apply lag).",
+                partition,
+            ),
+            raft_applied_index: gauge_vec(
+                "pubg1_raft_applied_index",
+                "Highest Raft index applied to this replica's log.",
+                partition,
+            ),
+            raft_follower_lag_entries: gauge_vec(
+                "pubg1_raft_follower_lag_entries",
+                "On the leader: how many entries the slowest follower is behind (0 elsewhere).",
+                partition,
+            ),
             peer_connects_total: counter_vec(
                 "pubg1_peer_connects_total",
                 "Outbound peer connections established (a reconnect counts again).",
@@ -195,6 +214,9 @@ impl Metrics {
             Box::new(self.raft_term.clone()),
             Box::new(self.raft_leader.clone()),
             Box::new(self.raft_leader_changes_total.clone()),
+            Box::new(self.raft_commit_index.clone()),
+            Box::new(self.raft_applied_index.clone()),
+            Box::new(self.raft_follower_lag_entries.clone()),
             Box::new(self.peer_connects_total.clone()),
             Box::new(self.peer_queue_depth.clone()),
         ];
@@ -213,6 +235,11 @@ impl Metrics {
             &self.partition_high_watermark,
             &self.partition_log_start_offset,
             &self.partition_log_size_bytes,
+            &self.raft_term,
+            &self.raft_leader,
+            &self.raft_commit_index,
+            &self.raft_applied_index,
+            &self.raft_follower_lag_entries,
         ] {
             let _ = gauge.remove_label_values(&labels);
         }

@@ -240,7 +240,12 @@ pub struct PartitionReplica {
     next_proposal: u64,
     retention_running: bool,
     crashed: bool,
+    /// Raft ticks since start; gauges are refreshed every [`RAFT_GAUGE_TICKS`].
+    ticks: u64,
 }
+
+/// Ticks between refreshes of the commit/apply/follower-lag gauges (cheap, but not per tick).
+const RAFT_GAUGE_TICKS: u64 = 10;
 
 impl PartitionReplica {
     pub fn new(
@@ -271,6 +276,7 @@ impl PartitionReplica {
             next_proposal: 0,
             retention_running: false,
             crashed: false,
+            ticks: 0,
         }
     }
 
@@ -576,6 +582,25 @@ impl PartitionReplica {
             .inc();
     }
 
+    fn publish_raft_gauges(&self) {
+        let Some(raft) = &self.raft else { return };
+        let labels = self.labels();
+        let labels = [labels[0].as_str(), labels[1].as_str()];
+        let metrics = &self.metrics;
+        metrics
+            .raft_commit_index
+            .with_label_values(&labels)
+            .set(raft.commit_index() as i64);
+        metrics
+            .raft_applied_index
+            .with_label_values(&labels)
+            .set(raft.applied_index() as i64);
+        metrics
+            .raft_follower_lag_entries
+            .with_label_values(&labels)
+            .set(raft.follower_lag() as i64);
+    }
+
     fn expire_pending(&mut self) {
         let expired: Vec<u64> = self
             .pending
@@ -756,6 +781,10 @@ impl Actor for PartitionReplica {
             |act, ctx| {
                 if let Some(raft) = act.raft.as_mut() {
                     raft.tick();
+                    act.ticks += 1;
+                    if act.ticks % RAFT_GAUGE_TICKS == 0 {
+                        act.publish_raft_gauges();
+                    }
                     act.drive(ctx);
                 }
             },

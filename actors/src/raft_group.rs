@@ -218,6 +218,26 @@ impl RaftGroup {
         self.node.raft.raft_log.committed
     }
 
+    pub fn applied_index(&self) -> u64 {
+        self.node.raft.raft_log.applied
+    }
+
+    /// On the leader, how many entries the slowest follower is behind the leader's log; else 0.
+    pub fn follower_lag(&self) -> u64 {
+        if !self.is_leader() {
+            return 0;
+        }
+        let last = self.node.raft.raft_log.last_index();
+        self.node
+            .raft
+            .prs()
+            .iter()
+            .filter(|(id, _)| **id != self.id)
+            .map(|(_, progress)| last.saturating_sub(progress.matched))
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Voters whose log matches the leader's up to the leader's last index (leader only).
     pub fn in_sync_voters(&self) -> Vec<u64> {
         let last = self.node.raft.raft_log.last_index();
