@@ -114,6 +114,7 @@ impl Broker {
             broker_id: me,
             timing: settings.raft_timing,
             transport: transport.clone(),
+            cluster: cluster.clone(),
         };
         let supervisor = BrokerSupervisor::new(
             storage.clone(),

@@ -27,7 +27,7 @@ use crate::metrics::Metrics;
 use crate::raft_group::{RaftGroup, RaftTiming, ReadyWork};
 use crate::storage::{log_key, record_key, Cf, LogState, Storage, WriteOp};
 use crate::topic::{LogId, TopicConfigs};
-use crate::transport::{RaftInbound, Transport};
+use crate::transport::{Cluster, RaftInbound, Transport};
 
 /// Messages a partition actor may hold before senders wait: bounds memory per partition.
 pub const PARTITION_MAILBOX_CAPACITY: usize = 1024;
@@ -53,6 +53,9 @@ pub struct PartitionShared {
     leader: AtomicU64,
     /// Set when the topic is deleted; a retired partition is never restarted.
     retired: AtomicBool,
+    /// Replicas in sync with the leader, as the leader saw them at its last gauge refresh; empty
+    /// when this broker is not the leader. A std Mutex: swapped whole, never held across awaits.
+    in_sync: Mutex<Vec<u64>>,
     /// The partition's Raft voters; the first is the preferred leader.
     pub replicas: Vec<u64>,
     /// Whether this broker holds a replica (and so runs an actor for it).
@@ -77,6 +80,7 @@ impl PartitionShared {
             log_size_bytes: AtomicU64::new(0),
             leader: AtomicU64::new(0),
             retired: AtomicBool::new(false),
+            in_sync: Mutex::new(Vec::new()),
             replicas,
             hosted,
         }
@@ -101,6 +105,12 @@ impl PartitionShared {
     /// The leader's broker id as last seen, 0 when unknown.
     pub fn leader(&self) -> u64 {
         self.leader.load(Ordering::Acquire)
+    }
+
+    /// In-sync replicas if this broker leads the partition (None: ask the leader).
+    pub fn in_sync(&self) -> Option<Vec<u64>> {
+        let in_sync = self.in_sync.lock().ok()?.clone();
+        (!in_sync.is_empty()).then_some(in_sync)
     }
 
     pub fn is_retired(&self) -> bool {
@@ -195,6 +205,8 @@ pub struct ReplicaSettings {
     pub timing: RaftTiming,
     /// Sends Raft messages to the other replicas.
     pub transport: Transport,
+    /// Liveness of the other brokers, for reporting in-sync replicas.
+    pub cluster: Cluster,
 }
 
 /// How long an append may wait for its entry to commit before the client is told to retry.
@@ -599,6 +611,13 @@ impl PartitionReplica {
             .raft_follower_lag_entries
             .with_label_values(&labels)
             .set(raft.follower_lag() as i64);
+        if let Ok(mut in_sync) = self.shared.in_sync.lock() {
+            let window = Duration::from_millis(
+                self.settings.timing.tick_ms * self.settings.timing.election_tick as u64,
+            );
+            let cluster = &self.settings.cluster;
+            *in_sync = raft.in_sync_voters(|id| cluster.is_alive(id, window));
+        }
     }
 
     fn expire_pending(&mut self) {

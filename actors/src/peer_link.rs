@@ -190,9 +190,17 @@ pub async fn listen(
 
 async fn serve_inbound(stream: TcpStream, registry: Registry, cluster: Cluster) {
     let mut framed = Framed::new(stream, codec());
+    let mut peer = None;
     while let Some(Ok(bytes)) = framed.next().await {
+        if let Some(id) = peer {
+            cluster.heard_from(id);
+        }
         match rmp_serde::from_slice::<Frame>(&bytes) {
-            Ok(Frame::Hello { from, http }) => cluster.set_http(from, http),
+            Ok(Frame::Hello { from, http }) => {
+                peer = Some(from);
+                cluster.heard_from(from);
+                cluster.set_http(from, http);
+            }
             Ok(Frame::Raft { messages }) => {
                 for (group, bytes) in messages {
                     let Ok(message) = raft::prelude::Message::parse_from_bytes(&bytes) else {

@@ -28,6 +28,8 @@ use crate::topic::LogId;
 /// Entries kept in memory (and in `raft_log`) behind the applied index, so a follower that is a
 /// little behind catches up from the log. A follower further behind needs a snapshot.
 pub const RAFT_LOG_KEEP_ENTRIES: u64 = 20_000;
+/// A follower further behind the leader's log than this is reported out of sync.
+pub const IN_SYNC_LAG_ENTRIES_MAX: u64 = 1_000;
 /// Largest append message raft-rs builds (bytes of entries per message).
 const MESSAGE_BYTES_MAX: u64 = 1024 * 1024;
 /// Appends in flight to one follower before the leader waits for acknowledgements.
@@ -238,14 +240,21 @@ impl RaftGroup {
             .unwrap_or(0)
     }
 
-    /// Voters whose log matches the leader's up to the leader's last index (leader only).
-    pub fn in_sync_voters(&self) -> Vec<u64> {
+    /// On the leader: voters at most [`IN_SYNC_LAG_ENTRIES_MAX`] entries behind its log for which
+    /// `alive` holds (the leader included). Empty elsewhere: only the leader knows.
+    pub fn in_sync_voters(&self, alive: impl Fn(u64) -> bool) -> Vec<u64> {
+        if !self.is_leader() {
+            return Vec::new();
+        }
         let last = self.node.raft.raft_log.last_index();
         self.node
             .raft
             .prs()
             .iter()
-            .filter(|(_, progress)| progress.matched + RAFT_LOG_KEEP_ENTRIES / 10 >= last)
+            .filter(|(id, progress)| {
+                **id == self.id
+                    || (alive(**id) && progress.matched + IN_SYNC_LAG_ENTRIES_MAX >= last)
+            })
             .map(|(id, _)| *id)
             .collect()
     }

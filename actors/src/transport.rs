@@ -92,6 +92,8 @@ pub struct Cluster {
     http: Arc<RwLock<HashMap<u64, String>>>,
     /// Leader of the metadata group as last seen; 0 = unknown (then the broker is not ready).
     metadata_leader: Arc<std::sync::atomic::AtomicU64>,
+    /// When a frame last arrived from each broker: liveness for "in sync".
+    heard: Arc<RwLock<HashMap<u64, std::time::Instant>>>,
 }
 
 impl Cluster {
@@ -116,6 +118,24 @@ impl Cluster {
     /// The HTTP address of broker `id`, if known.
     pub fn http_of(&self, id: u64) -> Option<String> {
         self.http.read().ok().and_then(|m| m.get(&id).cloned())
+    }
+
+    /// A frame from broker `id` just arrived.
+    pub fn heard_from(&self, id: u64) {
+        if let Ok(mut heard) = self.heard.write() {
+            heard.insert(id, std::time::Instant::now());
+        }
+    }
+
+    /// Whether broker `id` (this one always) was heard from within `window`.
+    pub fn is_alive(&self, id: u64, window: std::time::Duration) -> bool {
+        id == self.self_id
+            || self
+                .heard
+                .read()
+                .ok()
+                .and_then(|h| h.get(&id).map(|at| at.elapsed() <= window))
+                .unwrap_or(false)
     }
 
     pub fn metadata_leader(&self) -> u64 {

@@ -64,6 +64,31 @@ fn twenty_thousand_records_are_replicated_byte_identical_on_three_brokers() -> a
     assert_eq!(stored, 20_000);
     let log = fetch_topic(&Client::new(), cluster.broker(3), "orders", 6)?;
     verify(&acked, &log)?;
+    // The leader reports all three replicas in sync; other brokers say they do not know.
+    let leader = cluster.leader_of("orders", 0)?;
+    let http = Client::new();
+    wait_until(
+        Duration::from_secs(10),
+        "all replicas reported in sync",
+        || {
+            let reply = http
+                .get(&cluster.broker(leader).url("/topics/orders/partitions/0"))
+                .ok()?;
+            let replicas = reply.body["replicas"].as_array()?.clone();
+            (replicas.len() == 3 && replicas.iter().all(|r| r["in_sync"] == json!(true)))
+                .then_some(())
+        },
+    )?;
+    let follower = (1..=3).find(|id| *id != leader).unwrap_or(1);
+    let reply = http.get(&cluster.broker(follower).url("/topics/orders/partitions/0"))?;
+    assert_eq!(reply.body["leader"].as_u64(), Some(leader));
+    assert!(
+        reply.body["replicas"]
+            .as_array()
+            .is_some_and(|r| r.iter().all(|r| r["in_sync"].is_null())),
+        "{}",
+        reply.text
+    );
     Ok(())
 }
 

@@ -15,7 +15,10 @@ use super::State;
 pub struct ReplicaInfo {
     pub broker: u32,
     pub leader: bool,
-    pub in_sync: bool,
+    /// Whether the leader counts this replica in sync (recently heard from, at most 1,000
+    /// entries behind). Null when asked of a broker that does not lead the partition: only
+    /// the leader knows; ask it.
+    pub in_sync: Option<bool>,
 }
 
 /// A partition: its leader, replicas and log offsets.
@@ -34,6 +37,7 @@ pub struct PartitionInfo {
 
 pub fn describe_partition(partition: &PartitionShared, _broker_id: u32) -> PartitionInfo {
     let leader = partition.leader();
+    let in_sync = partition.in_sync();
     PartitionInfo {
         partition: partition.partition,
         leader: leader as u32,
@@ -43,9 +47,7 @@ pub fn describe_partition(partition: &PartitionShared, _broker_id: u32) -> Parti
             .map(|id| ReplicaInfo {
                 broker: *id as u32,
                 leader: *id == leader,
-                // Until follower lag is tracked here, a replica counts as in sync while the
-                // group has a leader.
-                in_sync: leader != 0,
+                in_sync: in_sync.as_ref().map(|ids| ids.contains(id)),
             })
             .collect(),
         log_start_offset: partition.log_start_offset(),
