@@ -5,7 +5,7 @@
 //! sequence), so a record found in the log can be traced to exactly one publish.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, ensure, Result};
@@ -132,46 +132,94 @@ pub fn publish_until_failure(
         .collect()
 }
 
-/// Publish from `clients` threads through failures: a failed request (broker down, election,
-/// timeout) is not retried with the same records; the client moves to the next broker and goes
-/// on with new sequences, so every stored record is unique and only acknowledged ones count.
-pub fn publish_through_failures(
-    urls: crate::cluster::Urls,
-    tag: String,
-    clients: usize,
-    batch: usize,
+/// Background publishers that keep going through failures, for fault tests.
+///
+/// A failed request (broker down, election, timeout) is not retried with the same records: the
+/// client moves to the next broker and goes on with new sequences, so every stored record is
+/// unique and only acknowledged ones count.
+#[derive(Debug)]
+pub struct Load {
     stop: Arc<AtomicBool>,
-    acked_count: Arc<std::sync::atomic::AtomicUsize>,
-    failed_count: Arc<std::sync::atomic::AtomicUsize>,
-) -> Vec<std::thread::JoinHandle<Vec<Acked>>> {
-    (0..clients)
-        .map(|client| {
-            let (urls, tag, stop) = (urls.clone(), tag.clone(), stop.clone());
-            let (acked_count, failed_count) = (acked_count.clone(), failed_count.clone());
-            std::thread::spawn(move || {
-                let http = Client::new();
-                let mut acked = Vec::new();
-                let (mut next, mut broker) = (0, client);
-                while !stop.load(Ordering::Acquire) {
-                    let Ok(url) = crate::cluster::pick(&urls, broker) else {
-                        break;
-                    };
-                    match publish_batch(&http, &url, &tag, client, next..next + batch) {
-                        Ok(records) => {
-                            acked_count.fetch_add(records.len(), Ordering::AcqRel);
-                            acked.extend(records);
+    acked: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    threads: Vec<std::thread::JoinHandle<Vec<Acked>>>,
+}
+
+impl Load {
+    /// Start `clients` publishers of `batch` records each request, rotating over `urls`.
+    pub fn start(urls: crate::cluster::Urls, tag: &str, clients: usize, batch: usize) -> Self {
+        let (stop, acked, failed) = (Arc::default(), Arc::default(), Arc::default());
+        let threads = (0..clients)
+            .map(|client| {
+                let (urls, tag) = (urls.clone(), tag.to_owned());
+                let (stop, acked_count, failed_count): (
+                    Arc<AtomicBool>,
+                    Arc<AtomicUsize>,
+                    Arc<AtomicUsize>,
+                ) = (Arc::clone(&stop), Arc::clone(&acked), Arc::clone(&failed));
+                std::thread::spawn(move || {
+                    let http = Client::new();
+                    let mut acked = Vec::new();
+                    let (mut next, mut broker) = (0, client);
+                    while !stop.load(Ordering::Acquire) {
+                        let Ok(url) = crate::cluster::pick(&urls, broker) else {
+                            break;
+                        };
+                        match publish_batch(&http, &url, &tag, client, next..next + batch) {
+                            Ok(records) => {
+                                acked_count.fetch_add(records.len(), Ordering::AcqRel);
+                                acked.extend(records);
+                            }
+                            Err(_) => {
+                                failed_count.fetch_add(1, Ordering::AcqRel);
+                                broker += 1;
+                            }
                         }
-                        Err(_) => {
-                            failed_count.fetch_add(1, Ordering::AcqRel);
-                            broker += 1;
-                        }
+                        next += batch;
                     }
-                    next += batch;
-                }
-                acked
+                    acked
+                })
             })
+            .collect();
+        Self {
+            stop,
+            acked,
+            failed,
+            threads,
+        }
+    }
+
+    /// Records acknowledged so far.
+    pub fn acked(&self) -> usize {
+        self.acked.load(Ordering::Acquire)
+    }
+
+    /// Requests that failed so far.
+    pub fn failed(&self) -> usize {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// Wait (with a deadline) until `more` records beyond now are acknowledged.
+    pub fn wait_for_more(&self, more: usize, what: &str) -> Result<()> {
+        let target = self.acked() + more;
+        crate::wait_until(std::time::Duration::from_secs(30), what, || {
+            (self.acked() >= target).then_some(())
         })
-        .collect()
+    }
+
+    /// Stop the publishers and return everything they got acknowledged.
+    pub fn finish(self) -> Result<Vec<Acked>> {
+        self.stop.store(true, Ordering::Release);
+        let mut all = Vec::new();
+        for thread in self.threads {
+            all.extend(
+                thread
+                    .join()
+                    .map_err(|_| anyhow!("publisher thread panicked"))?,
+            );
+        }
+        Ok(all)
+    }
 }
 
 /// One produce request; Ok only for a 200 whose every record has an offset.

@@ -1,12 +1,10 @@
 //! Three real brokers replicating with Raft: byte-identical replicas, and no acknowledged record
 //! lost or moved when leaders are killed with -9 under load.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pubg1_tests::cluster::{urls, TestCluster};
-use pubg1_tests::workload::{fetch_topic, publish_all, publish_through_failures, verify, Publish};
+use pubg1_tests::cluster::{urls, TestCluster, Urls};
+use pubg1_tests::workload::{fetch_topic, publish_all, verify, Load, Publish};
 use pubg1_tests::{wait_until, Client};
 use serde_json::json;
 
@@ -97,61 +95,37 @@ fn killing_the_leader_five_times_under_load_loses_no_acknowledged_record() -> an
     let mut cluster = TestCluster::start(3)?;
     create_replicated(&cluster, "events", 3)?;
     let targets = urls(cluster.topic_urls("events"));
-    let stop = Arc::new(AtomicBool::new(false));
-    let (acked_count, failed_count) =
-        (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let publishers = publish_through_failures(
-        targets.clone(),
-        "kill".into(),
-        6,
-        20,
-        stop.clone(),
-        acked_count.clone(),
-        failed_count.clone(),
-    );
-
+    let load = Load::start(targets.clone(), "kill", 6, 20);
     let mut windows = Vec::new();
     for round in 0..5 {
         let leader = cluster.leader_of("events", 0)?;
-        let before = acked_count.load(Ordering::Acquire);
-        wait_until(Duration::from_secs(30), "progress before the kill", || {
-            (acked_count.load(Ordering::Acquire) >= before + 500).then_some(())
-        })?;
+        load.wait_for_more(500, "progress before the kill")?;
         cluster.broker_mut(leader).kill9();
-        *targets.write().map_err(|_| anyhow::anyhow!("poisoned"))? = cluster.topic_urls("events");
+        set(&targets, cluster.topic_urls("events"))?;
         let killed_at = Instant::now();
         // Partition 0 gets a new leader among the two survivors, and publishing goes on.
         let new_leader = cluster.leader_of("events", 0)?;
         assert_ne!(new_leader, leader, "round {round}");
-        let resumed = acked_count.load(Ordering::Acquire);
-        wait_until(Duration::from_secs(30), "publishing to resume", || {
-            (acked_count.load(Ordering::Acquire) >= resumed + 200).then_some(())
-        })?;
+        load.wait_for_more(200, "publishing to resume")?;
         windows.push(killed_at.elapsed());
         eprintln!(
             "round {round}: killed leader {leader}, new leader {new_leader}, resumed after {:?}",
             killed_at.elapsed()
         );
         cluster.broker_mut(leader).restart()?;
-        *targets.write().map_err(|_| anyhow::anyhow!("poisoned"))? = cluster.topic_urls("events");
+        set(&targets, cluster.topic_urls("events"))?;
     }
-    stop.store(true, Ordering::Release);
-    let mut acked = Vec::new();
-    for publisher in publishers {
-        acked.extend(
-            publisher
-                .join()
-                .map_err(|_| anyhow::anyhow!("publisher panicked"))?,
-        );
-    }
+    let failed = load.failed();
+    let acked = load.finish()?;
     eprintln!(
-        "leader kills: {} records acknowledged, {} failed requests; kill-to-resumed (upper bound of unavailability) per round: {windows:?}",
-        acked.len(),
-        failed_count.load(Ordering::Acquire)
+        "leader kills: {} records acknowledged, {failed} failed requests; kill-to-resumed (upper bound of unavailability) per round: {windows:?}",
+        acked.len()
     );
     let stored = assert_replicas_identical(&cluster, "events", 3)?;
-    let log = fetch_topic(&Client::new(), cluster.broker(1), "events", 3)?;
-    verify(&acked, &log)?;
+    verify(
+        &acked,
+        &fetch_topic(&Client::new(), cluster.broker(1), "events", 3)?,
+    )?;
     assert!(stored >= acked.len());
     Ok(())
 }
@@ -163,35 +137,11 @@ fn a_follower_killed_under_load_catches_up_byte_identical() -> anyhow::Result<()
     let leader = cluster.leader_of("logs", 0)?;
     let follower = (1..=3).find(|id| *id != leader).unwrap_or(1);
     cluster.broker_mut(follower).kill9();
-    let targets = urls(cluster.topic_urls("logs"));
-    let stop = Arc::new(AtomicBool::new(false));
-    let (acked_count, failed_count) =
-        (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let publishers = publish_through_failures(
-        targets,
-        "f".into(),
-        4,
-        20,
-        stop.clone(),
-        acked_count.clone(),
-        failed_count,
-    );
+    let load = Load::start(urls(cluster.topic_urls("logs")), "f", 4, 20);
     // The follower stays down while the two others take real load.
-    wait_until(
-        Duration::from_secs(60),
-        "10,000 records acknowledged without the follower",
-        || (acked_count.load(Ordering::Acquire) >= 10_000).then_some(()),
-    )?;
+    load.wait_for_more(10_000, "10,000 records acknowledged without the follower")?;
     cluster.broker_mut(follower).restart()?;
-    stop.store(true, Ordering::Release);
-    let mut acked = Vec::new();
-    for publisher in publishers {
-        acked.extend(
-            publisher
-                .join()
-                .map_err(|_| anyhow::anyhow!("publisher panicked"))?,
-        );
-    }
+    let acked = load.finish()?;
     assert_replicas_identical(&cluster, "logs", 3)?;
     verify(
         &acked,
@@ -288,54 +238,29 @@ fn a_paused_leader_is_replaced_and_acknowledges_nothing_only_it_holds() -> anyho
     create_replicated(&cluster, "paused", 1)?;
     let leader = cluster.leader_of("paused", 0)?;
     let targets = urls(cluster.topic_urls("paused"));
-    let stop = Arc::new(AtomicBool::new(false));
-    let (acked_count, failed_count) =
-        (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let publishers = publish_through_failures(
-        targets.clone(),
-        "p".into(),
-        4,
-        10,
-        stop.clone(),
-        acked_count.clone(),
-        failed_count,
-    );
-    wait_until(Duration::from_secs(30), "load before the pause", || {
-        (acked_count.load(Ordering::Acquire) >= 500).then_some(())
-    })?;
+    let load = Load::start(targets.clone(), "p", 4, 10);
+    load.wait_for_more(500, "load before the pause")?;
 
     cluster.broker_mut(leader).pause()?;
-    *targets.write().map_err(|_| anyhow::anyhow!("poisoned"))? = cluster.topic_urls("paused");
+    set(&targets, cluster.topic_urls("paused"))?;
     let paused_at = Instant::now();
     // The two others elect a new leader and keep acknowledging while the old one is frozen 5 s.
     let new_leader = cluster.leader_of("paused", 0)?;
     assert_ne!(new_leader, leader);
-    let during = acked_count.load(Ordering::Acquire);
+    let during = load.acked();
     wait_until(
         Duration::from_secs(30),
         "5 s of pause with progress",
         || {
-            (paused_at.elapsed() >= Duration::from_secs(5)
-                && acked_count.load(Ordering::Acquire) >= during + 500)
+            (paused_at.elapsed() >= Duration::from_secs(5) && load.acked() >= during + 500)
                 .then_some(())
         },
     )?;
     cluster.broker_mut(leader).resume()?;
-    *targets.write().map_err(|_| anyhow::anyhow!("poisoned"))? = cluster.topic_urls("paused");
+    set(&targets, cluster.topic_urls("paused"))?;
     // Publishing goes on with the old leader back as a follower.
-    let after = acked_count.load(Ordering::Acquire);
-    wait_until(Duration::from_secs(30), "progress after the resume", || {
-        (acked_count.load(Ordering::Acquire) >= after + 500).then_some(())
-    })?;
-    stop.store(true, Ordering::Release);
-    let mut acked = Vec::new();
-    for publisher in publishers {
-        acked.extend(
-            publisher
-                .join()
-                .map_err(|_| anyhow::anyhow!("publisher panicked"))?,
-        );
-    }
+    load.wait_for_more(500, "progress after the resume")?;
+    let acked = load.finish()?;
     // Every acknowledged record is on the brokers that were never paused, and the resumed broker's
     // replica converges to the same bytes: nothing acknowledged lives only on the paused one.
     assert_replicas_identical(&cluster, "paused", 1)?;
@@ -348,5 +273,11 @@ fn a_paused_leader_is_replaced_and_acknowledges_nothing_only_it_holds() -> anyho
         &acked,
         &fetch_topic(&http, cluster.broker(leader), "paused", 1)?,
     )?;
+    Ok(())
+}
+
+/// Point running publishers at a new set of brokers.
+fn set(targets: &Urls, list: Vec<String>) -> anyhow::Result<()> {
+    *targets.write().map_err(|_| anyhow::anyhow!("poisoned"))? = list;
     Ok(())
 }
