@@ -452,6 +452,20 @@ impl PartitionReplica {
             return;
         };
         let Some(mut work) = raft.ready() else { return };
+        if work.snapshot_received {
+            // Applying it would skip records and shift offsets; stop and wait for an
+            // operator instead (snapshots of record data are not implemented yet).
+            return self.fail_stop(
+                ctx,
+                StorageError::Corrupt {
+                    what: format!(
+                        "raft group {}/{}",
+                        self.shared.log.topic_id, self.shared.partition
+                    ),
+                    message: "received a snapshot, which this version cannot apply".into(),
+                },
+            );
+        }
         self.settings
             .transport
             .send(self.shared.log, std::mem::take(&mut work.messages));

@@ -27,7 +27,7 @@ use crate::topic::LogId;
 
 /// Entries kept in memory (and in `raft_log`) behind the applied index, so a follower that is a
 /// little behind catches up from the log. A follower further behind needs a snapshot.
-pub const RAFT_LOG_KEEP_ENTRIES: u64 = 20_000;
+pub const RAFT_LOG_KEEP_ENTRIES: u64 = 5_000;
 /// A follower further behind the leader's log than this is reported out of sync.
 pub const IN_SYNC_LAG_ENTRIES_MAX: u64 = 1_000;
 /// Largest append message raft-rs builds (bytes of entries per message).
@@ -75,6 +75,9 @@ pub struct ReadyWork {
     pub committed: Vec<Entry>,
     /// Role or leader changed.
     pub role_changed: bool,
+    /// The leader sent a snapshot, which this replica cannot apply (snapshots of record data are
+    /// not implemented): the owner must stop rather than persist or apply anything of this Ready.
+    pub snapshot_received: bool,
     /// Sent only once this Ready's writes are durable (votes, append acknowledgements).
     persisted_messages: Vec<Message>,
     number: u64,
@@ -169,7 +172,9 @@ impl RaftGroup {
         config.validate()?;
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let node = RawNode::new(&config, storage, &logger)?;
-        Ok(Self { group, id, node })
+        let mut group = Self { group, id, node };
+        group.refuse_snapshots();
+        Ok(group)
     }
 
     /// True if this replica has never voted or seen a term: the group is brand new.
@@ -184,7 +189,16 @@ impl RaftGroup {
     }
 
     pub fn tick(&mut self) {
+        self.refuse_snapshots();
         self.node.tick();
+    }
+
+    /// Snapshots of record data are not implemented: make raft-rs's `MemStorage` answer
+    /// "temporarily unavailable" (its flag is one-shot, so it is re-armed on every tick and Ready).
+    /// A follower behind the compacted log then waits instead of receiving an empty snapshot,
+    /// which would leave its records and offsets wrong.
+    fn refuse_snapshots(&mut self) {
+        self.node.mut_store().wl().trigger_snap_unavailable();
     }
 
     pub fn step(&mut self, message: Message) {
@@ -265,14 +279,16 @@ impl RaftGroup {
 
     /// Step 1 of the Ready loop; None when there is nothing to do.
     pub fn ready(&mut self) -> Option<ReadyWork> {
+        self.refuse_snapshots();
         if !self.node.has_ready() {
             return None;
         }
         let mut ready = self.node.ready();
         let role_changed = ready.ss().is_some();
-        if !ready.snapshot().is_empty() {
-            // Never produced: `RAFT_LOG_KEEP_ENTRIES` bounds how far behind a follower can be
-            // served from the log, and snapshots of record data are not implemented yet.
+        let snapshot_received = !ready.snapshot().is_empty();
+        if snapshot_received {
+            // Never produced by our leaders (see `refuse_snapshots`); only a foreign leader
+            // could send one.
             tracing::error!(group = ?self.group, "received a snapshot, which is not supported yet");
         }
         let messages = ready.take_messages();
@@ -318,6 +334,7 @@ impl RaftGroup {
             persist,
             committed,
             role_changed,
+            snapshot_received,
             persisted_messages,
             number,
         })
@@ -513,5 +530,69 @@ mod tests {
             assert!(!log.contains(&b"lost".to_vec()), "{log:?}");
         }
         assert!(!all[0].is_leader(), "the old leader stepped down");
+    }
+
+    #[test]
+    fn a_follower_behind_the_compacted_log_is_never_sent_a_snapshot() {
+        let mut groups = vec![group(1), group(2), group(3)];
+        let mut applied = vec![Vec::new(); 3];
+        groups[0].campaign();
+        settle(&mut groups, &mut applied);
+        // Node 3 is cut off while the other two commit and compact well past its log.
+        let mut behind = groups.pop().expect("node 3");
+        for round in 0..25u64 {
+            for i in 0..500u64 {
+                let data = (round * 500 + i).to_be_bytes().to_vec();
+                assert_eq!(groups[0].propose(vec![], data), Ok(()));
+            }
+            let mut outbox = Vec::new();
+            for _ in 0..20 {
+                for g in groups.iter_mut() {
+                    while let Some(mut work) = g.ready() {
+                        outbox.append(&mut work.messages);
+                        let committed = std::mem::take(&mut work.committed);
+                        let mut after = g.persisted(work);
+                        outbox.append(&mut after.messages);
+                        if let Some(last) = committed.last() {
+                            g.applied(last.index);
+                        }
+                    }
+                }
+                for m in outbox.drain(..).filter(|m| m.to != 3) {
+                    let to = m.to as usize - 1;
+                    groups[to].step(m);
+                }
+            }
+        }
+        let leader_first = groups[0].node.store().first_index().expect("first index");
+        assert!(
+            leader_first > 2,
+            "the leader compacted its log (first index {leader_first})"
+        );
+        // Heal: the leader cannot send entries node 3 lacks, and must not send a snapshot.
+        groups.push(behind);
+        for _ in 0..20 {
+            for g in groups.iter_mut() {
+                g.tick();
+            }
+            let mut outbox = Vec::new();
+            for g in groups.iter_mut() {
+                while let Some(mut work) = g.ready() {
+                    assert!(!work.snapshot_received, "node {} was sent a snapshot", g.id);
+                    outbox.append(&mut work.messages);
+                    let mut after = g.persisted(work);
+                    outbox.append(&mut after.messages);
+                }
+            }
+            for m in outbox {
+                let to = m.to as usize - 1;
+                groups[to].step(m);
+            }
+        }
+        behind = groups.pop().expect("node 3");
+        assert!(
+            behind.commit_index() < leader_first,
+            "node 3 stays behind rather than skipping data"
+        );
     }
 }
