@@ -281,3 +281,48 @@ fn set(targets: &Urls, list: Vec<String>) -> anyhow::Result<()> {
     *targets.write().map_err(|_| anyhow::anyhow!("poisoned"))? = list;
     Ok(())
 }
+
+#[test]
+fn a_broker_without_a_replica_answers_421_naming_the_replica() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(3)?;
+    let http = Client::new();
+    let body = json!({"name": "single", "partitions": 3, "replication_factor": 1});
+    let created = http.post_json(&cluster.broker(1).url("/topics"), &body)?;
+    assert_eq!(created.status, 201, "{}", created.text);
+    let replica = created.body["partitions"][0]["replicas"][0]["broker"]
+        .as_u64()
+        .expect("replica");
+    let other = (1..=3).find(|id| *id != replica).unwrap_or(1);
+    let record = json!({"records":[{"value":"here"}]});
+    // The replica itself takes it (once elected)...
+    let at_replica = cluster.broker(replica).url("/topics/single/partitions/0");
+    wait_until(
+        Duration::from_secs(20),
+        "the replica to accept a write",
+        || {
+            http.post_json(&at_replica, &record)
+                .ok()
+                .filter(|r| r.status == 200)
+        },
+    )?;
+    // ...another broker refuses, writes nothing, and says where to go.
+    let elsewhere = cluster.broker(other).url("/topics/single/partitions/0");
+    let refused = http.post_json(&elsewhere, &record)?;
+    refused.assert_error(421, 42101, "produce on a broker without a replica");
+    let address = format!("http://{}", cluster.broker(replica).http);
+    assert!(
+        refused.text.contains(&address),
+        "names {address}: {}",
+        refused.text
+    );
+    let fetch = http.get(&format!("{elsewhere}/records"))?;
+    fetch.assert_error(421, 42101, "fetch on a broker without a replica");
+    let stored = http.get(&format!("{at_replica}/records"))?;
+    assert_eq!(
+        stored.body["records"].as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        stored.text
+    );
+    Ok(())
+}

@@ -56,6 +56,27 @@ pub fn describe_partition(partition: &PartitionShared, _broker_id: u32) -> Parti
     }
 }
 
+/// 421 for a partition this broker holds no replica of, naming the brokers that do and where
+/// their HTTP APIs are (as learned from peer handshakes).
+pub fn not_replica(state: &State, partition: &PartitionShared) -> ApiError {
+    let cluster = &state.broker.cluster;
+    let replicas: Vec<String> = partition
+        .replicas
+        .iter()
+        .map(|id| match cluster.http_of(*id) {
+            Some(http) => format!("broker {id} at http://{http}"),
+            None => format!("broker {id}"),
+        })
+        .collect();
+    ApiError::Misdirected(format!(
+        "partition {} of topic '{}' is not replicated on broker {}; send the request to one of its replicas: {}",
+        partition.partition,
+        partition.topic,
+        cluster.self_id,
+        replicas.join(", ")
+    ))
+}
+
 /// Look up a partition or answer 404 naming what is missing.
 pub fn find(state: &State, topic: &str, partition: u32) -> Result<Arc<PartitionShared>, ApiError> {
     let handle = state

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
+use super::partitions::not_replica;
 use super::{body_format, parse_json, read_body, EmbeddedFormat, State};
 
 /// A produce request body.
@@ -139,6 +140,14 @@ async fn produce(
         )));
     }
     let groups = route(&handle, partition, format, request.records)?;
+    // All-or-nothing across the request when a partition lives elsewhere: refuse before writing.
+    if let Some(elsewhere) = groups
+        .keys()
+        .map(|p| &handle.partitions[*p as usize])
+        .find(|p| !p.hosted)
+    {
+        return Err(not_replica(&state, elsewhere));
+    }
     let mut offsets: Vec<Option<RecordOffset>> = vec![None; groups.values().map(Vec::len).sum()];
     let appends = groups.into_iter().map(|(p, records)| {
         let shared = handle.partitions[p as usize].clone();

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ErrorBody};
-use super::partitions::find;
+use super::partitions::{find, not_replica};
 use super::{response_format, EmbeddedFormat, State};
 
 /// `max_records` when the consumer does not say.
@@ -79,7 +79,7 @@ pub async fn fetch(
     let (topic, partition) = path.into_inner();
     let shared = find(&state, &topic, partition)?;
     if !shared.hosted {
-        return Err(shared.unavailable().into());
+        return Err(not_replica(&state, &shared));
     }
     let config = &state.config;
     let records_max = bounded(
