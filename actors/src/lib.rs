@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod partition_replica;
 pub mod partitioner;
 pub mod peer_link;
+pub mod raft_driver;
 pub mod raft_group;
 pub mod registry;
 pub mod storage;

@@ -23,13 +23,14 @@ use crate::broker_supervisor::{BrokerSupervisor, HostTopic, RetireTopic};
 use crate::error::{StorageError, TopicError};
 use crate::metrics::Metrics;
 use crate::partition_replica::now_ms;
-use crate::raft_group::{RaftGroup, RaftTiming, ReadyWork};
+use crate::raft_driver::{self, Driver, RaftDriven};
+use crate::raft_group::{RaftGroup, RaftTiming};
 use crate::registry::Registry;
 use crate::storage::{
     topic_key_range, topic_meta_key, Catalog, Cf, Storage, WriteOp, METADATA_APPLIED_KEY,
     NEXT_TOPIC_ID_KEY,
 };
-use crate::topic::{validate_name, TopicConfigs, TopicMeta};
+use crate::topic::{validate_name, LogId, TopicConfigs, TopicMeta};
 use crate::transport::{Cluster, RaftInbound, Transport, METADATA_GROUP};
 
 /// How long an admin request waits for its command to commit before the client is told to retry.
@@ -89,7 +90,7 @@ enum Command {
 
 /// The outcome of applying a command, sent to the proposer's client.
 #[derive(Debug, Clone)]
-enum Outcome {
+pub(crate) enum Outcome {
     Created(Arc<TopicMeta>),
     Deleted,
 }
@@ -97,10 +98,10 @@ enum Outcome {
 type Reply = oneshot::Sender<Result<Outcome, TopicError>>;
 
 /// One applied command: whose proposal it was (if ours), its outcome, and what follows.
-type Applied = (Option<u64>, Result<Outcome, TopicError>, Effect);
+type Done = (Option<u64>, Result<Outcome, TopicError>, Effect);
 
 /// What to do once an applied batch is durable.
-enum Effect {
+pub(crate) enum Effect {
     Host(Arc<TopicMeta>),
     Retire(String),
     Nothing,
@@ -121,9 +122,7 @@ pub struct Metadata {
     next_topic_id: u32,
     applied_index: u64,
     raft: Option<RaftGroup>,
-    /// True while a Ready is being persisted; `again` asks for another pass after it.
-    busy: bool,
-    again: bool,
+    driver: Driver,
     pending: HashMap<u64, (Reply, std::time::Instant)>,
     nonce: u64,
     next_proposal: u64,
@@ -161,8 +160,7 @@ impl Metadata {
             next_topic_id: catalog.next_topic_id.max(1),
             applied_index: catalog.applied_index,
             raft: None,
-            busy: false,
-            again: false,
+            driver: Driver::default(),
             pending: HashMap::new(),
             next_proposal: 0,
         }
@@ -243,12 +241,12 @@ impl Metadata {
         }
         self.next_proposal += 1;
         self.pending.insert(id, (reply, std::time::Instant::now()));
-        self.drive(ctx);
+        raft_driver::drive(self, ctx);
         receiver
     }
 
     /// Apply committed commands: the same state change on every broker.
-    fn apply(&mut self, entries: Vec<raft::prelude::Entry>) -> (Vec<WriteOp>, Vec<Applied>) {
+    fn apply_entries(&mut self, entries: Vec<raft::prelude::Entry>) -> (Vec<WriteOp>, Vec<Done>) {
         let mut ops = Vec::new();
         let mut results = Vec::new();
         let Some(last) = entries.last().map(|e| e.index) else {
@@ -347,38 +345,8 @@ impl Metadata {
         }
     }
 
-    fn drive(&mut self, ctx: &mut Context<Self>) {
-        if self.busy {
-            self.again = true;
-            return;
-        }
-        let Some(raft) = self.raft.as_mut() else {
-            return;
-        };
-        let Some(mut work) = raft.ready() else { return };
-        self.transport
-            .send(METADATA_GROUP, std::mem::take(&mut work.messages));
-        if work.role_changed {
-            self.on_role_change();
-        }
-        let (apply_ops, results) = self.apply(std::mem::take(&mut work.committed));
-        let mut ops = std::mem::take(&mut work.persist);
-        ops.extend(apply_ops);
-        self.busy = true;
-        let durable = match self.storage.submit(ops) {
-            Ok(durable) => durable,
-            Err(e) => return self.fail(e, results),
-        };
-        ctx.spawn(durable.into_actor(self).map(move |result, act, ctx| {
-            let result = result.unwrap_or(Err(StorageError::ShutDown));
-            match result {
-                Ok(()) => act.on_persisted(work, results, ctx),
-                Err(e) => act.fail(e, results),
-            }
-        }));
-    }
-
-    fn on_persisted(&mut self, work: ReadyWork, results: Vec<Applied>, ctx: &mut Context<Self>) {
+    /// Host or retire, then answer the proposer's client.
+    fn announce(&mut self, results: Vec<Done>) {
         for (own, result, effect) in results {
             let reply = own
                 .and_then(|id| self.pending.remove(&id))
@@ -400,29 +368,17 @@ impl Metadata {
                 }
             });
         }
-        if let Some(raft) = self.raft.as_mut() {
-            let after = raft.persisted(work);
-            self.transport.send(METADATA_GROUP, after.messages);
-            let compaction = raft.applied(self.applied_index);
-            if !compaction.is_empty() {
-                let _ = self.storage.submit(compaction);
-            }
-        }
-        self.busy = false;
-        if std::mem::take(&mut self.again) || self.raft.as_ref().is_some_and(RaftGroup::has_ready) {
-            self.drive(ctx);
-        }
     }
 
     /// A durable write failed: storage is failed closed and readiness reports it; fail waiters.
-    fn fail(&mut self, error: StorageError, _results: Vec<Applied>) {
+    fn fail(&mut self, error: StorageError) {
         tracing::error!(error = %error, "metadata write failed");
         for (_, (reply, _)) in self.pending.drain() {
             let _ = reply.send(Err(TopicError::Storage(error.clone())));
         }
     }
 
-    fn on_role_change(&mut self) {
+    fn role_changed(&mut self) {
         let Some(raft) = &self.raft else { return };
         let leader = raft.leader_id();
         self.cluster.set_metadata_leader(leader);
@@ -462,6 +418,50 @@ fn own_proposal(nonce: u64, context: &[u8]) -> Option<u64> {
     (n == nonce.to_be_bytes()).then(|| u64::from_be_bytes(id.try_into().unwrap_or_default()))
 }
 
+impl RaftDriven for Metadata {
+    type Applied = Vec<Done>;
+
+    fn raft_mut(&mut self) -> Option<&mut RaftGroup> {
+        self.raft.as_mut()
+    }
+
+    fn driver(&mut self) -> &mut Driver {
+        &mut self.driver
+    }
+
+    fn group(&self) -> LogId {
+        METADATA_GROUP
+    }
+
+    fn transport(&self) -> &Transport {
+        &self.transport
+    }
+
+    fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+
+    fn apply(&mut self, entries: Vec<raft::prelude::Entry>) -> (Vec<WriteOp>, Self::Applied) {
+        self.apply_entries(entries)
+    }
+
+    fn on_role_change(&mut self) {
+        self.role_changed();
+    }
+
+    fn on_durable(&mut self, applied: Self::Applied) {
+        self.announce(applied);
+    }
+
+    fn on_failure(&mut self, _ctx: &mut Context<Self>, error: StorageError) {
+        self.fail(error);
+    }
+}
+
 impl Actor for Metadata {
     type Context = Context<Self>;
 
@@ -495,7 +495,7 @@ impl Actor for Metadata {
                     raft.campaign();
                 }
                 act.raft = Some(raft);
-                act.drive(ctx);
+                raft_driver::drive(act, ctx);
             }
             Err(e) => {
                 tracing::error!(error = %e, "metadata recovery failed; the broker stays unready");
@@ -504,7 +504,7 @@ impl Actor for Metadata {
         ctx.run_interval(Duration::from_millis(self.timing.tick_ms), |act, ctx| {
             if let Some(raft) = act.raft.as_mut() {
                 raft.tick();
-                act.drive(ctx);
+                raft_driver::drive(act, ctx);
             }
         });
         ctx.run_interval(Duration::from_secs(1), |act, _ctx| act.expire_pending());
@@ -517,7 +517,7 @@ impl Handler<RaftInbound> for Metadata {
     fn handle(&mut self, msg: RaftInbound, ctx: &mut Self::Context) {
         if let Some(raft) = self.raft.as_mut() {
             raft.step(msg.0);
-            self.drive(ctx);
+            raft_driver::drive(self, ctx);
         }
     }
 }

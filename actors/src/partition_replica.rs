@@ -24,7 +24,8 @@ use tokio::sync::{oneshot, watch};
 use crate::batch::{self, BatchHeader, NewRecord};
 use crate::error::{PartitionError, StorageError};
 use crate::metrics::Metrics;
-use crate::raft_group::{RaftGroup, RaftTiming, ReadyWork};
+use crate::raft_driver::{self, Driver, RaftDriven};
+use crate::raft_group::{RaftGroup, RaftTiming};
 use crate::storage::{log_key, record_key, Cf, LogState, Storage, WriteOp};
 use crate::topic::{LogId, TopicConfigs};
 use crate::transport::{Cluster, RaftInbound, Transport};
@@ -219,15 +220,6 @@ struct PendingAppend {
     bytes: u64,
 }
 
-/// Raft work in flight: at most one Ready is being persisted at a time, in order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Drive {
-    Idle,
-    Busy,
-    /// Busy, and something new arrived meanwhile: look for a Ready again when done.
-    BusyAgain,
-}
-
 pub struct PartitionReplica {
     shared: Arc<PartitionShared>,
     storage: Storage,
@@ -243,7 +235,7 @@ pub struct PartitionReplica {
     state: LogState,
     /// `None` until recovered from storage; nothing is proposed or applied before.
     raft: Option<RaftGroup>,
-    drive: Drive,
+    driver: Driver,
     was_leader: bool,
     /// Appends proposed through this replica, by proposal id.
     pending: HashMap<u64, PendingAppend>,
@@ -281,7 +273,7 @@ impl PartitionReplica {
             supervisor,
             state: LogState::default(),
             raft: None,
-            drive: Drive::Idle,
+            driver: Driver::default(),
             was_leader: false,
             pending: HashMap::new(),
             nonce,
@@ -320,7 +312,7 @@ impl PartitionReplica {
         }
         self.raft = Some(raft);
         tracing::debug!(topic = %self.shared.topic, partition = self.shared.partition, ?state, "partition recovered");
-        self.drive(ctx);
+        raft_driver::drive(self, ctx);
     }
 
     /// The applied end of the log moved to `next_offset` and is durable: wake readers.
@@ -375,7 +367,7 @@ impl PartitionReplica {
     /// Apply committed entries to the log: each non-empty entry is a batch whose base offset is
     /// set here, from the applied log, so every replica assigns the same offsets. Returns the
     /// writes (records + log state + hard state, one atomic batch) and the appends it completes.
-    fn apply(
+    fn apply_entries(
         &mut self,
         entries: Vec<raft::prelude::Entry>,
     ) -> (Vec<WriteOp>, Vec<(u64, Appended)>) {
@@ -442,109 +434,6 @@ impl PartitionReplica {
             .then(|| u64::from_be_bytes(id.try_into().unwrap_or_default()))
     }
 
-    /// Run the Ready loop if Raft has work and none is in flight.
-    fn drive(&mut self, ctx: &mut Context<Self>) {
-        if self.drive != Drive::Idle {
-            self.drive = Drive::BusyAgain;
-            return;
-        }
-        let Some(raft) = self.raft.as_mut() else {
-            return;
-        };
-        let Some(mut work) = raft.ready() else { return };
-        if work.snapshot_received {
-            // Applying it would skip records and shift offsets; stop and wait for an
-            // operator instead (snapshots of record data are not implemented yet).
-            return self.fail_stop(
-                ctx,
-                StorageError::Corrupt {
-                    what: format!(
-                        "raft group {}/{}",
-                        self.shared.log.topic_id, self.shared.partition
-                    ),
-                    message: "received a snapshot, which this version cannot apply".into(),
-                },
-            );
-        }
-        self.settings
-            .transport
-            .send(self.shared.log, std::mem::take(&mut work.messages));
-        if work.role_changed {
-            self.on_role_change();
-        }
-        let committed = std::mem::take(&mut work.committed);
-        let (apply_ops, completed) = self.apply(committed);
-        let mut ops = std::mem::take(&mut work.persist);
-        ops.extend(apply_ops);
-        self.drive = Drive::Busy;
-        let durable = match self.storage.submit(ops) {
-            Ok(durable) => durable,
-            Err(e) => return self.fail_stop(ctx, e),
-        };
-        ctx.spawn(
-            durable
-                .into_actor(self)
-                .map(move |result, act, ctx| match result {
-                    Ok(Ok(())) => act.on_persisted(work, completed, ctx),
-                    Ok(Err(e)) => act.fail_stop(ctx, e),
-                    Err(_) => act.fail_stop(ctx, StorageError::ShutDown),
-                }),
-        );
-    }
-
-    fn on_persisted(
-        &mut self,
-        work: ReadyWork,
-        completed: Vec<(u64, Appended)>,
-        ctx: &mut Context<Self>,
-    ) {
-        self.complete(completed);
-        let Some(raft) = self.raft.as_mut() else {
-            return;
-        };
-        let mut after = raft.persisted(work);
-        self.settings
-            .transport
-            .send(self.shared.log, std::mem::take(&mut after.messages));
-        let applied_before = self.state.applied_index;
-        let (ops, completed) = self.apply(after.committed);
-        if ops.is_empty() {
-            return self.on_applied(applied_before, ctx);
-        }
-        let durable = match self.storage.submit(ops) {
-            Ok(durable) => durable,
-            Err(e) => return self.fail_stop(ctx, e),
-        };
-        ctx.spawn(
-            durable
-                .into_actor(self)
-                .map(move |result, act, ctx| match result {
-                    Ok(Ok(())) => {
-                        act.complete(completed);
-                        let applied = act.state.applied_index;
-                        act.on_applied(applied, ctx);
-                    }
-                    Ok(Err(e)) => act.fail_stop(ctx, e),
-                    Err(_) => act.fail_stop(ctx, StorageError::ShutDown),
-                }),
-        );
-    }
-
-    fn on_applied(&mut self, applied: u64, ctx: &mut Context<Self>) {
-        if let Some(raft) = self.raft.as_mut() {
-            let compaction = raft.applied(applied);
-            if !compaction.is_empty() {
-                // Best effort: a failed compaction only leaves more log behind.
-                let _ = self.storage.submit(compaction);
-            }
-        }
-        let again = self.drive == Drive::BusyAgain;
-        self.drive = Drive::Idle;
-        if again || self.raft.as_ref().is_some_and(RaftGroup::has_ready) {
-            self.drive(ctx);
-        }
-    }
-
     /// Appends are durable and applied: the high watermark moves and their clients get offsets.
     fn complete(&mut self, completed: Vec<(u64, Appended)>) {
         self.publish_durable(self.state.next_offset);
@@ -571,7 +460,7 @@ impl PartitionReplica {
     }
 
     /// Leadership moved: pending appends fail with a retriable error (they may or may not commit).
-    fn on_role_change(&mut self) {
+    fn role_changed(&mut self) {
         let Some(raft) = &self.raft else { return };
         let leader = raft.is_leader();
         tracing::info!(topic = %self.shared.topic, partition = self.shared.partition, term = raft.term(), leader = raft.leader_id(), "partition leadership changed");
@@ -771,6 +660,50 @@ impl PartitionReplica {
     }
 }
 
+impl RaftDriven for PartitionReplica {
+    type Applied = Vec<(u64, Appended)>;
+
+    fn raft_mut(&mut self) -> Option<&mut RaftGroup> {
+        self.raft.as_mut()
+    }
+
+    fn driver(&mut self) -> &mut Driver {
+        &mut self.driver
+    }
+
+    fn group(&self) -> LogId {
+        self.shared.log
+    }
+
+    fn transport(&self) -> &Transport {
+        &self.settings.transport
+    }
+
+    fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    fn applied_index(&self) -> u64 {
+        self.state.applied_index
+    }
+
+    fn apply(&mut self, entries: Vec<raft::prelude::Entry>) -> (Vec<WriteOp>, Self::Applied) {
+        self.apply_entries(entries)
+    }
+
+    fn on_role_change(&mut self) {
+        self.role_changed();
+    }
+
+    fn on_durable(&mut self, applied: Self::Applied) {
+        self.complete(applied);
+    }
+
+    fn on_failure(&mut self, ctx: &mut Context<Self>, error: StorageError) {
+        self.fail_stop(ctx, error);
+    }
+}
+
 impl Actor for PartitionReplica {
     type Context = Context<Self>;
 
@@ -818,7 +751,7 @@ impl Actor for PartitionReplica {
                     if act.ticks % RAFT_GAUGE_TICKS == 0 {
                         act.publish_raft_gauges();
                     }
-                    act.drive(ctx);
+                    raft_driver::drive(act, ctx);
                 }
             },
         );
@@ -857,7 +790,7 @@ impl Handler<Append> for PartitionReplica {
                 bytes,
             },
         );
-        self.drive(ctx);
+        raft_driver::drive(self, ctx);
         let gone = self.shared.unavailable();
         Box::pin(async move { receiver.await.unwrap_or(Err(gone)) })
     }
@@ -869,7 +802,7 @@ impl Handler<RaftInbound> for PartitionReplica {
     fn handle(&mut self, msg: RaftInbound, ctx: &mut Self::Context) {
         if let Some(raft) = self.raft.as_mut() {
             raft.step(msg.0);
-            self.drive(ctx);
+            raft_driver::drive(self, ctx);
         }
     }
 }

@@ -83,10 +83,10 @@ pub struct ReadyWork {
     number: u64,
 }
 
-/// After a Ready's writes are durable.
+/// After a Ready's writes are durable: messages that had to wait for it. What the writes
+/// committed comes out of the next Ready.
 pub struct Persisted {
     pub messages: Vec<Message>,
-    pub committed: Vec<Entry>,
 }
 
 /// Why a proposal was not accepted.
@@ -345,7 +345,6 @@ impl RaftGroup {
         self.node.on_persist_ready(work.number);
         Persisted {
             messages: work.persisted_messages,
-            committed: Vec::new(),
         }
     }
 
@@ -440,10 +439,9 @@ mod tests {
             for (i, g) in groups.iter_mut().enumerate() {
                 while let Some(mut work) = g.ready() {
                     outbox.append(&mut work.messages);
-                    let mut committed = std::mem::take(&mut work.committed);
+                    let committed = std::mem::take(&mut work.committed);
                     let mut after = g.persisted(work);
                     outbox.append(&mut after.messages);
-                    committed.append(&mut after.committed);
                     for entry in committed {
                         if !entry.data.is_empty() {
                             applied[i].push(entry.data.to_vec());

@@ -1,0 +1,111 @@
+//! The Ready loop glue every Raft-owning actor shares: one Ready in flight at a time, its writes
+//! (Raft persistence + the apply of committed entries) as one durable batch, then the messages
+//! that must wait for durability, compaction, and another pass if more work arrived meanwhile.
+//!
+//! [`RaftGroup`] is the sans-IO half (what raft-rs wants done); this module is the I/O half for
+//! actix actors. An actor implements [`RaftDriven`] (what applying means for it, what to do when
+//! an apply is durable, how to fail) and calls [`drive`] whenever its node may have work: after
+//! a proposal, an inbound message, a tick.
+
+use actix::prelude::*;
+use raft::prelude::Entry;
+
+use crate::error::StorageError;
+use crate::raft_group::{RaftGroup, ReadyWork};
+use crate::storage::{Storage, WriteOp};
+use crate::topic::LogId;
+use crate::transport::Transport;
+
+/// Whether a Ready is being written, and whether another pass was asked for meanwhile.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Driver {
+    busy: bool,
+    again: bool,
+}
+
+/// An actor that owns a Raft group and applies its committed entries.
+pub(crate) trait RaftDriven: Actor<Context = Context<Self>> {
+    /// What an apply hands to [`RaftDriven::on_durable`] once its write is durable.
+    type Applied: 'static;
+
+    fn raft_mut(&mut self) -> Option<&mut RaftGroup>;
+    fn driver(&mut self) -> &mut Driver;
+    fn group(&self) -> LogId;
+    fn transport(&self) -> &Transport;
+    fn storage(&self) -> &Storage;
+    /// Index of the last entry applied (including applies whose write is in flight).
+    fn applied_index(&self) -> u64;
+    /// Apply committed entries to the in-memory state; return the writes that make it durable.
+    fn apply(&mut self, entries: Vec<Entry>) -> (Vec<WriteOp>, Self::Applied);
+    /// The node's role or leader changed in this Ready.
+    fn on_role_change(&mut self);
+    /// The apply's writes are durable: answer clients, host topics, move watermarks.
+    fn on_durable(&mut self, applied: Self::Applied);
+    /// A durable write failed (storage is failed closed) or the Ready cannot be handled.
+    fn on_failure(&mut self, ctx: &mut Context<Self>, error: StorageError);
+}
+
+/// Handle the node's next Ready, unless one is already being written.
+pub(crate) fn drive<A: RaftDriven>(act: &mut A, ctx: &mut Context<A>) {
+    let driver = act.driver();
+    if driver.busy {
+        driver.again = true;
+        return;
+    }
+    let group = act.group();
+    let Some(mut work) = act.raft_mut().and_then(RaftGroup::ready) else {
+        return;
+    };
+    if work.snapshot_received {
+        // Applying it would skip records and shift offsets (snapshots of record data are not
+        // implemented yet): stop instead.
+        let error = StorageError::Corrupt {
+            what: format!("raft group {}/{}", group.topic_id, group.partition),
+            message: "received a snapshot, which this version cannot apply".into(),
+        };
+        return act.on_failure(ctx, error);
+    }
+    act.transport()
+        .send(group, std::mem::take(&mut work.messages));
+    if work.role_changed {
+        act.on_role_change();
+    }
+    let (apply_ops, applied) = act.apply(std::mem::take(&mut work.committed));
+    let mut ops = std::mem::take(&mut work.persist);
+    ops.extend(apply_ops);
+    act.driver().busy = true;
+    let durable = match act.storage().submit(ops) {
+        Ok(durable) => durable,
+        Err(e) => return act.on_failure(ctx, e),
+    };
+    ctx.spawn(durable.into_actor(act).map(move |result, act, ctx| {
+        match result.unwrap_or(Err(StorageError::ShutDown)) {
+            Ok(()) => persisted(act, work, applied, ctx),
+            Err(e) => act.on_failure(ctx, e),
+        }
+    }));
+}
+
+fn persisted<A: RaftDriven>(
+    act: &mut A,
+    work: ReadyWork,
+    applied: A::Applied,
+    ctx: &mut Context<A>,
+) {
+    act.on_durable(applied);
+    let (group, index) = (act.group(), act.applied_index());
+    let Some(raft) = act.raft_mut() else { return };
+    let messages = raft.persisted(work).messages;
+    let compaction = raft.applied(index);
+    act.transport().send(group, messages);
+    if !compaction.is_empty() {
+        // Best effort: a failed compaction only leaves more log behind.
+        let _ = act.storage().submit(compaction);
+    }
+    let driver = act.driver();
+    driver.busy = false;
+    let again = std::mem::take(&mut driver.again);
+    if again || act.raft_mut().is_some_and(|raft| raft.has_ready()) {
+        drive(act, ctx);
+    }
+}
