@@ -224,6 +224,16 @@ mod tests {
             ("produce_records_max = 0", "produce_records_max"),
             ("no_such_key = 1", "no_such_key"),
             ("log_format = \"xml\"", "log_format"),
+            ("seeds = [\"one@127.0.0.1:9091\"]", "seeds"),
+            (
+                "seeds = [\"2@127.0.0.1:9092\"]",
+                "seeds must include this broker",
+            ),
+            (
+                "seeds = [\"1@127.0.0.1:9091\", \"1@127.0.0.1:9092\"]",
+                "twice",
+            ),
+            ("raft_tick_ms = 1", "raft_tick_ms"),
         ] {
             std::fs::write(&file, toml).expect("write");
             let err = Config::load(Some(&file), NoOverrides {}).expect_err(toml);
