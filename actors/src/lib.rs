@@ -43,7 +43,7 @@ use actix::prelude::*;
 
 use crate::broker_supervisor::{BrokerSupervisor, StopAll};
 use crate::error::StorageError;
-use crate::metadata::{CatalogLimits, HostAll, Metadata};
+use crate::metadata::{CatalogLimits, HostAll, Metadata, MetadataWiring};
 use crate::metrics::Metrics;
 use crate::partition_replica::ReplicaSettings;
 use crate::peer_link::PeerLink;
@@ -125,18 +125,16 @@ impl Broker {
             settings.partition_threads,
         )
         .start();
-        let metadata = Metadata::new(
-            storage.clone(),
-            supervisor.clone(),
-            registry.clone(),
-            cluster.clone(),
+        let wiring = MetadataWiring {
+            storage: storage.clone(),
+            supervisor: supervisor.clone(),
+            registry: registry.clone(),
+            cluster: cluster.clone(),
             transport,
-            metrics.clone(),
-            settings.limits,
-            settings.raft_timing,
-            catalog,
-        )
-        .start();
+            metrics: metrics.clone(),
+        };
+        let metadata =
+            Metadata::new(wiring, settings.limits, settings.raft_timing, catalog).start();
         metadata
             .send(HostAll)
             .await

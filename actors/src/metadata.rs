@@ -128,19 +128,32 @@ pub struct Metadata {
     next_proposal: u64,
 }
 
+/// The broker-wide handles the metadata actor works with.
+#[derive(Debug, Clone)]
+pub struct MetadataWiring {
+    pub storage: Storage,
+    pub supervisor: Addr<BrokerSupervisor>,
+    pub registry: Registry,
+    pub cluster: Cluster,
+    pub transport: Transport,
+    pub metrics: Arc<Metrics>,
+}
+
 impl Metadata {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        storage: Storage,
-        supervisor: Addr<BrokerSupervisor>,
-        registry: Registry,
-        cluster: Cluster,
-        transport: Transport,
-        metrics: Arc<Metrics>,
+        wiring: MetadataWiring,
         limits: CatalogLimits,
         timing: RaftTiming,
         catalog: Catalog,
     ) -> Self {
+        let MetadataWiring {
+            storage,
+            supervisor,
+            registry,
+            cluster,
+            transport,
+            metrics,
+        } = wiring;
         let topics = catalog
             .topics
             .into_iter()
