@@ -394,6 +394,7 @@ impl Metadata {
     fn role_changed(&mut self) {
         let Some(raft) = &self.raft else { return };
         let leader = raft.leader_id();
+        let leader_changed = self.cluster.metadata_leader() != leader;
         self.cluster.set_metadata_leader(leader);
         let labels = ["__metadata", "0"];
         self.metrics
@@ -404,10 +405,18 @@ impl Metadata {
             .raft_term
             .with_label_values(&labels)
             .set(raft.term() as i64);
-        self.metrics
-            .raft_leader_changes_total
-            .with_label_values(&labels)
-            .inc();
+        if leader_changed {
+            self.metrics
+                .raft_leader_changes_total
+                .with_label_values(&labels)
+                .inc();
+        }
+        if raft.is_campaigning() {
+            self.metrics
+                .raft_elections_total
+                .with_label_values(&labels)
+                .inc();
+        }
         tracing::info!(term = raft.term(), leader, "metadata leadership changed");
     }
 

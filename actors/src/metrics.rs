@@ -31,6 +31,8 @@ pub struct Metrics {
     /// Broker id of each group's leader as seen here; 0 = none known.
     pub raft_leader: IntGaugeVec,
     pub raft_leader_changes_total: IntCounterVec,
+    /// Elections this broker's replica of a group started (pre-vote campaigns count).
+    pub raft_elections_total: IntCounterVec,
     pub raft_commit_index: IntGaugeVec,
     pub raft_applied_index: IntGaugeVec,
     /// On a group's leader: entries the slowest follower lacks.
@@ -150,6 +152,11 @@ impl Metrics {
                 "Leadership changes (elections won or leaders learned) seen by this broker.",
                 partition,
             ),
+            raft_elections_total: counter_vec(
+                "pubg1_raft_elections_total",
+                "Elections (pre-vote or vote campaigns) this broker's replica of a group started.",
+                partition,
+            ),
             raft_commit_index: gauge_vec(
                 "pubg1_raft_commit_index",
                 "Highest Raft index known committed in a group (commit minus applied = apply lag).",
@@ -214,6 +221,7 @@ impl Metrics {
             Box::new(self.raft_term.clone()),
             Box::new(self.raft_leader.clone()),
             Box::new(self.raft_leader_changes_total.clone()),
+            Box::new(self.raft_elections_total.clone()),
             Box::new(self.raft_commit_index.clone()),
             Box::new(self.raft_applied_index.clone()),
             Box::new(self.raft_follower_lag_entries.clone()),

@@ -467,7 +467,8 @@ impl PartitionReplica {
         // Any change of leader fails what is pending here: a leader that stepped down may not
         // commit its appends, and proposals this follower forwarded to a dead leader are lost.
         // The client retries; an append that did commit anyway is stored but unacknowledged.
-        if self.shared.leader() != raft.leader_id() || (self.was_leader && !leader) {
+        let leader_changed = self.shared.leader() != raft.leader_id();
+        if leader_changed || (self.was_leader && !leader) {
             let error = PartitionError::NoLeader {
                 topic: self.shared.topic.to_string(),
                 partition: self.shared.partition,
@@ -491,10 +492,18 @@ impl PartitionReplica {
             .raft_term
             .with_label_values(&labels)
             .set(raft.term() as i64);
-        metrics
-            .raft_leader_changes_total
-            .with_label_values(&labels)
-            .inc();
+        if leader_changed {
+            metrics
+                .raft_leader_changes_total
+                .with_label_values(&labels)
+                .inc();
+        }
+        if raft.is_campaigning() {
+            metrics
+                .raft_elections_total
+                .with_label_values(&labels)
+                .inc();
+        }
     }
 
     fn publish_raft_gauges(&self) {

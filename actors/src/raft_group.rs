@@ -217,6 +217,14 @@ impl RaftGroup {
             .map_err(|_| ProposeError::NoLeader)
     }
 
+    /// True while this replica campaigns (pre-vote or vote).
+    pub fn is_campaigning(&self) -> bool {
+        matches!(
+            self.node.raft.state,
+            StateRole::Candidate | StateRole::PreCandidate
+        )
+    }
+
     pub fn is_leader(&self) -> bool {
         self.node.raft.state == StateRole::Leader
     }

@@ -78,6 +78,16 @@ fn twenty_thousand_records_are_replicated_byte_identical_on_three_brokers() -> a
         },
     )?;
     let follower = (1..=3).find(|id| *id != leader).unwrap_or(1);
+    // The cluster's Raft metrics are there and promtool-shaped (names checked in observability.rs).
+    let metrics = http.get(&cluster.broker(leader).url("/metrics"))?.text;
+    for name in [
+        "pubg1_raft_elections_total",
+        "pubg1_raft_leader_changes_total",
+        "pubg1_raft_follower_lag_entries",
+        "pubg1_peer_connects_total",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
     let reply = http.get(&cluster.broker(follower).url("/topics/orders/partitions/0"))?;
     assert_eq!(reply.body["leader"].as_u64(), Some(leader));
     assert!(
