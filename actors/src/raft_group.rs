@@ -28,6 +28,9 @@ use crate::topic::LogId;
 /// Entries kept in memory (and in `raft_log`) behind the applied index, so a follower that is a
 /// little behind catches up from the log. A follower further behind needs a snapshot.
 pub const RAFT_LOG_KEEP_ENTRIES: u64 = 5_000;
+/// Most entries a leader keeps for a slow or dead follower; one further behind needs a snapshot.
+/// Bounds the memory a dead follower can cost (entries are record batches).
+pub const RAFT_LOG_KEEP_ENTRIES_MAX: u64 = 50_000;
 /// A follower further behind the leader's log than this is reported out of sync.
 pub const IN_SYNC_LAG_ENTRIES_MAX: u64 = 1_000;
 /// Largest append message raft-rs builds (bytes of entries per message).
@@ -372,10 +375,27 @@ impl RaftGroup {
     pub fn applied(&mut self, index: u64) -> Vec<WriteOp> {
         self.node.advance_apply_to(index);
         let first = self.node.store().first_index().unwrap_or(1);
-        if index < first + 2 * RAFT_LOG_KEEP_ENTRIES {
+        let mut compact_to = index.saturating_sub(RAFT_LOG_KEEP_ENTRIES);
+        if self.is_leader() {
+            // A leader keeps what its slowest follower still needs (a restarted follower
+            // catches up from the log), up to RAFT_LOG_KEEP_ENTRIES_MAX behind.
+            let slowest = self
+                .node
+                .raft
+                .prs()
+                .iter()
+                .filter(|(id, _)| **id != self.id)
+                .map(|(_, progress)| progress.matched)
+                .min()
+                .unwrap_or(index);
+            compact_to = compact_to
+                .min(slowest)
+                .max(index.saturating_sub(RAFT_LOG_KEEP_ENTRIES_MAX));
+        }
+        // Compact in steps of at least RAFT_LOG_KEEP_ENTRIES, not on every apply.
+        if compact_to < first + RAFT_LOG_KEEP_ENTRIES {
             return Vec::new();
         }
-        let compact_to = index - RAFT_LOG_KEEP_ENTRIES;
         let term = self.node.store().term(compact_to).unwrap_or(0);
         if let Err(e) = self.node.mut_store().wl().compact(compact_to + 1) {
             tracing::warn!(group = ?self.group, error = %e, "raft log compaction failed");
@@ -544,36 +564,43 @@ mod tests {
         let mut applied = vec![Vec::new(); 3];
         groups[0].campaign();
         settle(&mut groups, &mut applied);
-        // Node 3 is cut off while the other two commit and compact well past its log.
+        // Node 3 is cut off while the other two commit. The leader keeps its log for node 3 up
+        // to RAFT_LOG_KEEP_ENTRIES_MAX entries, then compacts past it anyway.
         let mut behind = groups.pop().expect("node 3");
-        for round in 0..25u64 {
-            for i in 0..500u64 {
-                let data = (round * 500 + i).to_be_bytes().to_vec();
-                assert_eq!(groups[0].propose(vec![], data), Ok(()));
-            }
-            let mut outbox = Vec::new();
-            for _ in 0..20 {
-                for g in groups.iter_mut() {
-                    while let Some(mut work) = g.ready() {
-                        outbox.append(&mut work.messages);
-                        let committed = std::mem::take(&mut work.committed);
-                        let mut after = g.persisted(work);
-                        outbox.append(&mut after.messages);
-                        if let Some(last) = committed.last() {
-                            g.applied(last.index);
+        let commit_without_node_3 = |groups: &mut Vec<RaftGroup>, entries: u64, start: u64| {
+            for round in 0..entries / 500 {
+                for i in 0..500u64 {
+                    let data = (start + round * 500 + i).to_be_bytes().to_vec();
+                    assert_eq!(groups[0].propose(vec![], data), Ok(()));
+                }
+                let mut outbox = Vec::new();
+                for _ in 0..20 {
+                    for g in groups.iter_mut() {
+                        while let Some(mut work) = g.ready() {
+                            outbox.append(&mut work.messages);
+                            let committed = std::mem::take(&mut work.committed);
+                            let mut after = g.persisted(work);
+                            outbox.append(&mut after.messages);
+                            if let Some(last) = committed.last() {
+                                g.applied(last.index);
+                            }
                         }
                     }
-                }
-                for m in outbox.drain(..).filter(|m| m.to != 3) {
-                    let to = m.to as usize - 1;
-                    groups[to].step(m);
+                    for m in outbox.drain(..).filter(|m| m.to != 3) {
+                        let to = m.to as usize - 1;
+                        groups[to].step(m);
+                    }
                 }
             }
-        }
+        };
+        commit_without_node_3(&mut groups, 12_500, 0);
+        let kept = groups[0].node.store().first_index().expect("first index");
+        assert_eq!(kept, 1, "the leader keeps what its slow follower needs");
+        commit_without_node_3(&mut groups, RAFT_LOG_KEEP_ENTRIES_MAX, 12_500);
         let leader_first = groups[0].node.store().first_index().expect("first index");
         assert!(
             leader_first > 2,
-            "the leader compacted its log (first index {leader_first})"
+            "past the bound the leader compacts (first index {leader_first})"
         );
         // Heal: the leader cannot send entries node 3 lacks, and must not send a snapshot.
         groups.push(behind);

@@ -148,8 +148,17 @@ fn a_follower_killed_under_load_catches_up_byte_identical() -> anyhow::Result<()
     let follower = (1..=3).find(|id| *id != leader).unwrap_or(1);
     cluster.broker_mut(follower).kill9();
     let load = Load::start(urls(cluster.topic_urls("logs")), "f", 4, 20);
-    // The follower stays down while the two others take real load.
-    load.wait_for_more(10_000, "10,000 records acknowledged without the follower")?;
+    // The follower stays down for 10 s while the two others take real load.
+    let killed_at = Instant::now();
+    wait_until(
+        Duration::from_secs(60),
+        "10 s and 10,000 records without the follower",
+        || (killed_at.elapsed() >= Duration::from_secs(10) && load.acked() >= 10_000).then_some(()),
+    )?;
+    eprintln!(
+        "follower down 10 s: {} records acknowledged meanwhile",
+        load.acked()
+    );
     cluster.broker_mut(follower).restart()?;
     let acked = load.finish()?;
     assert_replicas_identical(&cluster, "logs", 3)?;
