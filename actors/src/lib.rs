@@ -31,6 +31,7 @@ pub mod peer_link;
 pub mod raft_driver;
 pub mod raft_group;
 pub mod registry;
+pub mod snapshot;
 pub mod storage;
 pub mod topic;
 pub mod transport;
@@ -47,7 +48,7 @@ use crate::metadata::{CatalogLimits, HostAll, Metadata, MetadataWiring};
 use crate::metrics::Metrics;
 use crate::partition_replica::ReplicaSettings;
 use crate::peer_link::PeerLink;
-use crate::raft_group::RaftTiming;
+use crate::raft_group::RaftSettings;
 use crate::registry::Registry;
 use crate::storage::Storage;
 use crate::transport::{Cluster, Transport};
@@ -62,7 +63,7 @@ pub struct BrokerSettings {
     pub partition_threads: usize,
     /// This broker's id, its node id in every Raft group.
     pub broker_id: u64,
-    pub raft_timing: RaftTiming,
+    pub raft_settings: RaftSettings,
     /// Where this broker listens for peer (Raft) connections; None for a lone broker.
     pub peer_listen: Option<std::net::SocketAddr>,
     /// Every broker of the cluster with its peer address, this one included; empty = alone.
@@ -113,7 +114,7 @@ impl Broker {
         let replica = ReplicaSettings {
             retention_check_interval: settings.retention_check_interval,
             broker_id: me,
-            timing: settings.raft_timing,
+            timing: settings.raft_settings,
             transport: transport.clone(),
             cluster: cluster.clone(),
         };
@@ -134,7 +135,7 @@ impl Broker {
             metrics: metrics.clone(),
         };
         let metadata =
-            Metadata::new(wiring, settings.limits, settings.raft_timing, catalog).start();
+            Metadata::new(wiring, settings.limits, settings.raft_settings, catalog).start();
         metadata
             .send(HostAll)
             .await

@@ -24,7 +24,7 @@ use crate::error::{StorageError, TopicError};
 use crate::metrics::Metrics;
 use crate::partition_replica::now_ms;
 use crate::raft_driver::{self, Driver, RaftDriven};
-use crate::raft_group::{RaftGroup, RaftTiming};
+use crate::raft_group::{RaftGroup, RaftSettings};
 use crate::registry::Registry;
 use crate::storage::{
     topic_key_range, topic_meta_key, Catalog, Cf, Storage, WriteOp, METADATA_APPLIED_KEY,
@@ -115,7 +115,7 @@ pub struct Metadata {
     transport: Transport,
     metrics: Arc<Metrics>,
     limits: CatalogLimits,
-    timing: RaftTiming,
+    timing: RaftSettings,
     /// The applied catalog (including applies whose write is in flight).
     topics: BTreeMap<String, Arc<TopicMeta>>,
     /// The id the next created topic gets; ids are never reused (ids start at 1, 0 = metadata).
@@ -143,7 +143,7 @@ impl Metadata {
     pub fn new(
         wiring: MetadataWiring,
         limits: CatalogLimits,
-        timing: RaftTiming,
+        timing: RaftSettings,
         catalog: Catalog,
     ) -> Self {
         let MetadataWiring {
@@ -465,6 +465,22 @@ impl RaftDriven for Metadata {
 
     fn applied_index(&self) -> u64 {
         self.applied_index
+    }
+
+    /// The metadata group never offers snapshots (it sets no snapshot point), so a follower
+    /// catches up from the log; receiving one means a foreign or newer leader: stop.
+    fn install_snapshot(
+        &mut self,
+        snapshot: crate::raft_group::SnapshotInstall,
+    ) -> ResponseActFuture<Self, Result<Vec<WriteOp>, StorageError>> {
+        let error = StorageError::Corrupt {
+            what: "metadata group".into(),
+            message: format!(
+                "received a snapshot at index {}, which the metadata group never sends",
+                snapshot.index
+            ),
+        };
+        Box::pin(actix::fut::ready(Err(error)))
     }
 
     fn apply(&mut self, entries: Vec<raft::prelude::Entry>) -> (Vec<WriteOp>, Self::Applied) {

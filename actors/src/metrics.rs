@@ -37,6 +37,10 @@ pub struct Metrics {
     pub raft_applied_index: IntGaugeVec,
     /// On a group's leader: entries the slowest follower lacks.
     pub raft_follower_lag_entries: IntGaugeVec,
+    /// Snapshots this broker's replica installed (it was behind the leader's compacted log).
+    pub raft_snapshots_installed_total: IntCounterVec,
+    /// Record bytes fetched from other replicas to install snapshots.
+    pub raft_snapshot_fetched_bytes_total: IntCounterVec,
     pub peer_connects_total: IntCounterVec,
     pub peer_queue_depth: IntGaugeVec,
 }
@@ -152,6 +156,16 @@ impl Metrics {
                 "Leadership changes (elections won or leaders learned) seen by this broker.",
                 partition,
             ),
+            raft_snapshots_installed_total: counter_vec(
+                "pubg1_raft_snapshots_installed_total",
+                "Snapshots this broker's replica of a partition installed (it was behind the leader's compacted Raft log).",
+                partition,
+            ),
+            raft_snapshot_fetched_bytes_total: counter_vec(
+                "pubg1_raft_snapshot_fetched_bytes_total",
+                "Record bytes this broker's replica fetched from other replicas to install snapshots.",
+                partition,
+            ),
             raft_elections_total: counter_vec(
                 "pubg1_raft_elections_total",
                 "Elections (pre-vote or vote campaigns) this broker's replica of a group started.",
@@ -225,6 +239,8 @@ impl Metrics {
             Box::new(self.raft_commit_index.clone()),
             Box::new(self.raft_applied_index.clone()),
             Box::new(self.raft_follower_lag_entries.clone()),
+            Box::new(self.raft_snapshots_installed_total.clone()),
+            Box::new(self.raft_snapshot_fetched_bytes_total.clone()),
             Box::new(self.peer_connects_total.clone()),
             Box::new(self.peer_queue_depth.clone()),
         ];

@@ -7,6 +7,9 @@
 //! Ready; the high watermark moves, and clients get their offsets, only once that write is durable.
 //! Proposals keep flowing while a Ready is being written (raft-rs's async-ready API).
 //!
+//! A follower behind the leader's compacted Raft log is sent a snapshot and fetches the records
+//! it lacks from other replicas before acknowledging it (see [`crate::snapshot`]).
+//!
 //! Crash safety: handler bodies run under `catch_unwind`; a panic stops this actor only, and the
 //! [`crate::broker_supervisor::BrokerSupervisor`] starts a new one, which first waits for the
 //! storage queue to drain (a barrier) and then recovers its state from RocksDB. Offsets therefore
@@ -25,10 +28,13 @@ use crate::batch::{self, BatchHeader, NewRecord};
 use crate::error::{PartitionError, StorageError};
 use crate::metrics::Metrics;
 use crate::raft_driver::{self, Driver, RaftDriven};
-use crate::raft_group::{RaftGroup, RaftTiming};
+use crate::raft_group::{RaftGroup, RaftSettings, SnapshotInstall};
+use crate::snapshot::{Install, SnapshotChunk, SnapshotData, CHUNK_BYTES_MAX};
 use crate::storage::{log_key, record_key, Cf, LogState, Storage, WriteOp};
 use crate::topic::{LogId, TopicConfigs};
-use crate::transport::{Cluster, RaftInbound, Transport};
+use crate::transport::{
+    ChunkInbound, Cluster, FetchInbound, Outbound, PartitionStatus, RaftInbound, Transport,
+};
 
 /// Messages a partition actor may hold before senders wait: bounds memory per partition.
 pub const PARTITION_MAILBOX_CAPACITY: usize = 1024;
@@ -50,8 +56,10 @@ pub struct PartitionShared {
     /// First offset still retained; only grows.
     log_start_offset: AtomicU64,
     log_size_bytes: AtomicU64,
-    /// Broker id of the partition's Raft leader as this replica last saw it; 0 = unknown.
-    leader: AtomicU64,
+    /// (Raft term, leader's broker id) as this replica last saw them, read and written as one
+    /// pair so no reader sees one term's leader with another's term; leader 0 = unknown.
+    /// A std Mutex: held only to copy the pair.
+    leadership: Mutex<(u64, u64)>,
     /// Set when the topic is deleted; a retired partition is never restarted.
     retired: AtomicBool,
     /// Replicas in sync with the leader, as the leader saw them at its last gauge refresh; empty
@@ -79,7 +87,7 @@ impl PartitionShared {
             high_watermark: watch::Sender::new(0),
             log_start_offset: AtomicU64::new(0),
             log_size_bytes: AtomicU64::new(0),
-            leader: AtomicU64::new(0),
+            leadership: Mutex::new((0, 0)),
             retired: AtomicBool::new(false),
             in_sync: Mutex::new(Vec::new()),
             replicas,
@@ -105,7 +113,43 @@ impl PartitionShared {
 
     /// The leader's broker id as last seen, 0 when unknown.
     pub fn leader(&self) -> u64 {
-        self.leader.load(Ordering::Acquire)
+        self.leadership().1
+    }
+
+    /// (Raft term, leader's broker id) as last seen, consistent with each other.
+    pub fn leadership(&self) -> (u64, u64) {
+        self.leadership.lock().map(|pair| *pair).unwrap_or((0, 0))
+    }
+
+    /// The partition's leader (on another broker) reported how it stands. A broker without a
+    /// replica takes all of it; a follower only the in-sync replicas (the rest it knows itself).
+    /// Reports from an older term than last seen are ignored.
+    pub fn observe_status(&self, status: &PartitionStatus) {
+        let (term, _) = self.leadership();
+        if status.term < term {
+            return;
+        }
+        if !self.hosted {
+            self.set_leadership(status.term, status.leader);
+            self.high_watermark.send_if_modified(|hw| {
+                let moved = status.high_watermark > *hw;
+                *hw = (*hw).max(status.high_watermark);
+                moved
+            });
+            self.log_start_offset
+                .fetch_max(status.log_start_offset, Ordering::AcqRel);
+            self.log_size_bytes
+                .store(status.log_size_bytes, Ordering::Release);
+        }
+        if let Ok(mut in_sync) = self.in_sync.lock() {
+            in_sync.clone_from(&status.in_sync);
+        }
+    }
+
+    fn set_leadership(&self, term: u64, leader: u64) {
+        if let Ok(mut pair) = self.leadership.lock() {
+            *pair = (term, leader);
+        }
     }
 
     /// In-sync replicas if this broker leads the partition (None: ask the leader).
@@ -166,6 +210,9 @@ impl PartitionShared {
 pub struct Appended {
     pub base_offset: u64,
     pub record_count: u32,
+    /// Raft term of the committed entry: the term of the leader that appended it (Kafka's
+    /// leader epoch). Never decreases along a log.
+    pub leader_epoch: u64,
 }
 
 /// Append records to the partition; replies once they are durable.
@@ -203,7 +250,7 @@ pub struct ReplicaSettings {
     pub retention_check_interval: Duration,
     /// This broker's id: its node id in every Raft group.
     pub broker_id: u64,
-    pub timing: RaftTiming,
+    pub timing: RaftSettings,
     /// Sends Raft messages to the other replicas.
     pub transport: Transport,
     /// Liveness of the other brokers, for reporting in-sync replicas.
@@ -212,6 +259,22 @@ pub struct ReplicaSettings {
 
 /// How long an append may wait for its entry to commit before the client is told to retry.
 const APPEND_COMMIT_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a snapshot fetch may go unanswered before another replica is asked.
+const SNAPSHOT_FETCH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause before asking again after a replica could not serve a fetch.
+const SNAPSHOT_FETCH_RETRY: Duration = Duration::from_millis(200);
+
+/// A snapshot install in progress: the records it needs are being fetched.
+struct Installing {
+    install: Install,
+    done: oneshot::Sender<Result<(Vec<WriteOp>, LogState), StorageError>>,
+    /// Id of the outstanding fetch (0: none; ask again after [`SNAPSHOT_FETCH_RETRY`]).
+    request: u64,
+    /// The replica asked last, and when.
+    source: u64,
+    asked_at: Instant,
+}
 
 /// An append waiting for its entry to be committed and applied.
 struct PendingAppend {
@@ -246,6 +309,9 @@ pub struct PartitionReplica {
     crashed: bool,
     /// Raft ticks since start; gauges are refreshed every [`RAFT_GAUGE_TICKS`].
     ticks: u64,
+    installing: Option<Installing>,
+    /// Ids of snapshot fetches, so stale answers are told apart.
+    fetch_requests: u64,
 }
 
 /// Ticks between refreshes of the commit/apply/follower-lag gauges (cheap, but not per tick).
@@ -281,6 +347,8 @@ impl PartitionReplica {
             retention_running: false,
             crashed: false,
             ticks: 0,
+            installing: None,
+            fetch_requests: 0,
         }
     }
 
@@ -404,6 +472,7 @@ impl PartitionReplica {
                     Appended {
                         base_offset,
                         record_count: header.record_count,
+                        leader_epoch: entry.term,
                     },
                 ));
             }
@@ -478,9 +547,7 @@ impl PartitionReplica {
             }
         }
         self.was_leader = leader;
-        self.shared
-            .leader
-            .store(raft.leader_id(), Ordering::Release);
+        self.shared.set_leadership(raft.term(), raft.leader_id());
         let labels = self.labels();
         let labels = [labels[0].as_str(), labels[1].as_str()];
         let metrics = &self.metrics;
@@ -508,6 +575,9 @@ impl PartitionReplica {
 
     fn publish_raft_gauges(&self) {
         let Some(raft) = &self.raft else { return };
+        // A term can change without a change of leader seen by a Ready (a leader re-elected
+        // within one Ready): keep the pair fresh.
+        self.shared.set_leadership(raft.term(), raft.leader_id());
         let labels = self.labels();
         let labels = [labels[0].as_str(), labels[1].as_str()];
         let metrics = &self.metrics;
@@ -523,12 +593,32 @@ impl PartitionReplica {
             .raft_follower_lag_entries
             .with_label_values(&labels)
             .set(raft.follower_lag() as i64);
-        if let Ok(mut in_sync) = self.shared.in_sync.lock() {
-            let window = Duration::from_millis(
-                self.settings.timing.tick_ms * self.settings.timing.election_tick as u64,
-            );
-            let cluster = &self.settings.cluster;
-            *in_sync = raft.in_sync_voters(|id| cluster.is_alive(id, window));
+        if !raft.is_leader() {
+            return; // followers learn the in-sync replicas from the leader's status reports
+        }
+        let window = Duration::from_millis(
+            self.settings.timing.tick_ms * self.settings.timing.election_tick as u64,
+        );
+        let cluster = &self.settings.cluster;
+        let in_sync = raft.in_sync_voters(|id| cluster.is_alive(id, window));
+        if let Ok(mut shared) = self.shared.in_sync.lock() {
+            shared.clone_from(&in_sync);
+        }
+        let status = PartitionStatus {
+            group: self.shared.log,
+            term: raft.term(),
+            leader: raft.leader_id(),
+            high_watermark: self.shared.high_watermark(),
+            log_start_offset: self.shared.log_start_offset(),
+            log_size_bytes: self.shared.log_size_bytes(),
+            in_sync,
+        };
+        let me = self.settings.broker_id;
+        for broker in cluster.brokers.iter().filter(|id| **id != me) {
+            // Best effort: a dropped report is replaced by the next one.
+            self.settings
+                .transport
+                .send_to(*broker, Outbound::Status(status.clone()));
         }
     }
 
@@ -669,6 +759,179 @@ impl PartitionReplica {
     }
 }
 
+impl PartitionReplica {
+    /// Start installing the leader's snapshot: fetch the records this replica lacks. Resolves
+    /// to the writes that install it; the in-memory log state moves when it resolves.
+    fn start_install(
+        &mut self,
+        snapshot: SnapshotInstall,
+    ) -> ResponseActFuture<Self, Result<Vec<WriteOp>, StorageError>> {
+        let install = SnapshotData::decode(&snapshot.data)
+            .and_then(|data| Install::new(self.shared.log, self.state, snapshot.index, data));
+        let install = match install {
+            Ok(install) => install,
+            Err(e) => return Box::pin(actix::fut::ready(Err(e))),
+        };
+        tracing::info!(topic = %self.shared.topic, partition = self.shared.partition, index = snapshot.index, target = ?install.target(), from_offset = self.state.next_offset, "installing a snapshot: fetching records");
+        let (done, receiver) = oneshot::channel();
+        let source = install.target().source;
+        self.installing = Some(Installing {
+            install,
+            done,
+            request: 0,
+            source,
+            asked_at: Instant::now(),
+        });
+        self.fetch_next(source);
+        let wait = async move { receiver.await.unwrap_or(Err(StorageError::ShutDown)) };
+        Box::pin(wait.into_actor(self).map(|result, act, _ctx| {
+            let (ops, state) = result?;
+            act.state = state;
+            act.shared
+                .log_start_offset
+                .store(state.log_start_offset, Ordering::Release);
+            act.shared
+                .log_size_bytes
+                .store(state.size_bytes, Ordering::Release);
+            act.publish_log_gauges();
+            let labels = act.labels();
+            let labels = [labels[0].as_str(), labels[1].as_str()];
+            act.metrics
+                .raft_snapshots_installed_total
+                .with_label_values(&labels)
+                .inc();
+            tracing::info!(topic = %act.shared.topic, partition = act.shared.partition, ?state, "snapshot installed");
+            Ok(ops)
+        }))
+    }
+
+    /// Ask `source` for the next records the install needs, or finish it if none are missing.
+    fn fetch_next(&mut self, source: u64) {
+        self.fetch_requests += 1;
+        let (request, me) = (self.fetch_requests, self.settings.broker_id);
+        let Some(installing) = self.installing.as_mut() else {
+            return;
+        };
+        match installing.install.request(me, request) {
+            Some(fetch) => {
+                installing.request = request;
+                installing.source = source;
+                installing.asked_at = Instant::now();
+                // A dropped fetch is retried after SNAPSHOT_FETCH_TIMEOUT.
+                self.settings
+                    .transport
+                    .send_to(source, Outbound::Fetch(fetch));
+            }
+            None => {
+                if let Some(installing) = self.installing.take() {
+                    let _ = installing.done.send(installing.install.finish());
+                }
+            }
+        }
+    }
+
+    /// The replica to ask after `current` failed: the partition's other voters in turn.
+    fn next_source(&self, current: u64) -> u64 {
+        let me = self.settings.broker_id;
+        let others: Vec<u64> = self.voters.iter().copied().filter(|v| *v != me).collect();
+        let at = others.iter().position(|v| *v == current);
+        match at {
+            Some(i) => others[(i + 1) % others.len()],
+            None => others.first().copied().unwrap_or(current),
+        }
+    }
+
+    /// On every tick: re-ask (another replica) if a fetch went unanswered or failed.
+    fn retry_install(&mut self) {
+        let Some(installing) = &self.installing else {
+            return;
+        };
+        let wait = if installing.request == 0 {
+            SNAPSHOT_FETCH_RETRY
+        } else {
+            SNAPSHOT_FETCH_TIMEOUT
+        };
+        if installing.asked_at.elapsed() >= wait {
+            let next = self.next_source(installing.source);
+            self.fetch_next(next);
+        }
+    }
+
+    fn chunk_arrived(&mut self, chunk: SnapshotChunk) {
+        let Some(installing) = self.installing.as_mut() else {
+            return;
+        };
+        if chunk.request != installing.request || installing.request == 0 {
+            return; // an answer to a request given up on
+        }
+        let before = installing.install.fetched_bytes();
+        let outcome = match chunk.error {
+            Some(error) => Err(error),
+            None => installing.install.offer(&chunk.batches),
+        };
+        match outcome {
+            Ok(_) => {
+                let fetched = installing.install.fetched_bytes() - before;
+                let source = installing.source;
+                let labels = self.labels();
+                let labels = [labels[0].as_str(), labels[1].as_str()];
+                self.metrics
+                    .raft_snapshot_fetched_bytes_total
+                    .with_label_values(&labels)
+                    .inc_by(fetched);
+                self.fetch_next(source);
+            }
+            Err(why) => {
+                tracing::warn!(topic = %self.shared.topic, partition = self.shared.partition, source = installing.source, %why, "snapshot fetch failed; asking another replica");
+                installing.request = 0;
+                installing.asked_at = Instant::now();
+            }
+        }
+    }
+
+    /// Another replica installing a snapshot asks for records: serve committed ones from
+    /// storage, off this actor, and send them back.
+    fn serve_fetch(&self, fetch: crate::snapshot::SnapshotFetch) {
+        let below = fetch.below.min(self.shared.high_watermark());
+        let start = self.shared.log_start_offset();
+        let (storage, transport, log) = (
+            self.storage.clone(),
+            self.settings.transport.clone(),
+            self.shared.log,
+        );
+        actix::spawn(async move {
+            let batches = if fetch.offset < start {
+                Err(format!(
+                    "offset {} was deleted by retention (log starts at {start})",
+                    fetch.offset
+                ))
+            } else if fetch.offset >= below {
+                Err(format!(
+                    "this replica has only applied up to offset {below}"
+                ))
+            } else {
+                tokio::task::spawn_blocking(move || {
+                    storage.read_batches(log, fetch.offset, below, CHUNK_BYTES_MAX)
+                })
+                .await
+                .unwrap_or(Err(StorageError::ShutDown))
+                .map_err(|e| e.to_string())
+            };
+            let (batches, error) = match batches {
+                Ok(batches) => (batches, None),
+                Err(error) => (Vec::new(), Some(error)),
+            };
+            let chunk = SnapshotChunk {
+                group: log,
+                request: fetch.request,
+                batches,
+                error,
+            };
+            transport.send_to(fetch.from, Outbound::Chunk(chunk));
+        });
+    }
+}
+
 impl RaftDriven for PartitionReplica {
     type Applied = Vec<(u64, Appended)>;
 
@@ -700,12 +963,29 @@ impl RaftDriven for PartitionReplica {
         self.apply_entries(entries)
     }
 
+    fn install_snapshot(
+        &mut self,
+        snapshot: SnapshotInstall,
+    ) -> ResponseActFuture<Self, Result<Vec<WriteOp>, StorageError>> {
+        self.start_install(snapshot)
+    }
+
     fn on_role_change(&mut self) {
         self.role_changed();
     }
 
     fn on_durable(&mut self, applied: Self::Applied) {
         self.complete(applied);
+        // A leader offers its durable state as the snapshot for followers behind its log.
+        let data = SnapshotData {
+            log_start_offset: self.state.log_start_offset,
+            next_offset: self.state.next_offset,
+            source: self.settings.broker_id,
+        };
+        let applied_index = self.state.applied_index;
+        if let Some(raft) = self.raft.as_mut().filter(|raft| raft.is_leader()) {
+            raft.set_snapshot_point(applied_index, data.encode());
+        }
     }
 
     fn on_failure(&mut self, ctx: &mut Context<Self>, error: StorageError) {
@@ -760,6 +1040,7 @@ impl Actor for PartitionReplica {
                     if act.ticks % RAFT_GAUGE_TICKS == 0 {
                         act.publish_raft_gauges();
                     }
+                    act.retry_install();
                     raft_driver::drive(act, ctx);
                 }
             },
@@ -813,6 +1094,22 @@ impl Handler<RaftInbound> for PartitionReplica {
             raft.step(msg.0);
             raft_driver::drive(self, ctx);
         }
+    }
+}
+
+impl Handler<FetchInbound> for PartitionReplica {
+    type Result = ();
+
+    fn handle(&mut self, msg: FetchInbound, _ctx: &mut Self::Context) {
+        self.serve_fetch(msg.0);
+    }
+}
+
+impl Handler<ChunkInbound> for PartitionReplica {
+    type Result = ();
+
+    fn handle(&mut self, msg: ChunkInbound, _ctx: &mut Self::Context) {
+        self.chunk_arrived(msg.0);
     }
 }
 

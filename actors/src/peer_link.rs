@@ -20,8 +20,11 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::snapshot::{SnapshotChunk, SnapshotFetch};
 use crate::topic::LogId;
-use crate::transport::{Cluster, Outbound, RaftInbound, METADATA_GROUP};
+use crate::transport::{
+    ChunkInbound, Cluster, FetchInbound, Outbound, PartitionStatus, RaftInbound, METADATA_GROUP,
+};
 
 /// Largest frame accepted or sent; a batch is cut before it grows past this.
 pub const FRAME_BYTES_MAX: usize = 64 * 1024 * 1024;
@@ -37,6 +40,12 @@ enum Frame {
     Hello { from: u64, http: String },
     /// Raft messages, each for one group, in raft-rs's protobuf encoding.
     Raft { messages: Vec<(LogId, Vec<u8>)> },
+    /// A follower installing a snapshot asks for records.
+    Fetch(SnapshotFetch),
+    /// Records for a follower installing a snapshot.
+    Chunk(SnapshotChunk),
+    /// A partition leader's view of its partition, for brokers that are not its leader.
+    Status(PartitionStatus),
 }
 
 fn codec() -> LengthDelimitedCodec {
@@ -147,19 +156,35 @@ async fn run_outbound(
                 .peer_queue_depth
                 .with_label_values(&[label.as_str()])
                 .set(queue.len() as i64);
-            let messages = batch
-                .into_iter()
-                .filter_map(|o| {
-                    o.message
-                        .write_to_bytes()
-                        .ok()
-                        .map(|bytes| (o.group, bytes))
-                })
-                .collect();
-            let Ok(frame) = rmp_serde::to_vec(&Frame::Raft { messages }) else {
-                continue;
-            };
-            if framed.send(bytes::Bytes::from(frame)).await.is_err() {
+            // Raft messages of every group go out as one frame; snapshot traffic as its own.
+            let mut frames = Vec::new();
+            let mut messages = Vec::new();
+            for item in batch {
+                match item {
+                    Outbound::Raft { group, message } => {
+                        if let Ok(bytes) = message.write_to_bytes() {
+                            messages.push((group, bytes));
+                        }
+                    }
+                    Outbound::Fetch(fetch) => frames.push(Frame::Fetch(fetch)),
+                    Outbound::Chunk(chunk) => frames.push(Frame::Chunk(chunk)),
+                    Outbound::Status(status) => frames.push(Frame::Status(status)),
+                }
+            }
+            if !messages.is_empty() {
+                frames.insert(0, Frame::Raft { messages });
+            }
+            let mut lost = false;
+            for frame in frames {
+                let Ok(frame) = rmp_serde::to_vec(&frame) else {
+                    continue;
+                };
+                if framed.feed(bytes::Bytes::from(frame)).await.is_err() {
+                    lost = true;
+                    break;
+                }
+            }
+            if lost || SinkExt::<bytes::Bytes>::flush(&mut framed).await.is_err() {
                 tracing::warn!(peer, %address, "peer link lost; reconnecting");
                 break;
             }
@@ -207,6 +232,27 @@ async fn serve_inbound(stream: TcpStream, registry: Registry, cluster: Cluster) 
                         continue;
                     };
                     deliver(&registry, group, message);
+                }
+            }
+            Ok(Frame::Fetch(fetch)) => {
+                if let Some(addr) = registry
+                    .partition_by_log(fetch.group)
+                    .and_then(|p| p.addr())
+                {
+                    addr.do_send(FetchInbound(fetch));
+                }
+            }
+            Ok(Frame::Status(status)) => {
+                if let Some(partition) = registry.partition_by_log(status.group) {
+                    partition.observe_status(&status);
+                }
+            }
+            Ok(Frame::Chunk(chunk)) => {
+                if let Some(addr) = registry
+                    .partition_by_log(chunk.group)
+                    .and_then(|p| p.addr())
+                {
+                    addr.do_send(ChunkInbound(chunk));
                 }
             }
             Err(e) => {

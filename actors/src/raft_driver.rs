@@ -11,7 +11,7 @@ use actix::prelude::*;
 use raft::prelude::Entry;
 
 use crate::error::StorageError;
-use crate::raft_group::{RaftGroup, ReadyWork};
+use crate::raft_group::{RaftGroup, ReadyWork, SnapshotInstall};
 use crate::storage::{Storage, WriteOp};
 use crate::topic::LogId;
 use crate::transport::Transport;
@@ -37,6 +37,12 @@ pub(crate) trait RaftDriven: Actor<Context = Context<Self>> {
     fn applied_index(&self) -> u64;
     /// Apply committed entries to the in-memory state; return the writes that make it durable.
     fn apply(&mut self, entries: Vec<Entry>) -> (Vec<WriteOp>, Self::Applied);
+    /// Bring the state to the leader's snapshot; resolves to the writes that make it durable
+    /// (written with the Ready's Raft writes, in one atomic batch), the state updated in memory.
+    fn install_snapshot(
+        &mut self,
+        snapshot: SnapshotInstall,
+    ) -> ResponseActFuture<Self, Result<Vec<WriteOp>, StorageError>>;
     /// The node's role or leader changed in this Ready.
     fn on_role_change(&mut self);
     /// The apply's writes are durable: answer clients, host topics, move watermarks.
@@ -56,24 +62,37 @@ pub(crate) fn drive<A: RaftDriven>(act: &mut A, ctx: &mut Context<A>) {
     let Some(mut work) = act.raft_mut().and_then(RaftGroup::ready) else {
         return;
     };
-    if work.snapshot_received {
-        // Applying it would skip records and shift offsets (snapshots of record data are not
-        // implemented yet): stop instead.
-        let error = StorageError::Corrupt {
-            what: format!("raft group {}/{}", group.topic_id, group.partition),
-            message: "received a snapshot, which this version cannot apply".into(),
-        };
-        return act.on_failure(ctx, error);
-    }
     act.transport()
         .send(group, std::mem::take(&mut work.messages));
     if work.role_changed {
         act.on_role_change();
     }
+    act.driver().busy = true;
+    match work.snapshot.clone() {
+        None => write(act, ctx, work, Vec::new()),
+        // The snapshot's state must be in hand before anything of this Ready is persisted:
+        // raft-rs sends the snapshot's acknowledgement only after `persisted`.
+        Some(snapshot) => {
+            let install = act.install_snapshot(snapshot);
+            ctx.spawn(install.map(move |result, act, ctx| match result {
+                Ok(ops) => write(act, ctx, work, ops),
+                Err(e) => act.on_failure(ctx, e),
+            }));
+        }
+    }
+}
+
+/// Apply the Ready's committed entries and write everything it needs as one durable batch.
+fn write<A: RaftDriven>(
+    act: &mut A,
+    ctx: &mut Context<A>,
+    mut work: ReadyWork,
+    snapshot_ops: Vec<WriteOp>,
+) {
     let (apply_ops, applied) = act.apply(std::mem::take(&mut work.committed));
     let mut ops = std::mem::take(&mut work.persist);
+    ops.extend(snapshot_ops);
     ops.extend(apply_ops);
-    act.driver().busy = true;
     let durable = match act.storage().submit(ops) {
         Ok(durable) => durable,
         Err(e) => return act.on_failure(ctx, e),

@@ -13,24 +13,22 @@
 //!    proposals arriving while a Ready is being fsync'd are accepted, not a protocol violation.
 //! 3. After applying, [`RaftGroup::applied`] (`advance_apply_to`) and compaction of the in-memory log.
 //!
-//! raft-rs's `MemStorage` is the `raft::Storage` the node reads; it mirrors what is durable in the
-//! `raft_log`/`raft_state` column families and is rebuilt from them by [`RaftGroup::restore`].
+//! [`ReplicaStore`] is the `raft::Storage` the node reads: raft-rs's `MemStorage`, which mirrors
+//! what is durable in the `raft_log`/`raft_state` column families and is rebuilt from them by
+//! [`RaftGroup::restore`], plus snapshots. A snapshot is small: the owner's state at a durable
+//! applied index, as opaque bytes ([`RaftGroup::set_snapshot_point`]). A follower that receives one
+//! gets it back as [`ReadyWork::snapshot`] and must make its state match (a partition fetches the
+//! records it lacks from another replica) before the Ready counts as persisted.
 
 use bytes::Bytes;
-use raft::prelude::{ConfState, Entry, HardState, Message, Snapshot};
+use raft::prelude::{ConfState, Entry, HardState, Message, MessageType, Snapshot};
 use raft::storage::MemStorage;
-use raft::{RawNode, StateRole, Storage as _};
+use raft::{GetEntriesContext, RaftState, RawNode, SnapshotStatus, StateRole, Storage};
 
 use crate::error::StorageError;
 use crate::storage::{log_key, Cf, WriteOp};
 use crate::topic::LogId;
 
-/// Entries kept in memory (and in `raft_log`) behind the applied index, so a follower that is a
-/// little behind catches up from the log. A follower further behind needs a snapshot.
-pub const RAFT_LOG_KEEP_ENTRIES: u64 = 5_000;
-/// Most entries a leader keeps for a slow or dead follower; one further behind needs a snapshot.
-/// Bounds the memory a dead follower can cost (entries are record batches).
-pub const RAFT_LOG_KEEP_ENTRIES_MAX: u64 = 50_000;
 /// A follower further behind the leader's log than this is reported out of sync.
 pub const IN_SYNC_LAG_ENTRIES_MAX: u64 = 1_000;
 /// Largest append message raft-rs builds (bytes of entries per message).
@@ -38,25 +36,102 @@ const MESSAGE_BYTES_MAX: u64 = 1024 * 1024;
 /// Appends in flight to one follower before the leader waits for acknowledgements.
 const INFLIGHT_MESSAGES_MAX: usize = 256;
 
-/// Raft timing, in ticks of the owning actor's timer.
+/// Raft timing (in ticks of the owning actor's timer) and how much log a group keeps.
 #[derive(Debug, Clone, Copy)]
-pub struct RaftTiming {
+pub struct RaftSettings {
     /// Milliseconds per tick.
     pub tick_ms: u64,
     /// Followers start an election after a random timeout in [election_tick, 2 * election_tick).
     pub election_tick: usize,
     pub heartbeat_tick: usize,
+    /// Entries kept in memory (and in `raft_log`) behind the applied index, so a follower that is
+    /// a little behind catches up from the log rather than by snapshot.
+    pub log_keep_entries: u64,
+    /// Most entries a leader keeps for a slow or dead follower; one further behind is brought up
+    /// to date by snapshot. Bounds the memory a dead follower can cost (entries are batches).
+    pub log_keep_entries_max: u64,
 }
 
-impl Default for RaftTiming {
+impl Default for RaftSettings {
     fn default() -> Self {
         // 30 ms ticks: heartbeats every 60 ms, elections after 300–600 ms of silence.
         Self {
             tick_ms: 30,
             election_tick: 10,
             heartbeat_tick: 2,
+            log_keep_entries: 5_000,
+            log_keep_entries_max: 50_000,
         }
     }
+}
+
+/// The `raft::Storage` of a group: raft-rs's `MemStorage` for the log and hard state, and the
+/// owner's latest snapshot point for followers behind the compacted log.
+#[derive(Clone, Default)]
+pub struct ReplicaStore {
+    mem: MemStorage,
+    /// A durable applied index and the owner's state there; `None`: no snapshot can be offered
+    /// (raft-rs then waits and asks again).
+    snapshot_point: Option<(u64, Bytes)>,
+}
+
+impl Storage for ReplicaStore {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        self.mem.initial_state()
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        self.mem.entries(low, high, max_size, context)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        self.mem.term(idx)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        self.mem.first_index()
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        self.mem.last_index()
+    }
+
+    /// The snapshot at the owner's latest durable applied index. raft-rs treats any error but
+    /// "temporarily unavailable" as fatal, so every miss is reported as that.
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let unavailable = || raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable);
+        let (index, data) = self.snapshot_point.clone().ok_or_else(unavailable)?;
+        if index == 0 || index < request_index {
+            return Err(unavailable());
+        }
+        let term = self.mem.term(index).map_err(|_| unavailable())?;
+        let mut snapshot = Snapshot::default();
+        let metadata = snapshot.mut_metadata();
+        metadata.index = index;
+        metadata.term = term;
+        let conf_state = self
+            .mem
+            .initial_state()
+            .map_err(|_| unavailable())?
+            .conf_state;
+        metadata.set_conf_state(conf_state);
+        snapshot.data = data;
+        Ok(snapshot)
+    }
+}
+
+/// A snapshot this follower must install: the leader's state at `index` (opaque `data`).
+#[derive(Debug, Clone)]
+pub struct SnapshotInstall {
+    pub index: u64,
+    pub term: u64,
+    pub data: Bytes,
 }
 
 /// What RocksDB holds for one group, read at start-up.
@@ -78,9 +153,9 @@ pub struct ReadyWork {
     pub committed: Vec<Entry>,
     /// Role or leader changed.
     pub role_changed: bool,
-    /// The leader sent a snapshot, which this replica cannot apply (snapshots of record data are
-    /// not implemented): the owner must stop rather than persist or apply anything of this Ready.
-    pub snapshot_received: bool,
+    /// A snapshot from the leader: the owner brings its state to the snapshot's before the
+    /// Ready's writes (which then include the state it installed) and before [`RaftGroup::persisted`].
+    pub snapshot: Option<SnapshotInstall>,
     /// Sent only once this Ready's writes are durable (votes, append acknowledgements).
     persisted_messages: Vec<Message>,
     number: u64,
@@ -102,7 +177,8 @@ pub enum ProposeError {
 pub struct RaftGroup {
     pub group: LogId,
     pub id: u64,
-    node: RawNode<MemStorage>,
+    node: RawNode<ReplicaStore>,
+    settings: RaftSettings,
 }
 
 impl std::fmt::Debug for RaftGroup {
@@ -140,7 +216,7 @@ impl RaftGroup {
         voters: &[u64],
         persisted: PersistedRaft,
         applied: u64,
-        timing: RaftTiming,
+        settings: RaftSettings,
     ) -> Result<Self, raft::Error> {
         let storage = MemStorage::new_with_conf_state(ConfState::from((voters.to_vec(), vec![])));
         {
@@ -163,8 +239,8 @@ impl RaftGroup {
         }
         let config = raft::Config {
             id,
-            election_tick: timing.election_tick,
-            heartbeat_tick: timing.heartbeat_tick,
+            election_tick: settings.election_tick,
+            heartbeat_tick: settings.heartbeat_tick,
             applied,
             max_size_per_msg: MESSAGE_BYTES_MAX,
             max_inflight_msgs: INFLIGHT_MESSAGES_MAX,
@@ -174,10 +250,24 @@ impl RaftGroup {
         };
         config.validate()?;
         let logger = slog::Logger::root(slog::Discard, slog::o!());
-        let node = RawNode::new(&config, storage, &logger)?;
-        let mut group = Self { group, id, node };
-        group.refuse_snapshots();
-        Ok(group)
+        let store = ReplicaStore {
+            mem: storage,
+            snapshot_point: None,
+        };
+        let node = RawNode::new(&config, store, &logger)?;
+        Ok(Self {
+            group,
+            id,
+            node,
+            settings,
+        })
+    }
+
+    /// The owner's state at applied index `index` is durable and described by `data`: offer it
+    /// as the snapshot for followers behind the compacted log. A group whose owner never sets one
+    /// (the metadata group) has followers wait for the log instead.
+    pub fn set_snapshot_point(&mut self, index: u64, data: Bytes) {
+        self.node.mut_store().snapshot_point = Some((index, data));
     }
 
     /// True if this replica has never voted or seen a term: the group is brand new.
@@ -192,16 +282,7 @@ impl RaftGroup {
     }
 
     pub fn tick(&mut self) {
-        self.refuse_snapshots();
         self.node.tick();
-    }
-
-    /// Snapshots of record data are not implemented: make raft-rs's `MemStorage` answer
-    /// "temporarily unavailable" (its flag is one-shot, so it is re-armed on every tick and Ready).
-    /// A follower behind the compacted log then waits instead of receiving an empty snapshot,
-    /// which would leave its records and offsets wrong.
-    fn refuse_snapshots(&mut self) {
-        self.node.mut_store().wl().trigger_snap_unavailable();
     }
 
     pub fn step(&mut self, message: Message) {
@@ -290,21 +371,18 @@ impl RaftGroup {
 
     /// Step 1 of the Ready loop; None when there is nothing to do.
     pub fn ready(&mut self) -> Option<ReadyWork> {
-        self.refuse_snapshots();
         if !self.node.has_ready() {
             return None;
         }
         let mut ready = self.node.ready();
         let role_changed = ready.ss().is_some();
-        let snapshot_received = !ready.snapshot().is_empty();
-        if snapshot_received {
-            // Never produced by our leaders (see `refuse_snapshots`); only a foreign leader
-            // could send one.
-            tracing::error!(group = ?self.group, "received a snapshot, which is not supported yet");
-        }
         let messages = ready.take_messages();
         let committed = ready.take_committed_entries();
         let mut persist = Vec::new();
+        let snapshot = (!ready.snapshot().is_empty()).then(|| {
+            let snapshot = ready.snapshot().clone();
+            self.install_snapshot(snapshot, &mut persist)
+        });
         if !ready.entries().is_empty() {
             let entries = ready.take_entries();
             let first = entries[0].index;
@@ -325,12 +403,16 @@ impl RaftGroup {
                     value: encode(entry),
                 });
             }
-            if let Err(e) = self.node.mut_store().wl().append(&entries) {
+            if let Err(e) = self.node.mut_store().mem.wl().append(&entries) {
                 tracing::error!(group = ?self.group, error = %e, "in-memory raft log append failed");
             }
         }
         if let Some(hard_state) = ready.hs() {
-            self.node.mut_store().wl().set_hardstate(hard_state.clone());
+            self.node
+                .mut_store()
+                .mem
+                .wl()
+                .set_hardstate(hard_state.clone());
         }
         if ready.hs().is_some() || !persist.is_empty() {
             persist.push(self.hard_state_op());
@@ -340,15 +422,47 @@ impl RaftGroup {
         // Async persistence: the node may take new proposals while this Ready is written; it
         // counts the entries as persisted only at `on_persist_ready`.
         self.node.advance_append_async(ready);
+        // A snapshot message is tiny (the follower fetches the data itself), so it counts as
+        // delivered once queued: the follower's progress goes back to probing, and a snapshot or
+        // answer lost on the wire is retried instead of pausing that follower for good.
+        for message in &messages {
+            if message.get_msg_type() == MessageType::MsgSnapshot {
+                self.node
+                    .report_snapshot(message.to, SnapshotStatus::Finish);
+            }
+        }
         Some(ReadyWork {
             messages,
             persist,
             committed,
             role_changed,
-            snapshot_received,
+            snapshot,
             persisted_messages,
             number,
         })
+    }
+
+    /// A snapshot arrived: the log before it is replaced by the snapshot's (index, term) in
+    /// memory now and durably with this Ready (everything stored in `raft_log` goes).
+    fn install_snapshot(
+        &mut self,
+        snapshot: Snapshot,
+        persist: &mut Vec<WriteOp>,
+    ) -> SnapshotInstall {
+        let (index, term) = (snapshot.get_metadata().index, snapshot.get_metadata().term);
+        let data = snapshot.data.clone();
+        persist.push(WriteOp::DeleteRange {
+            cf: Cf::RaftLog,
+            from: raft_entry_key(self.group, 0),
+            to: raft_entry_key(self.group, u64::MAX),
+        });
+        persist.push(compacted_op(self.group, index, term));
+        if let Err(e) = self.node.mut_store().mem.wl().apply_snapshot(snapshot) {
+            // raft-rs only hands out snapshots newer than the log's commit index.
+            tracing::error!(group = ?self.group, error = %e, "in-memory snapshot apply failed");
+        }
+        tracing::info!(group = ?self.group, index, term, "installing a snapshot from the leader");
+        SnapshotInstall { index, term, data }
     }
 
     /// Step 2: the work's writes are durable. What that commits comes out of the next Ready.
@@ -362,7 +476,7 @@ impl RaftGroup {
     /// The hard state as it should be stored now (written with every apply too, so the stored
     /// commit index is never below the stored applied index).
     pub fn hard_state_op(&self) -> WriteOp {
-        let hard_state = self.node.store().rl().hard_state().clone();
+        let hard_state = self.node.store().mem.rl().hard_state().clone();
         WriteOp::Put {
             cf: Cf::RaftState,
             key: hard_state_key(self.group),
@@ -375,10 +489,14 @@ impl RaftGroup {
     pub fn applied(&mut self, index: u64) -> Vec<WriteOp> {
         self.node.advance_apply_to(index);
         let first = self.node.store().first_index().unwrap_or(1);
-        let mut compact_to = index.saturating_sub(RAFT_LOG_KEEP_ENTRIES);
+        let (keep, keep_max) = (
+            self.settings.log_keep_entries,
+            self.settings.log_keep_entries_max,
+        );
+        let mut compact_to = index.saturating_sub(keep);
         if self.is_leader() {
             // A leader keeps what its slowest follower still needs (a restarted follower
-            // catches up from the log), up to RAFT_LOG_KEEP_ENTRIES_MAX behind.
+            // catches up from the log), up to `log_keep_entries_max` behind.
             let slowest = self
                 .node
                 .raft
@@ -388,33 +506,36 @@ impl RaftGroup {
                 .map(|(_, progress)| progress.matched)
                 .min()
                 .unwrap_or(index);
-            compact_to = compact_to
-                .min(slowest)
-                .max(index.saturating_sub(RAFT_LOG_KEEP_ENTRIES_MAX));
+            compact_to = compact_to.min(slowest).max(index.saturating_sub(keep_max));
         }
-        // Compact in steps of at least RAFT_LOG_KEEP_ENTRIES, not on every apply.
-        if compact_to < first + RAFT_LOG_KEEP_ENTRIES {
+        // Compact in steps of at least `log_keep_entries`, not on every apply.
+        if compact_to < first + keep {
             return Vec::new();
         }
         let term = self.node.store().term(compact_to).unwrap_or(0);
-        if let Err(e) = self.node.mut_store().wl().compact(compact_to + 1) {
+        if let Err(e) = self.node.mut_store().mem.wl().compact(compact_to + 1) {
             tracing::warn!(group = ?self.group, error = %e, "raft log compaction failed");
             return Vec::new();
         }
-        let mut marker = compact_to.to_be_bytes().to_vec();
-        marker.extend_from_slice(&term.to_be_bytes());
         vec![
             WriteOp::DeleteRange {
                 cf: Cf::RaftLog,
                 from: raft_entry_key(self.group, 0),
                 to: raft_entry_key(self.group, compact_to + 1),
             },
-            WriteOp::Put {
-                cf: Cf::RaftState,
-                key: compacted_key(self.group),
-                value: Bytes::from(marker),
-            },
+            compacted_op(self.group, compact_to, term),
         ]
+    }
+}
+
+/// The durable marker of the last entry compacted away (or covered by a snapshot).
+fn compacted_op(group: LogId, index: u64, term: u64) -> WriteOp {
+    let mut marker = index.to_be_bytes().to_vec();
+    marker.extend_from_slice(&term.to_be_bytes());
+    WriteOp::Put {
+        cf: Cf::RaftState,
+        key: compacted_key(group),
+        value: Bytes::from(marker),
     }
 }
 
@@ -446,11 +567,15 @@ pub fn decode_compacted(bytes: &[u8]) -> Result<(u64, u64), StorageError> {
 mod tests {
     use super::*;
 
+    const KEEP: u64 = 100;
+    const KEEP_MAX: u64 = 1_000;
+
     fn group(id: u64) -> RaftGroup {
-        let timing = RaftTiming {
+        let timing = RaftSettings {
             tick_ms: 1,
-            election_tick: 10,
-            heartbeat_tick: 2,
+            log_keep_entries: KEEP,
+            log_keep_entries_max: KEEP_MAX,
+            ..RaftSettings::default()
         };
         let log = LogId {
             topic_id: 1,
@@ -558,74 +683,119 @@ mod tests {
         assert!(!all[0].is_leader(), "the old leader stepped down");
     }
 
+    /// One round of Ready handling for every group, as an owner does it: persist, apply (the
+    /// applied data goes to `applied`, and each durable apply becomes the snapshot point, its
+    /// data being how many entries the state machine holds), install snapshots. Returns the
+    /// messages to deliver and the snapshots installed, by group position.
+    fn round(
+        groups: &mut [RaftGroup],
+        applied: &mut [Vec<Vec<u8>>],
+    ) -> (Vec<Message>, Vec<(usize, SnapshotInstall)>) {
+        let mut outbox = Vec::new();
+        let mut installed = Vec::new();
+        for (i, g) in groups.iter_mut().enumerate() {
+            while let Some(mut work) = g.ready() {
+                outbox.append(&mut work.messages);
+                if let Some(snapshot) = work.snapshot.clone() {
+                    // The state machine becomes the leader's at the snapshot: its entry count.
+                    let count = u64::from_be_bytes(snapshot.data[..].try_into().expect("8 bytes"));
+                    applied[i] = (0..count).map(|n| n.to_be_bytes().to_vec()).collect();
+                    installed.push((i, snapshot));
+                }
+                let committed = std::mem::take(&mut work.committed);
+                let snapshot_index = work.snapshot.as_ref().map(|s| s.index);
+                let mut after = g.persisted(work);
+                outbox.append(&mut after.messages);
+                if let Some(index) = snapshot_index {
+                    g.applied(index);
+                }
+                for entry in &committed {
+                    if !entry.data.is_empty() {
+                        applied[i].push(entry.data.to_vec());
+                    }
+                }
+                if let Some(last) = committed.last() {
+                    g.applied(last.index);
+                    let count = applied[i].len() as u64;
+                    g.set_snapshot_point(last.index, Bytes::from(count.to_be_bytes().to_vec()));
+                }
+            }
+        }
+        (outbox, installed)
+    }
+
     #[test]
-    fn a_follower_behind_the_compacted_log_is_never_sent_a_snapshot() {
+    fn a_follower_behind_the_compacted_log_catches_up_by_snapshot() {
         let mut groups = vec![group(1), group(2), group(3)];
         let mut applied = vec![Vec::new(); 3];
         groups[0].campaign();
         settle(&mut groups, &mut applied);
         // Node 3 is cut off while the other two commit. The leader keeps its log for node 3 up
-        // to RAFT_LOG_KEEP_ENTRIES_MAX entries, then compacts past it anyway.
-        let mut behind = groups.pop().expect("node 3");
-        let commit_without_node_3 = |groups: &mut Vec<RaftGroup>, entries: u64, start: u64| {
-            for round in 0..entries / 500 {
-                for i in 0..500u64 {
-                    let data = (start + round * 500 + i).to_be_bytes().to_vec();
-                    assert_eq!(groups[0].propose(vec![], data), Ok(()));
-                }
-                let mut outbox = Vec::new();
-                for _ in 0..20 {
-                    for g in groups.iter_mut() {
-                        while let Some(mut work) = g.ready() {
-                            outbox.append(&mut work.messages);
-                            let committed = std::mem::take(&mut work.committed);
-                            let mut after = g.persisted(work);
-                            outbox.append(&mut after.messages);
-                            if let Some(last) = committed.last() {
-                                g.applied(last.index);
-                            }
+        // to KEEP_MAX entries, then compacts past it anyway.
+        let mut commit_without_node_3 = |groups: &mut Vec<RaftGroup>, entries: u64, start: u64| {
+            for n in start..start + entries {
+                assert_eq!(groups[0].propose(vec![], n.to_be_bytes().to_vec()), Ok(()));
+                if n % 50 == 49 {
+                    for _ in 0..5 {
+                        let (outbox, installed) = round(groups, &mut applied);
+                        assert!(installed.is_empty());
+                        for m in outbox.into_iter().filter(|m| m.to != 3) {
+                            let to = m.to as usize - 1;
+                            groups[to].step(m);
                         }
-                    }
-                    for m in outbox.drain(..).filter(|m| m.to != 3) {
-                        let to = m.to as usize - 1;
-                        groups[to].step(m);
                     }
                 }
             }
         };
-        commit_without_node_3(&mut groups, 12_500, 0);
+        let behind = groups.pop().expect("node 3");
+        commit_without_node_3(&mut groups, 500, 0);
         let kept = groups[0].node.store().first_index().expect("first index");
         assert_eq!(kept, 1, "the leader keeps what its slow follower needs");
-        commit_without_node_3(&mut groups, RAFT_LOG_KEEP_ENTRIES_MAX, 12_500);
+        commit_without_node_3(&mut groups, 2 * KEEP_MAX, 500);
         let leader_first = groups[0].node.store().first_index().expect("first index");
         assert!(
             leader_first > 2,
             "past the bound the leader compacts (first index {leader_first})"
         );
-        // Heal: the leader cannot send entries node 3 lacks, and must not send a snapshot.
+        // Heal: the leader cannot send entries node 3 lacks, so it sends a snapshot, then the
+        // entries after it; node 3 ends with the same state machine as everyone else.
         groups.push(behind);
-        for _ in 0..20 {
+        let mut snapshots = Vec::new();
+        for _ in 0..30 {
             for g in groups.iter_mut() {
                 g.tick();
             }
-            let mut outbox = Vec::new();
-            for g in groups.iter_mut() {
-                while let Some(mut work) = g.ready() {
-                    assert!(!work.snapshot_received, "node {} was sent a snapshot", g.id);
-                    outbox.append(&mut work.messages);
-                    let mut after = g.persisted(work);
-                    outbox.append(&mut after.messages);
-                }
-            }
+            let (outbox, mut installed) = round(&mut groups, &mut applied);
+            snapshots.append(&mut installed);
             for m in outbox {
                 let to = m.to as usize - 1;
                 groups[to].step(m);
             }
         }
-        behind = groups.pop().expect("node 3");
-        assert!(
-            behind.commit_index() < leader_first,
-            "node 3 stays behind rather than skipping data"
-        );
+        assert_eq!(snapshots.len(), 1, "one snapshot, to node 3: {snapshots:?}");
+        let (to, snapshot) = &snapshots[0];
+        assert_eq!(*to, 2);
+        assert!(snapshot.index + 1 >= leader_first, "{snapshot:?}");
+        let expected: Vec<Vec<u8>> = (0..500 + 2 * KEEP_MAX)
+            .map(|n| n.to_be_bytes().to_vec())
+            .collect();
+        for (i, log) in applied.iter().enumerate() {
+            assert_eq!(log.len(), expected.len(), "node {}", i + 1);
+            assert!(log == &expected, "node {} applied something else", i + 1);
+        }
+        assert_eq!(groups[2].commit_index(), groups[0].commit_index());
+        // And it keeps replicating normally afterwards.
+        assert_eq!(groups[0].propose(vec![], b"after".to_vec()), Ok(()));
+        for _ in 0..5 {
+            let (outbox, installed) = round(&mut groups, &mut applied);
+            assert!(installed.is_empty());
+            for m in outbox {
+                let to = m.to as usize - 1;
+                groups[to].step(m);
+            }
+        }
+        assert!(applied
+            .iter()
+            .all(|log| log.last() == Some(&b"after".to_vec())));
     }
 }

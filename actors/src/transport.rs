@@ -1,4 +1,4 @@
-//! `Transport`: where Raft messages leave a replica for the other brokers.
+//! `Transport`: where Raft messages (and snapshot fetches) leave a replica for the other brokers.
 //!
 //! Each remote broker has one bounded queue, drained by its `PeerLink` (one TCP connection per
 //! broker pair), which batches everything queued for that broker into one frame. Sending never
@@ -11,16 +11,37 @@ use std::sync::{Arc, RwLock};
 use raft::prelude::Message;
 use tokio::sync::mpsc;
 
+use crate::snapshot::{SnapshotChunk, SnapshotFetch};
 use crate::topic::LogId;
 
 /// Raft messages queued for one peer before new ones are dropped.
 pub const PEER_QUEUE_CAPACITY: usize = 16_384;
 
-/// A Raft message for one group, on its way to another broker.
+/// Something on its way to another broker.
 #[derive(Debug)]
-pub struct Outbound {
+pub enum Outbound {
+    /// A Raft message for one group.
+    Raft { group: LogId, message: Message },
+    /// A follower asks for records it needs to install a snapshot.
+    Fetch(SnapshotFetch),
+    /// Records for a follower installing a snapshot.
+    Chunk(SnapshotChunk),
+    /// A partition leader tells the other brokers how the partition stands.
+    Status(PartitionStatus),
+}
+
+/// What a partition's leader tells every other broker every few ticks, so any broker can answer
+/// metadata about any partition: brokers without a replica learn leader, term, watermarks and
+/// in-sync replicas; followers learn the in-sync replicas, which only the leader knows.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PartitionStatus {
     pub group: LogId,
-    pub message: Message,
+    pub term: u64,
+    pub leader: u64,
+    pub high_watermark: u64,
+    pub log_start_offset: u64,
+    pub log_size_bytes: u64,
+    pub in_sync: Vec<u64>,
 }
 
 /// Cheap-to-clone map of broker id → that broker's outbound queue.
@@ -52,7 +73,7 @@ impl Transport {
         for message in messages {
             match peers.get(&message.to) {
                 Some(queue) => {
-                    if queue.try_send(Outbound { group, message }).is_err() {
+                    if queue.try_send(Outbound::Raft { group, message }).is_err() {
                         dropped += 1;
                     }
                 }
@@ -68,12 +89,33 @@ impl Transport {
         }
         dropped
     }
+
+    /// Queue a snapshot fetch or chunk for broker `to`; false if it was dropped (the asker
+    /// retries after a timeout).
+    pub fn send_to(&self, to: u64, item: Outbound) -> bool {
+        let Ok(peers) = self.peers.read() else {
+            return false;
+        };
+        peers
+            .get(&to)
+            .is_some_and(|queue| queue.try_send(item).is_ok())
+    }
 }
 
 /// Delivers a Raft message from another broker to the local replica of its group.
 #[derive(Debug, actix::Message)]
 #[rtype(result = "()")]
 pub struct RaftInbound(pub Message);
+
+/// Delivers another broker's snapshot fetch to the local replica of its group.
+#[derive(Debug, actix::Message)]
+#[rtype(result = "()")]
+pub struct FetchInbound(pub SnapshotFetch);
+
+/// Delivers records for a snapshot install to the local replica of its group.
+#[derive(Debug, actix::Message)]
+#[rtype(result = "()")]
+pub struct ChunkInbound(pub SnapshotChunk);
 
 /// The Raft group id of the metadata group (topic ids start at 1).
 pub const METADATA_GROUP: LogId = LogId {

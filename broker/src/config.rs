@@ -32,6 +32,11 @@ pub struct Config {
     pub seeds: Vec<String>,
     /// Milliseconds per Raft tick; elections start after 10–20 ticks without a leader.
     pub raft_tick_ms: u64,
+    /// Raft entries each partition keeps behind its applied index for followers a little behind.
+    pub raft_log_keep_entries: u64,
+    /// Most Raft entries a leader keeps for a slow or dead follower; one further behind is
+    /// brought up to date by snapshot.
+    pub raft_log_keep_entries_max: u64,
     /// HTTP worker threads; 0 means one per core.
     pub http_workers: usize,
     /// Largest request body accepted; larger ones get 413 before being read whole.
@@ -66,6 +71,8 @@ impl Default for Config {
             peer: SocketAddr::from(([127, 0, 0, 1], 9091)),
             seeds: Vec::new(),
             raft_tick_ms: 30,
+            raft_log_keep_entries: 5_000,
+            raft_log_keep_entries_max: 50_000,
             http_workers: 0,
             request_body_bytes_max: 16 * 1024 * 1024,
             produce_records_max: 10_000,
@@ -133,6 +140,13 @@ impl Config {
             return Err("partitions_per_topic_max must be at most 100000".into());
         }
         at_least("raft_tick_ms", self.raft_tick_ms, 5)?;
+        at_least("raft_log_keep_entries", self.raft_log_keep_entries, 10)?;
+        if self.raft_log_keep_entries_max < self.raft_log_keep_entries {
+            return Err(format!(
+                "raft_log_keep_entries_max ({}) must be at least raft_log_keep_entries ({})",
+                self.raft_log_keep_entries_max, self.raft_log_keep_entries
+            ));
+        }
         let seeds = self.parsed_seeds()?;
         if !seeds.is_empty() && !seeds.iter().any(|(id, _)| u64::from(self.id) == *id) {
             return Err(format!("seeds must include this broker's id {}", self.id));
@@ -234,6 +248,11 @@ mod tests {
                 "twice",
             ),
             ("raft_tick_ms = 1", "raft_tick_ms"),
+            ("raft_log_keep_entries = 0", "raft_log_keep_entries"),
+            (
+                "raft_log_keep_entries = 100\nraft_log_keep_entries_max = 50",
+                "raft_log_keep_entries_max",
+            ),
         ] {
             std::fs::write(&file, toml).expect("write");
             let err = Config::load(Some(&file), NoOverrides {}).expect_err(toml);

@@ -15,7 +15,7 @@ use actix_web::HttpServer;
 use anyhow::Context;
 use clap::Parser;
 use pubg1_actors::metadata::CatalogLimits;
-use pubg1_actors::raft_group::RaftTiming;
+use pubg1_actors::raft_group::RaftSettings;
 use pubg1_actors::{Broker, BrokerSettings};
 use serde::Serialize;
 
@@ -99,9 +99,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         },
         partition_threads: config.partition_threads(),
         broker_id: u64::from(config.id),
-        raft_timing: RaftTiming {
+        raft_settings: RaftSettings {
             tick_ms: config.raft_tick_ms,
-            ..RaftTiming::default()
+            log_keep_entries: config.raft_log_keep_entries,
+            log_keep_entries_max: config.raft_log_keep_entries_max,
+            ..RaftSettings::default()
         },
         peer_listen: (!seeds.is_empty()).then_some(config.peer),
         seeds,

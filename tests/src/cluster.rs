@@ -20,6 +20,11 @@ pub struct TestCluster {
 impl TestCluster {
     /// Start `n` brokers as one cluster and wait until every one is ready.
     pub fn start(n: usize) -> Result<Self> {
+        Self::start_with_env(n, &[])
+    }
+
+    /// [`TestCluster::start`] with extra `PUBG1_*` settings for every broker.
+    pub fn start_with_env(n: usize, env: &[(&str, &str)]) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let peers: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_>>()?;
         let seeds: Vec<String> = peers
@@ -37,9 +42,10 @@ impl TestCluster {
                 "--seeds".to_owned(),
                 seeds.join(","),
             ];
-            brokers.push(BrokerProcess::spawn_with_args(
+            brokers.push(BrokerProcess::spawn_with(
                 &dir.path().join(format!("broker-{}", i + 1)),
                 args,
+                env,
             )?);
         }
         for broker in &mut brokers {

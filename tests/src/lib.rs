@@ -109,12 +109,20 @@ impl BrokerProcess {
     /// Spawn a broker with extra arguments without waiting for readiness (a cluster member is
     /// ready only once a majority runs); call [`BrokerProcess::wait_ready`] after starting all.
     pub fn spawn_with_args(data_dir: &Path, args: Vec<String>) -> Result<Self> {
+        Self::spawn_with(data_dir, args, &[])
+    }
+
+    /// [`BrokerProcess::spawn_with_args`] with extra `PUBG1_*` environment settings too.
+    pub fn spawn_with(data_dir: &Path, args: Vec<String>, env: &[(&str, &str)]) -> Result<Self> {
         let mut broker = Self {
             child: None,
             http: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: data_dir.to_owned(),
             log_path: data_dir.with_extension("log"),
-            env: Vec::new(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             args,
             paused: false,
         };

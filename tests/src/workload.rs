@@ -22,6 +22,8 @@ pub const BINARY: &str = "application/vnd.kafka.binary.v2+json";
 pub struct Acked {
     pub partition: u32,
     pub offset: u64,
+    /// Raft term of the leader that appended it, as the produce reply said.
+    pub leader_epoch: u64,
     pub key: Vec<u8>,
     pub value: Vec<u8>,
 }
@@ -266,9 +268,13 @@ pub fn publish_batch(
             let offset = at["offset"]
                 .as_u64()
                 .ok_or_else(|| anyhow!("record not written: {at}"))?;
+            let leader_epoch = at["leader_epoch"]
+                .as_u64()
+                .ok_or_else(|| anyhow!("no leader_epoch in {at}"))?;
             Ok(Acked {
                 partition,
                 offset,
+                leader_epoch,
                 key,
                 value,
             })
@@ -408,6 +414,32 @@ pub fn verify(acked: &[Acked], log: &BTreeMap<u32, Vec<Fetched>>) -> Result<()> 
             record.partition,
             record.offset
         );
+    }
+    Ok(())
+}
+
+/// Along each partition's log, acknowledged records' leader epochs never go down: no record a
+/// deposed leader acknowledged sits after one a newer leader acknowledged.
+pub fn assert_epochs_never_decrease(acked: &[Acked]) -> Result<()> {
+    let mut by_partition: BTreeMap<u32, Vec<(u64, u64)>> = BTreeMap::new();
+    for a in acked {
+        by_partition
+            .entry(a.partition)
+            .or_default()
+            .push((a.offset, a.leader_epoch));
+    }
+    for (partition, mut epochs) in by_partition {
+        epochs.sort_unstable();
+        for pair in epochs.windows(2) {
+            ensure!(
+                pair[0].1 <= pair[1].1,
+                "partition {partition}: offset {} has epoch {} but offset {} has epoch {}",
+                pair[0].0,
+                pair[0].1,
+                pair[1].0,
+                pair[1].1
+            );
+        }
     }
     Ok(())
 }

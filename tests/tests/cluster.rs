@@ -4,7 +4,9 @@
 use std::time::{Duration, Instant};
 
 use pubg1_tests::cluster::{urls, TestCluster, Urls};
-use pubg1_tests::workload::{fetch_topic, publish_all, verify, Load, Publish};
+use pubg1_tests::workload::{
+    assert_epochs_never_decrease, fetch_topic, publish_all, verify, Load, Publish,
+};
 use pubg1_tests::{wait_until, Client};
 use serde_json::json;
 
@@ -62,7 +64,7 @@ fn twenty_thousand_records_are_replicated_byte_identical_on_three_brokers() -> a
     assert_eq!(stored, 20_000);
     let log = fetch_topic(&Client::new(), cluster.broker(3), "orders", 6)?;
     verify(&acked, &log)?;
-    // The leader reports all three replicas in sync; other brokers say they do not know.
+    // The leader reports all three replicas in sync, and so do followers, from its reports.
     let leader = cluster.leader_of("orders", 0)?;
     let http = Client::new();
     wait_until(
@@ -88,15 +90,23 @@ fn twenty_thousand_records_are_replicated_byte_identical_on_three_brokers() -> a
     ] {
         assert!(metrics.contains(name), "{name} missing from /metrics");
     }
-    let reply = http.get(&cluster.broker(follower).url("/topics/orders/partitions/0"))?;
+    let reply = wait_until(Duration::from_secs(10), "the follower's view", || {
+        let reply = http
+            .get(&cluster.broker(follower).url("/topics/orders/partitions/0"))
+            .ok()?;
+        let replicas = reply.body["replicas"].as_array()?.clone();
+        replicas
+            .iter()
+            .all(|r| r["in_sync"] == json!(true))
+            .then_some(reply)
+    })?;
     assert_eq!(reply.body["leader"].as_u64(), Some(leader));
-    assert!(
-        reply.body["replicas"]
-            .as_array()
-            .is_some_and(|r| r.iter().all(|r| r["in_sync"].is_null())),
-        "{}",
-        reply.text
+    let at_leader = http.get(&cluster.broker(leader).url("/topics/orders/partitions/0"))?;
+    assert_eq!(
+        reply.body["high_watermark"],
+        at_leader.body["high_watermark"]
     );
+    assert_eq!(reply.body["leader_epoch"], at_leader.body["leader_epoch"]);
     Ok(())
 }
 
@@ -137,6 +147,7 @@ fn killing_the_leader_five_times_under_load_loses_no_acknowledged_record() -> an
         &fetch_topic(&Client::new(), cluster.broker(1), "events", 3)?,
     )?;
     assert!(stored >= acked.len());
+    assert_epochs_never_decrease(&acked)?;
     Ok(())
 }
 
@@ -165,6 +176,72 @@ fn a_follower_killed_under_load_catches_up_byte_identical() -> anyhow::Result<()
     verify(
         &acked,
         &fetch_topic(&Client::new(), cluster.broker(follower), "logs", 3)?,
+    )?;
+    Ok(())
+}
+
+/// The value of a Prometheus sample on `broker`'s /metrics (0 if absent).
+fn metric(broker: &pubg1_tests::BrokerProcess, sample: &str) -> anyhow::Result<f64> {
+    let text = Client::new().get(&broker.url("/metrics"))?.text;
+    Ok(text
+        .lines()
+        .find_map(|line| line.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or(0.0))
+}
+
+#[test]
+fn a_follower_behind_the_leaders_compacted_log_catches_up_by_snapshot() -> anyhow::Result<()> {
+    // Leaders keep at most 200 Raft entries for a dead follower (the default is 50,000).
+    let mut cluster = TestCluster::start_with_env(
+        3,
+        &[
+            ("PUBG1_RAFT_LOG_KEEP_ENTRIES", "20"),
+            ("PUBG1_RAFT_LOG_KEEP_ENTRIES_MAX", "200"),
+        ],
+    )?;
+    create_replicated(&cluster, "behind", 1)?;
+    let leader = cluster.leader_of("behind", 0)?;
+    let follower = (1..=3).find(|id| *id != leader).unwrap_or(1);
+    let targets = urls(cluster.topic_urls("behind"));
+    let load = Load::start(targets.clone(), "s", 4, 10);
+    load.wait_for_more(2_000, "load with every broker up")?;
+    cluster.broker_mut(follower).kill9();
+    // 10-record batches: 8,000 records are 800 entries, four times what the leader keeps.
+    load.wait_for_more(8_000, "load with the follower down")?;
+    cluster.broker_mut(follower).restart()?;
+    set(&targets, cluster.topic_urls("behind"))?;
+    // The follower installs a snapshot while publishing goes on, then follows the log.
+    let installed = r#"pubg1_raft_snapshots_installed_total{partition="0",topic="behind"}"#;
+    wait_until(
+        Duration::from_secs(30),
+        "the follower to install a snapshot",
+        || {
+            metric(cluster.broker(follower), installed)
+                .ok()
+                .filter(|n| *n >= 1.0)
+        },
+    )?;
+    let fetched = r#"pubg1_raft_snapshot_fetched_bytes_total{partition="0",topic="behind"}"#;
+    let fetched = metric(cluster.broker(follower), fetched)?;
+    assert!(
+        fetched > 100_000.0,
+        "fetched only {fetched} bytes of records"
+    );
+    load.wait_for_more(1_000, "load after the install")?;
+    let acked = load.finish()?;
+    assert_replicas_identical(&cluster, "behind", 1)?;
+    let http = Client::new();
+    verify(
+        &acked,
+        &fetch_topic(&http, cluster.broker(follower), "behind", 1)?,
+    )?;
+    // What the install wrote is durable: after another kill -9 the follower comes back intact.
+    cluster.broker_mut(follower).kill9();
+    cluster.broker_mut(follower).restart()?;
+    assert_replicas_identical(&cluster, "behind", 1)?;
+    verify(
+        &acked,
+        &fetch_topic(&http, cluster.broker(follower), "behind", 1)?,
     )?;
     Ok(())
 }
@@ -256,6 +333,13 @@ fn a_paused_leader_is_replaced_and_acknowledges_nothing_only_it_holds() -> anyho
     let mut cluster = TestCluster::start(3)?;
     create_replicated(&cluster, "paused", 1)?;
     let leader = cluster.leader_of("paused", 0)?;
+    let observer = LeadershipObserver::start(
+        cluster
+            .brokers
+            .iter()
+            .map(|b| b.url("/topics/paused/partitions/0"))
+            .collect(),
+    );
     let targets = urls(cluster.topic_urls("paused"));
     let load = Load::start(targets.clone(), "p", 4, 10);
     load.wait_for_more(500, "load before the pause")?;
@@ -292,7 +376,76 @@ fn a_paused_leader_is_replaced_and_acknowledges_nothing_only_it_holds() -> anyho
         &acked,
         &fetch_topic(&http, cluster.broker(leader), "paused", 1)?,
     )?;
+    // No two leaders in one term, as every broker reported it throughout; and acknowledged
+    // records' epochs never go down along the log (nothing the old leader acknowledged in its
+    // term sits after what the new one acknowledged).
+    let terms = observer.finish()?;
+    let old_term = terms
+        .iter()
+        .filter(|(_, leaders)| leaders.contains(&leader))
+        .map(|(term, _)| *term)
+        .max();
+    let new_term = terms
+        .iter()
+        .filter(|(_, leaders)| leaders.contains(&new_leader))
+        .map(|(term, _)| *term)
+        .max();
+    assert!(old_term < new_term, "terms seen: {terms:?}");
+    assert_epochs_never_decrease(&acked)?;
+    assert!(
+        acked.iter().any(|a| Some(a.leader_epoch) == new_term),
+        "the new leader acknowledged records in its term"
+    );
     Ok(())
+}
+
+/// Polls every broker's view of a partition's (term, leader) until finished; each term must
+/// only ever be seen with one leader.
+struct LeadershipObserver {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<std::collections::BTreeMap<u64, Vec<u64>>>,
+}
+
+impl LeadershipObserver {
+    fn start(describe_urls: Vec<String>) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let http = Client::new();
+            let mut terms: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
+            let mut polls = 0u64;
+            while !stopped.load(std::sync::atomic::Ordering::Acquire) || polls == 0 {
+                for url in &describe_urls {
+                    // A paused or dead broker does not answer: skip it this round.
+                    let Ok(reply) = http.get(url) else { continue };
+                    let term = reply.body["leader_epoch"].as_u64().unwrap_or(0);
+                    let leader = reply.body["leader"].as_u64().unwrap_or(0);
+                    if term > 0 && leader > 0 {
+                        let leaders = terms.entry(term).or_default();
+                        if !leaders.contains(&leader) {
+                            leaders.push(leader);
+                        }
+                    }
+                }
+                polls += 1;
+            }
+            terms
+        });
+        Self { stop, thread }
+    }
+
+    /// Every term seen and its leaders; an error if any term had two.
+    fn finish(self) -> anyhow::Result<std::collections::BTreeMap<u64, Vec<u64>>> {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        let terms = self
+            .thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("observer panicked"))?;
+        for (term, leaders) in &terms {
+            anyhow::ensure!(leaders.len() == 1, "term {term} had leaders {leaders:?}");
+        }
+        Ok(terms)
+    }
 }
 
 /// Point running publishers at a new set of brokers.
@@ -343,5 +496,22 @@ fn a_broker_without_a_replica_answers_421_naming_the_replica() -> anyhow::Result
         "{}",
         stored.text
     );
+    // Yet every broker answers metadata: the broker without a replica learns leader, term,
+    // high watermark and in-sync replicas from the leader's reports.
+    let described = wait_until(Duration::from_secs(10), "the leader's report", || {
+        http.get(&elsewhere)
+            .ok()
+            .filter(|r| r.body["high_watermark"] == 1)
+    })?;
+    let at_leader = http.get(&at_replica)?;
+    for field in ["leader", "leader_epoch", "high_watermark", "replicas"] {
+        assert_eq!(
+            described.body[field], at_leader.body[field],
+            "{field}: {} vs {}",
+            described.text, at_leader.text
+        );
+    }
+    assert_eq!(described.body["leader"], replica);
+    assert_eq!(described.body["replicas"][0]["in_sync"], true);
     Ok(())
 }

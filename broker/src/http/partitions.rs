@@ -16,8 +16,8 @@ pub struct ReplicaInfo {
     pub broker: u32,
     pub leader: bool,
     /// Whether the leader counts this replica in sync (recently heard from, at most 1,000
-    /// entries behind). Null when asked of a broker that does not lead the partition: only
-    /// the leader knows; ask it.
+    /// entries behind), as of the leader's last report (every 10 Raft ticks; the leader itself
+    /// answers first-hand). Null until a report has arrived.
     pub in_sync: Option<bool>,
 }
 
@@ -27,8 +27,11 @@ pub struct PartitionInfo {
     pub partition: u32,
     /// Leader's broker id as this broker sees it; 0 while no leader is known.
     pub leader: u32,
+    /// The Raft term (Kafka's leader epoch) `leader` leads in: this broker's replica's term,
+    /// or on a broker without a replica the term of the leader's last report (null before one).
+    pub leader_epoch: Option<u64>,
     pub replicas: Vec<ReplicaInfo>,
-    /// First offset still retained (on this broker's replica).
+    /// First offset still retained (on this broker's replica, else as the leader last reported).
     pub log_start_offset: u64,
     /// Offset after the last committed record: consumers read below it.
     pub high_watermark: u64,
@@ -36,11 +39,12 @@ pub struct PartitionInfo {
 }
 
 pub fn describe_partition(partition: &PartitionShared, _broker_id: u32) -> PartitionInfo {
-    let leader = partition.leader();
+    let (term, leader) = partition.leadership();
     let in_sync = partition.in_sync();
     PartitionInfo {
         partition: partition.partition,
         leader: leader as u32,
+        leader_epoch: (partition.hosted || term > 0).then_some(term),
         replicas: partition
             .replicas
             .iter()

@@ -53,6 +53,9 @@ pub struct RecordOffset {
     pub partition: u32,
     /// Null when this record's partition failed (see `error_code`).
     pub offset: Option<u64>,
+    /// Raft term of the leader that appended the record (Kafka's leader epoch); absent on error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leader_epoch: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error_code: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -163,6 +166,7 @@ async fn produce(
                 Ok(appended) => RecordOffset {
                     partition: p,
                     offset: Some(appended.base_offset + position as u64),
+                    leader_epoch: Some(appended.leader_epoch),
                     error_code: None,
                     error: None,
                 },
@@ -171,6 +175,7 @@ async fn produce(
                     RecordOffset {
                         partition: p,
                         offset: None,
+                        leader_epoch: None,
                         error_code: Some(api.error_code()),
                         error: Some(api.to_string()),
                     }
