@@ -38,8 +38,11 @@ const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(1);
 enum Frame {
     /// First frame on a connection: who is calling, and where its HTTP API is.
     Hello { from: u64, http: String },
-    /// Raft messages, each for one group, in raft-rs's protobuf encoding.
-    Raft { messages: Vec<(LogId, Vec<u8>)> },
+    /// Raft messages, each for one group, in raft-rs's protobuf encoding (as MessagePack
+    /// binary: a `Vec<u8>` would be an array of numbers, a byte at a time both ways).
+    Raft {
+        messages: Vec<(LogId, bytes::Bytes)>,
+    },
     /// A follower installing a snapshot asks for records.
     Fetch(SnapshotFetch),
     /// Records for a follower installing a snapshot.
@@ -163,7 +166,7 @@ async fn run_outbound(
                 match item {
                     Outbound::Raft { group, message } => {
                         if let Ok(bytes) = message.write_to_bytes() {
-                            messages.push((group, bytes));
+                            messages.push((group, bytes::Bytes::from(bytes)));
                         }
                     }
                     Outbound::Fetch(fetch) => frames.push(Frame::Fetch(fetch)),

@@ -59,7 +59,7 @@ impl Default for RaftSettings {
             tick_ms: 30,
             election_tick: 10,
             heartbeat_tick: 2,
-            log_keep_entries: 5_000,
+            log_keep_entries: 200,
             log_keep_entries_max: 50_000,
         }
     }

@@ -71,7 +71,7 @@ impl Default for Config {
             peer: SocketAddr::from(([127, 0, 0, 1], 9091)),
             seeds: Vec::new(),
             raft_tick_ms: 30,
-            raft_log_keep_entries: 5_000,
+            raft_log_keep_entries: 200,
             raft_log_keep_entries_max: 50_000,
             http_workers: 0,
             request_body_bytes_max: 16 * 1024 * 1024,
