@@ -1,0 +1,60 @@
+//! A small blocking HTTP client: every status comes back as a [`Reply`], never as an error.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use serde_json::Value;
+
+#[derive(Debug, Clone)]
+pub struct Http {
+    agent: ureq::Agent,
+}
+
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+    pub text: String,
+}
+
+impl Http {
+    /// A client whose requests give up after `timeout`.
+    pub fn new(timeout: Duration) -> Self {
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(timeout))
+            .build();
+        Self {
+            agent: config.into(),
+        }
+    }
+
+    pub fn get(&self, url: &str) -> Result<Reply> {
+        read(self.agent.get(url).call())
+    }
+
+    pub fn delete(&self, url: &str) -> Result<Reply> {
+        read(self.agent.delete(url).call())
+    }
+
+    pub fn post(&self, url: &str, content_type: &str, body: &str) -> Result<Reply> {
+        read(
+            self.agent
+                .post(url)
+                .header("Content-Type", content_type)
+                .send(body.as_bytes()),
+        )
+    }
+}
+
+fn read(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<Reply> {
+    let mut response = result?;
+    let status = response.status().as_u16();
+    let text = response
+        .body_mut()
+        .with_config()
+        .limit(512 * 1024 * 1024)
+        .read_to_string()?;
+    let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+    Ok(Reply { status, body, text })
+}

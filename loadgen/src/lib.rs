@@ -1,0 +1,9 @@
+//! PubG1's load generator: starts a cluster (or joins one), drives producers, breaks brokers on
+//! a timeline, and proves what survived. See `loadgen --help` and `loadgen/scenarios/`.
+
+pub mod cluster;
+pub mod http;
+pub mod run;
+pub mod scenario;
+pub mod summary;
+pub mod verify;

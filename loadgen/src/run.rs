@@ -1,0 +1,695 @@
+//! One run: start (or join) a cluster, create the topics, drive producers, play the fault
+//! timeline, then read everything back and verify it.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::cluster::{Cluster, State};
+use crate::http::Http;
+use crate::scenario::{Action, Scenario, Target, TopicSpec};
+use crate::verify::{self, Ack, Outcome, Stored, Verdict, Window};
+
+/// How long a produce request may take before the producer gives up on it and moves on.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause after a failed request before the next (the producer also moves to another broker).
+const FAILURE_BACKOFF: Duration = Duration::from_millis(20);
+/// How long metadata (leaders, convergence) may take to settle.
+const SETTLE_DEADLINE: Duration = Duration::from_secs(60);
+const JSON_V2: &str = "application/vnd.kafka.json.v2+json";
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// What the scenario is called in the summary (its file name, or "demo").
+    pub name: String,
+    pub scenario: Scenario,
+    /// Where result.json, acks.csv and the brokers' data and logs go.
+    pub out: PathBuf,
+    /// Use this running cluster (HTTP base URLs) instead of starting one; no faults on it.
+    pub bootstrap: Option<Vec<String>>,
+    pub broker_bin: Option<PathBuf>,
+    pub progress: bool,
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    fn of(h: &Histogram<u64>) -> Self {
+        let ms = |micros: u64| micros as f64 / 1000.0;
+        Self {
+            count: h.len(),
+            p50: ms(h.value_at_quantile(0.5)),
+            p90: ms(h.value_at_quantile(0.9)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p999: ms(h.value_at_quantile(0.999)),
+            max: ms(h.max()),
+        }
+    }
+}
+
+/// Everything a run measured; written as result.json.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    pub scenario: String,
+    pub duration_s: f64,
+    pub brokers: usize,
+    pub topic: String,
+    pub records_acknowledged: u64,
+    pub requests_ok: u64,
+    pub requests_failed: u64,
+    pub records_per_second: f64,
+    /// Acknowledged records in each second of the run.
+    pub throughput_per_second: Vec<u64>,
+    /// Publish latency (request sent → acknowledged), per request.
+    pub publish_latency_ms: Percentiles,
+    /// Publish latency p50/p99 in each second of the run.
+    pub publish_latency_per_second: Vec<(f64, f64)>,
+    pub faults: Vec<Window>,
+    pub verdict: Verdict,
+}
+
+impl RunResult {
+    pub fn passed(&self) -> bool {
+        self.verdict.is_clean()
+    }
+}
+
+/// What each producer thread hands back.
+struct ProducerReport {
+    acks: Vec<Ack>,
+    outcomes: Vec<Outcome>,
+    /// (ms since start, latency µs) per successful request.
+    latencies: Vec<(u64, u64)>,
+    failed: u64,
+}
+
+/// Shared between the producers and the progress display.
+#[derive(Default)]
+struct Live {
+    stop: AtomicBool,
+    acked: AtomicU64,
+    failed: AtomicU64,
+}
+
+pub fn run(options: &Options) -> Result<RunResult> {
+    let scenario = &options.scenario;
+    std::fs::create_dir_all(&options.out)
+        .with_context(|| format!("creating {}", options.out.display()))?;
+    let mut cluster = match &options.bootstrap {
+        Some(_) => None,
+        None => {
+            let binary = match &options.broker_bin {
+                Some(path) => path.clone(),
+                None => crate::cluster::default_broker_binary()?,
+            };
+            Some(Cluster::start(
+                &binary,
+                &options.out.join("cluster"),
+                scenario.cluster.brokers,
+                scenario.cluster.raft_tick_ms,
+            )?)
+        }
+    };
+    let urls = match (&options.bootstrap, &cluster) {
+        (Some(urls), _) => urls.clone(),
+        (None, Some(c)) => c.urls(),
+        (None, None) => bail!("no cluster"),
+    };
+    if options.bootstrap.is_some() && !scenario.faults.is_empty() {
+        bail!("faults act only on brokers loadgen started: drop --bootstrap or the [[faults]]");
+    }
+    let http = Http::new(Duration::from_secs(10));
+    for topic in &scenario.topics {
+        create_topic(&http, &urls, topic)?;
+        wait_for_leaders(&http, &urls, topic)?;
+    }
+
+    let topic = scenario.producer_topic();
+    let live = Arc::new(Live::default());
+    let start = Instant::now();
+    let producers = start_producers(scenario, &urls, &topic, &live, start)?;
+
+    let bar = progress_bar(options.progress, scenario.duration_s);
+    let mut faults = Vec::new();
+    let end = start + Duration::from_secs_f64(scenario.duration_s);
+    let mut timeline = scenario.faults.iter().peekable();
+    loop {
+        let now = Instant::now();
+        if let Some(fault) = timeline.next_if(|f| start + Duration::from_secs_f64(f.at_s) <= now) {
+            let at_ms = start.elapsed().as_millis() as u64;
+            let description = apply_fault(cluster.as_mut(), &http, &urls, scenario, fault)
+                .with_context(|| format!("fault at {} s", fault.at_s))?;
+            bar.println(format!("{:>6.1} s  {description}", at_ms as f64 / 1000.0));
+            faults.push((at_ms, description));
+            continue;
+        }
+        if now >= end {
+            break;
+        }
+        let acked = live.acked.load(Ordering::Relaxed);
+        let elapsed = start.elapsed().as_secs_f64();
+        bar.set_position((elapsed * 1000.0) as u64);
+        bar.set_message(format!(
+            "{acked} acked, {:.0} rec/s, {} failed requests",
+            acked as f64 / elapsed.max(0.001),
+            live.failed.load(Ordering::Relaxed)
+        ));
+        // The next thing to do is a progress refresh or the next fault, whichever is first.
+        let next_fault = timeline
+            .peek()
+            .map(|f| start + Duration::from_secs_f64(f.at_s))
+            .unwrap_or(end);
+        let wake = next_fault.min(end).min(now + Duration::from_millis(200));
+        std::thread::sleep(wake.saturating_duration_since(Instant::now()));
+    }
+    live.stop.store(true, Ordering::Release);
+    let mut reports = Vec::new();
+    for producer in producers {
+        reports.push(
+            producer
+                .join()
+                .map_err(|_| anyhow!("a producer thread panicked"))?,
+        );
+    }
+    let elapsed = start.elapsed();
+    bar.finish_and_clear();
+
+    // Everything back up, so every acknowledged record can be read.
+    if let Some(cluster) = cluster.as_mut() {
+        cluster.heal()?;
+    }
+    let log = read_topic(&http, &urls, &topic, &scenario.topics)?;
+    let acks: Vec<Ack> = reports
+        .iter()
+        .flat_map(|r| r.acks.iter().copied())
+        .collect();
+    save_acks(&options.out.join("acks.csv"), &acks)?;
+    let verdict = verify::verify(&acks, &log);
+    let mut outcomes: Vec<Outcome> = reports
+        .iter()
+        .flat_map(|r| r.outcomes.iter().copied())
+        .collect();
+    outcomes.sort_unstable_by_key(|o| o.at_ms);
+    let windows = verify::unavailability(&faults, &outcomes);
+
+    let seconds = elapsed.as_secs() as usize + 1;
+    let mut throughput = vec![0u64; seconds];
+    let mut overall = new_histogram();
+    let mut per_second: Vec<Histogram<u64>> = (0..seconds).map(|_| new_histogram()).collect();
+    for report in &reports {
+        for (at_ms, micros) in &report.latencies {
+            let _ = overall.record(*micros);
+            if let Some(h) = per_second.get_mut((*at_ms / 1000) as usize) {
+                let _ = h.record(*micros);
+            }
+        }
+    }
+    for report in &reports {
+        // Records per second by acknowledgement time: each request's records count at its answer.
+        let batch = options.scenario.producers.batch as u64;
+        for (at_ms, _) in &report.latencies {
+            if let Some(slot) = throughput.get_mut((*at_ms / 1000) as usize) {
+                *slot += batch;
+            }
+        }
+    }
+    let result = RunResult {
+        scenario: options.name.clone(),
+        duration_s: elapsed.as_secs_f64(),
+        brokers: urls.len(),
+        topic,
+        records_acknowledged: acks.len() as u64,
+        requests_ok: overall.len(),
+        requests_failed: reports.iter().map(|r| r.failed).sum(),
+        records_per_second: acks.len() as f64 / elapsed.as_secs_f64(),
+        throughput_per_second: throughput,
+        publish_latency_ms: Percentiles::of(&overall),
+        publish_latency_per_second: per_second
+            .iter()
+            .map(|h| {
+                if h.is_empty() {
+                    (0.0, 0.0)
+                } else {
+                    (
+                        h.value_at_quantile(0.5) as f64 / 1000.0,
+                        h.value_at_quantile(0.99) as f64 / 1000.0,
+                    )
+                }
+            })
+            .collect(),
+        faults: windows,
+        verdict,
+    };
+    std::fs::write(
+        options.out.join("result.json"),
+        serde_json::to_string_pretty(&result)?,
+    )?;
+    if let Some(mut cluster) = cluster {
+        cluster.stop();
+    }
+    Ok(result)
+}
+
+fn new_histogram() -> Histogram<u64> {
+    // 1 µs to 10 min, 3 significant digits.
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("constant, valid histogram bounds")
+}
+
+fn progress_bar(visible: bool, duration_s: f64) -> ProgressBar {
+    if !visible {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new((duration_s * 1000.0) as u64);
+    if let Ok(style) = ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {msg}") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+/// Create a topic, retrying while the cluster elects its metadata leader.
+fn create_topic(http: &Http, urls: &[String], topic: &TopicSpec) -> Result<()> {
+    let body = json!({
+        "name": topic.name,
+        "partitions": topic.partitions,
+        "replication_factor": topic.replication_factor,
+    })
+    .to_string();
+    let deadline = Instant::now() + SETTLE_DEADLINE;
+    let mut attempt = 0usize;
+    loop {
+        let url = format!("{}/topics", urls[attempt % urls.len()]);
+        match http.post(&url, "application/json", &body) {
+            Ok(reply) if reply.status == 201 => return Ok(()),
+            Ok(reply) if reply.status == 409 => {
+                bail!("topic '{}' already exists: {}", topic.name, reply.text)
+            }
+            Ok(reply) if reply.status < 500 && reply.status != 421 => {
+                bail!(
+                    "creating topic '{}': {} {}",
+                    topic.name,
+                    reply.status,
+                    reply.text
+                )
+            }
+            _ if Instant::now() > deadline => bail!("could not create topic '{}'", topic.name),
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+        attempt += 1;
+    }
+}
+
+fn describe(http: &Http, url: &str, topic: &str, partition: u32) -> Option<Value> {
+    http.get(&format!("{url}/topics/{topic}/partitions/{partition}"))
+        .ok()
+        .filter(|r| r.status == 200)
+        .map(|r| r.body)
+}
+
+fn wait_for_leaders(http: &Http, urls: &[String], topic: &TopicSpec) -> Result<()> {
+    for partition in 0..topic.partitions {
+        leader_of(http, urls, &topic.name, partition)?;
+    }
+    Ok(())
+}
+
+/// The partition's leader, once one is known and answering.
+fn leader_of(http: &Http, urls: &[String], topic: &str, partition: u32) -> Result<u32> {
+    let deadline = Instant::now() + SETTLE_DEADLINE;
+    loop {
+        for url in urls {
+            if let Some(leader) = describe(http, url, topic, partition)
+                .and_then(|d| d["leader"].as_u64())
+                .filter(|l| *l != 0)
+            {
+                return Ok(leader as u32);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("no leader for {topic}/{partition}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn apply_fault(
+    cluster: Option<&mut Cluster>,
+    http: &Http,
+    urls: &[String],
+    scenario: &Scenario,
+    fault: &crate::scenario::Fault,
+) -> Result<String> {
+    match fault.action {
+        Action::DeleteTopic => {
+            let reply = http.delete(&format!("{}/topics/{}", urls[0], fault.target))?;
+            if reply.status != 200 && reply.status != 204 {
+                bail!("deleting {}: {} {}", fault.target, reply.status, reply.text);
+            }
+            return Ok(format!("deleted topic {}", fault.target));
+        }
+        Action::CreateTopic => {
+            let spec = scenario
+                .topics
+                .iter()
+                .find(|t| t.name == fault.target)
+                .ok_or_else(|| anyhow!("no topic {}", fault.target))?;
+            create_topic(http, urls, spec)?;
+            return Ok(format!("created topic {}", fault.target));
+        }
+        _ => {}
+    }
+    let cluster = cluster.ok_or_else(|| anyhow!("broker faults need a cluster loadgen started"))?;
+    let running: Vec<String> = cluster
+        .brokers
+        .iter()
+        .filter(|b| b.state == State::Running)
+        .map(|b| b.url(""))
+        .collect();
+    let targets: Vec<u32> = match Target::parse(&fault.target)? {
+        Target::Broker(id) => vec![id],
+        Target::Leader { topic, partition } => vec![leader_of(http, &running, &topic, partition)?],
+        Target::Follower { topic, partition } => {
+            let leader = leader_of(http, &running, &topic, partition)?;
+            let described = describe(http, &running[0], &topic, partition)
+                .ok_or_else(|| anyhow!("cannot describe {topic}/{partition}"))?;
+            let follower = described["replicas"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r["broker"].as_u64())
+                .map(|b| b as u32)
+                .find(|b| {
+                    *b != leader && cluster.broker(*b).is_ok_and(|b| b.state == State::Running)
+                })
+                .ok_or_else(|| anyhow!("{topic}/{partition} has no running follower"))?;
+            vec![follower]
+        }
+        Target::Killed => cluster.in_state(State::Killed),
+        Target::Paused => cluster.in_state(State::Paused),
+    };
+    for id in &targets {
+        match fault.action {
+            Action::Kill => cluster.kill(*id)?,
+            Action::Restart => cluster.restart(*id)?,
+            Action::Pause => cluster.pause(*id)?,
+            Action::Resume => cluster.resume(*id)?,
+            Action::DeleteTopic | Action::CreateTopic => {}
+        }
+    }
+    let verb = match fault.action {
+        Action::Kill => "kill -9",
+        Action::Restart => "restart",
+        Action::Pause => "pause (SIGSTOP)",
+        Action::Resume => "resume (SIGCONT)",
+        Action::DeleteTopic | Action::CreateTopic => "",
+    };
+    Ok(format!("{verb} broker {targets:?} ({})", fault.target))
+}
+
+/// Value of a produced record: producer, sequence and send time, padded to the record size.
+fn record_value(producer: u32, sequence: u64, sent_unix_micros: u128, bytes: usize) -> String {
+    let mut value = format!("p{producer}:s{sequence}:t{sent_unix_micros}:");
+    // Stored as a JSON string: the quotes count towards the record's bytes.
+    let target = bytes.saturating_sub(2);
+    while value.len() < target {
+        value.push('x');
+    }
+    value
+}
+
+/// Producer id and sequence from a stored value written by [`record_value`].
+fn parse_value(value: &str) -> Option<(u32, u64)> {
+    let mut parts = value.split(':');
+    let producer = parts.next()?.strip_prefix('p')?.parse().ok()?;
+    let sequence = parts.next()?.strip_prefix('s')?.parse().ok()?;
+    Some((producer, sequence))
+}
+
+fn start_producers(
+    scenario: &Scenario,
+    urls: &[String],
+    topic: &str,
+    live: &Arc<Live>,
+    start: Instant,
+) -> Result<Vec<std::thread::JoinHandle<ProducerReport>>> {
+    let spec = scenario.producers.clone();
+    let keys = scenario.key_space()?;
+    let per_producer_rate = spec.rate as f64 / f64::from(spec.count);
+    let interval =
+        (spec.rate > 0).then(|| Duration::from_secs_f64(spec.batch as f64 / per_producer_rate));
+    let mut threads = Vec::new();
+    for producer in 0..spec.count {
+        let urls: Vec<String> = urls.iter().map(|u| format!("{u}/topics/{topic}")).collect();
+        let (live, spec) = (live.clone(), spec.clone());
+        threads.push(std::thread::spawn(move || {
+            let http = Http::new(REQUEST_TIMEOUT);
+            let mut report = ProducerReport {
+                acks: Vec::new(),
+                outcomes: Vec::new(),
+                latencies: Vec::new(),
+                failed: 0,
+            };
+            let mut next_sequence = 0u64;
+            let mut target = producer as usize;
+            let mut next_send = Instant::now();
+            let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ u64::from(producer) << 32;
+            while !live.stop.load(Ordering::Acquire) {
+                if let Some(interval) = interval {
+                    let now = Instant::now();
+                    if next_send > now {
+                        std::thread::sleep(next_send - now);
+                    }
+                    next_send = next_send.max(now - interval) + interval;
+                }
+                let first = next_sequence;
+                next_sequence += spec.batch as u64;
+                let sent_unix = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_micros())
+                    .unwrap_or_default();
+                let records: Vec<Value> = (first..next_sequence)
+                    .map(|sequence| {
+                        let value = record_value(producer, sequence, sent_unix, spec.record_bytes);
+                        match keys {
+                            Some(n) => {
+                                rng ^= rng << 13;
+                                rng ^= rng >> 7;
+                                rng ^= rng << 17;
+                                json!({"key": format!("k{}", rng % n), "value": value})
+                            }
+                            None => json!({"value": value}),
+                        }
+                    })
+                    .collect();
+                let body = json!({ "records": records }).to_string();
+                let sent = Instant::now();
+                let url = &urls[target % urls.len()];
+                let acked = http
+                    .post(url, JSON_V2, &body)
+                    .ok()
+                    .filter(|r| r.status == 200)
+                    .and_then(|r| acks_of(&r.body, producer, first));
+                let at_ms = start.elapsed().as_millis() as u64;
+                match acked {
+                    Some(acks) => {
+                        live.acked.fetch_add(acks.len() as u64, Ordering::Relaxed);
+                        report.acks.extend(acks);
+                        report.outcomes.push(Outcome { at_ms, ok: true });
+                        report
+                            .latencies
+                            .push((at_ms, sent.elapsed().as_micros() as u64));
+                    }
+                    None => {
+                        // Its sequences are abandoned, never resent: a sequence stored twice
+                        // is then a real duplicate.
+                        live.failed.fetch_add(1, Ordering::Relaxed);
+                        report.failed += 1;
+                        report.outcomes.push(Outcome { at_ms, ok: false });
+                        target += 1;
+                        std::thread::sleep(FAILURE_BACKOFF);
+                    }
+                }
+            }
+            report
+        }));
+    }
+    Ok(threads)
+}
+
+/// The acknowledgements in a 200 produce reply; None unless every record has an offset.
+fn acks_of(body: &Value, producer: u32, first: u64) -> Option<Vec<Ack>> {
+    body["offsets"]
+        .as_array()?
+        .iter()
+        .enumerate()
+        .map(|(i, at)| {
+            Some(Ack {
+                producer,
+                sequence: first + i as u64,
+                partition: at["partition"].as_u64()? as u32,
+                offset: at["offset"].as_u64()?,
+            })
+        })
+        .collect()
+}
+
+/// Wait until every reachable broker reports the same high watermarks, then read every
+/// partition of `topic` from the start.
+pub fn read_topic(
+    http: &Http,
+    urls: &[String],
+    topic: &str,
+    topics: &[TopicSpec],
+) -> Result<Vec<Stored>> {
+    let partitions = topics
+        .iter()
+        .find(|t| t.name == topic)
+        .map(|t| t.partitions)
+        .ok_or_else(|| anyhow!("unknown topic {topic}"))?;
+    let deadline = Instant::now() + SETTLE_DEADLINE;
+    let source = loop {
+        let views: Vec<(String, Vec<u64>)> = urls
+            .iter()
+            .filter_map(|url| {
+                let hws: Option<Vec<u64>> = (0..partitions)
+                    .map(|p| {
+                        describe(http, url, topic, p).and_then(|d| d["high_watermark"].as_u64())
+                    })
+                    .collect();
+                hws.map(|h| (url.clone(), h))
+            })
+            .collect();
+        if !views.is_empty() && views.iter().all(|(_, h)| *h == views[0].1) {
+            break views[0].0.clone();
+        }
+        if Instant::now() > deadline {
+            bail!("replicas of {topic} did not converge: {views:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut log = Vec::new();
+    for partition in 0..partitions {
+        let mut offset = 0u64;
+        loop {
+            let url = format!(
+                "{source}/topics/{topic}/partitions/{partition}/records?offset={offset}&max_records=10000"
+            );
+            let reply = http.get(&url)?;
+            if reply.status == 416 {
+                // Below the log start (a deleted and re-created topic starts over): start there.
+                let start = reply.body["log_start_offset"].as_u64().unwrap_or(offset);
+                if start <= offset {
+                    break;
+                }
+                offset = start;
+                continue;
+            }
+            if reply.status != 200 {
+                bail!(
+                    "reading {topic}/{partition}: {} {}",
+                    reply.status,
+                    reply.text
+                );
+            }
+            for record in reply.body["records"].as_array().into_iter().flatten() {
+                let at = record["offset"].as_u64().unwrap_or_default();
+                if let Some((producer, sequence)) = record["value"].as_str().and_then(parse_value) {
+                    log.push(Stored {
+                        partition,
+                        offset: at,
+                        producer,
+                        sequence,
+                    });
+                }
+            }
+            let next = reply.body["next_offset"].as_u64().unwrap_or(offset);
+            let end = reply.body["high_watermark"].as_u64().unwrap_or(next);
+            if next >= end || next == offset {
+                break;
+            }
+            offset = next;
+        }
+    }
+    Ok(log)
+}
+
+fn save_acks(path: &Path, acks: &[Ack]) -> Result<()> {
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    writeln!(out, "producer,sequence,partition,offset")?;
+    for a in acks {
+        writeln!(
+            out,
+            "{},{},{},{}",
+            a.producer, a.sequence, a.partition, a.offset
+        )?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+pub fn load_acks(path: &Path) -> Result<Vec<Ack>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .skip(1)
+        .map(|line| {
+            let fields: Vec<&str> = line.split(',').collect();
+            let field = |i: usize| -> Result<u64> {
+                fields
+                    .get(i)
+                    .ok_or_else(|| anyhow!("short line '{line}'"))?
+                    .parse()
+                    .with_context(|| format!("bad line '{line}'"))
+            };
+            Ok(Ack {
+                producer: field(0)? as u32,
+                sequence: field(1)?,
+                partition: field(2)? as u32,
+                offset: field(3)?,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_carry_producer_and_sequence_at_the_record_size() {
+        let value = record_value(7, 12_345, 1_764_000_000_000_000, 100);
+        assert_eq!(value.len(), 98);
+        assert_eq!(parse_value(&value), Some((7, 12_345)));
+        assert_eq!(parse_value("something else"), None);
+    }
+
+    #[test]
+    fn acks_round_trip_through_the_csv() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("acks.csv");
+        let acks = vec![Ack {
+            producer: 1,
+            sequence: 2,
+            partition: 3,
+            offset: 4,
+        }];
+        save_acks(&path, &acks).expect("save");
+        assert_eq!(load_acks(&path).expect("load"), acks);
+    }
+}

@@ -1,0 +1,289 @@
+//! Scenario files: what to run, for how long, and what to break when.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+/// The scenario `loadgen demo` runs (also `loadgen/scenarios/demo.toml`).
+pub const DEMO: &str = include_str!("../scenarios/demo.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// Seconds of load.
+    pub duration_s: f64,
+    #[serde(default)]
+    pub cluster: ClusterSpec,
+    pub topics: Vec<TopicSpec>,
+    pub producers: ProducerSpec,
+    #[serde(default)]
+    pub faults: Vec<Fault>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSpec {
+    /// Brokers loadgen starts (ignored with `--bootstrap`).
+    pub brokers: u32,
+    /// Milliseconds per Raft tick for the brokers it starts.
+    pub raft_tick_ms: u64,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        Self {
+            brokers: 3,
+            raft_tick_ms: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicSpec {
+    pub name: String,
+    pub partitions: u32,
+    pub replication_factor: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProducerSpec {
+    /// Concurrent producers; each has one request in flight.
+    pub count: u32,
+    /// Records per second over all producers; 0 = as fast as the cluster takes them.
+    #[serde(default)]
+    pub rate: u64,
+    /// Bytes of each record's value (at least 40: id, sequence and timestamp travel in it).
+    #[serde(default = "default_record_bytes")]
+    pub record_bytes: usize,
+    /// Records per produce request.
+    #[serde(default = "default_batch")]
+    pub batch: usize,
+    /// `none` (records spread over partitions by the broker) or `uniform:N` (N distinct keys).
+    #[serde(default = "default_keys")]
+    pub keys: String,
+    /// The topic they write to (default: the first).
+    #[serde(default)]
+    pub topic: Option<String>,
+}
+
+fn default_record_bytes() -> usize {
+    100
+}
+fn default_batch() -> usize {
+    10
+}
+fn default_keys() -> String {
+    "none".into()
+}
+
+/// One step of the fault timeline.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    /// Seconds after load starts.
+    pub at_s: f64,
+    pub action: Action,
+    /// `leader:TOPIC/PARTITION`, `follower:TOPIC/PARTITION`, `broker:N`; for `restart` also
+    /// `killed` (every killed broker), for `resume` also `paused`; for topic actions the topic.
+    #[serde(default)]
+    pub target: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    /// kill -9.
+    Kill,
+    /// Start a killed broker again on its data dir.
+    Restart,
+    /// SIGSTOP.
+    Pause,
+    /// SIGCONT.
+    Resume,
+    /// Delete the topic through the admin API (destroys acknowledged records: for proving the
+    /// verifier catches loss).
+    DeleteTopic,
+    /// Create the topic again with the scenario's settings.
+    CreateTopic,
+}
+
+/// Who a broker fault hits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Leader { topic: String, partition: u32 },
+    Follower { topic: String, partition: u32 },
+    Broker(u32),
+    Killed,
+    Paused,
+}
+
+impl Target {
+    pub fn parse(text: &str) -> Result<Self> {
+        let partition_of = |rest: &str| -> Result<(String, u32)> {
+            let (topic, partition) = rest
+                .rsplit_once('/')
+                .with_context(|| format!("'{text}': expected TOPIC/PARTITION"))?;
+            Ok((
+                topic.to_owned(),
+                partition
+                    .parse()
+                    .with_context(|| format!("'{text}': bad partition"))?,
+            ))
+        };
+        Ok(match text.split_once(':') {
+            Some(("leader", rest)) => {
+                let (topic, partition) = partition_of(rest)?;
+                Target::Leader { topic, partition }
+            }
+            Some(("follower", rest)) => {
+                let (topic, partition) = partition_of(rest)?;
+                Target::Follower { topic, partition }
+            }
+            Some(("broker", n)) => Target::Broker(n.parse().with_context(|| format!("'{text}': bad broker id"))?),
+            None if text == "killed" => Target::Killed,
+            None if text == "paused" => Target::Paused,
+            _ => bail!("unknown fault target '{text}' (leader:T/P, follower:T/P, broker:N, killed, paused)"),
+        })
+    }
+}
+
+impl Scenario {
+    pub fn parse(text: &str) -> Result<Self> {
+        let scenario: Scenario = toml::from_str(text).context("parsing the scenario")?;
+        scenario.validate()?;
+        Ok(scenario)
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    fn validate(&self) -> Result<()> {
+        if !self.duration_s.is_finite() || self.duration_s <= 0.0 {
+            bail!("duration_s must be positive");
+        }
+        if self.topics.is_empty() {
+            bail!("at least one [[topics]] is needed");
+        }
+        if self.producers.count == 0 || self.producers.batch == 0 {
+            bail!("producers.count and producers.batch must be at least 1");
+        }
+        if self.producers.record_bytes < 40 {
+            bail!("producers.record_bytes must be at least 40");
+        }
+        self.key_space()?;
+        let topic = self.producer_topic();
+        if !self.topics.iter().any(|t| t.name == topic) {
+            bail!("producers.topic '{topic}' is not among the topics");
+        }
+        for fault in &self.faults {
+            match fault.action {
+                Action::DeleteTopic | Action::CreateTopic => {
+                    if !self.topics.iter().any(|t| t.name == fault.target) {
+                        bail!("fault target '{}' is not among the topics", fault.target);
+                    }
+                }
+                _ => {
+                    Target::parse(&fault.target)?;
+                }
+            }
+            if fault.at_s < 0.0 || fault.at_s > self.duration_s {
+                bail!(
+                    "fault at {} s is outside the run's {} s",
+                    fault.at_s,
+                    self.duration_s
+                );
+            }
+        }
+        if self.faults.windows(2).any(|w| w[1].at_s < w[0].at_s) {
+            bail!("faults must be listed in time order");
+        }
+        Ok(())
+    }
+
+    /// Distinct keys producers use; None = keyless.
+    pub fn key_space(&self) -> Result<Option<u64>> {
+        match self.producers.keys.as_str() {
+            "none" => Ok(None),
+            other => match other.strip_prefix("uniform:").map(str::parse::<u64>) {
+                Some(Ok(n)) if n > 0 => Ok(Some(n)),
+                _ => {
+                    bail!("producers.keys must be 'none' or 'uniform:N' with N > 0, not '{other}'")
+                }
+            },
+        }
+    }
+
+    pub fn producer_topic(&self) -> String {
+        self.producers
+            .topic
+            .clone()
+            .unwrap_or_else(|| self.topics[0].name.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_scenarios_parse() {
+        for text in [
+            DEMO,
+            include_str!("../scenarios/flat-out.toml"),
+            include_str!("../scenarios/delete-topic.toml"),
+        ] {
+            Scenario::parse(text).expect("scenario");
+        }
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let base = "duration_s = 5\n[[topics]]\nname = \"t\"\npartitions = 1\nreplication_factor = 1\n[producers]\ncount = 1\n";
+        for (extra, expected) in [
+            (
+                "[[faults]]\nat_s = 1\naction = \"kill\"\ntarget = \"leader:t\"\n",
+                "TOPIC/PARTITION",
+            ),
+            (
+                "[[faults]]\nat_s = 9\naction = \"kill\"\ntarget = \"broker:1\"\n",
+                "outside",
+            ),
+            ("[[faults]]\nat_s = 1\naction = \"explode\"\n", "explode"),
+            (
+                "[[faults]]\nat_s = 1\naction = \"kill\"\ntarget = \"someone\"\n",
+                "unknown fault target",
+            ),
+        ] {
+            let error = format!(
+                "{:#}",
+                Scenario::parse(&format!("{base}{extra}")).expect_err(extra)
+            );
+            assert!(error.contains(expected), "{extra}: {error}");
+        }
+        let keys = base.replace("count = 1", "count = 1\nkeys = \"zipf\"");
+        let error = format!("{:#}", Scenario::parse(&keys).expect_err("keys"));
+        assert!(error.contains("uniform:N"), "{error}");
+    }
+
+    #[test]
+    fn targets_parse() {
+        assert_eq!(
+            Target::parse("leader:demo/3").expect("leader"),
+            Target::Leader {
+                topic: "demo".into(),
+                partition: 3
+            }
+        );
+        assert_eq!(
+            Target::parse("broker:2").expect("broker"),
+            Target::Broker(2)
+        );
+        assert_eq!(Target::parse("killed").expect("killed"), Target::Killed);
+    }
+}

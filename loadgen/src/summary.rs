@@ -1,0 +1,73 @@
+//! The terminal summary of a run.
+
+use std::fmt::Write as _;
+
+use crate::run::RunResult;
+use crate::verify::Verdict;
+
+pub fn render(result: &RunResult) -> String {
+    let mut out = String::new();
+    let p = &result.publish_latency_ms;
+    let _ = writeln!(out, "scenario            {}", result.scenario);
+    let _ = writeln!(
+        out,
+        "load                {:.1} s on {} brokers, topic {}",
+        result.duration_s, result.brokers, result.topic
+    );
+    let _ = writeln!(
+        out,
+        "acknowledged        {} records ({:.0} records/s), {} requests ok, {} failed",
+        result.records_acknowledged,
+        result.records_per_second,
+        result.requests_ok,
+        result.requests_failed
+    );
+    let _ = writeln!(
+        out,
+        "publish latency     p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms",
+        p.p50, p.p90, p.p99, p.p999, p.max
+    );
+    if !result.faults.is_empty() {
+        let _ = writeln!(
+            out,
+            "faults              at        unavailable (first failure → first success)"
+        );
+        for w in &result.faults {
+            let unavailable = match w.unavailable_ms {
+                Some(0) => "none (nothing failed)".to_owned(),
+                Some(ms) => format!("{ms} ms"),
+                None => "did not recover".to_owned(),
+            };
+            let _ = writeln!(
+                out,
+                "  {:<40} {:>6.1} s  {unavailable}",
+                w.fault,
+                w.at_ms as f64 / 1000.0
+            );
+        }
+    }
+    out.push_str(&verdict(&result.verdict));
+    out
+}
+
+pub fn verdict(v: &Verdict) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "verifier            {} acknowledged, {} stored: {} lost, {} duplicated, {} moved, {} reordered, {} stored unacknowledged",
+        v.acknowledged, v.stored, v.lost, v.duplicated, v.moved, v.reordered, v.unacknowledged_stored
+    );
+    for example in &v.examples {
+        let _ = writeln!(out, "  {example}");
+    }
+    let _ = writeln!(
+        out,
+        "result              {}",
+        if v.is_clean() {
+            "PASS: every acknowledged record is stored once, where it was acknowledged"
+        } else {
+            "FAIL: acknowledged records were lost, duplicated or moved"
+        }
+    );
+    out
+}

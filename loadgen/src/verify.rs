@@ -1,0 +1,303 @@
+//! The verifier: what the cluster acknowledged against what it holds at the end.
+//!
+//! Every produced record carries its producer id and sequence number. Producers never resend a
+//! sequence (a failed request's sequences are abandoned), so any sequence found twice in the log
+//! is a real duplicate, not a retry. Pure functions over two lists, so every anomaly is
+//! unit-tested on fabricated logs.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Serialize;
+
+/// Identifies one produced record: (producer id, sequence).
+pub type RecordId = (u32, u64);
+
+/// An acknowledgement: the record and where the cluster said it landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Ack {
+    pub producer: u32,
+    pub sequence: u64,
+    pub partition: u32,
+    pub offset: u64,
+}
+
+/// A record as read back at the end of the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    pub partition: u32,
+    pub offset: u64,
+    pub producer: u32,
+    pub sequence: u64,
+}
+
+/// What the verifier found. `lost`, `duplicated` and `moved` count acknowledged records and make
+/// the run fail; the others are information.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Verdict {
+    pub acknowledged: u64,
+    pub stored: u64,
+    /// Acknowledged, and nowhere in the log.
+    pub lost: u64,
+    /// Acknowledged, and in the log more than once.
+    pub duplicated: u64,
+    /// Acknowledged at one partition/offset, found only at another.
+    pub moved: u64,
+    /// Pairs of one producer's records in one partition whose log order contradicts the order
+    /// they were sent in.
+    pub reordered: u64,
+    /// In the log but never acknowledged (their request failed or timed out after the write):
+    /// allowed, at-least-once for unacknowledged records.
+    pub unacknowledged_stored: u64,
+    /// Up to 20 examples per anomaly, for the report.
+    pub examples: Vec<String>,
+}
+
+impl Verdict {
+    pub fn is_clean(&self) -> bool {
+        self.lost == 0 && self.duplicated == 0 && self.moved == 0
+    }
+}
+
+const EXAMPLES_MAX: usize = 20;
+
+/// Compare the acknowledgements with the log read back.
+pub fn verify(acks: &[Ack], log: &[Stored]) -> Verdict {
+    let mut verdict = Verdict {
+        acknowledged: acks.len() as u64,
+        stored: log.len() as u64,
+        ..Verdict::default()
+    };
+    let mut found: HashMap<RecordId, Vec<(u32, u64)>> = HashMap::with_capacity(log.len());
+    for s in log {
+        found
+            .entry((s.producer, s.sequence))
+            .or_default()
+            .push((s.partition, s.offset));
+    }
+    let example = |verdict: &mut Verdict, text: String| {
+        if verdict.examples.len() < EXAMPLES_MAX {
+            verdict.examples.push(text);
+        }
+    };
+    let mut acked: HashMap<RecordId, (u32, u64)> = HashMap::with_capacity(acks.len());
+    for a in acks {
+        acked.insert((a.producer, a.sequence), (a.partition, a.offset));
+        match found.get(&(a.producer, a.sequence)) {
+            None => {
+                verdict.lost += 1;
+                example(
+                    &mut verdict,
+                    format!(
+                        "lost: producer {} sequence {} acknowledged at {}/{}",
+                        a.producer, a.sequence, a.partition, a.offset
+                    ),
+                );
+            }
+            Some(places) => {
+                if places.len() > 1 {
+                    verdict.duplicated += 1;
+                    example(
+                        &mut verdict,
+                        format!(
+                            "duplicated: producer {} sequence {} stored at {places:?}",
+                            a.producer, a.sequence
+                        ),
+                    );
+                }
+                if !places.contains(&(a.partition, a.offset)) {
+                    verdict.moved += 1;
+                    example(
+                        &mut verdict,
+                        format!(
+                            "moved: producer {} sequence {} acknowledged at {}/{}, stored at {places:?}",
+                            a.producer, a.sequence, a.partition, a.offset
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    verdict.unacknowledged_stored =
+        found.keys().filter(|id| !acked.contains_key(id)).count() as u64;
+    // Reordering: per (partition, producer), sequences must increase with offsets.
+    let mut streams: BTreeMap<(u32, u32), Vec<(u64, u64)>> = BTreeMap::new();
+    for s in log {
+        streams
+            .entry((s.partition, s.producer))
+            .or_default()
+            .push((s.offset, s.sequence));
+    }
+    for ((partition, producer), mut stream) in streams {
+        stream.sort_unstable();
+        for pair in stream.windows(2) {
+            if pair[1].1 < pair[0].1 {
+                verdict.reordered += 1;
+                example(
+                    &mut verdict,
+                    format!(
+                        "reordered: producer {producer} in partition {partition}: sequence {} at offset {} after sequence {} at offset {}",
+                        pair[1].1, pair[1].0, pair[0].1, pair[0].0
+                    ),
+                );
+            }
+        }
+    }
+    verdict
+}
+
+/// One request's outcome, for unavailability windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// Milliseconds since the run started, when the answer came.
+    pub at_ms: u64,
+    pub ok: bool,
+}
+
+/// How long publishing was unavailable after a fault.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Window {
+    pub fault: String,
+    pub at_ms: u64,
+    /// First failed request after the fault (None: nothing failed before the next fault).
+    pub first_failure_ms: Option<u64>,
+    /// First successful request after that failure.
+    pub recovered_ms: Option<u64>,
+    /// `recovered - first failure`; 0 when nothing failed, None when it never recovered.
+    pub unavailable_ms: Option<u64>,
+}
+
+/// For each fault (time, description) in order: first failure after it (before the next fault),
+/// then first success after that failure. `outcomes` must be sorted by time.
+pub fn unavailability(faults: &[(u64, String)], outcomes: &[Outcome]) -> Vec<Window> {
+    faults
+        .iter()
+        .enumerate()
+        .map(|(i, (at, fault))| {
+            let until = faults.get(i + 1).map_or(u64::MAX, |(next, _)| *next);
+            let first_failure = outcomes
+                .iter()
+                .find(|o| o.at_ms >= *at && o.at_ms < until && !o.ok)
+                .map(|o| o.at_ms);
+            let recovered = first_failure.and_then(|failed| {
+                outcomes
+                    .iter()
+                    .find(|o| o.at_ms > failed && o.ok)
+                    .map(|o| o.at_ms)
+            });
+            let unavailable_ms = match (first_failure, recovered) {
+                (None, _) => Some(0),
+                (Some(failed), Some(ok)) => Some(ok - failed),
+                (Some(_), None) => None,
+            };
+            Window {
+                fault: fault.clone(),
+                at_ms: *at,
+                first_failure_ms: first_failure,
+                recovered_ms: recovered,
+                unavailable_ms,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(producer: u32, sequence: u64, partition: u32, offset: u64) -> Ack {
+        Ack {
+            producer,
+            sequence,
+            partition,
+            offset,
+        }
+    }
+
+    fn stored(partition: u32, offset: u64, producer: u32, sequence: u64) -> Stored {
+        Stored {
+            partition,
+            offset,
+            producer,
+            sequence,
+        }
+    }
+
+    #[test]
+    fn a_faithful_log_is_clean() {
+        let acks = [ack(1, 0, 0, 0), ack(1, 1, 0, 1), ack(2, 0, 1, 0)];
+        let log = [stored(0, 0, 1, 0), stored(0, 1, 1, 1), stored(1, 0, 2, 0)];
+        let verdict = verify(&acks, &log);
+        assert!(verdict.is_clean(), "{verdict:?}");
+        assert_eq!(verdict.reordered + verdict.unacknowledged_stored, 0);
+        assert_eq!((verdict.acknowledged, verdict.stored), (3, 3));
+    }
+
+    #[test]
+    fn an_acknowledged_record_missing_from_the_log_is_lost() {
+        let acks = [ack(1, 0, 0, 0), ack(1, 1, 0, 1)];
+        let verdict = verify(&acks, &[stored(0, 0, 1, 0)]);
+        assert_eq!(verdict.lost, 1);
+        assert!(!verdict.is_clean());
+        assert!(verdict.examples[0].contains("sequence 1"), "{verdict:?}");
+    }
+
+    #[test]
+    fn an_acknowledged_record_stored_twice_is_duplicated() {
+        let acks = [ack(1, 0, 0, 0)];
+        let verdict = verify(&acks, &[stored(0, 0, 1, 0), stored(0, 1, 1, 0)]);
+        assert_eq!((verdict.duplicated, verdict.moved, verdict.lost), (1, 0, 0));
+        assert!(!verdict.is_clean());
+    }
+
+    #[test]
+    fn an_acknowledged_record_at_another_offset_or_partition_moved() {
+        let acks = [ack(1, 0, 0, 5), ack(1, 1, 0, 6)];
+        let verdict = verify(&acks, &[stored(0, 7, 1, 0), stored(1, 6, 1, 1)]);
+        assert_eq!((verdict.moved, verdict.lost), (2, 0));
+        assert!(!verdict.is_clean());
+    }
+
+    #[test]
+    fn one_producers_records_out_of_send_order_are_reordered() {
+        let acks = [ack(1, 0, 0, 1), ack(1, 1, 0, 0)];
+        let log = [stored(0, 0, 1, 1), stored(0, 1, 1, 0)];
+        let verdict = verify(&acks, &log);
+        assert_eq!(verdict.reordered, 1);
+        // Different producers, or the same producer in different partitions, do not count.
+        let log = [stored(0, 0, 2, 5), stored(0, 1, 1, 0), stored(1, 0, 1, 9)];
+        assert_eq!(verify(&[], &log).reordered, 0);
+    }
+
+    #[test]
+    fn unacknowledged_records_in_the_log_are_counted_but_allowed() {
+        let verdict = verify(
+            &[ack(1, 0, 0, 0)],
+            &[stored(0, 0, 1, 0), stored(0, 1, 1, 1)],
+        );
+        assert_eq!(verdict.unacknowledged_stored, 1);
+        assert!(verdict.is_clean());
+    }
+
+    #[test]
+    fn unavailability_runs_from_first_failure_to_first_success_per_fault() {
+        let outcome = |at_ms, ok| Outcome { at_ms, ok };
+        let outcomes = [
+            outcome(900, true),
+            outcome(1_100, false),
+            outcome(1_300, false),
+            outcome(1_550, true),
+            outcome(5_000, true),
+            outcome(9_500, false),
+        ];
+        let faults = [
+            (1_000, "kill".to_owned()),
+            (3_000, "restart".to_owned()),
+            (9_000, "pause".to_owned()),
+        ];
+        let windows = unavailability(&faults, &outcomes);
+        assert_eq!(windows[0].unavailable_ms, Some(450));
+        assert_eq!(windows[0].first_failure_ms, Some(1_100));
+        assert_eq!(windows[1].unavailable_ms, Some(0), "nothing failed");
+        assert_eq!(windows[2].unavailable_ms, None, "never recovered");
+    }
+}
