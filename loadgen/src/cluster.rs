@@ -1,7 +1,8 @@
 //! The brokers loadgen starts and breaks: real `pubg1-broker` processes on 127.0.0.1, each on
 //! its own data dir, killed, paused and resumed by PID. Faults only ever touch these processes.
 
-use std::net::TcpListener;
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::http::Http;
+use crate::proxy::Proxies;
 
 /// How long a broker may take to become ready.
 const READY_DEADLINE: Duration = Duration::from_secs(60);
@@ -61,8 +63,13 @@ impl Broker {
 pub struct Cluster {
     pub brokers: Vec<Broker>,
     binary: PathBuf,
-    seeds: String,
+    /// Each broker's `--seeds`: through the proxies when there are any.
+    seeds: HashMap<u32, String>,
     raft_tick_ms: u64,
+    /// The TCP proxies between brokers, when network faults are wanted.
+    proxies: Option<Proxies>,
+    /// Brokers cut off from the others right now.
+    pub isolated: Vec<u32>,
 }
 
 /// A port free right now on 127.0.0.1.
@@ -89,8 +96,15 @@ pub fn default_broker_binary() -> Result<PathBuf> {
 }
 
 impl Cluster {
-    /// Start `n` brokers under `dir` and wait until all are ready.
-    pub fn start(binary: &Path, dir: &Path, n: u32, raft_tick_ms: u64) -> Result<Self> {
+    /// Start `n` brokers under `dir` and wait until all are ready. With `proxies`, brokers reach
+    /// each other only through loadgen's TCP proxies, so the network can be partitioned.
+    pub fn start(
+        binary: &Path,
+        dir: &Path,
+        n: u32,
+        raft_tick_ms: u64,
+        proxies: bool,
+    ) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let mut brokers = Vec::new();
         for id in 1..=n {
@@ -104,16 +118,37 @@ impl Cluster {
                 state: State::Killed,
             });
         }
+        let peers: HashMap<u32, SocketAddr> = brokers
+            .iter()
+            .map(|b| (b.id, SocketAddr::from(([127, 0, 0, 1], b.peer_port))))
+            .collect();
+        let (proxies, ports) = if proxies {
+            let (proxies, ports) = Proxies::start(&peers)?;
+            (Some(proxies), ports)
+        } else {
+            (None, HashMap::new())
+        };
         let seeds = brokers
             .iter()
-            .map(|b| format!("{}@127.0.0.1:{}", b.id, b.peer_port))
-            .collect::<Vec<_>>()
-            .join(",");
+            .map(|me| {
+                let list = brokers
+                    .iter()
+                    .map(|b| {
+                        let port = ports.get(&(me.id, b.id)).copied().unwrap_or(b.peer_port);
+                        format!("{}@127.0.0.1:{port}", b.id)
+                    })
+                    .collect::<Vec<_>>()
+                    .join(",");
+                (me.id, list)
+            })
+            .collect();
         let mut cluster = Self {
             brokers,
             binary: binary.to_owned(),
             seeds,
             raft_tick_ms,
+            proxies,
+            isolated: Vec::new(),
         };
         for id in 1..=n {
             cluster.spawn(id)?;
@@ -144,7 +179,8 @@ impl Cluster {
     }
 
     fn spawn(&mut self, id: u32) -> Result<()> {
-        let (binary, seeds, tick) = (self.binary.clone(), self.seeds.clone(), self.raft_tick_ms);
+        let (binary, tick) = (self.binary.clone(), self.raft_tick_ms);
+        let seeds = self.seeds.get(&id).cloned().unwrap_or_default();
         let broker = self.broker_mut(id)?;
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -228,6 +264,26 @@ impl Cluster {
         Ok(())
     }
 
+    /// Cut broker `id` off from every other broker (both directions).
+    pub fn isolate(&mut self, id: u32) -> Result<()> {
+        self.broker(id)?;
+        let proxies = self
+            .proxies
+            .as_ref()
+            .ok_or_else(|| anyhow!("network faults need [cluster] proxies = true"))?;
+        proxies.isolate(id);
+        self.isolated.push(id);
+        Ok(())
+    }
+
+    /// Reconnect every broker to every other.
+    pub fn heal_network(&mut self) {
+        if let Some(proxies) = &self.proxies {
+            proxies.heal();
+        }
+        self.isolated.clear();
+    }
+
     pub fn in_state(&self, state: State) -> Vec<u32> {
         self.brokers
             .iter()
@@ -236,8 +292,9 @@ impl Cluster {
             .collect()
     }
 
-    /// Resume paused brokers and restart killed ones, then wait until every broker is ready.
+    /// Heal the network, resume paused brokers and restart killed ones, then wait until every broker is ready.
     pub fn heal(&mut self) -> Result<()> {
+        self.heal_network();
         for id in self.in_state(State::Paused) {
             self.resume(id)?;
         }

@@ -3,6 +3,8 @@
 
 pub mod cluster;
 pub mod http;
+pub mod proxy;
+pub mod report;
 pub mod run;
 pub mod scenario;
 pub mod summary;

@@ -53,6 +53,12 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Render report.html again from a finished run's result.json.
+    Report {
+        /// The run's output directory.
+        #[arg(long)]
+        run: PathBuf,
+    },
     /// Verify a finished run's acknowledgements (its acks.csv) against a running cluster.
     Verify {
         /// The run's output directory.
@@ -125,6 +131,14 @@ fn real_main() -> Result<bool> {
                 progress: !quiet,
             }
         }
+        Command::Report { run } => {
+            let text = std::fs::read_to_string(run.join("result.json"))
+                .with_context(|| format!("reading {}", run.join("result.json").display()))?;
+            let result: run::RunResult = serde_json::from_str(&text)?;
+            std::fs::write(run.join("report.html"), loadgen::report::render(&result)?)?;
+            print!("{}", summary::render(&result));
+            return Ok(result.passed());
+        }
         Command::Verify {
             run,
             scenario,
@@ -144,8 +158,9 @@ fn real_main() -> Result<bool> {
     let result = run::run(&options)?;
     print!("{}", summary::render(&result));
     println!(
-        "written             {}",
-        options.out.join("result.json").display()
+        "written             {} and {}",
+        options.out.join("result.json").display(),
+        options.out.join("report.html").display()
     );
     Ok(result.passed())
 }

@@ -40,7 +40,7 @@ pub struct Options {
 }
 
 /// Latency percentiles in milliseconds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Percentiles {
     pub count: u64,
     pub p50: f64,
@@ -65,7 +65,7 @@ impl Percentiles {
 }
 
 /// Everything a run measured; written as result.json.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct RunResult {
     pub scenario: String,
     pub duration_s: f64,
@@ -81,13 +81,22 @@ pub struct RunResult {
     pub publish_latency_ms: Percentiles,
     /// Publish latency p50/p99 in each second of the run.
     pub publish_latency_per_second: Vec<(f64, f64)>,
+    /// Records the consumers read (each once per consumer pass; 0 without consumers).
+    pub records_consumed: u64,
+    /// End-to-end latency (produce request sent → consumer has the record), per record.
+    pub end_to_end_latency_ms: Option<Percentiles>,
+    /// End-to-end latency p50/p99 in each second of the run (by when the record was read).
+    pub end_to_end_latency_per_second: Vec<(f64, f64)>,
     pub faults: Vec<Window>,
+    /// Invariants checked during faults ("ok: …" or "violation: …").
+    #[serde(default)]
+    pub checks: Vec<String>,
     pub verdict: Verdict,
 }
 
 impl RunResult {
     pub fn passed(&self) -> bool {
-        self.verdict.is_clean()
+        self.verdict.is_clean() && !self.checks.iter().any(|c| c.starts_with("violation"))
     }
 }
 
@@ -106,6 +115,13 @@ struct Live {
     stop: AtomicBool,
     acked: AtomicU64,
     failed: AtomicU64,
+    consumed: AtomicU64,
+}
+
+/// What a consumer thread hands back: end-to-end latency (µs), overall and per second.
+struct ConsumerReport {
+    overall: Histogram<u64>,
+    per_second: Vec<Histogram<u64>>,
 }
 
 pub fn run(options: &Options) -> Result<RunResult> {
@@ -124,6 +140,7 @@ pub fn run(options: &Options) -> Result<RunResult> {
                 &options.out.join("cluster"),
                 scenario.cluster.brokers,
                 scenario.cluster.raft_tick_ms,
+                scenario.cluster.proxies,
             )?)
         }
     };
@@ -145,17 +162,28 @@ pub fn run(options: &Options) -> Result<RunResult> {
     let live = Arc::new(Live::default());
     let start = Instant::now();
     let producers = start_producers(scenario, &urls, &topic, &live, start)?;
+    let partitions = scenario
+        .topics
+        .iter()
+        .find(|t| t.name == topic)
+        .map_or(1, |t| t.partitions);
+    let consumers = match &scenario.consumers {
+        Some(spec) => start_consumers(spec.count, partitions, &urls, &topic, &live, start),
+        None => Vec::new(),
+    };
 
     let bar = progress_bar(options.progress, scenario.duration_s);
     let mut faults = Vec::new();
+    let mut checks = Vec::new();
     let end = start + Duration::from_secs_f64(scenario.duration_s);
     let mut timeline = scenario.faults.iter().peekable();
     loop {
         let now = Instant::now();
         if let Some(fault) = timeline.next_if(|f| start + Duration::from_secs_f64(f.at_s) <= now) {
             let at_ms = start.elapsed().as_millis() as u64;
-            let description = apply_fault(cluster.as_mut(), &http, &urls, scenario, fault)
-                .with_context(|| format!("fault at {} s", fault.at_s))?;
+            let description =
+                apply_fault(cluster.as_mut(), &http, &urls, scenario, fault, &mut checks)
+                    .with_context(|| format!("fault at {} s", fault.at_s))?;
             bar.println(format!("{:>6.1} s  {description}", at_ms as f64 / 1000.0));
             faults.push((at_ms, description));
             continue;
@@ -167,9 +195,10 @@ pub fn run(options: &Options) -> Result<RunResult> {
         let elapsed = start.elapsed().as_secs_f64();
         bar.set_position((elapsed * 1000.0) as u64);
         bar.set_message(format!(
-            "{acked} acked, {:.0} rec/s, {} failed requests",
+            "{acked} acked, {:.0} rec/s, {} failed requests, {} consumed",
             acked as f64 / elapsed.max(0.001),
-            live.failed.load(Ordering::Relaxed)
+            live.failed.load(Ordering::Relaxed),
+            live.consumed.load(Ordering::Relaxed)
         ));
         // The next thing to do is a progress refresh or the next fault, whichever is first.
         let next_fault = timeline
@@ -186,6 +215,14 @@ pub fn run(options: &Options) -> Result<RunResult> {
             producer
                 .join()
                 .map_err(|_| anyhow!("a producer thread panicked"))?,
+        );
+    }
+    let mut e2e_reports = Vec::new();
+    for consumer in consumers {
+        e2e_reports.push(
+            consumer
+                .join()
+                .map_err(|_| anyhow!("a consumer thread panicked"))?,
         );
     }
     let elapsed = start.elapsed();
@@ -230,6 +267,14 @@ pub fn run(options: &Options) -> Result<RunResult> {
             }
         }
     }
+    let mut e2e = new_histogram();
+    let mut e2e_per_second: Vec<Histogram<u64>> = (0..seconds).map(|_| new_histogram()).collect();
+    for report in &e2e_reports {
+        let _ = e2e.add(&report.overall);
+        for (slot, h) in e2e_per_second.iter_mut().zip(&report.per_second) {
+            let _ = slot.add(h);
+        }
+    }
     let result = RunResult {
         scenario: options.name.clone(),
         duration_s: elapsed.as_secs_f64(),
@@ -241,30 +286,43 @@ pub fn run(options: &Options) -> Result<RunResult> {
         records_per_second: acks.len() as f64 / elapsed.as_secs_f64(),
         throughput_per_second: throughput,
         publish_latency_ms: Percentiles::of(&overall),
-        publish_latency_per_second: per_second
-            .iter()
-            .map(|h| {
-                if h.is_empty() {
-                    (0.0, 0.0)
-                } else {
-                    (
-                        h.value_at_quantile(0.5) as f64 / 1000.0,
-                        h.value_at_quantile(0.99) as f64 / 1000.0,
-                    )
-                }
-            })
-            .collect(),
+        publish_latency_per_second: quantiles_per_second(&per_second),
+        records_consumed: live.consumed.load(Ordering::Relaxed),
+        end_to_end_latency_ms: (!e2e.is_empty()).then(|| Percentiles::of(&e2e)),
+        end_to_end_latency_per_second: quantiles_per_second(&e2e_per_second),
         faults: windows,
+        checks,
         verdict,
     };
     std::fs::write(
         options.out.join("result.json"),
         serde_json::to_string_pretty(&result)?,
     )?;
+    std::fs::write(
+        options.out.join("report.html"),
+        crate::report::render(&result)?,
+    )?;
     if let Some(mut cluster) = cluster {
         cluster.stop();
     }
     Ok(result)
+}
+
+/// (p50, p99) in milliseconds of each histogram; (0, 0) for empty ones.
+fn quantiles_per_second(histograms: &[Histogram<u64>]) -> Vec<(f64, f64)> {
+    histograms
+        .iter()
+        .map(|h| {
+            if h.is_empty() {
+                (0.0, 0.0)
+            } else {
+                (
+                    h.value_at_quantile(0.5) as f64 / 1000.0,
+                    h.value_at_quantile(0.99) as f64 / 1000.0,
+                )
+            }
+        })
+        .collect()
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -348,12 +406,15 @@ fn leader_of(http: &Http, urls: &[String], topic: &str, partition: u32) -> Resul
     }
 }
 
+/// Carry out one fault; what it did comes back for the timeline. Invariant checks made along the
+/// way (an isolated leader stepped down) are appended to `checks`.
 fn apply_fault(
     cluster: Option<&mut Cluster>,
     http: &Http,
     urls: &[String],
     scenario: &Scenario,
     fault: &crate::scenario::Fault,
+    checks: &mut Vec<String>,
 ) -> Result<String> {
     match fault.action {
         Action::DeleteTopic => {
@@ -375,6 +436,29 @@ fn apply_fault(
         _ => {}
     }
     let cluster = cluster.ok_or_else(|| anyhow!("broker faults need a cluster loadgen started"))?;
+    if fault.action == Action::Heal {
+        // Before healing: an isolated broker must have stepped down everywhere (Raft
+        // check-quorum), or it could be acknowledging writes no majority holds.
+        let mut still_leading = Vec::new();
+        for id in cluster.isolated.clone() {
+            let url = cluster.broker(id)?.url("");
+            for topic in &scenario.topics {
+                for partition in 0..topic.partitions {
+                    let view = describe(http, &url, &topic.name, partition);
+                    if view.and_then(|d| d["leader"].as_u64()) == Some(u64::from(id)) {
+                        still_leading.push(format!("{}/{partition}", topic.name));
+                    }
+                }
+            }
+            checks.push(if still_leading.is_empty() {
+                format!("ok: isolated broker {id} led no partition when the network healed")
+            } else {
+                format!("violation: isolated broker {id} still led {still_leading:?} when the network healed")
+            });
+        }
+        cluster.heal_network();
+        return Ok("heal the network".to_owned());
+    }
     let running: Vec<String> = cluster
         .brokers
         .iter()
@@ -409,7 +493,8 @@ fn apply_fault(
             Action::Restart => cluster.restart(*id)?,
             Action::Pause => cluster.pause(*id)?,
             Action::Resume => cluster.resume(*id)?,
-            Action::DeleteTopic | Action::CreateTopic => {}
+            Action::Isolate => cluster.isolate(*id)?,
+            Action::DeleteTopic | Action::CreateTopic | Action::Heal => {}
         }
     }
     let verb = match fault.action {
@@ -417,7 +502,8 @@ fn apply_fault(
         Action::Restart => "restart",
         Action::Pause => "pause (SIGSTOP)",
         Action::Resume => "resume (SIGCONT)",
-        Action::DeleteTopic | Action::CreateTopic => "",
+        Action::Isolate => "isolate from the other brokers:",
+        Action::DeleteTopic | Action::CreateTopic | Action::Heal => "",
     };
     Ok(format!("{verb} broker {targets:?} ({})", fault.target))
 }
@@ -532,6 +618,89 @@ fn start_producers(
     Ok(threads)
 }
 
+/// Consumers share the partitions out and tail them with long polls from the start, timing each
+/// record from its send time (in its value) to now.
+fn start_consumers(
+    count: u32,
+    partitions: u32,
+    urls: &[String],
+    topic: &str,
+    live: &Arc<Live>,
+    start: Instant,
+) -> Vec<std::thread::JoinHandle<ConsumerReport>> {
+    (0..count)
+        .map(|consumer| {
+            let mine: Vec<u32> = (0..partitions).filter(|p| p % count == consumer).collect();
+            let urls: Vec<String> = urls
+                .iter()
+                .map(|u| format!("{u}/topics/{topic}/partitions"))
+                .collect();
+            let live = live.clone();
+            std::thread::spawn(move || {
+                let http = Http::new(REQUEST_TIMEOUT);
+                let mut report = ConsumerReport {
+                    overall: new_histogram(),
+                    per_second: Vec::new(),
+                };
+                // None: start at the log start (also after the topic was re-created).
+                let mut offsets: Vec<Option<u64>> = vec![None; mine.len()];
+                let mut target = consumer as usize;
+                while !live.stop.load(Ordering::Acquire) {
+                    for (i, partition) in mine.iter().enumerate() {
+                        let from = offsets[i]
+                            .map(|o| format!("&offset={o}"))
+                            .unwrap_or_default();
+                        let url = format!(
+                            "{}/{partition}/records?max_records=5000&timeout_ms=100{from}",
+                            urls[target % urls.len()]
+                        );
+                        let reply = match http.get(&url) {
+                            Ok(reply) if reply.status == 200 => reply,
+                            Ok(reply) if reply.status == 416 => {
+                                offsets[i] = None;
+                                continue;
+                            }
+                            _ => {
+                                target += 1;
+                                std::thread::sleep(FAILURE_BACKOFF);
+                                continue;
+                            }
+                        };
+                        let now_unix = SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .map(|d| d.as_micros())
+                            .unwrap_or_default();
+                        let second = start.elapsed().as_secs() as usize;
+                        if report.per_second.len() <= second {
+                            report.per_second.resize_with(second + 1, new_histogram);
+                        }
+                        let mut read = 0;
+                        for record in reply.body["records"].as_array().into_iter().flatten() {
+                            read += 1;
+                            let Some(sent) = record["value"].as_str().and_then(sent_time) else {
+                                continue;
+                            };
+                            let micros = now_unix.saturating_sub(sent).max(1) as u64;
+                            let _ = report.overall.record(micros);
+                            let _ = report.per_second[second].record(micros);
+                        }
+                        live.consumed.fetch_add(read, Ordering::Relaxed);
+                        if let Some(next) = reply.body["next_offset"].as_u64() {
+                            offsets[i] = Some(next);
+                        }
+                    }
+                }
+                report
+            })
+        })
+        .collect()
+}
+
+/// The send time (µs since the epoch) in a value written by [`record_value`].
+fn sent_time(value: &str) -> Option<u128> {
+    value.split(':').nth(2)?.strip_prefix('t')?.parse().ok()
+}
+
 /// The acknowledgements in a 200 produce reply; None unless every record has an offset.
 fn acks_of(body: &Value, producer: u32, first: u64) -> Option<Vec<Ack>> {
     body["offsets"]
@@ -585,21 +754,14 @@ pub fn read_topic(
     };
     let mut log = Vec::new();
     for partition in 0..partitions {
-        let mut offset = 0u64;
+        // No offset: the broker starts at the log start.
+        let mut offset: Option<u64> = None;
         loop {
+            let from = offset.map(|o| format!("&offset={o}")).unwrap_or_default();
             let url = format!(
-                "{source}/topics/{topic}/partitions/{partition}/records?offset={offset}&max_records=10000"
+                "{source}/topics/{topic}/partitions/{partition}/records?max_records=10000{from}"
             );
             let reply = http.get(&url)?;
-            if reply.status == 416 {
-                // Below the log start (a deleted and re-created topic starts over): start there.
-                let start = reply.body["log_start_offset"].as_u64().unwrap_or(offset);
-                if start <= offset {
-                    break;
-                }
-                offset = start;
-                continue;
-            }
             if reply.status != 200 {
                 bail!(
                     "reading {topic}/{partition}: {} {}",
@@ -618,12 +780,14 @@ pub fn read_topic(
                     });
                 }
             }
-            let next = reply.body["next_offset"].as_u64().unwrap_or(offset);
+            let Some(next) = reply.body["next_offset"].as_u64() else {
+                bail!("no next_offset reading {topic}/{partition}: {}", reply.text);
+            };
             let end = reply.body["high_watermark"].as_u64().unwrap_or(next);
-            if next >= end || next == offset {
+            if next >= end || Some(next) == offset {
                 break;
             }
-            offset = next;
+            offset = Some(next);
         }
     }
     Ok(log)
@@ -676,6 +840,7 @@ mod tests {
         let value = record_value(7, 12_345, 1_764_000_000_000_000, 100);
         assert_eq!(value.len(), 98);
         assert_eq!(parse_value(&value), Some((7, 12_345)));
+        assert_eq!(sent_time(&value), Some(1_764_000_000_000_000));
         assert_eq!(parse_value("something else"), None);
     }
 

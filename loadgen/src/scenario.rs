@@ -17,8 +17,18 @@ pub struct Scenario {
     pub cluster: ClusterSpec,
     pub topics: Vec<TopicSpec>,
     pub producers: ProducerSpec,
+    /// Consumers tail the producers' topic and measure end-to-end latency (none if absent).
+    #[serde(default)]
+    pub consumers: Option<ConsumerSpec>,
     #[serde(default)]
     pub faults: Vec<Fault>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerSpec {
+    /// Consumer threads; the topic's partitions are shared out among them.
+    pub count: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -28,6 +38,9 @@ pub struct ClusterSpec {
     pub brokers: u32,
     /// Milliseconds per Raft tick for the brokers it starts.
     pub raft_tick_ms: u64,
+    /// Route broker-to-broker traffic through loadgen's TCP proxies, so `isolate`/`heal` can
+    /// partition the network (costs a hop on every Raft message).
+    pub proxies: bool,
 }
 
 impl Default for ClusterSpec {
@@ -35,6 +48,7 @@ impl Default for ClusterSpec {
         Self {
             brokers: 3,
             raft_tick_ms: 30,
+            proxies: false,
         }
     }
 }
@@ -108,6 +122,10 @@ pub enum Action {
     DeleteTopic,
     /// Create the topic again with the scenario's settings.
     CreateTopic,
+    /// Cut a broker off from the other brokers (needs `[cluster] proxies = true`).
+    Isolate,
+    /// Reconnect every broker (target ignored).
+    Heal,
 }
 
 /// Who a broker fault hits.
@@ -173,6 +191,9 @@ impl Scenario {
         if self.producers.count == 0 || self.producers.batch == 0 {
             bail!("producers.count and producers.batch must be at least 1");
         }
+        if self.consumers.as_ref().is_some_and(|c| c.count == 0) {
+            bail!("consumers.count must be at least 1 (or leave out [consumers])");
+        }
         if self.producers.record_bytes < 40 {
             bail!("producers.record_bytes must be at least 40");
         }
@@ -187,6 +208,10 @@ impl Scenario {
                     if !self.topics.iter().any(|t| t.name == fault.target) {
                         bail!("fault target '{}' is not among the topics", fault.target);
                     }
+                }
+                Action::Heal => {}
+                Action::Isolate if !self.cluster.proxies => {
+                    bail!("isolate needs [cluster] proxies = true");
                 }
                 _ => {
                     Target::parse(&fault.target)?;
@@ -237,6 +262,7 @@ mod tests {
             DEMO,
             include_str!("../scenarios/flat-out.toml"),
             include_str!("../scenarios/delete-topic.toml"),
+            include_str!("../scenarios/partition.toml"),
         ] {
             Scenario::parse(text).expect("scenario");
         }

@@ -27,6 +27,13 @@ pub fn render(result: &RunResult) -> String {
         "publish latency     p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms",
         p.p50, p.p90, p.p99, p.p999, p.max
     );
+    if let Some(e) = &result.end_to_end_latency_ms {
+        let _ = writeln!(
+            out,
+            "end-to-end latency  p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms  ({} records consumed)",
+            e.p50, e.p90, e.p99, e.p999, e.max, result.records_consumed
+        );
+    }
     if !result.faults.is_empty() {
         let _ = writeln!(
             out,
@@ -45,6 +52,9 @@ pub fn render(result: &RunResult) -> String {
                 w.at_ms as f64 / 1000.0
             );
         }
+    }
+    for check in &result.checks {
+        let _ = writeln!(out, "check               {check}");
     }
     out.push_str(&verdict(&result.verdict));
     out

@@ -32,7 +32,7 @@ pub struct Stored {
 
 /// What the verifier found. `lost`, `duplicated` and `moved` count acknowledged records and make
 /// the run fail; the others are information.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Verdict {
     pub acknowledged: u64,
     pub stored: u64,
@@ -154,7 +154,7 @@ pub struct Outcome {
 }
 
 /// How long publishing was unavailable after a fault.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Window {
     pub fault: String,
     pub at_ms: u64,

@@ -7,7 +7,8 @@ use std::process::Command;
 
 use serde_json::Value;
 
-fn loadgen(args: &[&str]) -> (i32, String, Value, tempfile::TempDir) {
+/// Run loadgen with `args` into a temp dir: exit code, stdout, result.json, report.html.
+fn loadgen(args: &[&str]) -> (i32, String, Value, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("run");
     let output = Command::new(env!("CARGO_BIN_EXE_loadgen"))
@@ -23,12 +24,19 @@ fn loadgen(args: &[&str]) -> (i32, String, Value, tempfile::TempDir) {
         .ok()
         .and_then(|text| serde_json::from_str(&text).ok())
         .unwrap_or(Value::Null);
-    (output.status.code().unwrap_or(-1), stdout, result, dir)
+    let report = std::fs::read_to_string(out.join("report.html")).unwrap_or_default();
+    (
+        output.status.code().unwrap_or(-1),
+        stdout,
+        result,
+        report,
+        dir,
+    )
 }
 
 #[test]
 fn a_short_demo_kills_restarts_and_pauses_brokers_and_loses_nothing() {
-    let (code, stdout, result, _dir) = loadgen(&["demo", "--duration", "12"]);
+    let (code, stdout, result, report, _dir) = loadgen(&["demo", "--duration", "12"]);
     assert_eq!(code, 0, "{stdout}");
     let verdict = &result["verdict"];
     assert!(
@@ -46,13 +54,49 @@ fn a_short_demo_kills_restarts_and_pauses_brokers_and_loses_nothing() {
         assert!(fault["unavailable_ms"].is_u64(), "never recovered: {fault}");
     }
     assert!(stdout.contains("PASS"), "{stdout}");
+    assert!(
+        result["end_to_end_latency_ms"]["count"]
+            .as_u64()
+            .unwrap_or(0)
+            > 10_000
+    );
+    // The report is one page with both plots inline, fault markers and the verifier's table.
+    assert_eq!(report.matches("<svg").count(), 2, "two plots");
+    assert!(report.contains("<polyline") || report.contains("<path"));
+    assert!(report.contains("kill -9 broker"), "fault markers");
+    assert!(report.contains("PASS") && report.contains("<th>lost</th><td>0</td>"));
+}
+
+#[test]
+fn an_isolated_leader_steps_down_the_majority_keeps_accepting_and_all_converges() {
+    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/partition.toml");
+    let scenario = scenario.to_string_lossy().into_owned();
+    let (code, stdout, result, _report, _dir) = loadgen(&["run", "--scenario", &scenario]);
+    assert_eq!(code, 0, "{stdout}");
+    let checks: Vec<&str> = result["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(checks.len(), 1, "{checks:?}");
+    assert!(checks[0].starts_with("ok: isolated broker"), "{checks:?}");
+    // Publishing went on while the leader was cut off: acknowledgements in every second.
+    let per_second = result["throughput_per_second"]
+        .as_array()
+        .expect("throughput");
+    let during: Vec<u64> = per_second[5..9].iter().filter_map(Value::as_u64).collect();
+    assert!(during.iter().all(|n| *n > 0), "seconds 5–8: {during:?}");
+    for anomaly in ["lost", "duplicated", "moved"] {
+        assert_eq!(result["verdict"][anomaly], 0, "{anomaly}");
+    }
 }
 
 #[test]
 fn deleting_the_topic_mid_run_is_reported_as_loss_with_a_failing_exit() {
     let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/delete-topic.toml");
     let scenario = scenario.to_string_lossy().into_owned();
-    let (code, stdout, result, _dir) = loadgen(&["run", "--scenario", &scenario]);
+    let (code, stdout, result, _report, _dir) = loadgen(&["run", "--scenario", &scenario]);
     assert_eq!(code, 1, "{stdout}");
     let lost = result["verdict"]["lost"].as_u64().unwrap_or(0);
     assert!(lost > 0, "{result}");
