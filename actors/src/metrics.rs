@@ -17,6 +17,12 @@ pub struct Metrics {
     pub produce_latency_seconds: HistogramVec,
     pub fetch_records_total: IntCounterVec,
     pub fetch_bytes_total: IntCounterVec,
+    /// Consumer lag as of the latest fetch on this broker: high watermark minus the offset the
+    /// fetch left off at.
+    pub fetch_lag_records: IntGaugeVec,
+    /// Age of each fetched record (now minus the time its batch was appended): end-to-end
+    /// latency from the broker's side.
+    pub fetch_record_age_seconds: HistogramVec,
     pub storage_fsync_seconds: Histogram,
     pub storage_group_commit_writes: Histogram,
     pub storage_group_commit_bytes: Histogram,
@@ -82,6 +88,20 @@ impl Metrics {
                 HistogramOpts::new(
                     "pubg1_produce_latency_seconds",
                     "Time from a partition receiving an append to it being durable.",
+                )
+                .buckets(latency_buckets()),
+                topic,
+            )
+            .expect("valid metric"),
+            fetch_lag_records: gauge_vec(
+                "pubg1_fetch_lag_records",
+                "Consumer lag as of the latest fetch on this broker: high watermark minus the offset that fetch left off at.",
+                partition,
+            ),
+            fetch_record_age_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "pubg1_fetch_record_age_seconds",
+                    "Age of each fetched record when it is handed to a consumer (now minus its append time): end-to-end latency as the broker sees it.",
                 )
                 .buckets(latency_buckets()),
                 topic,
@@ -223,6 +243,8 @@ impl Metrics {
             Box::new(self.produce_latency_seconds.clone()),
             Box::new(self.fetch_records_total.clone()),
             Box::new(self.fetch_bytes_total.clone()),
+            Box::new(self.fetch_lag_records.clone()),
+            Box::new(self.fetch_record_age_seconds.clone()),
             Box::new(self.storage_fsync_seconds.clone()),
             Box::new(self.storage_group_commit_writes.clone()),
             Box::new(self.storage_group_commit_bytes.clone()),

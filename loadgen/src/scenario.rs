@@ -263,6 +263,7 @@ mod tests {
             include_str!("../scenarios/flat-out.toml"),
             include_str!("../scenarios/delete-topic.toml"),
             include_str!("../scenarios/partition.toml"),
+            include_str!("../scenarios/steady.toml"),
         ] {
             Scenario::parse(text).expect("scenario");
         }

@@ -6,7 +6,7 @@ use actix_web::{get, web, HttpRequest, HttpResponse};
 use base64::Engine;
 use bytes::Bytes;
 use pubg1_actors::batch::StoredRecord;
-use pubg1_actors::log_reader::{self, FetchRequest};
+use pubg1_actors::log_reader::{self, FetchRequest, Fetched};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -118,6 +118,7 @@ pub async fn fetch(
         .records
         .last()
         .map_or(request.offset, |r| r.offset + 1);
+    observe_fetch(&state, &topic, partition, &fetched, next_offset);
     let records = fetched
         .records
         .into_iter()
@@ -168,4 +169,21 @@ fn render(
         key: field(record.key)?,
         value: field(record.value)?,
     })
+}
+
+/// Consumer lag and record age for the fetch just served.
+fn observe_fetch(state: &State, topic: &str, partition: u32, fetched: &Fetched, next_offset: u64) {
+    let metrics = &state.broker.metrics;
+    let partition = partition.to_string();
+    metrics
+        .fetch_lag_records
+        .with_label_values(&[topic, partition.as_str()])
+        .set(fetched.high_watermark.saturating_sub(next_offset) as i64);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let age = metrics.fetch_record_age_seconds.with_label_values(&[topic]);
+    for record in &fetched.records {
+        age.observe(now_ms.saturating_sub(record.timestamp_ms).max(0) as f64 / 1000.0);
+    }
 }
