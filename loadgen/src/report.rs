@@ -214,7 +214,10 @@ pub fn render(result: &RunResult) -> Result<String> {
     for w in &result.faults {
         let unavailable = match w.unavailable_ms {
             Some(0) => "none (nothing failed)".to_owned(),
-            Some(ms) => format!("{ms} ms"),
+            Some(ms) => match w.fault_to_recovery_ms {
+                Some(bound) => format!("{ms} ms (fault → first success {bound} ms)"),
+                None => format!("{ms} ms"),
+            },
             None => "did not recover".to_owned(),
         };
         faults.push_str(&format!(

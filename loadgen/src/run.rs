@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use crate::cluster::{Cluster, State};
 use crate::http::Http;
 use crate::scenario::{Action, Scenario, Target, TopicSpec};
-use crate::verify::{self, Ack, Outcome, Stored, Verdict, Window};
+use crate::verify::{self, Ack, FaultEvent, Outcome, Stored, Verdict, Window};
 
 /// How long a produce request may take before the producer gives up on it and moves on.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -135,9 +135,16 @@ pub fn run(options: &Options) -> Result<RunResult> {
                 Some(path) => path.clone(),
                 None => crate::cluster::default_broker_binary()?,
             };
+            // The brokers' data of an earlier run into the same directory is loadgen's own:
+            // start clean, or its topics would already exist.
+            let dir = options.out.join("cluster");
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir)
+                    .with_context(|| format!("clearing {}", dir.display()))?;
+            }
             Some(Cluster::start(
                 &binary,
-                &options.out.join("cluster"),
+                &dir,
                 scenario.cluster.brokers,
                 scenario.cluster.raft_tick_ms,
                 scenario.cluster.proxies,
@@ -161,12 +168,12 @@ pub fn run(options: &Options) -> Result<RunResult> {
     let topic = scenario.producer_topic();
     let live = Arc::new(Live::default());
     let start = Instant::now();
-    let producers = start_producers(scenario, &urls, &topic, &live, start)?;
     let partitions = scenario
         .topics
         .iter()
         .find(|t| t.name == topic)
         .map_or(1, |t| t.partitions);
+    let producers = start_producers(scenario, &urls, &topic, partitions, &live, start)?;
     let consumers = match &scenario.consumers {
         Some(spec) => start_consumers(spec.count, partitions, &urls, &topic, &live, start),
         None => Vec::new(),
@@ -181,11 +188,15 @@ pub fn run(options: &Options) -> Result<RunResult> {
         let now = Instant::now();
         if let Some(fault) = timeline.next_if(|f| start + Duration::from_secs_f64(f.at_s) <= now) {
             let at_ms = start.elapsed().as_millis() as u64;
-            let description =
+            let (description, affected) =
                 apply_fault(cluster.as_mut(), &http, &urls, scenario, fault, &mut checks)
                     .with_context(|| format!("fault at {} s", fault.at_s))?;
             bar.println(format!("{:>6.1} s  {description}", at_ms as f64 / 1000.0));
-            faults.push((at_ms, description));
+            faults.push(FaultEvent {
+                at_ms,
+                description,
+                affected,
+            });
             continue;
         }
         if now >= end {
@@ -415,14 +426,14 @@ fn apply_fault(
     scenario: &Scenario,
     fault: &crate::scenario::Fault,
     checks: &mut Vec<String>,
-) -> Result<String> {
+) -> Result<(String, Vec<u32>)> {
     match fault.action {
         Action::DeleteTopic => {
             let reply = http.delete(&format!("{}/topics/{}", urls[0], fault.target))?;
             if reply.status != 200 && reply.status != 204 {
                 bail!("deleting {}: {} {}", fault.target, reply.status, reply.text);
             }
-            return Ok(format!("deleted topic {}", fault.target));
+            return Ok((format!("deleted topic {}", fault.target), Vec::new()));
         }
         Action::CreateTopic => {
             let spec = scenario
@@ -431,7 +442,7 @@ fn apply_fault(
                 .find(|t| t.name == fault.target)
                 .ok_or_else(|| anyhow!("no topic {}", fault.target))?;
             create_topic(http, urls, spec)?;
-            return Ok(format!("created topic {}", fault.target));
+            return Ok((format!("created topic {}", fault.target), Vec::new()));
         }
         _ => {}
     }
@@ -457,7 +468,7 @@ fn apply_fault(
             });
         }
         cluster.heal_network();
-        return Ok("heal the network".to_owned());
+        return Ok(("heal the network".to_owned(), Vec::new()));
     }
     let running: Vec<String> = cluster
         .brokers
@@ -487,6 +498,26 @@ fn apply_fault(
         Target::Killed => cluster.in_state(State::Killed),
         Target::Paused => cluster.in_state(State::Paused),
     };
+    // The producers' partitions these brokers lead now: the ones a kill, pause or isolation
+    // makes unavailable. (A restart or resume affects none in particular.)
+    let mut affected = Vec::new();
+    if matches!(fault.action, Action::Kill | Action::Pause | Action::Isolate) {
+        let topic = scenario.producer_topic();
+        let partitions = scenario
+            .topics
+            .iter()
+            .find(|t| t.name == topic)
+            .map_or(0, |t| t.partitions);
+        for partition in 0..partitions {
+            let leader = running
+                .iter()
+                .find_map(|url| describe(http, url, &topic, partition))
+                .and_then(|d| d["leader"].as_u64());
+            if leader.is_some_and(|l| targets.contains(&(l as u32))) {
+                affected.push(partition);
+            }
+        }
+    }
     for id in &targets {
         match fault.action {
             Action::Kill => cluster.kill(*id)?,
@@ -505,7 +536,10 @@ fn apply_fault(
         Action::Isolate => "isolate from the other brokers:",
         Action::DeleteTopic | Action::CreateTopic | Action::Heal => "",
     };
-    Ok(format!("{verb} broker {targets:?} ({})", fault.target))
+    Ok((
+        format!("{verb} broker {targets:?} ({})", fault.target),
+        affected,
+    ))
 }
 
 /// Value of a produced record: producer, sequence and send time, padded to the record size.
@@ -531,6 +565,7 @@ fn start_producers(
     scenario: &Scenario,
     urls: &[String],
     topic: &str,
+    partitions: u32,
     live: &Arc<Live>,
     start: Instant,
 ) -> Result<Vec<std::thread::JoinHandle<ProducerReport>>> {
@@ -552,6 +587,7 @@ fn start_producers(
                 failed: 0,
             };
             let mut next_sequence = 0u64;
+            let mut requests = 0u32;
             let mut target = producer as usize;
             let mut next_send = Instant::now();
             let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ u64::from(producer) << 32;
@@ -585,9 +621,17 @@ fn start_producers(
                     .collect();
                 let body = json!({ "records": records }).to_string();
                 let sent = Instant::now();
-                let url = &urls[target % urls.len()];
+                // Keyless requests go to partitions in turn, named in the URL, so each outcome
+                // is known to concern one partition; keyed ones let the broker hash the keys.
+                let partition = keys.is_none().then(|| (producer + requests) % partitions);
+                requests = requests.wrapping_add(1);
+                let base = &urls[target % urls.len()];
+                let url = match partition {
+                    Some(p) => format!("{base}/partitions/{p}"),
+                    None => base.clone(),
+                };
                 let acked = http
-                    .post(url, JSON_V2, &body)
+                    .post(&url, JSON_V2, &body)
                     .ok()
                     .filter(|r| r.status == 200)
                     .and_then(|r| acks_of(&r.body, producer, first));
@@ -596,7 +640,11 @@ fn start_producers(
                     Some(acks) => {
                         live.acked.fetch_add(acks.len() as u64, Ordering::Relaxed);
                         report.acks.extend(acks);
-                        report.outcomes.push(Outcome { at_ms, ok: true });
+                        report.outcomes.push(Outcome {
+                            at_ms,
+                            ok: true,
+                            partition,
+                        });
                         report
                             .latencies
                             .push((at_ms, sent.elapsed().as_micros() as u64));
@@ -606,7 +654,11 @@ fn start_producers(
                         // is then a real duplicate.
                         live.failed.fetch_add(1, Ordering::Relaxed);
                         report.failed += 1;
-                        report.outcomes.push(Outcome { at_ms, ok: false });
+                        report.outcomes.push(Outcome {
+                            at_ms,
+                            ok: false,
+                            partition,
+                        });
                         target += 1;
                         std::thread::sleep(FAILURE_BACKOFF);
                     }

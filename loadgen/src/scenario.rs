@@ -264,6 +264,7 @@ mod tests {
             include_str!("../scenarios/delete-topic.toml"),
             include_str!("../scenarios/partition.toml"),
             include_str!("../scenarios/steady.toml"),
+            include_str!("../scenarios/leader-kills.toml"),
         ] {
             Scenario::parse(text).expect("scenario");
         }

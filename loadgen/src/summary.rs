@@ -37,12 +37,15 @@ pub fn render(result: &RunResult) -> String {
     if !result.faults.is_empty() {
         let _ = writeln!(
             out,
-            "faults              at        unavailable (first failure → first success)"
+            "faults              at        unavailable: first failure → first success (fault → first success)"
         );
         for w in &result.faults {
             let unavailable = match w.unavailable_ms {
                 Some(0) => "none (nothing failed)".to_owned(),
-                Some(ms) => format!("{ms} ms"),
+                Some(ms) => match w.fault_to_recovery_ms {
+                    Some(bound) => format!("{ms} ms ({bound} ms)"),
+                    None => format!("{ms} ms"),
+                },
                 None => "did not recover".to_owned(),
             };
             let _ = writeln!(

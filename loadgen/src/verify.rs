@@ -42,8 +42,10 @@ pub struct Verdict {
     pub duplicated: u64,
     /// Acknowledged at one partition/offset, found only at another.
     pub moved: u64,
-    /// Pairs of one producer's records in one partition whose log order contradicts the order
-    /// they were sent in.
+    /// Pairs of one producer's acknowledged records in one partition whose log order contradicts
+    /// the order they were sent in. (An unacknowledged record may land later than records sent
+    /// after it: its request timed out at the client but was still carried out, as without an
+    /// idempotent producer in Kafka. Those are counted in `unacknowledged_stored` only.)
     pub reordered: u64,
     /// In the log but never acknowledged (their request failed or timed out after the write):
     /// allowed, at-least-once for unacknowledged records.
@@ -119,9 +121,12 @@ pub fn verify(acks: &[Ack], log: &[Stored]) -> Verdict {
     }
     verdict.unacknowledged_stored =
         found.keys().filter(|id| !acked.contains_key(id)).count() as u64;
-    // Reordering: per (partition, producer), sequences must increase with offsets.
+    // Reordering: per (partition, producer), acknowledged sequences must increase with offsets.
     let mut streams: BTreeMap<(u32, u32), Vec<(u64, u64)>> = BTreeMap::new();
-    for s in log {
+    for s in log
+        .iter()
+        .filter(|s| acked.contains_key(&(s.producer, s.sequence)))
+    {
         streams
             .entry((s.partition, s.producer))
             .or_default()
@@ -151,6 +156,19 @@ pub struct Outcome {
     /// Milliseconds since the run started, when the answer came.
     pub at_ms: u64,
     pub ok: bool,
+    /// The partition the request was for, when the producer chose it (keyless producers send
+    /// each request to one partition); None for keyed requests.
+    pub partition: Option<u32>,
+}
+
+/// A fault as the run carried it out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FaultEvent {
+    pub at_ms: u64,
+    pub description: String,
+    /// Partitions of the producers' topic the fault's brokers led when it struck; their
+    /// requests measure its unavailability. Empty: every request does.
+    pub affected: Vec<u32>,
 }
 
 /// How long publishing was unavailable after a fault.
@@ -158,29 +176,44 @@ pub struct Outcome {
 pub struct Window {
     pub fault: String,
     pub at_ms: u64,
+    /// The partitions whose requests were watched (empty: all).
+    #[serde(default)]
+    pub partitions: Vec<u32>,
     /// First failed request after the fault (None: nothing failed before the next fault).
     pub first_failure_ms: Option<u64>,
     /// First successful request after that failure.
     pub recovered_ms: Option<u64>,
     /// `recovered - first failure`; 0 when nothing failed, None when it never recovered.
     pub unavailable_ms: Option<u64>,
+    /// `recovered - fault`: an upper bound that also covers requests hanging on the failed
+    /// broker before they failed. None when nothing failed or it never recovered.
+    #[serde(default)]
+    pub fault_to_recovery_ms: Option<u64>,
 }
 
-/// For each fault (time, description) in order: first failure after it (before the next fault),
-/// then first success after that failure. `outcomes` must be sorted by time.
-pub fn unavailability(faults: &[(u64, String)], outcomes: &[Outcome]) -> Vec<Window> {
+/// For each fault in order: the first failed request for an affected partition after it (before
+/// the next fault), then the first successful request for an affected partition after that
+/// failure. Requests for other partitions say nothing about this fault, so they are not
+/// counted. `outcomes` must be sorted by time.
+pub fn unavailability(faults: &[FaultEvent], outcomes: &[Outcome]) -> Vec<Window> {
     faults
         .iter()
         .enumerate()
-        .map(|(i, (at, fault))| {
-            let until = faults.get(i + 1).map_or(u64::MAX, |(next, _)| *next);
+        .map(|(i, fault)| {
+            let at = &fault.at_ms;
+            let until = faults.get(i + 1).map_or(u64::MAX, |next| next.at_ms);
+            let watched = |o: &&Outcome| {
+                fault.affected.is_empty() || o.partition.is_none_or(|p| fault.affected.contains(&p))
+            };
             let first_failure = outcomes
                 .iter()
+                .filter(watched)
                 .find(|o| o.at_ms >= *at && o.at_ms < until && !o.ok)
                 .map(|o| o.at_ms);
             let recovered = first_failure.and_then(|failed| {
                 outcomes
                     .iter()
+                    .filter(watched)
                     .find(|o| o.at_ms > failed && o.ok)
                     .map(|o| o.at_ms)
             });
@@ -189,9 +222,12 @@ pub fn unavailability(faults: &[(u64, String)], outcomes: &[Outcome]) -> Vec<Win
                 (Some(failed), Some(ok)) => Some(ok - failed),
                 (Some(_), None) => None,
             };
+            let fault_to_recovery_ms = recovered.map(|ok| ok - at);
             Window {
-                fault: fault.clone(),
+                fault_to_recovery_ms,
+                fault: fault.description.clone(),
                 at_ms: *at,
+                partitions: fault.affected.clone(),
                 first_failure_ms: first_failure,
                 recovered_ms: recovered,
                 unavailable_ms,
@@ -264,8 +300,14 @@ mod tests {
         let verdict = verify(&acks, &log);
         assert_eq!(verdict.reordered, 1);
         // Different producers, or the same producer in different partitions, do not count.
+        let acks = [ack(2, 5, 0, 0), ack(1, 0, 0, 1), ack(1, 9, 1, 0)];
         let log = [stored(0, 0, 2, 5), stored(0, 1, 1, 0), stored(1, 0, 1, 9)];
-        assert_eq!(verify(&[], &log).reordered, 0);
+        assert_eq!(verify(&acks, &log).reordered, 0);
+        // A timed-out (unacknowledged) request carried out late is not a reordering.
+        let acks = [ack(1, 1, 0, 0)];
+        let log = [stored(0, 0, 1, 1), stored(0, 1, 1, 0)];
+        let verdict = verify(&acks, &log);
+        assert_eq!((verdict.reordered, verdict.unacknowledged_stored), (0, 1));
     }
 
     #[test]
@@ -280,7 +322,11 @@ mod tests {
 
     #[test]
     fn unavailability_runs_from_first_failure_to_first_success_per_fault() {
-        let outcome = |at_ms, ok| Outcome { at_ms, ok };
+        let outcome = |at_ms, ok| Outcome {
+            at_ms,
+            ok,
+            partition: Some(0),
+        };
         let outcomes = [
             outcome(900, true),
             outcome(1_100, false),
@@ -289,15 +335,30 @@ mod tests {
             outcome(5_000, true),
             outcome(9_500, false),
         ];
+        let event = |at_ms, description: &str| FaultEvent {
+            at_ms,
+            description: description.to_owned(),
+            affected: vec![0],
+        };
         let faults = [
-            (1_000, "kill".to_owned()),
-            (3_000, "restart".to_owned()),
-            (9_000, "pause".to_owned()),
+            event(1_000, "kill"),
+            event(3_000, "restart"),
+            event(9_000, "pause"),
         ];
         let windows = unavailability(&faults, &outcomes);
         assert_eq!(windows[0].unavailable_ms, Some(450));
         assert_eq!(windows[0].first_failure_ms, Some(1_100));
+        assert_eq!(windows[0].fault_to_recovery_ms, Some(550));
         assert_eq!(windows[1].unavailable_ms, Some(0), "nothing failed");
         assert_eq!(windows[2].unavailable_ms, None, "never recovered");
+        // Requests for partitions the fault did not touch do not end (or start) its window.
+        let mut mixed = outcomes.to_vec();
+        mixed.push(Outcome {
+            at_ms: 1_200,
+            ok: true,
+            partition: Some(1),
+        });
+        mixed.sort_unstable_by_key(|o| o.at_ms);
+        assert_eq!(unavailability(&faults, &mixed)[0].unavailable_ms, Some(450));
     }
 }
