@@ -359,7 +359,9 @@ impl PartitionReplica {
         ]
     }
 
-    fn recovered(&mut self, state: LogState, raft: RaftGroup, ctx: &mut Context<Self>) {
+    /// Take `state` as the log's (recovered, or installed from a snapshot): shared offsets,
+    /// sizes and gauges follow. The high watermark moves once the state is durable.
+    fn adopt_state(&mut self, state: LogState) {
         self.state = state;
         self.shared
             .log_start_offset
@@ -367,8 +369,12 @@ impl PartitionReplica {
         self.shared
             .log_size_bytes
             .store(state.size_bytes, Ordering::Release);
-        self.publish_durable(state.next_offset);
         self.publish_log_gauges();
+    }
+
+    fn recovered(&mut self, state: LogState, raft: RaftGroup, ctx: &mut Context<Self>) {
+        self.adopt_state(state);
+        self.publish_durable(state.next_offset);
         let mut raft = raft;
         // A brand-new group elects its preferred replica at once instead of waiting for a
         // timeout: leaders spread as the assignment spreads first replicas.
@@ -786,14 +792,7 @@ impl PartitionReplica {
         let wait = async move { receiver.await.unwrap_or(Err(StorageError::ShutDown)) };
         Box::pin(wait.into_actor(self).map(|result, act, _ctx| {
             let (ops, state) = result?;
-            act.state = state;
-            act.shared
-                .log_start_offset
-                .store(state.log_start_offset, Ordering::Release);
-            act.shared
-                .log_size_bytes
-                .store(state.size_bytes, Ordering::Release);
-            act.publish_log_gauges();
+            act.adopt_state(state);
             let labels = act.labels();
             let labels = [labels[0].as_str(), labels[1].as_str()];
             act.metrics

@@ -212,14 +212,7 @@ pub fn render(result: &RunResult) -> Result<String> {
     let v = &result.verdict;
     let mut faults = String::new();
     for w in &result.faults {
-        let unavailable = match w.unavailable_ms {
-            Some(0) => "none (nothing failed)".to_owned(),
-            Some(ms) => match w.fault_to_recovery_ms {
-                Some(bound) => format!("{ms} ms (fault → first success {bound} ms)"),
-                None => format!("{ms} ms"),
-            },
-            None => "did not recover".to_owned(),
-        };
+        let unavailable = w.describe();
         faults.push_str(&format!(
             "<tr><td>{:.1} s</td><td>{}</td><td>{unavailable}</td></tr>\n",
             w.at_ms as f64 / 1000.0,

@@ -220,22 +220,8 @@ pub fn run(options: &Options) -> Result<RunResult> {
         std::thread::sleep(wake.saturating_duration_since(Instant::now()));
     }
     live.stop.store(true, Ordering::Release);
-    let mut reports = Vec::new();
-    for producer in producers {
-        reports.push(
-            producer
-                .join()
-                .map_err(|_| anyhow!("a producer thread panicked"))?,
-        );
-    }
-    let mut e2e_reports = Vec::new();
-    for consumer in consumers {
-        e2e_reports.push(
-            consumer
-                .join()
-                .map_err(|_| anyhow!("a consumer thread panicked"))?,
-        );
-    }
+    let reports = join_all(producers, "producer")?;
+    let e2e_reports = join_all(consumers, "consumer")?;
     let elapsed = start.elapsed();
     bar.finish_and_clear();
 
@@ -317,6 +303,14 @@ pub fn run(options: &Options) -> Result<RunResult> {
         cluster.stop();
     }
     Ok(result)
+}
+
+/// Wait for every thread and collect what each returned.
+fn join_all<T>(threads: Vec<std::thread::JoinHandle<T>>, what: &str) -> Result<Vec<T>> {
+    threads
+        .into_iter()
+        .map(|t| t.join().map_err(|_| anyhow!("a {what} thread panicked")))
+        .collect()
 }
 
 /// (p50, p99) in milliseconds of each histogram; (0, 0) for empty ones.

@@ -37,17 +37,10 @@ pub fn render(result: &RunResult) -> String {
     if !result.faults.is_empty() {
         let _ = writeln!(
             out,
-            "faults              at        unavailable: first failure → first success (fault → first success)"
+            "faults              at        unavailable: first failure → first success"
         );
         for w in &result.faults {
-            let unavailable = match w.unavailable_ms {
-                Some(0) => "none (nothing failed)".to_owned(),
-                Some(ms) => match w.fault_to_recovery_ms {
-                    Some(bound) => format!("{ms} ms ({bound} ms)"),
-                    None => format!("{ms} ms"),
-                },
-                None => "did not recover".to_owned(),
-            };
+            let unavailable = w.describe();
             let _ = writeln!(
                 out,
                 "  {:<40} {:>6.1} s  {unavailable}",

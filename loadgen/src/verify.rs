@@ -191,6 +191,18 @@ pub struct Window {
     pub fault_to_recovery_ms: Option<u64>,
 }
 
+impl Window {
+    /// "430 ms (fault → first success 441 ms)", "none (nothing failed)" or "did not recover".
+    pub fn describe(&self) -> String {
+        match (self.unavailable_ms, self.fault_to_recovery_ms) {
+            (Some(0), _) => "none (nothing failed)".to_owned(),
+            (Some(ms), Some(bound)) => format!("{ms} ms (fault → first success {bound} ms)"),
+            (Some(ms), None) => format!("{ms} ms"),
+            (None, _) => "did not recover".to_owned(),
+        }
+    }
+}
+
 /// For each fault in order: the first failed request for an affected partition after it (before
 /// the next fault), then the first successful request for an affected partition after that
 /// failure. Requests for other partitions say nothing about this fault, so they are not
