@@ -49,15 +49,24 @@ pub fn broker_binary() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("PUBG1_BROKER_BIN") {
         return Ok(PathBuf::from(path));
     }
+    workspace_binary("pubg1-broker")
+}
+
+/// A binary of this workspace that cargo built beside this test (`cargo build --release
+/// --workspace --bins` first, as scripts/test does).
+pub fn workspace_binary(name: &str) -> Result<PathBuf> {
     // Test executables live in target/<profile>/deps; binaries in target/<profile>.
     let exe = std::env::current_exe().context("locating the test executable")?;
     let profile_dir = exe
         .parent()
         .and_then(Path::parent)
         .ok_or_else(|| anyhow!("unexpected test path {}", exe.display()))?;
-    let binary = profile_dir.join("pubg1-broker");
+    let binary = profile_dir.join(name);
     if !binary.exists() {
-        bail!("{} is missing: build it first (cargo build --release --workspace) or set PUBG1_BROKER_BIN", binary.display());
+        bail!(
+            "{} is missing: build it first (cargo build --release --workspace --bins)",
+            binary.display()
+        );
     }
     Ok(binary)
 }
