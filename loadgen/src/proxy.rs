@@ -25,7 +25,6 @@ pub type LinkPorts = HashMap<(u32, u32), u16>;
 struct Link {
     from: u32,
     to: u32,
-    port: u16,
     blocked: Arc<AtomicBool>,
     /// Both ends of every connection through this link, to cut them.
     open: Arc<Mutex<Vec<TcpStream>>>,
@@ -58,7 +57,6 @@ impl Proxies {
                 links.push(Link {
                     from,
                     to,
-                    port,
                     blocked,
                     open,
                 });
@@ -88,11 +86,6 @@ impl Proxies {
         for link in &self.links {
             link.blocked.store(false, Ordering::Release);
         }
-    }
-
-    /// The (from, to, port) of every link, for logs.
-    pub fn describe(&self) -> Vec<(u32, u32, u16)> {
-        self.links.iter().map(|l| (l.from, l.to, l.port)).collect()
     }
 }
 
