@@ -339,6 +339,15 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Delete the (stopped) brokers' data dirs, keeping their logs.
+    pub fn remove_data(&self) {
+        for broker in &self.brokers {
+            let _ = std::fs::remove_dir_all(&broker.data_dir);
+        }
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         for broker in &mut self.brokers {

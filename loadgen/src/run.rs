@@ -301,6 +301,10 @@ pub fn run(options: &Options) -> Result<RunResult> {
     )?;
     if let Some(mut cluster) = cluster {
         cluster.stop();
+        // A clean run's data is only bulk; a failed one's is kept for a post-mortem.
+        if result.passed() {
+            cluster.remove_data();
+        }
     }
     Ok(result)
 }
