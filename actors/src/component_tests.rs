@@ -23,6 +23,7 @@ fn settings(dir: &std::path::Path) -> BrokerSettings {
         partition_threads: 2,
         broker_id: 1,
         raft_settings: crate::raft_group::RaftSettings::default(),
+        storage_settings: crate::storage::StorageSettings::default(),
         peer_listen: None,
         seeds: Vec::new(),
         http_advertised: "127.0.0.1:0".into(),

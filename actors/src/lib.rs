@@ -50,7 +50,7 @@ use crate::partition_replica::ReplicaSettings;
 use crate::peer_link::PeerLink;
 use crate::raft_group::RaftSettings;
 use crate::registry::Registry;
-use crate::storage::Storage;
+use crate::storage::{Storage, StorageSettings};
 use crate::transport::{Cluster, Transport};
 
 /// What [`Broker::start`] needs; the binary builds it from its validated config.
@@ -64,6 +64,7 @@ pub struct BrokerSettings {
     /// This broker's id, its node id in every Raft group.
     pub broker_id: u64,
     pub raft_settings: RaftSettings,
+    pub storage_settings: StorageSettings,
     /// Where this broker listens for peer (Raft) connections; None for a lone broker.
     pub peer_listen: Option<std::net::SocketAddr>,
     /// Every broker of the cluster with its peer address, this one included; empty = alone.
@@ -91,7 +92,11 @@ impl Broker {
             path: settings.data_dir.display().to_string(),
             message: e.to_string(),
         })?;
-        let storage = Storage::open(&settings.data_dir, metrics.clone())?;
+        let storage = Storage::open_with(
+            &settings.data_dir,
+            metrics.clone(),
+            settings.storage_settings,
+        )?;
         let catalog = storage.load_catalog()?;
         let registry = Registry::default();
         let me = settings.broker_id;

@@ -24,6 +24,8 @@ pub struct Metrics {
     /// latency from the broker's side.
     pub fetch_record_age_seconds: HistogramVec,
     pub storage_fsync_seconds: Histogram,
+    /// Flushes of `records`, which make replayable (WAL-less) applies durable.
+    pub storage_flush_seconds: Histogram,
     pub storage_group_commit_writes: Histogram,
     pub storage_group_commit_bytes: Histogram,
     pub storage_write_errors_total: IntCounter,
@@ -121,6 +123,14 @@ impl Metrics {
                 HistogramOpts::new(
                     "pubg1_storage_fsync_seconds",
                     "Duration of one group-committed, fsync'd RocksDB write.",
+                )
+                .buckets(latency_buckets()),
+            )
+            .expect("valid metric"),
+            storage_flush_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "pubg1_storage_flush_seconds",
+                    "Duration of one flush of the records memtable (makes applied records durable without a WAL).",
                 )
                 .buckets(latency_buckets()),
             )
@@ -246,6 +256,7 @@ impl Metrics {
             Box::new(self.fetch_lag_records.clone()),
             Box::new(self.fetch_record_age_seconds.clone()),
             Box::new(self.storage_fsync_seconds.clone()),
+            Box::new(self.storage_flush_seconds.clone()),
             Box::new(self.storage_group_commit_writes.clone()),
             Box::new(self.storage_group_commit_bytes.clone()),
             Box::new(self.storage_write_errors_total.clone()),

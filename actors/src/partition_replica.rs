@@ -30,7 +30,7 @@ use crate::metrics::Metrics;
 use crate::raft_driver::{self, Driver, RaftDriven};
 use crate::raft_group::{RaftGroup, RaftSettings, SnapshotInstall};
 use crate::snapshot::{Install, SnapshotChunk, SnapshotData, CHUNK_BYTES_MAX};
-use crate::storage::{log_key, record_key, Cf, LogState, Storage, WriteOp};
+use crate::storage::{log_state_op, record_key, Cf, LogState, Replayable, Storage, WriteOp};
 use crate::topic::{LogId, TopicConfigs};
 use crate::transport::{
     ChunkInbound, Cluster, FetchInbound, Outbound, PartitionStatus, RaftInbound, Transport,
@@ -489,11 +489,7 @@ impl PartitionReplica {
             "raft applied an entry twice"
         );
         self.state.applied_index = last;
-        ops.push(WriteOp::Put {
-            cf: Cf::LogState,
-            key: log_key(log),
-            value: self.state.encode(),
-        });
+        ops.push(log_state_op(log, &self.state));
         if let Some(raft) = &self.raft {
             ops.push(raft.hard_state_op());
         }
@@ -721,23 +717,24 @@ impl PartitionReplica {
         };
         let log = self.shared.log;
         let (from, to) = (record_key(log, old_start), record_key(log, plan.new_start));
-        let ops = vec![
-            WriteOp::DeleteRange {
-                cf: Cf::Records,
-                from: from.clone(),
-                to: to.clone(),
-            },
-            WriteOp::Put {
-                cf: Cf::LogState,
-                key: log_key(log),
-                value: next.encode(),
-            },
-        ];
+        // Replayable like an apply: lost in a crash, retention simply deletes again.
+        let ops = Replayable {
+            log,
+            applied_index: next.applied_index,
+            ops: vec![
+                WriteOp::DeleteRange {
+                    cf: Cf::Records,
+                    from: from.clone(),
+                    to: to.clone(),
+                },
+                log_state_op(log, &next),
+            ],
+        };
         // Readers must stop asking for the range before it disappears.
         self.shared
             .log_start_offset
             .store(plan.new_start, Ordering::Release);
-        match self.storage.submit(ops) {
+        match self.storage.submit_replayable(Vec::new(), false, ops) {
             Ok(done) => {
                 self.state = next;
                 self.shared
@@ -958,6 +955,10 @@ impl RaftDriven for PartitionReplica {
         self.state.applied_index
     }
 
+    fn replayable_apply(&self) -> bool {
+        true
+    }
+
     fn apply(&mut self, entries: Vec<raft::prelude::Entry>) -> (Vec<WriteOp>, Self::Applied) {
         self.apply_entries(entries)
     }
@@ -1010,6 +1011,7 @@ impl Actor for PartitionReplica {
             storage.barrier().await?;
             tokio::task::spawn_blocking(move || {
                 let state = storage.recover_log(log)?;
+                storage.note_durable_applied(log, state.applied_index);
                 let persisted = storage.load_raft(log)?;
                 let raft =
                     RaftGroup::restore(log, id, &voters, persisted, state.applied_index, timing)

@@ -1,5 +1,6 @@
 //! The Ready loop glue every Raft-owning actor shares: one Ready in flight at a time, its writes
-//! (Raft persistence + the apply of committed entries) as one durable batch, then the messages
+//! (Raft persistence + the apply of committed entries) as one storage write — the apply's
+//! records replayable (no WAL) for partitions, everything fsync'd otherwise — then the messages
 //! that must wait for durability, compaction, and another pass if more work arrived meanwhile.
 //!
 //! [`RaftGroup`] is the sans-IO half (what raft-rs wants done); this module is the I/O half for
@@ -12,7 +13,7 @@ use raft::prelude::Entry;
 
 use crate::error::StorageError;
 use crate::raft_group::{RaftGroup, ReadyWork, SnapshotInstall};
-use crate::storage::{Storage, WriteOp};
+use crate::storage::{Cf, Replayable, Storage, WriteOp};
 use crate::topic::LogId;
 use crate::transport::Transport;
 
@@ -35,6 +36,12 @@ pub(crate) trait RaftDriven: Actor<Context = Context<Self>> {
     fn storage(&self) -> &Storage;
     /// Index of the last entry applied (including applies whose write is in flight).
     fn applied_index(&self) -> u64;
+    /// Whether the apply's writes to `records` are replayable from the Raft log (written without
+    /// the WAL; see `storage`). Then the Raft log is compacted only up to
+    /// [`Storage::durable_applied`]. Otherwise every apply is fsync'd with its Ready.
+    fn replayable_apply(&self) -> bool {
+        false
+    }
     /// Apply committed entries to the in-memory state; return the writes that make it durable.
     fn apply(&mut self, entries: Vec<Entry>) -> (Vec<WriteOp>, Self::Applied);
     /// Bring the state to the leader's snapshot; resolves to the writes that make it durable
@@ -92,8 +99,23 @@ fn write<A: RaftDriven>(
     let (apply_ops, applied) = act.apply(std::mem::take(&mut work.committed));
     let mut ops = std::mem::take(&mut work.persist);
     ops.extend(snapshot_ops);
-    ops.extend(apply_ops);
-    let durable = match act.storage().submit(ops) {
+    let submitted = if act.replayable_apply() {
+        // Logged first (Raft entries, hard state, a snapshot), then the applied records.
+        let (records, logged): (Vec<_>, Vec<_>) =
+            apply_ops.into_iter().partition(|op| op.cf() == Cf::Records);
+        ops.extend(logged);
+        let replayable = Replayable {
+            log: act.group(),
+            applied_index: act.applied_index(),
+            ops: records,
+        };
+        act.storage()
+            .submit_replayable(ops, work.must_sync, replayable)
+    } else {
+        ops.extend(apply_ops);
+        act.storage().submit(ops)
+    };
+    let durable = match submitted {
         Ok(durable) => durable,
         Err(e) => return act.on_failure(ctx, e),
     };
@@ -113,13 +135,23 @@ fn persisted<A: RaftDriven>(
 ) {
     act.on_durable(applied);
     let (group, index) = (act.group(), act.applied_index());
+    if let Some(snapshot) = &work.snapshot {
+        // Written logged: the snapshot's state survives a crash from now on.
+        act.storage().note_durable_applied(group, snapshot.index);
+    }
+    let durable = if act.replayable_apply() {
+        act.storage().durable_applied(group)
+    } else {
+        index
+    };
     let Some(raft) = act.raft_mut() else { return };
     let messages = raft.persisted(work).messages;
-    let compaction = raft.applied(index);
+    let compaction = raft.applied(index, durable);
     act.transport().send(group, messages);
     if !compaction.is_empty() {
-        // Best effort: a failed compaction only leaves more log behind.
-        let _ = act.storage().submit(compaction);
+        // Best effort and unsynced: a compaction failed or lost in a crash only leaves more log
+        // behind.
+        let _ = act.storage().submit_unsynced(compaction);
     }
     let driver = act.driver();
     driver.busy = false;

@@ -147,8 +147,11 @@ pub struct PersistedRaft {
 pub struct ReadyWork {
     /// Send these right away (leader appends and heartbeats may go out before persisting).
     pub messages: Vec<Message>,
-    /// Write these durably (sync) before calling [`RaftGroup::persisted`].
+    /// Write these before calling [`RaftGroup::persisted`]; fsync'd if `must_sync`.
     pub persist: Vec<WriteOp>,
+    /// raft-rs's `Ready::must_sync`: new entries, a new term or vote, or a snapshot. A Ready that
+    /// only moves the commit index needs no fsync (the commit index can be learnt again).
+    pub must_sync: bool,
     /// Apply these (they are committed) in order.
     pub committed: Vec<Entry>,
     /// Role or leader changed.
@@ -233,7 +236,8 @@ impl RaftGroup {
             }
             core.append(&persisted.entries)?;
             let mut hard_state = persisted.hard_state;
-            // The commit index is persisted with every apply, so it is never below `applied`.
+            // Entries up to `applied` were committed. The stored commit index may be older (a
+            // Ready that only moves it is not fsync'd), never the truth.
             hard_state.commit = hard_state.commit.max(applied);
             core.set_hardstate(hard_state);
         }
@@ -419,6 +423,7 @@ impl RaftGroup {
         }
         let persisted_messages = ready.take_persisted_messages();
         let number = ready.number();
+        let must_sync = ready.must_sync();
         // Async persistence: the node may take new proposals while this Ready is written; it
         // counts the entries as persisted only at `on_persist_ready`.
         self.node.advance_append_async(ready);
@@ -434,6 +439,7 @@ impl RaftGroup {
         Some(ReadyWork {
             messages,
             persist,
+            must_sync,
             committed,
             role_changed,
             snapshot,
@@ -484,9 +490,10 @@ impl RaftGroup {
         }
     }
 
-    /// Step 3: entries up to `index` are applied durably. Returns the compaction writes, if the
-    /// in-memory log grew past its bound.
-    pub fn applied(&mut self, index: u64) -> Vec<WriteOp> {
+    /// Step 3: entries up to `index` are applied, and up to `durable` (≤ `index`) a crash
+    /// cannot undo the apply. Returns the compaction writes, if the in-memory log grew past its
+    /// bound; entries above `durable` are kept, as a restart may have to apply them again.
+    pub fn applied(&mut self, index: u64, durable: u64) -> Vec<WriteOp> {
         self.node.advance_apply_to(index);
         let first = self.node.store().first_index().unwrap_or(1);
         let (keep, keep_max) = (
@@ -508,6 +515,7 @@ impl RaftGroup {
                 .unwrap_or(index);
             compact_to = compact_to.min(slowest).max(index.saturating_sub(keep_max));
         }
+        let compact_to = compact_to.min(durable);
         // Compact in steps of at least `log_keep_entries`, not on every apply.
         if compact_to < first + keep {
             return Vec::new();
@@ -599,7 +607,7 @@ mod tests {
                         if !entry.data.is_empty() {
                             applied[i].push(entry.data.to_vec());
                         }
-                        g.applied(entry.index);
+                        g.applied(entry.index, entry.index);
                     }
                 }
             }
@@ -707,7 +715,7 @@ mod tests {
                 let mut after = g.persisted(work);
                 outbox.append(&mut after.messages);
                 if let Some(index) = snapshot_index {
-                    g.applied(index);
+                    g.applied(index, index);
                 }
                 for entry in &committed {
                     if !entry.data.is_empty() {
@@ -715,7 +723,7 @@ mod tests {
                     }
                 }
                 if let Some(last) = committed.last() {
-                    g.applied(last.index);
+                    g.applied(last.index, last.index);
                     let count = applied[i].len() as u64;
                     g.set_snapshot_point(last.index, Bytes::from(count.to_be_bytes().to_vec()));
                 }

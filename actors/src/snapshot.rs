@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::batch;
 use crate::error::StorageError;
-use crate::storage::{log_key, record_key, Cf, LogState, WriteOp};
+use crate::storage::{log_state_op, record_key, Cf, LogState, WriteOp};
 use crate::topic::LogId;
 
 /// Bytes of batches one chunk carries at most (the first batch always goes, whatever its size).
@@ -229,11 +229,7 @@ impl Install {
             });
         }
         self.state.applied_index = self.index;
-        self.ops.push(WriteOp::Put {
-            cf: Cf::LogState,
-            key: log_key(self.log),
-            value: self.state.encode(),
-        });
+        self.ops.push(log_state_op(self.log, &self.state));
         Ok((self.ops, self.state))
     }
 }
@@ -242,6 +238,7 @@ impl Install {
 mod tests {
     use super::*;
     use crate::batch::NewRecord;
+    use crate::storage::log_key;
 
     const LOG: LogId = LogId {
         topic_id: 3,
@@ -293,9 +290,10 @@ mod tests {
         assert!(matches!(
             &ops[3],
             WriteOp::Put {
-                cf: Cf::LogState,
+                cf: Cf::Records,
+                key,
                 ..
-            }
+            } if *key == log_key(LOG)
         ));
     }
 

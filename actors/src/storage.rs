@@ -7,22 +7,38 @@
 //! Writes are applied in submission order, which partition actors rely on (offsets are assigned
 //! before the write and become visible in that order).
 //!
+//! Two kinds of write. *Logged* writes go to the WAL and are fsync'd before they resolve (Raft
+//! log, hard state, catalog, snapshots). *Replayable* writes — a partition applying committed
+//! Raft entries to `records` — skip the WAL: the entries they apply are already fsync'd in
+//! `raft_log`, so after a crash the partition's applied state is whatever the last flush of
+//! `records` held, and Raft applies the rest again (offsets are a function of the log, so the
+//! replay writes the same bytes). That halves what a record costs in WAL bytes, copies and
+//! checksums. The price is a rule: a group's Raft log may only be compacted up to its
+//! [`Storage::durable_applied`] index, which moves when a flush of `records` completes. The writer
+//! asks a flusher thread for one every [`StorageSettings::flush_bytes`] of replayable writes (or
+//! [`StorageSettings::flush_interval`]); the flush covers everything written before it was asked
+//! for.
+//!
 //! Reads do not queue behind writes: RocksDB is thread-safe, so readers use the shared handle from
 //! a blocking pool (never the actor or HTTP arbiters).
 //!
 //! Column families, keys big-endian so iteration is log order:
-//! - `records`: (topic_id u32, partition u32, base_offset u64) → Kafka v2 record batch
-//! - `log_state`: (topic_id, partition) → [`LogState`], written in the same batch as each append
+//! - `records`: (topic_id u32, partition u32, base_offset u64) → Kafka v2 record batch, and
+//!   (topic_id, partition) → [`LogState`], written in the same batch as each append. The two share
+//!   a column family so that a flush (the only thing that makes replayable writes durable) always
+//!   holds a log's records and its state as of one moment.
+//! - `log_state`: where [`LogState`] lived before; emptied into `records` at open.
 //! - `metadata`: `topic/{name}` → [`TopicMeta`] (msgpack), `next_topic_id` → u32
 //! - `raft_log`, `raft_state`, `group_offsets`, `checkpoints`, `producer_state`: reserved for
 //!   replication, consumer groups, stream jobs and idempotent producers.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rocksdb::{
@@ -41,6 +57,37 @@ use crate::topic::{LogId, TopicMeta};
 pub const WRITE_QUEUE_CAPACITY: usize = 8192;
 /// Most bytes one group commit carries; bounds the latency a huge batch adds to small ones.
 pub const GROUP_COMMIT_BYTES_MAX: usize = 32 * 1024 * 1024;
+/// Default [`StorageSettings::flush_bytes`].
+pub const FLUSH_BYTES: usize = 16 * 1024 * 1024;
+/// Default [`StorageSettings::flush_interval`].
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// When replayable writes are made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StorageSettings {
+    /// Replayable bytes written before the writer asks for a flush of `records`. Raft logs keep
+    /// about this much beyond what is flushed, in memory and in `raft_log`'s memtable.
+    pub flush_bytes: usize,
+    /// Longest a replayable write waits for a flush when little is written (so quiet
+    /// partitions' Raft logs get compacted too).
+    pub flush_interval: Duration,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        Self {
+            flush_bytes: FLUSH_BYTES,
+            flush_interval: FLUSH_INTERVAL,
+        }
+    }
+}
+/// `raft_log`'s memtable: large enough that entries are compacted away (deleted) before it is
+/// flushed, so the Raft log's bytes hardly ever reach an SST.
+const RAFT_LOG_WRITE_BUFFER_BYTES: usize = 128 << 20;
+/// Batches at least this big are stored in `records`' blob files rather than in its SSTs.
+const BLOB_BYTES_MIN: u64 = 1024;
+/// Bytes of a key in `records` that holds a batch; a log's state key is its 8-byte prefix.
+const RECORD_KEY_BYTES: usize = 16;
 
 /// The column families of a broker's RocksDB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +156,25 @@ impl WriteOp {
             WriteOp::DeleteRange { from, to, .. } => from.len() + to.len(),
         }
     }
+
+    pub fn cf(&self) -> Cf {
+        match self {
+            WriteOp::Put { cf, .. }
+            | WriteOp::Delete { cf, .. }
+            | WriteOp::DeleteRange { cf, .. } => *cf,
+        }
+    }
+}
+
+/// Writes to one log's `records` that Raft can replay: they make the log's state the one at
+/// `applied_index` and are durable once a flush of `records` covers them (see the module docs).
+#[derive(Debug, Clone)]
+pub struct Replayable {
+    pub log: LogId,
+    /// The Raft index of the last entry these writes apply (or had applied, for retention).
+    pub applied_index: u64,
+    /// Only `Cf::Records` operations.
+    pub ops: Vec<WriteOp>,
 }
 
 /// What a partition's log looks like durably; written atomically with every change to the log.
@@ -162,7 +228,17 @@ pub fn record_key(log: LogId, offset: u64) -> Vec<u8> {
     key
 }
 
-/// Key of `log` in `log_state`; also the prefix of all its keys in `records`.
+/// The write that stores `state` as `log`'s, next to its batches in `records`.
+pub fn log_state_op(log: LogId, state: &LogState) -> WriteOp {
+    WriteOp::Put {
+        cf: Cf::Records,
+        key: log_key(log),
+        value: state.encode(),
+    }
+}
+
+/// Key of `log`'s [`LogState`] in `records`; also the prefix of all its batches' keys there (so
+/// it sorts before them).
 pub fn log_key(log: LogId) -> Vec<u8> {
     let mut key = Vec::with_capacity(16);
     key.extend_from_slice(&log.topic_id.to_be_bytes());
@@ -170,7 +246,7 @@ pub fn log_key(log: LogId) -> Vec<u8> {
     key
 }
 
-/// The `[from, to)` key range holding every log of a topic, in `records` and `log_state`.
+/// The `[from, to)` key range holding every log of a topic (batches and states) in `records`.
 pub fn topic_key_range(topic_id: u32) -> (Vec<u8>, Vec<u8>) {
     (
         topic_id.to_be_bytes().to_vec(),
@@ -196,12 +272,32 @@ const TOPIC_META_PREFIX: &[u8] = b"topic/";
 
 type Waiter = oneshot::Sender<Result<(), StorageError>>;
 
-/// Resolves once a submitted write is durable (or has failed).
+/// Resolves once a submitted write is durable (or has failed); for a write with a
+/// [`Replayable`] part, once that part is in the memtable (readable) and its logged part durable.
 pub type Durable = oneshot::Receiver<Result<(), StorageError>>;
 
 enum Command {
-    Write { ops: Vec<WriteOp>, done: Waiter },
+    Write {
+        logged: Vec<WriteOp>,
+        /// Whether `logged` must be fsync'd before the write resolves (else it is in the WAL,
+        /// made durable by the next synced write).
+        sync: bool,
+        replayable: Option<Replayable>,
+        done: Waiter,
+    },
     Shutdown,
+}
+
+impl Command {
+    /// A logged write to `records` (a snapshot install, a topic deletion) must not share a group
+    /// with replayable writes: the group writes its logged part first, which would reorder them.
+    fn logs_records(&self) -> bool {
+        matches!(self, Command::Write { logged, .. } if logged.iter().any(|op| op.cf() == Cf::Records))
+    }
+
+    fn replays(&self) -> bool {
+        matches!(self, Command::Write { replayable: Some(r), .. } if !r.ops.is_empty())
+    }
 }
 
 /// Cheap-to-clone handle on the broker's RocksDB and its writer thread.
@@ -218,18 +314,37 @@ impl std::fmt::Debug for Storage {
     }
 }
 
+/// Per log, the highest applied index a completed flush of `records` holds (or that a logged
+/// write or recovery made durable). Raft logs are compacted only up to it.
+type DurableApplied = Arc<Mutex<HashMap<LogId, u64>>>;
+
 struct Inner {
     db: Arc<DB>,
     queue: SyncSender<Command>,
     /// False once a durable write failed; stays false until restart (fail-stop).
     healthy: Arc<AtomicBool>,
-    /// The writer thread, taken by [`Storage::shutdown`]. A std Mutex: touched once, at shutdown.
-    writer: Mutex<Option<JoinHandle<()>>>,
+    durable_applied: DurableApplied,
+    /// The writer and flusher threads, taken by [`Storage::shutdown`]. A std Mutex: touched once,
+    /// at shutdown.
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Storage {
-    /// Open (or create) the RocksDB under `dir` with every column family, and start the writer.
+    /// [`Storage::open_with`] the default settings.
     pub fn open(dir: &Path, metrics: Arc<Metrics>) -> Result<Self, StorageError> {
+        Self::open_with(dir, metrics, StorageSettings::default())
+    }
+
+    /// Open (or create) the RocksDB under `dir` with every column family, and start the writer.
+    pub fn open_with(
+        dir: &Path,
+        metrics: Arc<Metrics>,
+        settings: StorageSettings,
+    ) -> Result<Self, StorageError> {
+        let open_error = |message: String| StorageError::Open {
+            path: dir.display().to_string(),
+            message,
+        };
         let mut options = Options::default();
         options.create_if_missing(true);
         options.create_missing_column_families(true);
@@ -237,39 +352,66 @@ impl Storage {
         options.set_bytes_per_sync(1 << 20);
         let families = Cf::ALL.iter().map(|cf| {
             let mut cf_options = Options::default();
-            if *cf == Cf::Records {
-                cf_options.set_compression_type(rocksdb::DBCompressionType::Lz4);
-                cf_options.set_write_buffer_size(64 << 20);
+            match cf {
+                Cf::Records => {
+                    cf_options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+                    // Flushes are asked for at `flush_bytes`; this is only the backstop.
+                    cf_options.set_write_buffer_size(64 << 20);
+                    // Batches go to blob files when flushed, and compactions move only keys and
+                    // blob references. Every partition appends to its own key range, so each
+                    // flushed file overlaps every partition's range below it and leveled
+                    // compaction would otherwise rewrite the batches again and again.
+                    cf_options.set_enable_blob_files(true);
+                    cf_options.set_min_blob_size(BLOB_BYTES_MIN);
+                    cf_options.set_blob_compression_type(rocksdb::DBCompressionType::Lz4);
+                }
+                Cf::RaftLog => cf_options.set_write_buffer_size(RAFT_LOG_WRITE_BUFFER_BYTES),
+                _ => {}
             }
             ColumnFamilyDescriptor::new(cf.name(), cf_options)
         });
-        let db =
-            DB::open_cf_descriptors(&options, dir, families).map_err(|e| StorageError::Open {
-                path: dir.display().to_string(),
-                message: e.into_string(),
-            })?;
+        let db = DB::open_cf_descriptors(&options, dir, families)
+            .map_err(|e| open_error(e.into_string()))?;
         let db = Arc::new(db);
+        migrate_log_states(&db)?;
         let (queue, receiver) = mpsc::sync_channel(WRITE_QUEUE_CAPACITY);
+        let (flush_requests, flush_receiver) = mpsc::sync_channel(1);
         let healthy = Arc::new(AtomicBool::new(true));
+        let durable_applied = DurableApplied::default();
+        let flusher = Flusher {
+            db: db.clone(),
+            requests: flush_receiver,
+            durable_applied: durable_applied.clone(),
+            metrics: metrics.clone(),
+        };
         let writer = GroupCommitWriter {
             db: db.clone(),
             receiver,
             healthy: healthy.clone(),
             metrics,
+            settings,
+            flush_requests,
+            unflushed: HashMap::new(),
+            unflushed_bytes: 0,
+            unflushed_since: None,
         };
-        let handle = std::thread::Builder::new()
-            .name("pubg1-storage-writer".into())
-            .spawn(move || writer.run())
-            .map_err(|e| StorageError::Open {
-                path: dir.display().to_string(),
-                message: e.to_string(),
-            })?;
+        let spawn = |name: &str, run: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(run)
+                .map_err(|e| open_error(e.to_string()))
+        };
+        let threads = vec![
+            spawn("pubg1-storage-writer", Box::new(move || writer.run()))?,
+            spawn("pubg1-storage-flusher", Box::new(move || flusher.run()))?,
+        ];
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
                 queue,
                 healthy,
-                writer: Mutex::new(Some(handle)),
+                durable_applied,
+                threads: Mutex::new(threads),
             }),
         })
     }
@@ -278,11 +420,45 @@ impl Storage {
     ///
     /// Never blocks: a full queue is [`StorageError::QueueFull`], so callers can shed load.
     pub fn submit(&self, ops: Vec<WriteOp>) -> Result<Durable, StorageError> {
+        self.send(ops, true, None)
+    }
+
+    /// Queue an atomic write to the WAL that need not be durable yet (a Raft log compaction):
+    /// the next synced write makes it durable, and a crash before that loses only a suffix of
+    /// such writes.
+    pub fn submit_unsynced(&self, ops: Vec<WriteOp>) -> Result<Durable, StorageError> {
+        self.send(ops, false, None)
+    }
+
+    /// Queue `logged` (to the WAL, fsync'd if `sync`) and then `replayable` (no WAL; see the
+    /// module docs) as one unit, in this order. Resolves once both are written.
+    pub fn submit_replayable(
+        &self,
+        logged: Vec<WriteOp>,
+        sync: bool,
+        replayable: Replayable,
+    ) -> Result<Durable, StorageError> {
+        debug_assert!(replayable.ops.iter().all(|op| op.cf() == Cf::Records));
+        self.send(logged, sync, Some(replayable))
+    }
+
+    fn send(
+        &self,
+        logged: Vec<WriteOp>,
+        sync: bool,
+        replayable: Option<Replayable>,
+    ) -> Result<Durable, StorageError> {
         if !self.is_healthy() {
             return Err(StorageError::Failed);
         }
         let (done, receiver) = oneshot::channel();
-        match self.inner.queue.try_send(Command::Write { ops, done }) {
+        let command = Command::Write {
+            logged,
+            sync,
+            replayable,
+            done,
+        };
+        match self.inner.queue.try_send(command) {
             Ok(()) => Ok(receiver),
             Err(TrySendError::Full(_)) => Err(StorageError::QueueFull {
                 capacity: WRITE_QUEUE_CAPACITY,
@@ -298,9 +474,26 @@ impl Storage {
             .map_err(|_| StorageError::ShutDown)?
     }
 
-    /// Resolves once every write submitted before it is durable (or failed).
+    /// Resolves once every write submitted before it is written (or failed).
     pub async fn barrier(&self) -> Result<(), StorageError> {
         self.write(Vec::new()).await
+    }
+
+    /// The highest applied index of `log` that survives a crash: Raft may compact its log up to
+    /// here and no further (entries above it may have to be applied again).
+    pub fn durable_applied(&self, log: LogId) -> u64 {
+        self.inner
+            .durable_applied
+            .lock()
+            .map(|map| map.get(&log).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    /// `log` is known durable up to `applied_index` (recovered from disk, or written logged).
+    pub fn note_durable_applied(&self, log: LogId, applied_index: u64) {
+        if let Ok(mut map) = self.inner.durable_applied.lock() {
+            raise(&mut map, log, applied_index);
+        }
     }
 
     /// False after a failed durable write: the broker must be restarted (readiness reports it).
@@ -310,23 +503,28 @@ impl Storage {
 
     /// Finish queued writes, stop the writer and flush memtables. Idempotent.
     pub fn shutdown(&self) {
-        let handle = self
+        let threads = self
             .inner
-            .writer
+            .threads
             .lock()
-            .map(|mut w| w.take())
-            .unwrap_or(None);
-        if let Some(handle) = handle {
-            // A blocking send: shutdown waits behind queued writes rather than dropping them.
-            let _ = self.inner.queue.send(Command::Shutdown);
-            let _ = handle.join();
-            if let Err(e) = self.inner.db.flush() {
-                tracing::warn!(error = %e, "flushing RocksDB at shutdown");
-            }
-            // Stop compactions and flushes before the process exits: RocksDB's background
-            // threads outliving its static state at exit crash the process (seen as SIGSEGV).
-            self.inner.db.cancel_all_background_work(true);
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default();
+        if threads.is_empty() {
+            return;
         }
+        // A blocking send: shutdown waits behind queued writes rather than dropping them. The
+        // writer's exit closes the flusher's channel, so both threads end.
+        let _ = self.inner.queue.send(Command::Shutdown);
+        for thread in threads {
+            let _ = thread.join();
+        }
+        // Replayable writes live only in memtables until flushed: this makes them durable.
+        if let Err(e) = self.inner.db.flush() {
+            tracing::warn!(error = %e, "flushing RocksDB at shutdown");
+        }
+        // Stop compactions and flushes before the process exits: RocksDB's background
+        // threads outliving its static state at exit crash the process (seen as SIGSEGV).
+        self.inner.db.cancel_all_background_work(true);
     }
 
     fn cf(&self, cf: Cf) -> Result<&rocksdb::ColumnFamily, StorageError> {
@@ -339,7 +537,7 @@ impl Storage {
         let state = match self
             .inner
             .db
-            .get_cf(self.cf(Cf::LogState)?, log_key(log))
+            .get_cf(self.cf(Cf::Records)?, log_key(log))
             .map_err(|e| StorageError::rocks("get", e))?
         {
             Some(bytes) => LogState::decode(&bytes)?,
@@ -369,7 +567,7 @@ impl Storage {
             IteratorMode::From(&upper, Direction::Reverse),
         );
         match iter.next() {
-            Some(Ok((key, value))) if key.starts_with(&log_key(log)) => Ok(Some(
+            Some(Ok((key, value))) if is_batch_key(&key, &log_key(log)) => Ok(Some(
                 batch::parse_header(&value).map_err(|e| corrupt(log, e))?,
             )),
             Some(Err(e)) => Err(StorageError::rocks("iterate", e)),
@@ -398,7 +596,7 @@ impl Storage {
                 IteratorMode::From(&record_key(log, from), Direction::Reverse),
             );
             match back.next() {
-                Some(Ok((key, _))) if key.starts_with(&prefix) => key.to_vec(),
+                Some(Ok((key, _))) if is_batch_key(&key, &prefix) => key.to_vec(),
                 Some(Err(e)) => return Err(StorageError::rocks("iterate", e)),
                 _ => record_key(log, from),
             }
@@ -550,6 +748,12 @@ impl Storage {
     }
 }
 
+/// Whether `key` in `records` holds one of the batches of the log with key `prefix` (and not the
+/// log's state, or another log's batch).
+fn is_batch_key(key: &[u8], prefix: &[u8]) -> bool {
+    key.len() == RECORD_KEY_BYTES && key.starts_with(prefix)
+}
+
 fn cf_handle(db: &DB, cf: Cf) -> Result<&rocksdb::ColumnFamily, StorageError> {
     db.cf_handle(cf.name())
         .ok_or_else(|| StorageError::Corrupt {
@@ -565,110 +769,311 @@ fn corrupt(log: LogId, error: crate::error::BatchError) -> StorageError {
     }
 }
 
-/// The writer thread: drain the queue, one `WriteBatch`, one fsync, wake every waiter.
+/// The writer thread: drain the queue; per group one `WriteBatch` with one fsync for the logged
+/// writes, then one WAL-less `WriteBatch` for the replayable ones; wake every waiter.
 struct GroupCommitWriter {
     db: Arc<DB>,
     receiver: Receiver<Command>,
     healthy: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
+    settings: StorageSettings,
+    flush_requests: SyncSender<HashMap<LogId, u64>>,
+    /// Applied indexes written replayably since the last flush request.
+    unflushed: HashMap<LogId, u64>,
+    unflushed_bytes: usize,
+    unflushed_since: Option<Instant>,
+}
+
+/// One group commit being assembled.
+#[derive(Default)]
+struct Group {
+    logged: WriteBatch,
+    replayable: WriteBatch,
+    waiters: Vec<Waiter>,
+    applied: Vec<(LogId, u64)>,
+    logged_bytes: usize,
+    replayable_bytes: usize,
+    /// Some write in the group needs its logged part fsync'd.
+    sync: bool,
+    logs_records: bool,
+    replays: bool,
+}
+
+impl Group {
+    fn bytes(&self) -> usize {
+        self.logged_bytes + self.replayable_bytes
+    }
+
+    /// Whether `command` may join without reordering it against what is already in the group.
+    fn admits(&self, command: &Command) -> bool {
+        !(self.replays && command.logs_records() || self.logs_records && command.replays())
+    }
 }
 
 impl GroupCommitWriter {
-    fn run(self) {
+    fn run(mut self) {
         let mut sync = WriteOptions::default();
         sync.set_sync(true);
-        while let Ok(first) = self.receiver.recv() {
-            let mut waiters: Vec<Waiter> = Vec::new();
-            let mut batch = WriteBatch::default();
-            let mut bytes = 0usize;
-            let mut shutdown = self.add(first, &mut batch, &mut waiters, &mut bytes);
-            while !shutdown && bytes < GROUP_COMMIT_BYTES_MAX {
+        let unsynced = WriteOptions::default();
+        let mut no_wal = WriteOptions::default();
+        no_wal.disable_wal(true);
+        let mut carried: Option<Command> = None;
+        loop {
+            let first = match carried.take() {
+                Some(command) => command,
+                None => match self.next_command() {
+                    Some(command) => command,
+                    None => return,
+                },
+            };
+            let mut group = Group::default();
+            let mut shutdown = self.add(first, &mut group);
+            while !shutdown && group.bytes() < GROUP_COMMIT_BYTES_MAX {
                 match self.receiver.try_recv() {
+                    Ok(command) if group.admits(&command) => {
+                        shutdown = self.add(command, &mut group)
+                    }
                     Ok(command) => {
-                        shutdown = self.add(command, &mut batch, &mut waiters, &mut bytes)
+                        carried = Some(command);
+                        break;
                     }
                     Err(_) => break,
                 }
             }
-            self.commit(batch, waiters, bytes, &sync);
+            let logged = if group.sync { &sync } else { &unsynced };
+            self.commit(group, logged, &no_wal);
+            self.maybe_request_flush();
             if shutdown {
                 return;
             }
         }
     }
 
+    /// The next command, waking up meanwhile to ask for a flush when one is due; None once every
+    /// `Storage` handle is gone.
+    fn next_command(&mut self) -> Option<Command> {
+        loop {
+            let Some(since) = self.unflushed_since else {
+                return self.receiver.recv().ok();
+            };
+            // At least a little: a flush still running makes a due request wait for it.
+            let wait = self
+                .settings
+                .flush_interval
+                .saturating_sub(since.elapsed())
+                .max(Duration::from_millis(10));
+            match self.receiver.recv_timeout(wait) {
+                Ok(command) => return Some(command),
+                Err(RecvTimeoutError::Timeout) => self.maybe_request_flush(),
+                Err(RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
+
     /// Add one command to the group; true if it asks the writer to stop after this group.
-    fn add(
-        &self,
-        command: Command,
-        batch: &mut WriteBatch,
-        waiters: &mut Vec<Waiter>,
-        bytes: &mut usize,
-    ) -> bool {
+    fn add(&self, command: Command, group: &mut Group) -> bool {
+        let (logs_records, replays) = (command.logs_records(), command.replays());
         match command {
             Command::Shutdown => true,
-            Command::Write { ops, done } => {
-                for op in &ops {
-                    *bytes += op.bytes();
-                    // A missing column family is impossible after open; an op on one would be
-                    // dropped, so fail the whole group instead.
-                    let Ok(handle) = cf_handle(&self.db, op_cf(op)) else {
-                        self.healthy.store(false, Ordering::Release);
-                        continue;
-                    };
-                    match op {
-                        WriteOp::Put { key, value, .. } => batch.put_cf(handle, key, value),
-                        WriteOp::Delete { key, .. } => batch.delete_cf(handle, key),
-                        WriteOp::DeleteRange { from, to, .. } => {
-                            batch.delete_range_cf(handle, from, to)
-                        }
-                    }
+            Command::Write {
+                logged,
+                sync,
+                replayable,
+                done,
+            } => {
+                group.sync |= sync;
+                group.logs_records |= logs_records;
+                group.replays |= replays;
+                for op in &logged {
+                    group.logged_bytes += op.bytes();
+                    self.put(&mut group.logged, op);
                 }
-                waiters.push(done);
+                if let Some(replayable) = replayable {
+                    for op in &replayable.ops {
+                        group.replayable_bytes += op.bytes();
+                        self.put(&mut group.replayable, op);
+                    }
+                    group
+                        .applied
+                        .push((replayable.log, replayable.applied_index));
+                }
+                group.waiters.push(done);
                 false
             }
         }
     }
 
-    fn commit(&self, batch: WriteBatch, waiters: Vec<Waiter>, bytes: usize, sync: &WriteOptions) {
-        if waiters.is_empty() {
+    fn put(&self, batch: &mut WriteBatch, op: &WriteOp) {
+        // A missing column family is impossible after open; an op on one would be dropped, so
+        // fail the whole group instead.
+        let Ok(handle) = cf_handle(&self.db, op.cf()) else {
+            self.healthy.store(false, Ordering::Release);
+            return;
+        };
+        match op {
+            WriteOp::Put { key, value, .. } => batch.put_cf(handle, key, value),
+            WriteOp::Delete { key, .. } => batch.delete_cf(handle, key),
+            WriteOp::DeleteRange { from, to, .. } => batch.delete_range_cf(handle, from, to),
+        }
+    }
+
+    fn commit(&mut self, group: Group, logged: &WriteOptions, no_wal: &WriteOptions) {
+        if group.waiters.is_empty() {
             return;
         }
-        let result = if !self.healthy.load(Ordering::Acquire) {
-            Err(StorageError::Failed)
-        } else if batch.is_empty() {
-            Ok(()) // barriers only: everything before them is already durable
-        } else {
-            let started = Instant::now();
-            let written = self.db.write_opt(batch, sync);
+        let synced = group.sync;
+        let result = self
+            .write(
+                group.logged,
+                group.logged_bytes,
+                group.waiters.len(),
+                logged,
+                synced,
+            )
+            .and_then(|()| {
+                // After the logged part: the Raft entries and hard state these applies need
+                // are durable before any flush can hold the applies.
+                if group.replayable.is_empty() || !self.healthy.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                self.db
+                    .write_opt(group.replayable, no_wal)
+                    .map_err(|e| self.fail(e))
+            });
+        if result.is_ok() && group.replays {
+            self.unflushed_bytes += group.replayable_bytes;
+            self.unflushed_since.get_or_insert_with(Instant::now);
+            for (log, index) in group.applied {
+                raise(&mut self.unflushed, log, index);
+            }
+        }
+        for waiter in group.waiters {
+            let _ = waiter.send(result.clone());
+        }
+    }
+
+    fn write(
+        &self,
+        batch: WriteBatch,
+        bytes: usize,
+        writes: usize,
+        options: &WriteOptions,
+        synced: bool,
+    ) -> Result<(), StorageError> {
+        if !self.healthy.load(Ordering::Acquire) {
+            return Err(StorageError::Failed);
+        }
+        if batch.is_empty() {
+            return Ok(()); // barriers only: everything before them is already written
+        }
+        let started = Instant::now();
+        let written = self.db.write_opt(batch, options);
+        if synced {
             self.metrics
                 .storage_fsync_seconds
                 .observe(started.elapsed().as_secs_f64());
             self.metrics
                 .storage_group_commit_writes
-                .observe(waiters.len() as f64);
+                .observe(writes as f64);
             self.metrics
                 .storage_group_commit_bytes
                 .observe(bytes as f64);
-            written.map_err(|e| {
-                tracing::error!(error = %e, "durable write failed; storage now fails closed");
-                self.healthy.store(false, Ordering::Release);
-                self.metrics.storage_write_errors_total.inc();
-                StorageError::rocks("write", e)
-            })
-        };
-        for waiter in waiters {
-            let _ = waiter.send(result.clone());
+        }
+        written.map_err(|e| self.fail(e))
+    }
+
+    fn fail(&self, e: rocksdb::Error) -> StorageError {
+        tracing::error!(error = %e, "write failed; storage now fails closed");
+        self.healthy.store(false, Ordering::Release);
+        self.metrics.storage_write_errors_total.inc();
+        StorageError::rocks("write", e)
+    }
+
+    /// Ask the flusher to flush `records` once enough replayable bytes (or time) have gathered.
+    /// A flush still running means this one waits for the next call.
+    fn maybe_request_flush(&mut self) {
+        let due = self.unflushed_bytes >= self.settings.flush_bytes
+            || self
+                .unflushed_since
+                .is_some_and(|since| since.elapsed() >= self.settings.flush_interval);
+        if !due {
+            return;
+        }
+        match self
+            .flush_requests
+            .try_send(std::mem::take(&mut self.unflushed))
+        {
+            Ok(()) => {
+                self.unflushed_bytes = 0;
+                self.unflushed_since = None;
+            }
+            Err(TrySendError::Full(back) | TrySendError::Disconnected(back)) => {
+                self.unflushed = back;
+            }
         }
     }
 }
 
-fn op_cf(op: &WriteOp) -> Cf {
-    match op {
-        WriteOp::Put { cf, .. } | WriteOp::Delete { cf, .. } | WriteOp::DeleteRange { cf, .. } => {
-            *cf
+/// Flushes `records` when the writer asks, then publishes the applied indexes the flush made
+/// durable (everything written before the request is in the flushed memtable).
+struct Flusher {
+    db: Arc<DB>,
+    requests: Receiver<HashMap<LogId, u64>>,
+    durable_applied: DurableApplied,
+    metrics: Arc<Metrics>,
+}
+
+impl Flusher {
+    fn run(self) {
+        while let Ok(applied) = self.requests.recv() {
+            let started = Instant::now();
+            let flushed = cf_handle(&self.db, Cf::Records).and_then(|cf| {
+                self.db
+                    .flush_cf(cf)
+                    .map_err(|e| StorageError::rocks("flush", e))
+            });
+            match flushed {
+                Ok(()) => {
+                    self.metrics
+                        .storage_flush_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    if let Ok(mut map) = self.durable_applied.lock() {
+                        for (log, index) in applied {
+                            raise(&mut map, log, index);
+                        }
+                    }
+                }
+                // Nothing becomes durable: Raft logs stay uncompacted, which is safe; RocksDB
+                // fails later writes if its background error persists.
+                Err(e) => tracing::error!(error = %e, "flushing records failed"),
+            }
         }
     }
+}
+
+fn raise(map: &mut HashMap<LogId, u64>, log: LogId, index: u64) {
+    let entry = map.entry(log).or_insert(index);
+    *entry = (*entry).max(index);
+}
+
+/// Move log states from the `log_state` column family (where versions before replayable writes
+/// kept them) to `records`, in one synced write. A no-op on a data dir already migrated.
+fn migrate_log_states(db: &DB) -> Result<(), StorageError> {
+    let (old, records) = (cf_handle(db, Cf::LogState)?, cf_handle(db, Cf::Records)?);
+    let mut batch = WriteBatch::default();
+    for item in db.iterator_cf(old, IteratorMode::Start) {
+        let (key, value) = item.map_err(|e| StorageError::rocks("iterate", e))?;
+        batch.put_cf(records, &key, &value);
+        batch.delete_cf(old, &key);
+    }
+    if batch.is_empty() {
+        return Ok(());
+    }
+    tracing::info!(logs = batch.len() / 2, "moving log states into records");
+    let mut sync = WriteOptions::default();
+    sync.set_sync(true);
+    db.write_opt(batch, &sync)
+        .map_err(|e| StorageError::rocks("write", e))
 }
 
 #[cfg(test)]
@@ -746,11 +1151,7 @@ mod tests {
                 state.next_offset += 3;
                 state.size_bytes += bytes.len() as u64;
             }
-            ops.push(WriteOp::Put {
-                cf: Cf::LogState,
-                key: log_key(log),
-                value: state.encode(),
-            });
+            ops.push(log_state_op(log, &state));
             storage.write(ops).await.expect("write");
             storage.shutdown();
         }
@@ -799,11 +1200,7 @@ mod tests {
                     key: record_key(log, 0),
                     value: bytes,
                 },
-                WriteOp::Put {
-                    cf: Cf::LogState,
-                    key: log_key(log),
-                    value: wrong.encode(),
-                },
+                log_state_op(log, &wrong),
             ])
             .await
             .expect("write");
@@ -843,5 +1240,173 @@ mod tests {
             storage.submit(Vec::new()),
             Err(StorageError::ShutDown)
         ));
+    }
+
+    fn replayable_batch(log: LogId, state: &mut LogState, bytes: usize) -> Replayable {
+        let value = vec![b'x'; bytes];
+        let records = vec![NewRecord {
+            key: None,
+            value: Some(Bytes::from(value)),
+        }];
+        let batch = batch::encode(state.next_offset, 1, &records).expect("encode");
+        let key = record_key(log, state.next_offset);
+        state.next_offset += 1;
+        state.size_bytes += batch.len() as u64;
+        state.applied_index += 1;
+        Replayable {
+            log,
+            applied_index: state.applied_index,
+            ops: vec![
+                WriteOp::Put {
+                    cf: Cf::Records,
+                    key,
+                    value: batch,
+                },
+                log_state_op(log, state),
+            ],
+        }
+    }
+
+    #[actix_rt::test]
+    async fn replayable_writes_are_readable_at_once_and_durable_after_a_flush() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let metrics = Arc::new(Metrics::new());
+        let storage = Storage::open(dir.path(), metrics.clone()).expect("open");
+        let log = LogId {
+            topic_id: 4,
+            partition: 2,
+        };
+        let mut state = LogState::default();
+        storage
+            .submit_replayable(Vec::new(), false, replayable_batch(log, &mut state, 100))
+            .expect("submit")
+            .await
+            .expect("waiter")
+            .expect("written");
+        assert_eq!(storage.recover_log(log).expect("readable").next_offset, 1);
+        assert_eq!(
+            storage.durable_applied(log),
+            0,
+            "nothing is flushed yet, so nothing may be compacted"
+        );
+        assert_eq!(
+            metrics.storage_fsync_seconds.get_sample_count(),
+            0,
+            "a replayable write is not fsync'd"
+        );
+        // Past `flush_bytes` the writer asks for a flush; the flusher then publishes the index.
+        let writes = FLUSH_BYTES / (1 << 20) + 1;
+        for _ in 0..writes {
+            storage
+                .submit_replayable(
+                    Vec::new(),
+                    false,
+                    replayable_batch(log, &mut state, 1 << 20),
+                )
+                .expect("submit")
+                .await
+                .expect("waiter")
+                .expect("written");
+        }
+        // The flush was asked for after the write that crossed 16 MiB, the last but one.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while storage.durable_applied(log) < state.applied_index - 1 {
+            assert!(
+                Instant::now() < deadline,
+                "no flush made the applies durable"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(metrics.storage_flush_seconds.get_sample_count() >= 1);
+        storage.shutdown();
+        drop(storage);
+        // Shutdown flushes the rest: the whole log is back after a reopen.
+        let storage = open(dir.path());
+        let recovered = storage.recover_log(log).expect("recover");
+        assert_eq!(recovered, state);
+        storage.shutdown();
+    }
+
+    #[test]
+    fn a_group_never_mixes_logged_record_writes_with_replayable_ones() {
+        let log = LogId {
+            topic_id: 1,
+            partition: 0,
+        };
+        let write = |logged: Vec<WriteOp>, replayable: Option<Replayable>| Command::Write {
+            logged,
+            sync: true,
+            replayable,
+            done: oneshot::channel().0,
+        };
+        let raft_op = WriteOp::Put {
+            cf: Cf::RaftLog,
+            key: vec![1],
+            value: Bytes::new(),
+        };
+        let records_op = WriteOp::Put {
+            cf: Cf::Records,
+            key: vec![2],
+            value: Bytes::new(),
+        };
+        let replay = || {
+            Some(Replayable {
+                log,
+                applied_index: 1,
+                ops: vec![records_op.clone()],
+            })
+        };
+        let snapshot_install = write(vec![raft_op.clone(), records_op.clone()], None);
+        let apply = write(vec![raft_op.clone()], replay());
+        let raft_only = write(vec![raft_op.clone()], None);
+
+        let with_apply = Group {
+            replays: true,
+            ..Group::default()
+        };
+        assert!(with_apply.admits(&apply));
+        assert!(with_apply.admits(&raft_only));
+        assert!(!with_apply.admits(&snapshot_install));
+        let with_install = Group {
+            logs_records: true,
+            ..Group::default()
+        };
+        assert!(!with_install.admits(&apply));
+        assert!(with_install.admits(&raft_only));
+        assert!(with_install.admits(&snapshot_install));
+    }
+
+    #[test]
+    fn log_states_move_from_their_old_column_family_at_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = LogId {
+            topic_id: 9,
+            partition: 0,
+        };
+        let mut state = LogState::default();
+        let replayable = replayable_batch(log, &mut state, 10);
+        {
+            // The layout before: the batch in `records`, the state in `log_state`.
+            let storage = open(dir.path());
+            let db = &storage.inner.db;
+            let WriteOp::Put { key, value, .. } = &replayable.ops[0] else {
+                panic!("a put")
+            };
+            db.put_cf(cf_handle(db, Cf::Records).expect("cf"), key, value)
+                .expect("put");
+            db.put_cf(
+                cf_handle(db, Cf::LogState).expect("cf"),
+                log_key(log),
+                state.encode(),
+            )
+            .expect("put");
+            storage.shutdown();
+        }
+        let storage = open(dir.path());
+        assert_eq!(storage.recover_log(log).expect("recover"), state);
+        let db = &storage.inner.db;
+        let old = cf_handle(db, Cf::LogState).expect("cf");
+        assert!(db.iterator_cf(old, IteratorMode::Start).next().is_none());
+        storage.shutdown();
     }
 }

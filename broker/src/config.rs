@@ -37,6 +37,12 @@ pub struct Config {
     /// Most Raft entries a leader keeps for a slow or dead follower; one further behind is
     /// brought up to date by snapshot.
     pub raft_log_keep_entries_max: u64,
+    /// Applied records are written without RocksDB's WAL (Raft's log has them) and made
+    /// durable by a flush after this many bytes of them…
+    pub records_flush_bytes: usize,
+    /// …or this long after the first unflushed one. Raft logs are compacted only up to what a
+    /// flush holds.
+    pub records_flush_interval_ms: u64,
     /// HTTP worker threads; 0 means one per core.
     pub http_workers: usize,
     /// Largest request body accepted; larger ones get 413 before being read whole.
@@ -73,6 +79,8 @@ impl Default for Config {
             raft_tick_ms: 30,
             raft_log_keep_entries: 200,
             raft_log_keep_entries_max: 50_000,
+            records_flush_bytes: 16 * 1024 * 1024,
+            records_flush_interval_ms: 5_000,
             http_workers: 0,
             request_body_bytes_max: 16 * 1024 * 1024,
             produce_records_max: 10_000,
@@ -141,6 +149,16 @@ impl Config {
         }
         at_least("raft_tick_ms", self.raft_tick_ms, 5)?;
         at_least("raft_log_keep_entries", self.raft_log_keep_entries, 10)?;
+        at_least(
+            "records_flush_bytes",
+            self.records_flush_bytes as u64,
+            64 * 1024,
+        )?;
+        at_least(
+            "records_flush_interval_ms",
+            self.records_flush_interval_ms,
+            10,
+        )?;
         if self.raft_log_keep_entries_max < self.raft_log_keep_entries {
             return Err(format!(
                 "raft_log_keep_entries_max ({}) must be at least raft_log_keep_entries ({})",
@@ -249,6 +267,8 @@ mod tests {
             ),
             ("raft_tick_ms = 1", "raft_tick_ms"),
             ("raft_log_keep_entries = 0", "raft_log_keep_entries"),
+            ("records_flush_interval_ms = 0", "records_flush_interval_ms"),
+            ("records_flush_bytes = 1000", "records_flush_bytes"),
             (
                 "raft_log_keep_entries = 100\nraft_log_keep_entries_max = 50",
                 "raft_log_keep_entries_max",

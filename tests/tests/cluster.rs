@@ -191,12 +191,15 @@ fn metric(broker: &pubg1_tests::BrokerProcess, sample: &str) -> anyhow::Result<f
 
 #[test]
 fn a_follower_behind_the_leaders_compacted_log_catches_up_by_snapshot() -> anyhow::Result<()> {
-    // Leaders keep at most 200 Raft entries for a dead follower (the default is 50,000).
+    // Leaders keep at most 200 Raft entries for a dead follower (the default is 50,000), and
+    // flush applied records every 50 ms (default 5 s or 16 MiB): a log is compacted only as far
+    // as a flush holds its applies.
     let mut cluster = TestCluster::start_with_env(
         3,
         &[
             ("PUBG1_RAFT_LOG_KEEP_ENTRIES", "20"),
             ("PUBG1_RAFT_LOG_KEEP_ENTRIES_MAX", "200"),
+            ("PUBG1_RECORDS_FLUSH_INTERVAL_MS", "50"),
         ],
     )?;
     create_replicated(&cluster, "behind", 1)?;
@@ -258,6 +261,12 @@ fn kill_9_of_every_broker_loses_nothing_acknowledged() -> anyhow::Result<()> {
         batch: 25,
     };
     let acked = publish_all(cluster.broker(1), &spec)?;
+    // Applied records reach RocksDB without its WAL and become durable at a flush (16 MiB or
+    // 5 s): none has happened, so what comes back after kill -9 comes from the Raft logs.
+    for broker in &cluster.brokers {
+        let flushes = metric(broker, "pubg1_storage_flush_seconds_count")?;
+        assert_eq!(flushes, 0.0, "broker at {} flushed already", broker.http);
+    }
     for broker in &mut cluster.brokers {
         broker.kill9();
     }
