@@ -931,8 +931,9 @@ impl GroupCommitWriter {
                 synced,
             )
             .and_then(|()| {
-                // After the logged part: the Raft entries and hard state these applies need
-                // are durable before any flush can hold the applies.
+                // After the logged part. The entries these applies come from were fsync'd by an
+                // earlier Ready (raft-rs hands out only persisted entries to apply); a commit
+                // index written unsynced here may be lost, and restore raises it to `applied`.
                 if group.replayable.is_empty() || !self.healthy.load(Ordering::Acquire) {
                     return Ok(());
                 }
