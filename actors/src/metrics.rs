@@ -29,6 +29,8 @@ pub struct Metrics {
     pub storage_group_commit_writes: Histogram,
     pub storage_group_commit_bytes: Histogram,
     pub storage_write_errors_total: IntCounter,
+    /// Bytes of written WAL pages evicted from the page cache (see `storage::WalPages`).
+    pub storage_wal_evicted_bytes_total: IntCounter,
     pub partition_high_watermark: IntGaugeVec,
     pub partition_log_start_offset: IntGaugeVec,
     pub partition_log_size_bytes: IntGaugeVec,
@@ -156,6 +158,11 @@ impl Metrics {
                 "Durable writes that failed; any makes the storage fail closed.",
             )
             .expect("valid metric"),
+            storage_wal_evicted_bytes_total: IntCounter::new(
+                "pubg1_storage_wal_evicted_bytes_total",
+                "Bytes of fsync'd write-ahead log evicted from the page cache.",
+            )
+            .expect("valid metric"),
             partition_high_watermark: gauge_vec(
                 "pubg1_partition_high_watermark",
                 "Offset after the last durable record.",
@@ -260,6 +267,7 @@ impl Metrics {
             Box::new(self.storage_group_commit_writes.clone()),
             Box::new(self.storage_group_commit_bytes.clone()),
             Box::new(self.storage_write_errors_total.clone()),
+            Box::new(self.storage_wal_evicted_bytes_total.clone()),
             Box::new(self.partition_high_watermark.clone()),
             Box::new(self.partition_log_start_offset.clone()),
             Box::new(self.partition_log_size_bytes.clone()),

@@ -33,7 +33,9 @@
 //!   replication, consumer groups, stream jobs and idempotent producers.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::ffi::OsString;
+use std::num::NonZeroU64;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -394,6 +396,7 @@ impl Storage {
             unflushed: HashMap::new(),
             unflushed_bytes: 0,
             unflushed_since: None,
+            wal_pages: WalPages::new(dir.to_path_buf()),
         };
         let spawn = |name: &str, run: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
@@ -782,6 +785,7 @@ struct GroupCommitWriter {
     unflushed: HashMap<LogId, u64>,
     unflushed_bytes: usize,
     unflushed_since: Option<Instant>,
+    wal_pages: WalPages,
 }
 
 /// One group commit being assembled.
@@ -954,7 +958,7 @@ impl GroupCommitWriter {
     }
 
     fn write(
-        &self,
+        &mut self,
         batch: WriteBatch,
         bytes: usize,
         writes: usize,
@@ -979,6 +983,10 @@ impl GroupCommitWriter {
             self.metrics
                 .storage_group_commit_bytes
                 .observe(bytes as f64);
+            if written.is_ok() {
+                let evicted = self.wal_pages.written(bytes);
+                self.metrics.storage_wal_evicted_bytes_total.inc_by(evicted);
+            }
         }
         written.map_err(|e| self.fail(e))
     }
@@ -1077,6 +1085,84 @@ fn migrate_log_states(db: &DB) -> Result<(), StorageError> {
         .map_err(|e| StorageError::rocks("write", e))
 }
 
+/// Evicts the write-ahead log's written pages from the page cache, a few MiB at a time.
+///
+/// The WAL is read back only when RocksDB opens after a crash, yet every byte of it (the Raft
+/// log of every replica here) would otherwise stay cached: the page cache keeps growing, pushes
+/// out the records consumers read, and each new page is fresh memory, which in a VM whose host
+/// reclaims free guest memory (free page reporting, as in Firecracker) makes the kernel's copy
+/// into it several times slower. Measured on such a 2-core VM: that copy fell from 21% to 4% of
+/// the CPU of a 3-broker RF=3 run, and throughput rose 8–10%. RocksDB has no option for this
+/// (its WAL is always buffered I/O), so the writer thread, which makes every WAL write, advises
+/// the kernel with `posix_fadvise(DONTNEED)` after synced writes. Only whole pages below each
+/// file's end are advised; the partly written last page stays cached, so the next append does
+/// not have to read it back from disk.
+struct WalPages {
+    dir: PathBuf,
+    /// Bytes written (synced) since the last pass.
+    since: usize,
+    /// Per WAL file, the offset up to which it was advised.
+    advised: HashMap<OsString, u64>,
+}
+
+impl WalPages {
+    /// A pass every this many bytes written: a directory listing and a few syscalls.
+    const EVERY_BYTES: usize = 4 << 20;
+    const PAGE_BYTES: u64 = 4096;
+
+    fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            since: 0,
+            advised: HashMap::new(),
+        }
+    }
+
+    /// `bytes` were just written and synced; returns the bytes advised away by this call.
+    fn written(&mut self, bytes: usize) -> u64 {
+        self.since += bytes;
+        if self.since < Self::EVERY_BYTES {
+            return 0;
+        }
+        self.since = 0;
+        self.advise()
+    }
+
+    /// Advise every WAL file's whole pages not advised before; forget files that are gone.
+    fn advise(&mut self) -> u64 {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        let mut advised = HashMap::new();
+        let mut total = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if !name.to_string_lossy().ends_with(".log") {
+                continue;
+            }
+            let Ok(file) = std::fs::File::open(entry.path()) else {
+                continue;
+            };
+            let Ok(meta) = file.metadata() else {
+                continue;
+            };
+            let end = meta.len() / Self::PAGE_BYTES * Self::PAGE_BYTES;
+            let from = self.advised.get(&name).copied().unwrap_or(0).min(end);
+            if let Some(length) = NonZeroU64::new(end - from) {
+                // Advice only: failing it changes nothing but what stays cached.
+                if rustix::fs::fadvise(&file, from, Some(length), rustix::fs::Advice::DontNeed)
+                    .is_ok()
+                {
+                    total += length.get();
+                }
+            }
+            advised.insert(name, end);
+        }
+        self.advised = advised;
+        total
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1084,6 +1170,76 @@ mod tests {
 
     fn open(dir: &Path) -> Storage {
         Storage::open(dir, Arc::new(Metrics::new())).expect("open")
+    }
+
+    #[test]
+    fn wal_pages_advises_whole_written_pages_once_and_keeps_the_data() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wal = dir.path().join("000012.log");
+        let other = dir.path().join("000013.sst");
+        let mut bytes: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&wal, &bytes).expect("write wal");
+        std::fs::write(&other, [7u8; 9000]).expect("write other");
+        let mut pages = WalPages::new(dir.path().to_path_buf());
+        assert_eq!(pages.written(WalPages::EVERY_BYTES - 1), 0, "not due yet");
+        // Due: the two whole pages of the 10,000-byte WAL, not its tail, not the .sst.
+        assert_eq!(pages.written(1), 8192);
+        assert_eq!(pages.advise(), 0, "nothing new");
+        let more = [9u8; 5000];
+        {
+            use std::io::Write;
+            let mut file = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&wal)
+                .expect("open wal");
+            file.write_all(&more).expect("append");
+            file.sync_all().expect("sync");
+        }
+        bytes.extend_from_slice(&more);
+        // 15,000 bytes: pages 3 (bytes 8192..12288) is whole now; the tail is not.
+        assert_eq!(pages.advise(), 4096);
+        assert_eq!(
+            std::fs::read(&wal).expect("read back"),
+            bytes,
+            "advice drops no data"
+        );
+        std::fs::remove_file(&wal).expect("remove");
+        assert_eq!(pages.advise(), 0);
+        assert!(pages.advised.is_empty(), "deleted files are forgotten");
+    }
+
+    #[actix_rt::test]
+    async fn the_writer_evicts_the_wal_it_syncs_and_the_data_reads_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage_metrics = Arc::new(Metrics::new());
+        let storage = Storage::open(dir.path(), storage_metrics.clone()).expect("open");
+        let value = vec![5u8; 64 * 1024];
+        let writes = WalPages::EVERY_BYTES / value.len() + 2;
+        for i in 0..writes as u64 {
+            storage
+                .write(vec![WriteOp::Put {
+                    cf: Cf::Metadata,
+                    key: i.to_be_bytes().to_vec(),
+                    value: Bytes::from(value.clone()),
+                }])
+                .await
+                .expect("write");
+        }
+        // The writer made the passes: at least the bytes of all but the last pass's tail.
+        let evicted = storage_metrics.storage_wal_evicted_bytes_total.get();
+        assert!(
+            evicted >= (WalPages::EVERY_BYTES - 4096) as u64,
+            "evicted {evicted} bytes"
+        );
+        storage.shutdown();
+        drop(storage);
+        let storage = open(dir.path());
+        let db = &storage.inner.db;
+        let cf = cf_handle(db, Cf::Metadata).expect("cf");
+        for i in 0..writes as u64 {
+            let read = db.get_cf(cf, i.to_be_bytes()).expect("get");
+            assert_eq!(read.as_deref(), Some(&value[..]), "key {i}");
+        }
     }
 
     #[test]
