@@ -6,17 +6,24 @@
 //! connection's frames are decoded and each message goes to the local replica of its group
 //! through the [`Registry`]. Frames are rmp-serde envelopes; Raft messages inside them keep
 //! raft-rs's own protobuf encoding.
+//!
+//! Entries are the bulk of the bytes, so neither side copies them more than it must: a batch is
+//! encoded into one reused buffer and written with one call, and a received message is parsed
+//! from the frame's own buffer, so its entries' data are slices of it, not copies.
 
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::time::Duration;
 
 use actix::prelude::*;
-use futures::{SinkExt, StreamExt};
+use bytes::Bytes;
+use futures::StreamExt;
 use protobuf::Message as _;
 use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -30,18 +37,23 @@ use crate::transport::{
 pub const FRAME_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Raft messages packed into one frame at most.
 const FRAME_MESSAGES_MAX: usize = 4096;
+/// A frame of Raft messages is closed once its messages add up to this many bytes.
+const FRAME_RAFT_BYTES: usize = 8 * 1024 * 1024;
+/// The reused send buffers are shrunk back to this when a large batch grew them past it.
+const SEND_BUFFER_KEEP_BYTES: usize = 4 * 1024 * 1024;
 const RECONNECT_DELAY_INITIAL: Duration = Duration::from_millis(20);
 const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(1);
 
-/// What travels between brokers.
+/// What travels between brokers. Decoded borrowing from the received frame.
 #[derive(Debug, Serialize, Deserialize)]
-enum Frame {
+enum Frame<'a> {
     /// First frame on a connection: who is calling, and where its HTTP API is.
     Hello { from: u64, http: String },
     /// Raft messages, each for one group, in raft-rs's protobuf encoding (as MessagePack
     /// binary: a `Vec<u8>` would be an array of numbers, a byte at a time both ways).
     Raft {
-        messages: Vec<(LogId, bytes::Bytes)>,
+        #[serde(borrow)]
+        messages: Vec<(LogId, &'a serde_bytes::Bytes)>,
     },
     /// A follower installing a snapshot asks for records.
     Fetch(SnapshotFetch),
@@ -49,6 +61,81 @@ enum Frame {
     Chunk(SnapshotChunk),
     /// A partition leader's view of its partition, for brokers that are not its leader.
     Status(PartitionStatus),
+}
+
+/// Append `frame` to `out` the way [`LengthDelimitedCodec`] reads it: a 4-byte big-endian
+/// length, then the MessagePack envelope. A frame that cannot be encoded or is over
+/// [`FRAME_BYTES_MAX`] is left out (logged): the peer would refuse it and drop the connection.
+fn put_frame(out: &mut Vec<u8>, frame: &Frame<'_>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    let encoded = rmp_serde::encode::write(out, frame);
+    let length = out.len() - start - 4;
+    match (encoded, u32::try_from(length)) {
+        (Ok(()), Ok(prefix)) if length <= FRAME_BYTES_MAX => {
+            out[start..start + 4].copy_from_slice(&prefix.to_be_bytes());
+        }
+        (result, _) => {
+            out.truncate(start);
+            tracing::warn!(length, error = ?result.err(), "peer frame not sent (unencodable or too large)");
+        }
+    }
+}
+
+/// Raft messages being gathered into frames: their protobuf encodings, back to back in one
+/// reused buffer.
+#[derive(Default)]
+struct RaftBatch {
+    encoded: Vec<u8>,
+    messages: Vec<(LogId, Range<usize>)>,
+}
+
+impl RaftBatch {
+    fn push(&mut self, group: LogId, message: &raft::prelude::Message) {
+        let start = self.encoded.len();
+        match message.write_to_vec(&mut self.encoded) {
+            Ok(()) => self.messages.push((group, start..self.encoded.len())),
+            Err(e) => {
+                self.encoded.truncate(start);
+                tracing::warn!(error = %e, "raft message not encodable; dropped");
+            }
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.encoded.len()
+    }
+
+    /// Append the gathered messages to `out` as one frame and start over.
+    fn put_frame(&mut self, out: &mut Vec<u8>) {
+        if self.messages.is_empty() {
+            return;
+        }
+        let messages = self
+            .messages
+            .iter()
+            .map(|(group, range)| {
+                (
+                    *group,
+                    serde_bytes::Bytes::new(&self.encoded[range.clone()]),
+                )
+            })
+            .collect();
+        put_frame(out, &Frame::Raft { messages });
+        self.encoded.clear();
+        self.messages.clear();
+    }
+}
+
+/// A slice of `frame` (which `part` must borrow from) sharing its buffer; a copy otherwise.
+fn share(frame: &Bytes, part: &[u8]) -> Bytes {
+    let inside = frame.as_ptr_range();
+    let range = part.as_ptr_range();
+    if inside.start <= range.start && range.end <= inside.end {
+        frame.slice_ref(part)
+    } else {
+        Bytes::copy_from_slice(part)
+    }
 }
 
 fn codec() -> LengthDelimitedCodec {
@@ -99,10 +186,15 @@ impl Actor for PeerLink {
                 .http_of(self.cluster.self_id)
                 .unwrap_or_default(),
         };
-        let Ok(hello) = rmp_serde::to_vec(&hello) else {
-            return;
-        };
-        let task = run_outbound(self.peer, self.address, hello, queue, self.metrics.clone());
+        let mut encoded = Vec::new();
+        put_frame(&mut encoded, &hello);
+        let task = run_outbound(
+            self.peer,
+            self.address,
+            encoded,
+            queue,
+            self.metrics.clone(),
+        );
         ctx.spawn(actix::fut::wrap_future(task));
     }
 }
@@ -116,14 +208,16 @@ async fn run_outbound(
 ) {
     let mut delay = RECONNECT_DELAY_INITIAL;
     let label = peer.to_string();
+    let mut raft = RaftBatch::default();
+    let mut out = Vec::new();
     loop {
         // Whatever queued while the peer was unreachable is stale (old appends, heartbeats of
         // past terms): drop it rather than flood the peer when it comes back. Raft retransmits.
         while queue.try_recv().is_ok() {}
-        let mut framed = match TcpStream::connect(address).await {
+        let mut stream = match TcpStream::connect(address).await {
             Ok(stream) => {
                 let _ = stream.set_nodelay(true);
-                Framed::new(stream, codec())
+                stream
             }
             Err(_) => {
                 tokio::time::sleep(delay).await;
@@ -131,11 +225,7 @@ async fn run_outbound(
                 continue;
             }
         };
-        if framed
-            .send(bytes::Bytes::from(hello.clone()))
-            .await
-            .is_err()
-        {
+        if stream.write_all(&hello).await.is_err() {
             continue;
         }
         metrics
@@ -148,46 +238,39 @@ async fn run_outbound(
             let Some(first) = queue.recv().await else {
                 return;
             };
-            let mut batch = vec![first];
-            while batch.len() < FRAME_MESSAGES_MAX {
-                match queue.try_recv() {
-                    Ok(next) => batch.push(next),
-                    Err(_) => break,
+            let mut next = Some(first);
+            let mut taken = 0;
+            // Raft messages of every group go out together (in frames of at most
+            // FRAME_RAFT_BYTES); snapshot traffic and status as frames of their own.
+            while let Some(item) = next.take() {
+                taken += 1;
+                match item {
+                    Outbound::Raft { group, message } => {
+                        raft.push(group, &message);
+                        if raft.bytes() >= FRAME_RAFT_BYTES {
+                            raft.put_frame(&mut out);
+                        }
+                    }
+                    Outbound::Fetch(fetch) => put_frame(&mut out, &Frame::Fetch(fetch)),
+                    Outbound::Chunk(chunk) => put_frame(&mut out, &Frame::Chunk(chunk)),
+                    Outbound::Status(status) => put_frame(&mut out, &Frame::Status(status)),
+                }
+                if taken < FRAME_MESSAGES_MAX {
+                    next = queue.try_recv().ok();
                 }
             }
+            raft.put_frame(&mut out);
             metrics
                 .peer_queue_depth
                 .with_label_values(&[label.as_str()])
                 .set(queue.len() as i64);
-            // Raft messages of every group go out as one frame; snapshot traffic as its own.
-            let mut frames = Vec::new();
-            let mut messages = Vec::new();
-            for item in batch {
-                match item {
-                    Outbound::Raft { group, message } => {
-                        if let Ok(bytes) = message.write_to_bytes() {
-                            messages.push((group, bytes::Bytes::from(bytes)));
-                        }
-                    }
-                    Outbound::Fetch(fetch) => frames.push(Frame::Fetch(fetch)),
-                    Outbound::Chunk(chunk) => frames.push(Frame::Chunk(chunk)),
-                    Outbound::Status(status) => frames.push(Frame::Status(status)),
-                }
+            let written = stream.write_all(&out).await;
+            out.clear();
+            if out.capacity() > SEND_BUFFER_KEEP_BYTES {
+                out.shrink_to(SEND_BUFFER_KEEP_BYTES);
+                raft.encoded.shrink_to(SEND_BUFFER_KEEP_BYTES);
             }
-            if !messages.is_empty() {
-                frames.insert(0, Frame::Raft { messages });
-            }
-            let mut lost = false;
-            for frame in frames {
-                let Ok(frame) = rmp_serde::to_vec(&frame) else {
-                    continue;
-                };
-                if framed.feed(bytes::Bytes::from(frame)).await.is_err() {
-                    lost = true;
-                    break;
-                }
-            }
-            if lost || SinkExt::<bytes::Bytes>::flush(&mut framed).await.is_err() {
+            if written.is_err() {
                 tracing::warn!(peer, %address, "peer link lost; reconnecting");
                 break;
             }
@@ -217,21 +300,24 @@ pub async fn listen(
 }
 
 async fn serve_inbound(stream: TcpStream, registry: Registry, cluster: Cluster) {
-    let mut framed = Framed::new(stream, codec());
+    let mut frames = FramedRead::new(stream, codec());
     let mut peer = None;
-    while let Some(Ok(bytes)) = framed.next().await {
+    while let Some(Ok(frame)) = frames.next().await {
         if let Some(id) = peer {
             cluster.heard_from(id);
         }
-        match rmp_serde::from_slice::<Frame>(&bytes) {
+        let frame = frame.freeze();
+        match rmp_serde::from_slice::<Frame<'_>>(&frame) {
             Ok(Frame::Hello { from, http }) => {
                 peer = Some(from);
                 cluster.heard_from(from);
                 cluster.set_http(from, http);
             }
             Ok(Frame::Raft { messages }) => {
-                for (group, bytes) in messages {
-                    let Ok(message) = raft::prelude::Message::parse_from_bytes(&bytes) else {
+                for (group, encoded) in messages {
+                    let encoded = share(&frame, encoded);
+                    let Ok(message) = raft::prelude::Message::parse_from_carllerche_bytes(&encoded)
+                    else {
                         continue;
                     };
                     deliver(&registry, group, message);
@@ -273,5 +359,169 @@ fn deliver(registry: &Registry, group: LogId, message: raft::prelude::Message) {
         }
     } else if let Some(addr) = registry.partition_by_log(group).and_then(|p| p.addr()) {
         addr.do_send(RaftInbound(message));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BytesMut;
+    use raft::prelude::{Entry, Message, MessageType};
+    use tokio_util::codec::Decoder;
+
+    fn append(to: u64, index: u64, data: Vec<u8>) -> Message {
+        let mut entry = Entry::default();
+        entry.set_index(index);
+        entry.set_term(3);
+        entry.set_data(Bytes::from(data));
+        let mut message = Message::default();
+        message.set_msg_type(MessageType::MsgAppend);
+        message.set_to(to);
+        message.set_term(3);
+        message.mut_entries().push(entry);
+        message
+    }
+
+    /// What a peer's `serve_inbound` reads from a stream of `out`'s bytes.
+    fn read_frames(out: &[u8]) -> Vec<Bytes> {
+        let mut codec = codec();
+        let mut buffer = BytesMut::from(out);
+        let mut frames = Vec::new();
+        while let Some(frame) = codec.decode(&mut buffer).expect("decodes") {
+            frames.push(frame.freeze());
+        }
+        assert!(buffer.is_empty(), "no partial frame left over");
+        frames
+    }
+
+    #[test]
+    fn raft_batches_arrive_whole_and_entries_share_the_received_frame() {
+        let partition = LogId {
+            topic_id: 7,
+            partition: 2,
+        };
+        let first = append(2, 10, vec![0xAB; 3000]);
+        let second = append(2, 11, (0..=255).collect());
+        let mut raft = RaftBatch::default();
+        let mut out = Vec::new();
+        raft.push(partition, &first);
+        raft.push(METADATA_GROUP, &second);
+        raft.put_frame(&mut out);
+        put_frame(
+            &mut out,
+            &Frame::Hello {
+                from: 3,
+                http: "127.0.0.1:8083".into(),
+            },
+        );
+        assert!(
+            raft.messages.is_empty() && raft.encoded.is_empty(),
+            "batch starts over"
+        );
+
+        let frames = read_frames(&out);
+        assert_eq!(frames.len(), 2);
+        let Ok(Frame::Raft { messages }) = rmp_serde::from_slice::<Frame<'_>>(&frames[0]) else {
+            panic!("first frame is the raft batch");
+        };
+        let decoded: Vec<(LogId, Message)> = messages
+            .into_iter()
+            .map(|(group, encoded)| {
+                let shared = share(&frames[0], encoded);
+                let message = Message::parse_from_carllerche_bytes(&shared).expect("parses");
+                (group, message)
+            })
+            .collect();
+        assert_eq!(
+            decoded,
+            vec![(partition, first), (METADATA_GROUP, second)],
+            "same groups, same messages, same order"
+        );
+        let frame = frames[0].as_ptr_range();
+        for (_, message) in &decoded {
+            let data = message.get_entries()[0].get_data().as_ptr_range();
+            assert!(
+                frame.start <= data.start && data.end <= frame.end,
+                "entry data is a slice of the received frame, not a copy"
+            );
+        }
+        match rmp_serde::from_slice::<Frame<'_>>(&frames[1]) {
+            Ok(Frame::Hello { from, http }) => {
+                assert_eq!((from, http.as_str()), (3, "127.0.0.1:8083"))
+            }
+            other => panic!("second frame is the hello: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_large_batch_is_cut_into_frames_of_bounded_size() {
+        let mut raft = RaftBatch::default();
+        let mut out = Vec::new();
+        let entry_bytes = 1024 * 1024;
+        let count = FRAME_RAFT_BYTES / entry_bytes * 2 + 1;
+        for index in 0..count as u64 {
+            raft.push(
+                METADATA_GROUP,
+                &append(2, index, vec![index as u8; entry_bytes]),
+            );
+            if raft.bytes() >= FRAME_RAFT_BYTES {
+                raft.put_frame(&mut out);
+            }
+        }
+        raft.put_frame(&mut out);
+        let frames = read_frames(&out);
+        assert!(frames.len() >= 3, "{} frames", frames.len());
+        let mut indexes = Vec::new();
+        for frame in &frames {
+            assert!(frame.len() <= FRAME_RAFT_BYTES + entry_bytes + 4096);
+            let Ok(Frame::Raft { messages }) = rmp_serde::from_slice::<Frame<'_>>(frame) else {
+                panic!("raft frame");
+            };
+            for (_, encoded) in messages {
+                let message = Message::parse_from_bytes(encoded).expect("parses");
+                let entry = &message.get_entries()[0];
+                assert_eq!(entry.get_data().len(), entry_bytes);
+                assert!(entry
+                    .get_data()
+                    .iter()
+                    .all(|&b| b == entry.get_index() as u8));
+                indexes.push(entry.get_index());
+            }
+        }
+        assert_eq!(
+            indexes,
+            (0..count as u64).collect::<Vec<_>>(),
+            "all, in order"
+        );
+    }
+
+    #[test]
+    fn a_frame_over_the_limit_is_left_out_not_sent_broken() {
+        let mut out = Vec::new();
+        put_frame(
+            &mut out,
+            &Frame::Hello {
+                from: 1,
+                http: "x".repeat(FRAME_BYTES_MAX + 1),
+            },
+        );
+        assert!(out.is_empty());
+        put_frame(
+            &mut out,
+            &Frame::Hello {
+                from: 1,
+                http: "ok".into(),
+            },
+        );
+        assert_eq!(read_frames(&out).len(), 1);
+    }
+
+    #[test]
+    fn share_copies_what_is_not_inside_the_frame() {
+        let frame = Bytes::from_static(b"abcdef");
+        let inside = share(&frame, &frame[1..3]);
+        assert_eq!(inside.as_ptr(), frame[1..].as_ptr());
+        let elsewhere = [1u8, 2, 3];
+        assert_eq!(&share(&frame, &elsewhere)[..], &elsewhere);
     }
 }
