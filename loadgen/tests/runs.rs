@@ -2,10 +2,18 @@
 //! kills, restarts and pauses them, and verifies what survived. (Build the broker first:
 //! `cargo build --release --workspace --bins`, as `scripts/test` does.)
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::Command;
 
 use serde_json::Value;
+
+/// This package's directory. Read when the test runs (cargo sets it), not baked in at compile
+/// time: a target directory shared by checkouts at different paths would point at another one.
+fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
+}
 
 /// Run loadgen with `args` into a temp dir: exit code, stdout, result.json, report.html.
 fn loadgen(args: &[&str]) -> (i32, String, Value, String, tempfile::TempDir) {
@@ -69,7 +77,7 @@ fn a_short_demo_kills_restarts_and_pauses_brokers_and_loses_nothing() {
 
 #[test]
 fn an_isolated_leader_steps_down_the_majority_keeps_accepting_and_all_converges() {
-    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/partition.toml");
+    let scenario = manifest_dir().join("scenarios/partition.toml");
     let scenario = scenario.to_string_lossy().into_owned();
     let (code, stdout, result, _report, _dir) = loadgen(&["run", "--scenario", &scenario]);
     assert_eq!(code, 0, "{stdout}");
@@ -94,7 +102,7 @@ fn an_isolated_leader_steps_down_the_majority_keeps_accepting_and_all_converges(
 
 #[test]
 fn deleting_the_topic_mid_run_is_reported_as_loss_with_a_failing_exit() {
-    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/delete-topic.toml");
+    let scenario = manifest_dir().join("scenarios/delete-topic.toml");
     let scenario = scenario.to_string_lossy().into_owned();
     let (code, stdout, result, _report, _dir) = loadgen(&["run", "--scenario", &scenario]);
     assert_eq!(code, 1, "{stdout}");

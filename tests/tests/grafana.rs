@@ -2,7 +2,7 @@
 //! every PromQL expression the dashboards use must return data, and the dashboard JSON and its
 //! provisioning must fit together.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -11,8 +11,13 @@ use pubg1_tests::workload::Load;
 use pubg1_tests::{free_port, wait_until, Client};
 use serde_json::{json, Value};
 
+/// The repository root. `CARGO_MANIFEST_DIR` is read when the test runs (cargo sets it), not
+/// baked in at compile time: a target directory shared by checkouts at different paths would
+/// point at another one.
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
         .parent()
         .expect("repo root")
         .to_owned()
