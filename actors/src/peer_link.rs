@@ -1,8 +1,9 @@
 //! `PeerLink`: the one TCP connection from this broker to another, and the listener for theirs.
 //!
 //! Outbound, each link drains its broker's queue from [`Transport`], batching every queued Raft
-//! message (of any partition) into one length-delimited frame per flush; on any error it
-//! reconnects with backoff and drops the batch in hand (Raft retransmits). Inbound, each accepted
+//! message (of any partition) into length-delimited frames of up to 8 MiB, sent with one write
+//! per batch; on any error it reconnects with backoff and drops the batch in hand (Raft
+//! retransmits). Inbound, each accepted
 //! connection's frames are decoded and each message goes to the local replica of its group
 //! through the [`Registry`]. Frames are rmp-serde envelopes; Raft messages inside them keep
 //! raft-rs's own protobuf encoding.
