@@ -92,7 +92,9 @@ struct RaftBatch {
 }
 
 impl RaftBatch {
-    fn push(&mut self, group: LogId, message: &raft::prelude::Message) {
+    /// Add `message`; once the gathered messages reach [`FRAME_RAFT_BYTES`], they go to `out` as
+    /// one frame.
+    fn push(&mut self, group: LogId, message: &raft::prelude::Message, out: &mut Vec<u8>) {
         let start = self.encoded.len();
         match message.write_to_vec(&mut self.encoded) {
             Ok(()) => self.messages.push((group, start..self.encoded.len())),
@@ -101,10 +103,9 @@ impl RaftBatch {
                 tracing::warn!(error = %e, "raft message not encodable; dropped");
             }
         }
-    }
-
-    fn bytes(&self) -> usize {
-        self.encoded.len()
+        if self.encoded.len() >= FRAME_RAFT_BYTES {
+            self.put_frame(out);
+        }
     }
 
     /// Append the gathered messages to `out` as one frame and start over.
@@ -246,12 +247,7 @@ async fn run_outbound(
             while let Some(item) = next.take() {
                 taken += 1;
                 match item {
-                    Outbound::Raft { group, message } => {
-                        raft.push(group, &message);
-                        if raft.bytes() >= FRAME_RAFT_BYTES {
-                            raft.put_frame(&mut out);
-                        }
-                    }
+                    Outbound::Raft { group, message } => raft.push(group, &message, &mut out),
                     Outbound::Fetch(fetch) => put_frame(&mut out, &Frame::Fetch(fetch)),
                     Outbound::Chunk(chunk) => put_frame(&mut out, &Frame::Chunk(chunk)),
                     Outbound::Status(status) => put_frame(&mut out, &Frame::Status(status)),
@@ -405,8 +401,8 @@ mod tests {
         let second = append(2, 11, (0..=255).collect());
         let mut raft = RaftBatch::default();
         let mut out = Vec::new();
-        raft.push(partition, &first);
-        raft.push(METADATA_GROUP, &second);
+        raft.push(partition, &first, &mut out);
+        raft.push(METADATA_GROUP, &second, &mut out);
         raft.put_frame(&mut out);
         put_frame(
             &mut out,
@@ -461,13 +457,8 @@ mod tests {
         let entry_bytes = 1024 * 1024;
         let count = FRAME_RAFT_BYTES / entry_bytes * 2 + 1;
         for index in 0..count as u64 {
-            raft.push(
-                METADATA_GROUP,
-                &append(2, index, vec![index as u8; entry_bytes]),
-            );
-            if raft.bytes() >= FRAME_RAFT_BYTES {
-                raft.put_frame(&mut out);
-            }
+            let message = append(2, index, vec![index as u8; entry_bytes]);
+            raft.push(METADATA_GROUP, &message, &mut out);
         }
         raft.put_frame(&mut out);
         let frames = read_frames(&out);
