@@ -75,9 +75,8 @@ impl BrokerSupervisor {
         metrics: Arc<Metrics>,
         settings: ReplicaSettings,
         registry: Registry,
-        threads: usize,
+        arbiters: Vec<Arbiter>,
     ) -> Self {
-        let arbiters = (0..threads.max(1)).map(|_| Arbiter::new()).collect();
         Self {
             storage,
             metrics,

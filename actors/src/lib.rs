@@ -104,17 +104,27 @@ impl Broker {
         brokers.push(me);
         let cluster = Cluster::new(me, brokers, settings.http_advertised.clone());
         let transport = Transport::default();
+        let arbiters: Vec<Arbiter> = (0..settings.partition_threads.max(1))
+            .map(|_| Arbiter::new())
+            .collect();
+        // Peer links and the peer listener run on the first partition thread: a Raft message
+        // between the socket and its partition then crosses no thread when one thread hosts
+        // the partitions.
+        let peer_thread = arbiters[0].handle();
         for (id, address) in settings.seeds.iter().filter(|(id, _)| *id != me) {
             let queue = transport.register(*id);
-            PeerLink::new(*id, *address, cluster.clone(), metrics.clone(), queue).start();
+            let (id, address, cluster, metrics) = (*id, *address, cluster.clone(), metrics.clone());
+            PeerLink::start_in_arbiter(&peer_thread, move |_| {
+                PeerLink::new(id, address, cluster, metrics, queue)
+            });
         }
         if let Some(address) = settings.peer_listen {
-            peer_link::listen(address, registry.clone(), cluster.clone())
-                .await
-                .map_err(|e| StorageError::Open {
+            peer_link::listen(address, registry.clone(), cluster.clone(), &peer_thread).map_err(
+                |e| StorageError::Open {
                     path: format!("peer listener {address}"),
                     message: e.to_string(),
-                })?;
+                },
+            )?;
         }
         let replica = ReplicaSettings {
             retention_check_interval: settings.retention_check_interval,
@@ -128,7 +138,7 @@ impl Broker {
             metrics.clone(),
             replica,
             registry.clone(),
-            settings.partition_threads,
+            arbiters,
         )
         .start();
         let wiring = MetadataWiring {

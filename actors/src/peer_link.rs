@@ -275,14 +275,24 @@ async fn run_outbound(
     }
 }
 
-/// Accept peer connections on `address` and deliver their Raft messages locally.
-pub async fn listen(
+/// Accept peer connections on `address` (bound here, so a taken port is an error at start) and
+/// deliver their Raft messages locally, on `thread`.
+pub fn listen(
     address: SocketAddr,
     registry: Registry,
     cluster: Cluster,
+    thread: &ArbiterHandle,
 ) -> std::io::Result<()> {
-    let listener = TcpListener::bind(address).await?;
-    actix::spawn(async move {
+    let listener = std::net::TcpListener::bind(address)?;
+    listener.set_nonblocking(true)?;
+    thread.spawn(async move {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::error!(error = %e, "peer listener");
+                return;
+            }
+        };
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
