@@ -86,6 +86,13 @@ impl Default for StorageSettings {
 /// `raft_log`'s memtable: large enough that entries are compacted away (deleted) before it is
 /// flushed, so the Raft log's bytes hardly ever reach an SST.
 const RAFT_LOG_WRITE_BUFFER_BYTES: usize = 128 << 20;
+/// WAL kept before RocksDB flushes the column families that hold its oldest file. The WAL
+/// carries only logged writes (Raft entries and state; applied records skip it), and
+/// `raft_log` flushes every `RAFT_LOG_WRITE_BUFFER_BYTES`; without this bound the little
+/// column families (hard states, catalog) never fill their memtables, pin every WAL file, and
+/// the WAL grows to RocksDB's default of four times all write buffers (2 GB per broker under
+/// load, all of it replayed after a crash).
+const WAL_BYTES_MAX: u64 = 2 * RAFT_LOG_WRITE_BUFFER_BYTES as u64;
 /// Batches at least this big are stored in `records`' blob files rather than in its SSTs.
 const BLOB_BYTES_MIN: u64 = 1024;
 /// Bytes of a key in `records` that holds a batch; a log's state key is its 8-byte prefix.
@@ -352,6 +359,7 @@ impl Storage {
         options.create_missing_column_families(true);
         options.set_max_background_jobs(2);
         options.set_bytes_per_sync(1 << 20);
+        options.set_max_total_wal_size(WAL_BYTES_MAX);
         let families = Cf::ALL.iter().map(|cf| {
             let mut cf_options = Options::default();
             match cf {
@@ -765,6 +773,17 @@ fn cf_handle(db: &DB, cf: Cf) -> Result<&rocksdb::ColumnFamily, StorageError> {
         })
 }
 
+/// Add `op` to `batch`.
+fn put(db: &DB, batch: &mut WriteBatch, op: &WriteOp) -> Result<(), StorageError> {
+    let handle = cf_handle(db, op.cf())?;
+    match op {
+        WriteOp::Put { key, value, .. } => batch.put_cf(handle, key, value),
+        WriteOp::Delete { key, .. } => batch.delete_cf(handle, key),
+        WriteOp::DeleteRange { from, to, .. } => batch.delete_range_cf(handle, from, to),
+    }
+    Ok(())
+}
+
 fn corrupt(log: LogId, error: crate::error::BatchError) -> StorageError {
     StorageError::Corrupt {
         what: format!("log {}/{}", log.topic_id, log.partition),
@@ -799,13 +818,55 @@ struct Group {
     replayable_bytes: usize,
     /// Some write in the group needs its logged part fsync'd.
     sync: bool,
-    logs_records: bool,
     replays: bool,
 }
 
 impl Group {
+    fn with_capacity(size: &BatchSizes) -> Self {
+        Self {
+            logged: WriteBatch::with_capacity_bytes(size.logged),
+            replayable: WriteBatch::with_capacity_bytes(size.replayable),
+            ..Self::default()
+        }
+    }
+}
+
+/// The commands of a group being taken from the queue: their `WriteBatch` bytes and what they
+/// write.
+#[derive(Default)]
+struct BatchSizes {
+    logged: usize,
+    replayable: usize,
+    logs_records: bool,
+    replays: bool,
+}
+
+impl BatchSizes {
+    /// A `WriteBatch`'s header, and the most an op adds besides its key and value (type, column
+    /// family and lengths as varints).
+    const HEADER: usize = 12;
+    const OP_OVERHEAD: usize = 16;
+
+    fn add(&mut self, command: &Command) {
+        self.logs_records |= command.logs_records();
+        self.replays |= command.replays();
+        let Command::Write {
+            logged, replayable, ..
+        } = command
+        else {
+            return;
+        };
+        let sum = |ops: &[WriteOp]| -> usize {
+            ops.iter().map(|op| op.bytes() + Self::OP_OVERHEAD).sum()
+        };
+        self.logged = self.logged.max(Self::HEADER) + sum(logged);
+        if let Some(replayable) = replayable {
+            self.replayable = self.replayable.max(Self::HEADER) + sum(&replayable.ops);
+        }
+    }
+
     fn bytes(&self) -> usize {
-        self.logged_bytes + self.replayable_bytes
+        self.logged + self.replayable
     }
 
     /// Whether `command` may join without reordering it against what is already in the group.
@@ -830,12 +891,18 @@ impl GroupCommitWriter {
                     None => return,
                 },
             };
-            let mut group = Group::default();
-            let mut shutdown = self.add(first, &mut group);
-            while !shutdown && group.bytes() < GROUP_COMMIT_BYTES_MAX {
+            // Take the group's commands first, so its two WriteBatches are allocated at their
+            // final size (grown by doubling, their copying was a third of this thread's).
+            let mut size = BatchSizes::default();
+            size.add(&first);
+            let mut commands = vec![first];
+            while size.bytes() < GROUP_COMMIT_BYTES_MAX
+                && !matches!(commands.last(), Some(Command::Shutdown))
+            {
                 match self.receiver.try_recv() {
-                    Ok(command) if group.admits(&command) => {
-                        shutdown = self.add(command, &mut group)
+                    Ok(command) if size.admits(&command) => {
+                        size.add(&command);
+                        commands.push(command);
                     }
                     Ok(command) => {
                         carried = Some(command);
@@ -843,6 +910,11 @@ impl GroupCommitWriter {
                     }
                     Err(_) => break,
                 }
+            }
+            let mut group = Group::with_capacity(&size);
+            let mut shutdown = false;
+            for command in commands {
+                shutdown |= self.add(command, &mut group);
             }
             let logged = if group.sync { &sync } else { &unsynced };
             self.commit(group, logged, &no_wal);
@@ -876,7 +948,7 @@ impl GroupCommitWriter {
 
     /// Add one command to the group; true if it asks the writer to stop after this group.
     fn add(&self, command: Command, group: &mut Group) -> bool {
-        let (logs_records, replays) = (command.logs_records(), command.replays());
+        let replays = command.replays();
         match command {
             Command::Shutdown => true,
             Command::Write {
@@ -886,7 +958,6 @@ impl GroupCommitWriter {
                 done,
             } => {
                 group.sync |= sync;
-                group.logs_records |= logs_records;
                 group.replays |= replays;
                 for op in &logged {
                     group.logged_bytes += op.bytes();
@@ -910,14 +981,8 @@ impl GroupCommitWriter {
     fn put(&self, batch: &mut WriteBatch, op: &WriteOp) {
         // A missing column family is impossible after open; an op on one would be dropped, so
         // fail the whole group instead.
-        let Ok(handle) = cf_handle(&self.db, op.cf()) else {
+        if put(&self.db, batch, op).is_err() {
             self.healthy.store(false, Ordering::Release);
-            return;
-        };
-        match op {
-            WriteOp::Put { key, value, .. } => batch.put_cf(handle, key, value),
-            WriteOp::Delete { key, .. } => batch.delete_cf(handle, key),
-            WriteOp::DeleteRange { from, to, .. } => batch.delete_range_cf(handle, from, to),
         }
     }
 
@@ -1517,20 +1582,84 @@ mod tests {
         let apply = write(vec![raft_op.clone()], replay());
         let raft_only = write(vec![raft_op.clone()], None);
 
-        let with_apply = Group {
-            replays: true,
-            ..Group::default()
+        let sized = |commands: &[&Command]| {
+            let mut size = BatchSizes::default();
+            commands.iter().for_each(|command| size.add(command));
+            size
         };
+        let with_apply = sized(&[&apply]);
         assert!(with_apply.admits(&apply));
         assert!(with_apply.admits(&raft_only));
         assert!(!with_apply.admits(&snapshot_install));
-        let with_install = Group {
-            logs_records: true,
-            ..Group::default()
-        };
+        let with_install = sized(&[&snapshot_install]);
         assert!(!with_install.admits(&apply));
         assert!(with_install.admits(&raft_only));
         assert!(with_install.admits(&snapshot_install));
+    }
+
+    /// The writer allocates each group's `WriteBatch`es at the size `BatchSizes` computes: it
+    /// must be at least what RocksDB's encoding takes, or the batch grows (and copies) anyway.
+    #[test]
+    fn batch_sizes_are_at_least_the_write_batches_they_size() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = open(dir.path());
+        let db = &storage.inner.db;
+        let log = LogId {
+            topic_id: 1,
+            partition: 0,
+        };
+        let put = |cf, key: Vec<u8>, bytes: usize| WriteOp::Put {
+            cf,
+            key,
+            value: Bytes::from(vec![7; bytes]),
+        };
+        let logged = vec![
+            put(Cf::RaftLog, raft_group::raft_entry_key(log, 7), 300_000),
+            put(Cf::RaftLog, raft_group::raft_entry_key(log, 8), 1),
+            put(Cf::RaftState, vec![1; 40], 0),
+            WriteOp::Delete {
+                cf: Cf::RaftLog,
+                key: vec![2; 16],
+            },
+            WriteOp::DeleteRange {
+                cf: Cf::RaftLog,
+                from: raft_group::raft_entry_key(log, 0),
+                to: raft_group::raft_entry_key(log, 6),
+            },
+        ];
+        let replayable = vec![
+            put(Cf::Records, record_key(log, 0), 70_000),
+            log_state_op(log, &LogState::default()),
+        ];
+        let mut size = BatchSizes::default();
+        let (mut logged_batch, mut replayable_batch) =
+            (WriteBatch::default(), WriteBatch::default());
+        for _ in 0..3 {
+            size.add(&Command::Write {
+                logged: logged.clone(),
+                sync: true,
+                replayable: Some(Replayable {
+                    log,
+                    applied_index: 1,
+                    ops: replayable.clone(),
+                }),
+                done: oneshot::channel().0,
+            });
+            for op in &logged {
+                super::put(db, &mut logged_batch, op).expect("put");
+            }
+            for op in &replayable {
+                super::put(db, &mut replayable_batch, op).expect("put");
+            }
+        }
+        assert!(logged_batch.size_in_bytes() <= size.logged);
+        assert!(replayable_batch.size_in_bytes() <= size.replayable);
+        // And not wildly more: the estimate is for allocation, not a bound found by doubling.
+        assert!(
+            size.bytes()
+                < (logged_batch.size_in_bytes() + replayable_batch.size_in_bytes()) * 11 / 10
+        );
+        storage.shutdown();
     }
 
     #[test]
