@@ -1307,6 +1307,82 @@ mod tests {
         }
     }
 
+    /// A Raft log written and compacted away for well over `WAL_BYTES_MAX`, while a hard state
+    /// written once sits in `raft_state`'s memtable: RocksDB flushes what pins the oldest WAL
+    /// file, so the WAL stays bounded, and the live entries and the hard state read back.
+    #[actix_rt::test]
+    async fn the_wal_stays_bounded_while_a_little_column_family_pins_its_oldest_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = open(dir.path());
+        let log = LogId {
+            topic_id: 3,
+            partition: 1,
+        };
+        let encode = |message: &dyn protobuf::Message| {
+            Bytes::from(message.write_to_bytes().expect("encode"))
+        };
+        let hard_state = raft::prelude::HardState {
+            term: 1,
+            ..Default::default()
+        };
+        let write_hard_state = WriteOp::Put {
+            cf: Cf::RaftState,
+            key: hard_state_key(log),
+            value: encode(&hard_state),
+        };
+        storage.write(vec![write_hard_state]).await.expect("write");
+        let data = Bytes::from(vec![9u8; 1 << 20]);
+        let entries = 5 * WAL_BYTES_MAX / (1 << 20) / 2;
+        for index in 1..=entries {
+            let entry = raft::prelude::Entry {
+                index,
+                term: 1,
+                data: data.clone(),
+                ..Default::default()
+            };
+            let mut ops = vec![WriteOp::Put {
+                cf: Cf::RaftLog,
+                key: raft_entry_key(log, index),
+                value: encode(&entry),
+            }];
+            if index % 16 == 0 {
+                // Compaction, as a partition does once entries are applied and flushed.
+                ops.push(WriteOp::DeleteRange {
+                    cf: Cf::RaftLog,
+                    from: raft_entry_key(log, 0),
+                    to: raft_entry_key(log, index - 8),
+                });
+            }
+            let durable = storage.submit_unsynced(ops).expect("submit");
+            if index % 64 == 0 {
+                durable.await.expect("durable").expect("write");
+            }
+        }
+        storage.barrier().await.expect("barrier");
+        let wal_bytes: u64 = std::fs::read_dir(dir.path())
+            .expect("read dir")
+            .filter_map(|entry| entry.ok())
+            .filter(|entry| entry.path().extension().is_some_and(|ext| ext == "log"))
+            .filter_map(|entry| entry.metadata().ok())
+            .map(|metadata| metadata.len())
+            .sum();
+        let written = entries << 20;
+        assert!(
+            wal_bytes < WAL_BYTES_MAX * 3 / 2,
+            "WAL holds {wal_bytes} bytes after {written} written (bound {WAL_BYTES_MAX})"
+        );
+        storage.shutdown();
+        drop(storage);
+        let storage = open(dir.path());
+        let persisted = storage.load_raft(log).expect("load");
+        let last_compaction = entries / 16 * 16;
+        let first_kept = last_compaction - 8;
+        let indexes: Vec<u64> = persisted.entries.iter().map(|e| e.index).collect();
+        assert_eq!(indexes, (first_kept..=entries).collect::<Vec<_>>());
+        assert!(persisted.entries.iter().all(|e| e.data == data));
+        assert_eq!(persisted.hard_state, hard_state);
+    }
+
     #[test]
     fn topic_range_covers_exactly_one_topic() {
         let (from, to) = topic_key_range(7);
