@@ -818,6 +818,7 @@ struct Group {
     replayable_bytes: usize,
     /// Some write in the group needs its logged part fsync'd.
     sync: bool,
+    /// Some write in the group has a replayable part (from its `BatchSizes`).
     replays: bool,
 }
 
@@ -826,6 +827,7 @@ impl Group {
         Self {
             logged: WriteBatch::with_capacity_bytes(size.logged),
             replayable: WriteBatch::with_capacity_bytes(size.replayable),
+            replays: size.replays,
             ..Self::default()
         }
     }
@@ -948,7 +950,6 @@ impl GroupCommitWriter {
 
     /// Add one command to the group; true if it asks the writer to stop after this group.
     fn add(&self, command: Command, group: &mut Group) -> bool {
-        let replays = command.replays();
         match command {
             Command::Shutdown => true,
             Command::Write {
@@ -958,7 +959,6 @@ impl GroupCommitWriter {
                 done,
             } => {
                 group.sync |= sync;
-                group.replays |= replays;
                 for op in &logged {
                     group.logged_bytes += op.bytes();
                     self.put(&mut group.logged, op);
