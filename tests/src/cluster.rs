@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 
-use crate::{free_port, wait_until, BrokerProcess, Client};
+use crate::{free_port, wait_until, BrokerProcess, Client, StartError};
 
 /// How long a partition may go without an agreed leader before a test fails.
 pub const ELECTION_DEADLINE: Duration = Duration::from_secs(20);
@@ -23,8 +23,21 @@ impl TestCluster {
         Self::start_with_env(n, &[])
     }
 
-    /// [`TestCluster::start`] with extra `PUBG1_*` settings for every broker.
+    /// [`TestCluster::start`] with extra `PUBG1_*` settings for every broker. A broker that finds
+    /// a picked port taken by another process fails the attempt; the cluster is then started
+    /// again from scratch on new ports (twice at most). Any other start-up failure is returned.
     pub fn start_with_env(n: usize, env: &[(&str, &str)]) -> Result<Self> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match Self::start_once(n, env) {
+                Err(e) if StartError::lost_port_race(&e) && attempts < 3 => continue,
+                result => return result,
+            }
+        }
+    }
+
+    fn start_once(n: usize, env: &[(&str, &str)]) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let peers: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_>>()?;
         let seeds: Vec<String> = peers

@@ -11,9 +11,11 @@
 pub mod cluster;
 pub mod workload;
 
+use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -71,12 +73,56 @@ pub fn workspace_binary(name: &str) -> Result<PathBuf> {
     Ok(binary)
 }
 
-/// A port that was free a moment ago. Another process may take it before the broker binds it,
-/// so [`BrokerProcess::start`] retries with a new port when the broker cannot bind.
+/// Ports [`free_port`] has handed out in this process. The kernel may give a closed probe's port
+/// to the next `bind(0)`, so without this two tests starting clusters at once could both be
+/// handed one port, and the second broker to bind it would exit at start-up.
+static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+
+/// A port that was free a moment ago and that no other caller in this process has been given.
+/// Another process may still take it before the broker binds it, so [`BrokerProcess::start`]
+/// retries with a new HTTP port and [`cluster::TestCluster::start`] with new peer ports when a
+/// broker finds its address in use.
 pub fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("binding port 0")?;
-    Ok(listener.local_addr()?.port())
+    let mut handed_out = HANDED_OUT
+        .lock()
+        .map_err(|_| anyhow!("the port registry is poisoned"))?;
+    for _ in 0..1000 {
+        let listener = TcpListener::bind("127.0.0.1:0").context("binding port 0")?;
+        let port = listener.local_addr()?.port();
+        if handed_out.insert(port) {
+            return Ok(port);
+        }
+    }
+    bail!("bind(0) kept returning ports already handed out")
 }
+
+/// Why a broker did not become ready, with the log it wrote since it was spawned.
+#[derive(Debug)]
+pub struct StartError {
+    /// The broker found its HTTP or peer address taken: another process won the race for a
+    /// port [`free_port`] picked, and a retry on new ports is fair. Any other start-up failure is
+    /// a defect and is never retried.
+    pub address_in_use: bool,
+    reason: String,
+    log_tail: String,
+}
+
+impl StartError {
+    /// Whether `error` is a start-up that failed only because a picked port was taken.
+    pub fn lost_port_race(error: &anyhow::Error) -> bool {
+        error
+            .downcast_ref::<Self>()
+            .is_some_and(|e| e.address_in_use)
+    }
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}; broker log tail:\n{}", self.reason, self.log_tail)
+    }
+}
+
+impl std::error::Error for StartError {}
 
 /// One running `pubg1-broker` process.
 #[derive(Debug)]
@@ -86,6 +132,8 @@ pub struct BrokerProcess {
     pub data_dir: PathBuf,
     /// The broker's stderr, appended across restarts, shown when start-up fails.
     log_path: PathBuf,
+    /// Where in the log the current process's output starts.
+    log_start: usize,
     env: Vec<(String, String)>,
     /// Extra command-line arguments (cluster flags), kept for restarts.
     args: Vec<String>,
@@ -107,6 +155,7 @@ impl BrokerProcess {
             http: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: data_dir.to_owned(),
             log_path,
+            log_start: 0,
             env,
             args: Vec::new(),
             paused: false,
@@ -128,6 +177,7 @@ impl BrokerProcess {
             http: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: data_dir.to_owned(),
             log_path: data_dir.with_extension("log"),
+            log_start: 0,
             env: env
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -144,14 +194,14 @@ impl BrokerProcess {
         if self.child.is_some() {
             bail!("broker pid {} is still running", self.pid());
         }
-        let mut last_error = None;
-        for _attempt in 0..3 {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
             match self.spawn_once() {
-                Ok(()) => return Ok(()),
-                Err(e) => last_error = Some(e),
+                Err(e) if StartError::lost_port_race(&e) && attempts < 3 => continue,
+                result => return result,
             }
         }
-        Err(last_error.unwrap_or_else(|| anyhow!("broker did not start")))
     }
 
     fn spawn_once(&mut self) -> Result<()> {
@@ -170,6 +220,7 @@ impl BrokerProcess {
             .create(true)
             .append(true)
             .open(&self.log_path)?;
+        self.log_start = usize::try_from(log.metadata()?.len())?;
         let child = Command::new(broker_binary()?)
             .arg("--data-dir")
             .arg(&self.data_dir)
@@ -178,6 +229,9 @@ impl BrokerProcess {
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", "info")
+            // An error that stops start-up is printed whole, not buried under its backtrace
+            // (panics keep theirs when RUST_BACKTRACE is set).
+            .env("RUST_LIB_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -204,12 +258,15 @@ impl BrokerProcess {
             Ok(()) => Ok(()),
             Err(e) => {
                 self.kill9();
-                let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+                let log = std::fs::read(&self.log_path).unwrap_or_default();
+                let log = String::from_utf8_lossy(log.get(self.log_start..).unwrap_or_default());
                 let tail: Vec<&str> = log.lines().rev().take(20).collect();
-                Err(e.context(format!(
-                    "broker log tail:\n{}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                )))
+                let tail = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
+                Err(anyhow::Error::new(StartError {
+                    address_in_use: tail.contains("Address already in use"),
+                    reason: format!("{e:#}"),
+                    log_tail: tail,
+                }))
             }
         }
     }
