@@ -65,6 +65,19 @@ impl StorageError {
     }
 }
 
+/// Why a broker did not start. Nothing has been written when the peer port is refused: it is
+/// claimed before storage opens.
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("binding the peer (Raft) listener to {address}: {source}")]
+    PeerListener {
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
 /// Why a produce or fetch on one partition did not happen.
 #[derive(Debug, Error, Clone)]
 pub enum PartitionError {

@@ -16,6 +16,7 @@
 //! - [`registry`]: the name → partitions map the HTTP layer reads without messaging actors.
 //! - [`log_reader`]: fetch with long poll, off the write path.
 //! - [`metrics`]: the broker's Prometheus registry.
+//! - [`port`]: listening ports claimed before start-up, listened on once the broker serves.
 //!
 //! [`Broker`] wires them together; the `pubg1-broker` binary adds config and HTTP.
 
@@ -28,6 +29,7 @@ pub mod metrics;
 pub mod partition_replica;
 pub mod partitioner;
 pub mod peer_link;
+pub mod port;
 pub mod raft_driver;
 pub mod raft_group;
 pub mod registry;
@@ -43,11 +45,12 @@ use std::time::Duration;
 use actix::prelude::*;
 
 use crate::broker_supervisor::{BrokerSupervisor, StopAll};
-use crate::error::StorageError;
+use crate::error::{StartError, StorageError};
 use crate::metadata::{CatalogLimits, HostAll, Metadata, MetadataWiring};
 use crate::metrics::Metrics;
 use crate::partition_replica::ReplicaSettings;
 use crate::peer_link::PeerLink;
+use crate::port::ClaimedPort;
 use crate::raft_group::RaftSettings;
 use crate::registry::Registry;
 use crate::storage::{Storage, StorageSettings};
@@ -86,7 +89,19 @@ pub struct Broker {
 
 impl Broker {
     /// Open storage, recover the catalog and host every partition. Call inside an actix System.
-    pub async fn start(settings: BrokerSettings) -> Result<Self, StorageError> {
+    ///
+    /// The peer port is claimed first, so a taken port is refused before anything is opened. A
+    /// failure after storage opened closes it (its threads joined) before returning: a process
+    /// that exits with RocksDB's background work still running can crash on the way out.
+    pub async fn start(settings: BrokerSettings) -> Result<Self, StartError> {
+        let peer_listener = settings
+            .peer_listen
+            .map(|address| {
+                ClaimedPort::claim(address)
+                    .and_then(ClaimedPort::listen)
+                    .map_err(|source| StartError::PeerListener { address, source })
+            })
+            .transpose()?;
         let metrics = Arc::new(Metrics::new());
         std::fs::create_dir_all(&settings.data_dir).map_err(|e| StorageError::Open {
             path: settings.data_dir.display().to_string(),
@@ -97,7 +112,13 @@ impl Broker {
             metrics.clone(),
             settings.storage_settings,
         )?;
-        let catalog = storage.load_catalog()?;
+        let catalog = match storage.load_catalog() {
+            Ok(catalog) => catalog,
+            Err(e) => {
+                storage.shutdown();
+                return Err(e.into());
+            }
+        };
         let registry = Registry::default();
         let me = settings.broker_id;
         let mut brokers: Vec<u64> = settings.seeds.iter().map(|(id, _)| *id).collect();
@@ -118,13 +139,8 @@ impl Broker {
                 PeerLink::new(id, address, cluster, metrics, queue)
             });
         }
-        if let Some(address) = settings.peer_listen {
-            peer_link::listen(address, registry.clone(), cluster.clone(), &peer_thread).map_err(
-                |e| StorageError::Open {
-                    path: format!("peer listener {address}"),
-                    message: e.to_string(),
-                },
-            )?;
+        if let Some(listener) = peer_listener {
+            peer_link::serve(listener, registry.clone(), cluster.clone(), &peer_thread);
         }
         let replica = ReplicaSettings {
             retention_check_interval: settings.retention_check_interval,
@@ -151,18 +167,20 @@ impl Broker {
         };
         let metadata =
             Metadata::new(wiring, settings.limits, settings.raft_settings, catalog).start();
-        metadata
-            .send(HostAll)
-            .await
-            .map_err(|_| StorageError::ShutDown)?;
-        Ok(Self {
+        let hosted = metadata.send(HostAll).await;
+        let broker = Self {
             storage,
             metrics,
             registry,
             metadata,
             supervisor,
             cluster,
-        })
+        };
+        if hosted.is_err() {
+            broker.shutdown().await;
+            return Err(StorageError::ShutDown.into());
+        }
+        Ok(broker)
     }
 
     /// Stop every partition actor (joining their threads, so none is torn down while the

@@ -275,16 +275,14 @@ async fn run_outbound(
     }
 }
 
-/// Accept peer connections on `address` (bound here, so a taken port is an error at start) and
-/// deliver their Raft messages locally, on `thread`.
-pub fn listen(
-    address: SocketAddr,
+/// Accept peer connections on `listener` (non-blocking; see [`crate::port`]) and deliver their
+/// Raft messages locally, on `thread`.
+pub fn serve(
+    listener: std::net::TcpListener,
     registry: Registry,
     cluster: Cluster,
     thread: &ArbiterHandle,
-) -> std::io::Result<()> {
-    let listener = std::net::TcpListener::bind(address)?;
-    listener.set_nonblocking(true)?;
+) {
     thread.spawn(async move {
         let listener = match TcpListener::from_std(listener) {
             Ok(listener) => listener,
@@ -303,7 +301,6 @@ pub fn listen(
             }
         }
     });
-    Ok(())
 }
 
 async fn serve_inbound(stream: TcpStream, registry: Registry, cluster: Cluster) {

@@ -15,6 +15,7 @@ use actix_web::HttpServer;
 use anyhow::Context;
 use clap::Parser;
 use pubg1_actors::metadata::CatalogLimits;
+use pubg1_actors::port::ClaimedPort;
 use pubg1_actors::raft_group::RaftSettings;
 use pubg1_actors::storage::StorageSettings;
 use pubg1_actors::{Broker, BrokerSettings};
@@ -120,21 +121,34 @@ async fn run(config: Config) -> anyhow::Result<()> {
         seeds,
         http_advertised: config.http.to_string(),
     };
+    // Both ports are claimed before storage opens (the peer port inside Broker::start): a taken
+    // port stops start-up with nothing written, and clients are refused until the broker serves.
+    let port = ClaimedPort::claim(config.http)
+        .with_context(|| format!("binding HTTP to {}", config.http))?;
     let broker = Broker::start(settings)
         .await
         .with_context(|| format!("starting broker in {}", config.data_dir.display()))?;
-    let state = http::state(broker.clone(), config.clone());
-    let server = HttpServer::new(move || http::app(state.clone()))
-        .workers(config.http_workers())
-        .shutdown_timeout(10)
-        .bind(config.http)
-        .with_context(|| format!("binding HTTP to {}", config.http))?;
-    let bound: Vec<String> = server.addrs().iter().map(ToString::to_string).collect();
-    tracing::info!(id = config.id, http = ?bound, data_dir = %config.data_dir.display(), "broker started");
-    // actix-web handles SIGTERM/SIGINT: stop accepting, finish in-flight requests, then return.
-    server.run().await.context("HTTP server")?;
+    let served = serve(broker.clone(), &config, port).await;
+    // Also when serving failed: storage closes with its threads joined before the process exits.
     tracing::info!("HTTP stopped; draining writes and closing storage");
     broker.shutdown().await;
     tracing::info!("shutdown complete");
-    Ok(())
+    served
+}
+
+/// Serve HTTP on `port` until SIGTERM/SIGINT (actix-web's handling: stop accepting, finish
+/// in-flight requests, then return).
+async fn serve(broker: Broker, config: &Config, port: ClaimedPort) -> anyhow::Result<()> {
+    let listener = port
+        .listen()
+        .with_context(|| format!("listening on {}", config.http))?;
+    let state = http::state(broker, config.clone());
+    let server = HttpServer::new(move || http::app(state.clone()))
+        .workers(config.http_workers())
+        .shutdown_timeout(10)
+        .listen(listener)
+        .with_context(|| format!("serving HTTP on {}", config.http))?;
+    let bound: Vec<String> = server.addrs().iter().map(ToString::to_string).collect();
+    tracing::info!(id = config.id, http = ?bound, data_dir = %config.data_dir.display(), "broker started");
+    server.run().await.context("HTTP server")
 }
