@@ -157,18 +157,24 @@ fn a_follower_killed_under_load_catches_up_byte_identical() -> anyhow::Result<()
     create_replicated(&cluster, "logs", 3)?;
     let leader = cluster.leader_of("logs", 0)?;
     let follower = (1..=3).find(|id| *id != leader).unwrap_or(1);
-    cluster.broker_mut(follower).kill9();
+    // Publishers go to every broker, so they keep going through the kill (URLs rotate on failure).
     let load = Load::start(urls(cluster.topic_urls("logs")), "f", 4, 20);
+    load.wait_for_more(1_000, "1,000 records with all three")?;
+    cluster.broker_mut(follower).kill9();
     // The follower stays down for 10 s while the two others take real load.
     let killed_at = Instant::now();
+    let before = load.acked();
     wait_until(
         Duration::from_secs(60),
         "10 s and 10,000 records without the follower",
-        || (killed_at.elapsed() >= Duration::from_secs(10) && load.acked() >= 10_000).then_some(()),
+        || {
+            (killed_at.elapsed() >= Duration::from_secs(10) && load.acked() >= before + 10_000)
+                .then_some(())
+        },
     )?;
     eprintln!(
         "follower down 10 s: {} records acknowledged meanwhile",
-        load.acked()
+        load.acked() - before
     );
     cluster.broker_mut(follower).restart()?;
     let acked = load.finish()?;
