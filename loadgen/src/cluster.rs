@@ -2,7 +2,7 @@
 //! its own data dir, killed, paused and resumed by PID. Faults only ever touch these processes.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::http::Http;
+use crate::ports::free_port;
 use crate::proxy::Proxies;
 
 /// How long a broker may take to become ready.
@@ -72,24 +73,6 @@ pub struct Cluster {
     pub isolated: Vec<u32>,
 }
 
-/// Ports held on 127.0.0.1 until dropped, then given to the brokers: while held, the kernel
-/// gives none of them to another `bind(0)` (another probe, a proxy), so the ports are distinct.
-struct Probes(Vec<TcpListener>);
-
-impl Probes {
-    fn hold(n: usize) -> Result<Self> {
-        let probes = (0..n)
-            .map(|_| TcpListener::bind("127.0.0.1:0"))
-            .collect::<std::io::Result<_>>()?;
-        Ok(Self(probes))
-    }
-
-    fn port(&self, i: usize) -> Result<u16> {
-        let probe = self.0.get(i).ok_or_else(|| anyhow!("no probe {i}"))?;
-        Ok(probe.local_addr()?.port())
-    }
-}
-
 /// The `pubg1-broker` next to this executable (cargo builds them into the same directory).
 pub fn default_broker_binary() -> Result<PathBuf> {
     let me = std::env::current_exe()?;
@@ -119,14 +102,12 @@ impl Cluster {
         proxies: bool,
     ) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let probes = Probes::hold(2 * n as usize)?;
         let mut brokers = Vec::new();
         for id in 1..=n {
-            let i = 2 * (id - 1) as usize;
             brokers.push(Broker {
                 id,
-                http_port: probes.port(i)?,
-                peer_port: probes.port(i + 1)?,
+                http_port: free_port()?,
+                peer_port: free_port()?,
                 data_dir: dir.join(format!("broker-{id}")),
                 log_path: dir.join(format!("broker-{id}.log")),
                 child: None,
@@ -157,7 +138,6 @@ impl Cluster {
                 (me.id, list)
             })
             .collect();
-        drop(probes);
         let mut cluster = Self {
             brokers,
             binary: binary.to_owned(),

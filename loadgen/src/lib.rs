@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod http;
+pub mod ports;
 pub mod proxy;
 pub mod report;
 pub mod run;

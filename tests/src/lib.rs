@@ -11,11 +11,9 @@
 pub mod cluster;
 pub mod workload;
 
-use std::collections::BTreeSet;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -73,28 +71,12 @@ pub fn workspace_binary(name: &str) -> Result<PathBuf> {
     Ok(binary)
 }
 
-/// Ports [`free_port`] has handed out in this process. The kernel may give a closed probe's port
-/// to the next `bind(0)`, so without this two tests starting clusters at once could both be
-/// handed one port, and the second broker to bind it would exit at start-up.
-static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
-
-/// A port that was free a moment ago and that no other caller in this process has been given.
-/// Another process may still take it before the broker binds it, so [`BrokerProcess::start`]
-/// retries with a new HTTP port and [`cluster::TestCluster::start`] with new peer ports when a
-/// broker finds its address in use.
-pub fn free_port() -> Result<u16> {
-    let mut handed_out = HANDED_OUT
-        .lock()
-        .map_err(|_| anyhow!("the port registry is poisoned"))?;
-    for _ in 0..1000 {
-        let listener = TcpListener::bind("127.0.0.1:0").context("binding port 0")?;
-        let port = listener.local_addr()?.port();
-        if handed_out.insert(port) {
-            return Ok(port);
-        }
-    }
-    bail!("bind(0) kept returning ports already handed out")
-}
+/// A port on 127.0.0.1 that was free a moment ago, outside the kernel's ephemeral range (so no
+/// `bind(0)` or outgoing connection takes it meanwhile) and never handed out twice by this
+/// process (see `loadgen::ports`). A broker that still finds its port taken fails with
+/// [`StartError::address_in_use`]: [`BrokerProcess::start`] then retries on a new HTTP port and
+/// [`cluster::TestCluster::start`] on new ports altogether.
+pub use loadgen::ports::free_port;
 
 /// Why a broker did not become ready, with the log it wrote since it was spawned.
 #[derive(Debug)]
