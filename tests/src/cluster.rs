@@ -27,14 +27,7 @@ impl TestCluster {
     /// a picked port taken by another process fails the attempt; the cluster is then started
     /// again from scratch on new ports (twice at most). Any other start-up failure is returned.
     pub fn start_with_env(n: usize, env: &[(&str, &str)]) -> Result<Self> {
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            match Self::start_once(n, env) {
-                Err(e) if StartError::lost_port_race(&e) && attempts < 3 => continue,
-                result => return result,
-            }
-        }
+        StartError::retry_port_races(|| Self::start_once(n, env))
     }
 
     fn start_once(n: usize, env: &[(&str, &str)]) -> Result<Self> {

@@ -96,6 +96,19 @@ impl StartError {
             .downcast_ref::<Self>()
             .is_some_and(|e| e.address_in_use)
     }
+
+    /// Run `start` again (three attempts in all) while it fails only because a picked port was
+    /// taken; return anything else it does at once.
+    pub fn retry_port_races<T>(mut start: impl FnMut() -> Result<T>) -> Result<T> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match start() {
+                Err(e) if Self::lost_port_race(&e) && attempts < 3 => continue,
+                result => return result,
+            }
+        }
+    }
 }
 
 impl std::fmt::Display for StartError {
@@ -176,14 +189,7 @@ impl BrokerProcess {
         if self.child.is_some() {
             bail!("broker pid {} is still running", self.pid());
         }
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            match self.spawn_once() {
-                Err(e) if StartError::lost_port_race(&e) && attempts < 3 => continue,
-                result => return result,
-            }
-        }
+        StartError::retry_port_races(|| self.spawn_once())
     }
 
     fn spawn_once(&mut self) -> Result<()> {
