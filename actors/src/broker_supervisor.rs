@@ -18,7 +18,7 @@ use crate::partition_replica::{
     PartitionReplica, PartitionShared, ReplicaSettings, ReplicaStopped, Retire,
 };
 use crate::registry::{Registry, TopicHandle};
-use crate::storage::Storage;
+use crate::storage::{topic_delete_ops, Storage};
 use crate::topic::{LogId, TopicMeta};
 
 /// First restart delay after a crash; doubles per crash within [`CRASH_WINDOW`].
@@ -169,13 +169,12 @@ impl Handler<HostTopic> for BrokerSupervisor {
         let partitions: Vec<Arc<PartitionShared>> = (0..msg.meta.partitions)
             .map(|p| {
                 let replicas = msg.meta.replicas(p, me);
-                let hosted = replicas.contains(&me);
                 Arc::new(PartitionShared::new(
                     name.clone(),
                     p,
                     msg.meta.log_id(p),
                     replicas,
-                    hosted,
+                    me,
                 ))
             })
             .collect();
@@ -194,7 +193,7 @@ impl Handler<RetireTopic> for BrokerSupervisor {
         let Some(handle) = self.registry.remove(&msg.name) else {
             return Box::pin(async {});
         };
-        let metrics = self.metrics.clone();
+        let (metrics, storage) = (self.metrics.clone(), self.storage.clone());
         Box::pin(async move {
             for shared in &handle.partitions {
                 shared.retire();
@@ -204,6 +203,16 @@ impl Handler<RetireTopic> for BrokerSupervisor {
                 }
                 shared.set_addr(None);
                 metrics.forget_partition(&shared.topic, shared.partition);
+            }
+            // The delete's own write removed the topic's keys when it was applied; a replica
+            // that was still writing (a Ready in flight, a tick) wrote some back. Every replica
+            // has stopped now: once their last writes are in, remove the topic's keys again.
+            let cleanup = async {
+                storage.barrier().await?;
+                storage.write(topic_delete_ops(handle.meta.topic_id)).await
+            };
+            if let Err(e) = cleanup.await {
+                tracing::warn!(topic = %handle.meta.name, error = %e, "cleaning up a deleted topic's keys failed");
             }
         })
     }

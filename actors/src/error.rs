@@ -91,8 +91,6 @@ pub enum PartitionError {
     Restarting { topic: String, partition: u32 },
     #[error("partition {partition} of topic '{topic}' was deleted")]
     Deleted { topic: String, partition: u32 },
-    /// No leader is known (an election is in progress), or leadership moved while the append
-    /// was in flight: it may or may not be committed.
     /// This broker holds no replica of the partition; the replicas are on `replicas`.
     #[error("partition {partition} of topic '{topic}' is not replicated on this broker; its replicas are on brokers {replicas:?}")]
     NotReplica {
@@ -100,8 +98,25 @@ pub enum PartitionError {
         partition: u32,
         replicas: Vec<u64>,
     },
-    #[error("partition {partition} of topic '{topic}' has no leader right now; retry")]
+    /// No leader is known (an election is in progress): nothing was written.
+    #[error("partition {partition} of topic '{topic}' has no leader right now; nothing was written; retry")]
     NoLeader { topic: String, partition: u32 },
+    /// Back-pressure: the broker or the partition's leader has too much in flight; nothing was
+    /// written.
+    #[error("partition {partition} of topic '{topic}' is overloaded ({reason}); nothing was written; retry shortly")]
+    Overloaded {
+        topic: String,
+        partition: u32,
+        reason: String,
+    },
+    /// Leadership moved and the log position the append had was committed with another entry:
+    /// it is certainly not in the log.
+    #[error("partition {partition} of topic '{topic}' changed leader before the append committed; it was not written; retry")]
+    NotWritten { topic: String, partition: u32 },
+    /// Leadership moved (or the replica restarted) while the append was in flight: it may or
+    /// may not be in the log.
+    #[error("partition {partition} of topic '{topic}' changed leader while the append was in flight; it may or may not have been written")]
+    OutcomeUnknown { topic: String, partition: u32 },
     #[error("partition {partition} of topic '{topic}' did not commit the append within {waited_ms} ms; it may still be committed")]
     Timeout {
         topic: String,
@@ -118,7 +133,12 @@ impl PartitionError {
     /// Whether the same request may succeed if the client retries it later.
     pub fn is_retriable(&self) -> bool {
         match self {
-            Self::Restarting { .. } | Self::NoLeader { .. } | Self::Timeout { .. } => true,
+            Self::Restarting { .. }
+            | Self::NoLeader { .. }
+            | Self::Overloaded { .. }
+            | Self::NotWritten { .. }
+            | Self::OutcomeUnknown { .. }
+            | Self::Timeout { .. } => true,
             Self::Storage(StorageError::QueueFull { .. }) => true,
             Self::Storage(_)
             | Self::Batch(_)
@@ -147,6 +167,10 @@ pub enum TopicError {
     #[error("broker is shutting down")]
     ShuttingDown,
     /// The metadata group has no leader (an election, or too few brokers up): retry.
-    #[error("the cluster's metadata group has no leader right now; retry")]
+    #[error("the cluster's metadata group has no leader right now; nothing was changed; retry")]
     NoLeader,
+    /// The metadata group's leadership moved (or this broker's metadata actor restarted) while
+    /// the request was in flight: it may or may not have been applied.
+    #[error("the cluster's metadata group changed leader while the request was in flight; it may or may not have been applied; check and retry")]
+    OutcomeUnknown,
 }

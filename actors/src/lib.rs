@@ -30,6 +30,7 @@ pub mod partition_replica;
 pub mod partitioner;
 pub mod peer_link;
 pub mod port;
+pub mod proposals;
 pub mod raft_driver;
 pub mod raft_group;
 pub mod registry;
@@ -140,7 +141,13 @@ impl Broker {
             });
         }
         if let Some(listener) = peer_listener {
-            peer_link::serve(listener, registry.clone(), cluster.clone(), &peer_thread);
+            peer_link::serve(
+                listener,
+                registry.clone(),
+                cluster.clone(),
+                metrics.clone(),
+                &peer_thread,
+            );
         }
         let replica = ReplicaSettings {
             retention_check_interval: settings.retention_check_interval,
@@ -165,8 +172,12 @@ impl Broker {
             transport,
             metrics: metrics.clone(),
         };
-        let metadata =
-            Metadata::new(wiring, settings.limits, settings.raft_settings, catalog).start();
+        // Supervised: a crashed metadata actor starts again, from the durable catalog, at the
+        // same address.
+        let (limits, raft_settings) = (settings.limits, settings.raft_settings);
+        let metadata = actix::Supervisor::start(move |_| {
+            Metadata::new(wiring, limits, raft_settings, catalog)
+        });
         let hosted = metadata.send(HostAll).await;
         let broker = Self {
             storage,
@@ -199,3 +210,5 @@ impl Broker {
 
 #[cfg(test)]
 mod component_tests;
+#[cfg(test)]
+mod fault_tests;

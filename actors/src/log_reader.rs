@@ -20,7 +20,8 @@ pub struct FetchRequest {
     pub records_max: usize,
     /// Soft cap on key + value bytes returned; at least one record is returned if any exists.
     pub bytes_max: usize,
-    /// How long to wait for data when `offset` is the high watermark.
+    /// How long to wait for data when `offset` is at (or, on a lagging replica, past) the high
+    /// watermark.
     pub wait: Duration,
 }
 
@@ -48,15 +49,24 @@ pub async fn fetch(
     request: FetchRequest,
 ) -> Result<Fetched, PartitionError> {
     let offset = request.offset;
-    if offset < partition.log_start_offset() || offset > partition.high_watermark() {
+    if offset < partition.log_start_offset() {
         return Err(out_of_range(offset, partition));
     }
-    if offset == partition.high_watermark() && !request.wait.is_zero() {
+    // Past this replica's end: the leader knows the log's end; a lagging replica waits (a
+    // consumer at the tail, or one that just moved here from another replica) and answers
+    // "out of range" only for an offset past the log as the leader reported it.
+    if offset > partition.high_watermark() && partition.is_led_here() {
+        return Err(out_of_range(offset, partition));
+    }
+    if offset >= partition.high_watermark() && !request.wait.is_zero() {
         let mut watermark = partition.subscribe_high_watermark();
         // Timing out is the normal end of a long poll with nothing new.
         let _ = tokio::time::timeout(request.wait, watermark.wait_for(|hw| *hw > offset)).await;
     }
     let high_watermark = partition.high_watermark();
+    if offset > high_watermark && offset > partition.known_log_end() {
+        return Err(out_of_range(offset, partition));
+    }
     let mut records = Vec::new();
     let mut bytes = 0usize;
     if offset < high_watermark {
@@ -87,11 +97,22 @@ pub async fn fetch(
     if offset < partition.log_start_offset() {
         return Err(out_of_range(offset, partition));
     }
-    // Invariant pair to the append path: what we return is dense from the requested offset.
-    debug_assert!(records
+    // Invariant pair to the append path: what we return is dense from the requested offset. A
+    // hole here would hand a consumer a silent gap, so it is checked in release builds too.
+    if let Some((i, record)) = records
         .iter()
         .enumerate()
-        .all(|(i, r)| r.offset == offset + i as u64));
+        .find(|(i, r)| r.offset != offset + *i as u64)
+    {
+        return Err(PartitionError::Storage(StorageError::Corrupt {
+            what: format!("log of {}/{}", partition.topic, partition.partition),
+            message: format!(
+                "offset {} is missing: the read from {offset} found offset {} in its place",
+                offset + i as u64,
+                record.offset
+            ),
+        }));
+    }
     let topic = [partition.topic.as_ref()];
     metrics
         .fetch_records_total

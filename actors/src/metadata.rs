@@ -10,7 +10,7 @@
 //! Validation happens twice on purpose: at proposal, for a fast clear error, and at apply, where
 //! it is authoritative (two brokers may propose the same name; the second to commit fails).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,12 +23,13 @@ use crate::broker_supervisor::{BrokerSupervisor, HostTopic, RetireTopic};
 use crate::error::{StorageError, TopicError};
 use crate::metrics::Metrics;
 use crate::partition_replica::now_ms;
+use crate::proposals::{Proposals, Unanswered};
 use crate::raft_driver::{self, Driver, RaftDriven};
 use crate::raft_group::{RaftGroup, RaftSettings};
 use crate::registry::Registry;
 use crate::storage::{
-    topic_key_range, topic_meta_key, Catalog, Cf, Storage, WriteOp, METADATA_APPLIED_KEY,
-    NEXT_TOPIC_ID_KEY,
+    topic_delete_ops, topic_meta_key, Catalog, Cf, Storage, WriteOp, METADATA_APPLIED_KEY,
+    NEXT_TOPIC_ID_KEY, TOPIC_META_PREFIX,
 };
 use crate::topic::{validate_name, LogId, TopicConfigs, TopicMeta};
 use crate::transport::{Cluster, RaftInbound, Transport, METADATA_GROUP};
@@ -121,11 +122,17 @@ pub struct Metadata {
     /// The id the next created topic gets; ids are never reused (ids start at 1, 0 = metadata).
     next_topic_id: u32,
     applied_index: u64,
+    /// Term of the last entry applied since the last [`Metadata::announce`].
+    applied_term: Option<u64>,
+    /// Hosting and retiring a snapshot install calls for, done once it is durable.
+    installed_effects: Vec<Done>,
     raft: Option<RaftGroup>,
     driver: Driver,
-    pending: HashMap<u64, (Reply, std::time::Instant)>,
-    nonce: u64,
-    next_proposal: u64,
+    /// Admin requests proposed here, waiting to be answered.
+    proposals: Proposals<Reply>,
+    /// Set when a panic stopped this actor: its supervisor starts it again, and `started` then
+    /// reloads the catalog from storage (memory may be half-changed).
+    crashed: bool,
 }
 
 /// The broker-wide handles the metadata actor works with.
@@ -163,7 +170,6 @@ impl Metadata {
             storage,
             supervisor,
             registry,
-            nonce: now_ms() as u64 ^ (cluster.self_id << 56),
             cluster,
             transport,
             metrics,
@@ -172,11 +178,92 @@ impl Metadata {
             topics,
             next_topic_id: catalog.next_topic_id.max(1),
             applied_index: catalog.applied_index,
+            applied_term: None,
+            installed_effects: Vec::new(),
             raft: None,
             driver: Driver::default(),
-            pending: HashMap::new(),
-            next_proposal: 0,
+            proposals: Proposals::new(),
+            crashed: false,
         }
+    }
+
+    /// Replace the catalog with the leader's at Raft index `index`; returns the writes that
+    /// make it durable and queues the hosting and retiring it implies.
+    fn install_catalog(&mut self, snapshot: CatalogSnapshot, index: u64) -> Vec<WriteOp> {
+        let mut ops = vec![WriteOp::DeleteRange {
+            cf: Cf::Metadata,
+            from: TOPIC_META_PREFIX.to_vec(),
+            to: prefix_end(TOPIC_META_PREFIX),
+        }];
+        let incoming: BTreeMap<String, Arc<TopicMeta>> = snapshot
+            .topics
+            .into_iter()
+            .map(|t| (t.name.clone(), Arc::new(t)))
+            .collect();
+        for (name, old) in &self.topics {
+            if incoming
+                .get(name)
+                .is_none_or(|new| new.topic_id != old.topic_id)
+            {
+                ops.extend(topic_delete_ops(old.topic_id));
+                self.installed_effects.push((
+                    None,
+                    Ok(Outcome::Deleted),
+                    Effect::Retire(name.clone()),
+                ));
+            }
+        }
+        for (name, new) in &incoming {
+            ops.push(WriteOp::Put {
+                cf: Cf::Metadata,
+                key: topic_meta_key(name),
+                value: Bytes::from(encode_meta(new)),
+            });
+            if self
+                .topics
+                .get(name)
+                .is_none_or(|old| old.topic_id != new.topic_id)
+            {
+                let effect = Effect::Host(new.clone());
+                self.installed_effects
+                    .push((None, Ok(Outcome::Created(new.clone())), effect));
+            }
+        }
+        // Entries up to `index` were not applied one by one here: a waiting request may be
+        // among them or not.
+        for pending in self.proposals.skip_to(index) {
+            let _ = pending.waiter.send(Err(TopicError::OutcomeUnknown));
+        }
+        tracing::info!(
+            index,
+            topics = incoming.len(),
+            "metadata snapshot installed"
+        );
+        self.topics = incoming;
+        self.next_topic_id = snapshot.next_topic_id.max(self.next_topic_id);
+        self.applied_index = index;
+        ops.push(WriteOp::Put {
+            cf: Cf::Metadata,
+            key: NEXT_TOPIC_ID_KEY.to_vec(),
+            value: Bytes::copy_from_slice(&self.next_topic_id.to_be_bytes()),
+        });
+        ops.push(WriteOp::Put {
+            cf: Cf::Metadata,
+            key: METADATA_APPLIED_KEY.to_vec(),
+            value: Bytes::copy_from_slice(&index.to_be_bytes()),
+        });
+        ops
+    }
+
+    /// Take `catalog` as the applied state (at start, and after a crash).
+    fn adopt_catalog(&mut self, catalog: Catalog) {
+        self.topics = catalog
+            .topics
+            .into_iter()
+            .map(|t| (t.name.clone(), Arc::new(t)))
+            .collect();
+        self.next_topic_id = catalog.next_topic_id.max(1);
+        self.applied_index = catalog.applied_index;
     }
 
     fn validate(&self, msg: &CreateTopic) -> Result<TopicConfigs, TopicError> {
@@ -245,16 +332,15 @@ impl Metadata {
             let _ = reply.send(Err(TopicError::NoLeader));
             return receiver;
         };
-        let id = self.next_proposal;
-        let mut context = self.nonce.to_be_bytes().to_vec();
-        context.extend_from_slice(&id.to_be_bytes());
+        let (id, context) = self.proposals.next_context();
         if raft.propose(context, data).is_err() {
             let _ = reply.send(Err(TopicError::NoLeader));
             return receiver;
         }
-        self.next_proposal += 1;
-        self.pending.insert(id, (reply, std::time::Instant::now()));
-        raft_driver::drive(self, ctx);
+        let appended_at = raft.is_leader().then(|| raft.last_index());
+        let term = raft.term();
+        self.proposals.insert(id, reply, appended_at, term);
+        raft_driver::guarded(self, ctx, raft_driver::drive);
         receiver
     }
 
@@ -265,17 +351,18 @@ impl Metadata {
         let Some(last) = entries.last().map(|e| e.index) else {
             return (ops, results);
         };
+        self.applied_term = entries.last().map(|e| e.term);
         for entry in entries {
             if entry.data.is_empty() {
                 continue;
             }
-            let own = own_proposal(self.nonce, &entry.context);
+            let own = self.proposals.own(&entry.context);
+            // Every broker proposes commands it encoded itself: one that does not decode is a
+            // bug or corruption, and skipping it would fork the catalogs. Stop (restarted from
+            // the durable catalog).
             let command: Command = match rmp_serde::from_slice(&entry.data) {
                 Ok(command) => command,
-                Err(e) => {
-                    tracing::error!(index = entry.index, error = %e, "undecodable metadata command; skipped");
-                    continue;
-                }
+                Err(e) => panic!("metadata entry {} does not decode: {e}", entry.index),
             };
             let (result, effect) = self.apply_one(command, &mut ops);
             results.push((own, result, effect));
@@ -319,9 +406,7 @@ impl Metadata {
                     assignment,
                 });
                 self.next_topic_id += 1;
-                let Ok(encoded) = rmp_serde::to_vec_named(meta.as_ref()) else {
-                    return (Err(TopicError::ShuttingDown), Effect::Nothing);
-                };
+                let encoded = encode_meta(&meta);
                 ops.push(WriteOp::Put {
                     cf: Cf::Metadata,
                     key: topic_meta_key(&meta.name),
@@ -344,14 +429,7 @@ impl Metadata {
                     cf: Cf::Metadata,
                     key: topic_meta_key(&name),
                 });
-                let (from, to) = topic_key_range(meta.topic_id);
-                for cf in [Cf::Records, Cf::LogState, Cf::RaftLog, Cf::RaftState] {
-                    ops.push(WriteOp::DeleteRange {
-                        cf,
-                        from: from.clone(),
-                        to: to.clone(),
-                    });
-                }
+                ops.extend(topic_delete_ops(meta.topic_id));
                 tracing::info!(topic = %name, "topic deleted");
                 (Ok(Outcome::Deleted), Effect::Retire(name))
             }
@@ -362,8 +440,8 @@ impl Metadata {
     fn announce(&mut self, results: Vec<Done>) {
         for (own, result, effect) in results {
             let reply = own
-                .and_then(|id| self.pending.remove(&id))
-                .map(|(reply, _)| reply);
+                .and_then(|id| self.proposals.take(id))
+                .map(|pending| pending.waiter);
             let supervisor = self.supervisor.clone();
             // Host (or retire) before answering, so the client's next request sees the change.
             actix::spawn(async move {
@@ -381,13 +459,21 @@ impl Metadata {
                 }
             });
         }
+        let term = std::mem::take(&mut self.applied_term);
+        for (pending, how) in self.proposals.settle(self.applied_index, term) {
+            let error = match how {
+                Unanswered::NotWritten => TopicError::NoLeader,
+                Unanswered::Unknown => TopicError::OutcomeUnknown,
+            };
+            let _ = pending.waiter.send(Err(error));
+        }
     }
 
     /// A durable write failed: storage is failed closed and readiness reports it; fail waiters.
     fn fail(&mut self, error: StorageError) {
         tracing::error!(error = %error, "metadata write failed");
-        for (_, (reply, _)) in self.pending.drain() {
-            let _ = reply.send(Err(TopicError::Storage(error.clone())));
+        for pending in self.proposals.drain() {
+            let _ = pending.waiter.send(Err(TopicError::Storage(error.clone())));
         }
     }
 
@@ -421,23 +507,10 @@ impl Metadata {
     }
 
     fn expire_pending(&mut self) {
-        let expired: Vec<u64> = self
-            .pending
-            .iter()
-            .filter(|(_, (_, at))| at.elapsed() > COMMIT_WAIT)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in expired {
-            if let Some((reply, _)) = self.pending.remove(&id) {
-                let _ = reply.send(Err(TopicError::NoLeader));
-            }
+        for pending in self.proposals.expire(COMMIT_WAIT) {
+            let _ = pending.waiter.send(Err(TopicError::OutcomeUnknown));
         }
     }
-}
-
-fn own_proposal(nonce: u64, context: &[u8]) -> Option<u64> {
-    let (n, id) = context.split_at_checked(8)?;
-    (n == nonce.to_be_bytes()).then(|| u64::from_be_bytes(id.try_into().unwrap_or_default()))
 }
 
 impl RaftDriven for Metadata {
@@ -467,20 +540,15 @@ impl RaftDriven for Metadata {
         self.applied_index
     }
 
-    /// The metadata group never offers snapshots (it sets no snapshot point), so a follower
-    /// catches up from the log; receiving one means a foreign or newer leader: stop.
+    /// A broker further behind than the leader's kept log gets the whole catalog: it replaces
+    /// this broker's, and the topics it adds or drops are hosted or retired once it is durable.
     fn install_snapshot(
         &mut self,
         snapshot: crate::raft_group::SnapshotInstall,
     ) -> ResponseActFuture<Self, Result<Vec<WriteOp>, StorageError>> {
-        let error = StorageError::Corrupt {
-            what: "metadata group".into(),
-            message: format!(
-                "received a snapshot at index {}, which the metadata group never sends",
-                snapshot.index
-            ),
-        };
-        Box::pin(actix::fut::ready(Err(error)))
+        let installed = CatalogSnapshot::decode(&snapshot.data)
+            .map(|catalog| self.install_catalog(catalog, snapshot.index));
+        Box::pin(actix::fut::ready(installed))
     }
 
     fn apply(&mut self, entries: Vec<raft::prelude::Entry>) -> (Vec<WriteOp>, Self::Applied) {
@@ -491,12 +559,88 @@ impl RaftDriven for Metadata {
         self.role_changed();
     }
 
-    fn on_durable(&mut self, applied: Self::Applied) {
+    fn on_durable(&mut self, mut applied: Self::Applied) {
+        applied.append(&mut self.installed_effects);
         self.announce(applied);
+        // The leader offers its catalog as the snapshot for brokers behind its compacted log.
+        let snapshot = CatalogSnapshot {
+            topics: self.topics.values().map(|t| t.as_ref().clone()).collect(),
+            next_topic_id: self.next_topic_id,
+        };
+        let index = self.applied_index;
+        if let Some(raft) = self.raft.as_mut().filter(|raft| raft.is_leader()) {
+            raft.set_snapshot_point(index, snapshot.encode());
+        }
     }
 
     fn on_failure(&mut self, _ctx: &mut Context<Self>, error: StorageError) {
         self.fail(error);
+    }
+
+    fn on_panic(&mut self, ctx: &mut Context<Self>, panic: Box<dyn std::any::Any + Send>) {
+        let message = raft_driver::panic_message(&*panic);
+        tracing::error!(%message, "metadata actor crashed; restarting from the durable catalog");
+        for pending in self.proposals.drain() {
+            let _ = pending.waiter.send(Err(TopicError::OutcomeUnknown));
+        }
+        self.metrics
+            .actor_restarts_total
+            .with_label_values(&["metadata"])
+            .inc();
+        self.crashed = true;
+        ctx.stop();
+    }
+}
+
+/// The metadata group's snapshot: the whole catalog (it is small: topics and their assignment).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CatalogSnapshot {
+    topics: Vec<TopicMeta>,
+    next_topic_id: u32,
+}
+
+impl CatalogSnapshot {
+    fn encode(&self) -> Bytes {
+        match rmp_serde::to_vec_named(self) {
+            Ok(encoded) => Bytes::from(encoded),
+            Err(e) => panic!("encoding the catalog snapshot failed: {e}"),
+        }
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, StorageError> {
+        rmp_serde::from_slice(bytes).map_err(|e| StorageError::Corrupt {
+            what: "metadata snapshot".into(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// The first key after every key starting with `prefix` (its last byte incremented; the
+/// prefixes used here end in an ASCII character).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    end
+}
+
+/// A topic's catalog entry as stored. Encoding plain data cannot fail; persisting something else
+/// would fork the catalogs, so a failure is a bug.
+fn encode_meta(meta: &TopicMeta) -> Vec<u8> {
+    match rmp_serde::to_vec_named(meta) {
+        Ok(encoded) => encoded,
+        Err(e) => panic!("encoding topic {}'s metadata failed: {e}", meta.name),
+    }
+}
+
+/// Started under an actix `Supervisor`: a stopped (crashed) actor is started again with the
+/// same address, so the registry and every sender keep reaching it.
+impl actix::Supervised for Metadata {
+    fn restarting(&mut self, _ctx: &mut Self::Context) {
+        self.raft = None;
+        self.driver = Driver::default();
+        self.proposals = Proposals::new();
     }
 }
 
@@ -506,6 +650,7 @@ impl Actor for Metadata {
     fn started(&mut self, ctx: &mut Self::Context) {
         self.registry.set_metadata(ctx.address().recipient());
         let storage = self.storage.clone();
+        let reload = std::mem::take(&mut self.crashed);
         let (id, voters, applied, timing) = (
             self.cluster.self_id,
             self.cluster.brokers.to_vec(),
@@ -513,37 +658,51 @@ impl Actor for Metadata {
             self.timing,
         );
         let recover = async move {
+            if reload {
+                // Writes the crashed incarnation queued land before the catalog is read back.
+                storage.barrier().await?;
+            }
             tokio::task::spawn_blocking(move || {
+                let catalog = reload.then(|| storage.load_catalog()).transpose()?;
+                let applied = catalog.as_ref().map_or(applied, |c| c.applied_index);
                 let persisted = storage.load_raft(METADATA_GROUP)?;
-                RaftGroup::restore(METADATA_GROUP, id, &voters, persisted, applied, timing).map_err(
-                    |e| StorageError::Corrupt {
-                        what: "metadata raft group".into(),
-                        message: e.to_string(),
-                    },
-                )
+                let raft =
+                    RaftGroup::restore(METADATA_GROUP, id, &voters, persisted, applied, timing)
+                        .map_err(|e| StorageError::Corrupt {
+                            what: "metadata raft group".into(),
+                            message: e.to_string(),
+                        })?;
+                Ok((catalog, raft))
             })
             .await
             .unwrap_or(Err(StorageError::ShutDown))
         };
         ctx.wait(recover.into_actor(self).map(|result, act, ctx| match result {
-            Ok(mut raft) => {
+            Ok((catalog, mut raft)) => {
+                if let Some(catalog) = catalog {
+                    act.adopt_catalog(catalog);
+                }
                 let me = act.cluster.self_id;
                 // The lowest id campaigns at once in a new cluster; a lone broker always does.
-                if (raft.is_fresh() && act.cluster.brokers.first() == Some(&me)) || act.cluster.brokers.as_slice() == [me] {
+                if (raft.is_fresh() && act.cluster.brokers.first() == Some(&me))
+                    || act.cluster.brokers.as_slice() == [me]
+                {
                     raft.campaign();
                 }
                 act.raft = Some(raft);
-                raft_driver::drive(act, ctx);
+                raft_driver::guarded(act, ctx, raft_driver::drive);
             }
             Err(e) => {
                 tracing::error!(error = %e, "metadata recovery failed; the broker stays unready");
             }
         }));
         ctx.run_interval(Duration::from_millis(self.timing.tick_ms), |act, ctx| {
-            if let Some(raft) = act.raft.as_mut() {
-                raft.tick();
-                raft_driver::drive(act, ctx);
-            }
+            raft_driver::guarded(act, ctx, |act, ctx| {
+                if let Some(raft) = act.raft.as_mut() {
+                    raft.tick();
+                    raft_driver::drive(act, ctx);
+                }
+            });
         });
         ctx.run_interval(Duration::from_secs(1), |act, _ctx| act.expire_pending());
     }
@@ -553,10 +712,12 @@ impl Handler<RaftInbound> for Metadata {
     type Result = ();
 
     fn handle(&mut self, msg: RaftInbound, ctx: &mut Self::Context) {
-        if let Some(raft) = self.raft.as_mut() {
-            raft.step(msg.0);
-            raft_driver::drive(self, ctx);
-        }
+        raft_driver::guarded(self, ctx, |act, ctx| {
+            if let Some(raft) = act.raft.as_mut() {
+                raft.step(msg.0);
+                raft_driver::drive(act, ctx);
+            }
+        });
     }
 }
 

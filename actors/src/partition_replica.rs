@@ -15,8 +15,6 @@
 //! storage queue to drain (a barrier) and then recovers its state from RocksDB. Offsets therefore
 //! continue after the last durable batch, with no gap and no reuse.
 
-use std::collections::HashMap;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -27,8 +25,9 @@ use tokio::sync::{oneshot, watch};
 use crate::batch::{self, BatchHeader, NewRecord};
 use crate::error::{PartitionError, StorageError};
 use crate::metrics::Metrics;
+use crate::proposals::{Proposals, Unanswered};
 use crate::raft_driver::{self, Driver, RaftDriven};
-use crate::raft_group::{RaftGroup, RaftSettings, SnapshotInstall};
+use crate::raft_group::{ProposeError, RaftGroup, RaftSettings, SnapshotInstall};
 use crate::snapshot::{Install, SnapshotChunk, SnapshotData, CHUNK_BYTES_MAX};
 use crate::storage::{log_state_op, record_key, Cf, LogState, Replayable, Storage, WriteOp};
 use crate::topic::{LogId, TopicConfigs};
@@ -53,6 +52,10 @@ pub struct PartitionShared {
     /// Offset after the last durable record; consumers read strictly below it. Only grows.
     /// A watch channel so long-polling fetches wake when it moves instead of polling.
     high_watermark: watch::Sender<u64>,
+    /// The highest high watermark the partition's leader reported (or this replica had while
+    /// leading); only grows. A lagging replica answers a fetch below it as a long poll, not as
+    /// out of range.
+    leader_high_watermark: AtomicU64,
     /// First offset still retained; only grows.
     log_start_offset: AtomicU64,
     log_size_bytes: AtomicU64,
@@ -69,22 +72,20 @@ pub struct PartitionShared {
     pub replicas: Vec<u64>,
     /// Whether this broker holds a replica (and so runs an actor for it).
     pub hosted: bool,
+    /// This broker's id.
+    broker_id: u64,
 }
 
 impl PartitionShared {
-    pub fn new(
-        topic: Arc<str>,
-        partition: u32,
-        log: LogId,
-        replicas: Vec<u64>,
-        hosted: bool,
-    ) -> Self {
+    pub fn new(topic: Arc<str>, partition: u32, log: LogId, replicas: Vec<u64>, me: u64) -> Self {
+        let hosted = replicas.contains(&me);
         Self {
             topic,
             partition,
             log,
             addr: Mutex::new(None),
             high_watermark: watch::Sender::new(0),
+            leader_high_watermark: AtomicU64::new(0),
             log_start_offset: AtomicU64::new(0),
             log_size_bytes: AtomicU64::new(0),
             leadership: Mutex::new((0, 0)),
@@ -92,6 +93,7 @@ impl PartitionShared {
             in_sync: Mutex::new(Vec::new()),
             replicas,
             hosted,
+            broker_id: me,
         }
     }
 
@@ -105,6 +107,19 @@ impl PartitionShared {
 
     pub fn log_start_offset(&self) -> u64 {
         self.log_start_offset.load(Ordering::Acquire)
+    }
+
+    /// The end of the partition's committed log as far as this broker knows: its own high
+    /// watermark, or what the leader last reported, whichever is higher.
+    pub fn known_log_end(&self) -> u64 {
+        self.leader_high_watermark
+            .load(Ordering::Acquire)
+            .max(self.high_watermark())
+    }
+
+    /// Whether this broker's replica leads the partition (as it last saw it).
+    pub fn is_led_here(&self) -> bool {
+        self.hosted && self.leader() == self.broker_id
     }
 
     pub fn log_size_bytes(&self) -> u64 {
@@ -129,6 +144,8 @@ impl PartitionShared {
         if status.term < term {
             return;
         }
+        self.leader_high_watermark
+            .fetch_max(status.high_watermark, Ordering::AcqRel);
         if !self.hosted {
             self.set_leadership(status.term, status.leader);
             self.high_watermark.send_if_modified(|hw| {
@@ -279,8 +296,15 @@ struct Installing {
 /// An append waiting for its entry to be committed and applied.
 struct PendingAppend {
     reply: oneshot::Sender<Result<Appended, PartitionError>>,
-    proposed_at: Instant,
     bytes: u64,
+}
+
+/// What an apply hands on to be answered once it is durable.
+pub struct AppliedEntries {
+    /// Appends of this incarnation that the entries committed, by proposal id.
+    completed: Vec<(u64, Appended)>,
+    /// The last applied entry's index and term (None if nothing was applied).
+    last: Option<(u64, u64)>,
 }
 
 pub struct PartitionReplica {
@@ -299,12 +323,8 @@ pub struct PartitionReplica {
     /// `None` until recovered from storage; nothing is proposed or applied before.
     raft: Option<RaftGroup>,
     driver: Driver,
-    was_leader: bool,
-    /// Appends proposed through this replica, by proposal id.
-    pending: HashMap<u64, PendingAppend>,
-    /// Distinguishes this incarnation's proposals from any other's in entry contexts.
-    nonce: u64,
-    next_proposal: u64,
+    /// Appends proposed through this replica, waiting to be answered.
+    proposals: Proposals<PendingAppend>,
     retention_running: bool,
     crashed: bool,
     /// Raft ticks since start; gauges are refreshed every [`RAFT_GAUGE_TICKS`].
@@ -327,8 +347,6 @@ impl PartitionReplica {
         voters: Vec<u64>,
         supervisor: Recipient<ReplicaStopped>,
     ) -> Self {
-        let nonce =
-            now_ms() as u64 ^ (u64::from(shared.partition) << 48) ^ settings.broker_id << 56;
         Self {
             shared,
             storage,
@@ -340,10 +358,7 @@ impl PartitionReplica {
             state: LogState::default(),
             raft: None,
             driver: Driver::default(),
-            was_leader: false,
-            pending: HashMap::new(),
-            nonce,
-            next_proposal: 0,
+            proposals: Proposals::new(),
             retention_running: false,
             crashed: false,
             ticks: 0,
@@ -419,23 +434,47 @@ impl PartitionReplica {
             .set(self.state.size_bytes as i64);
     }
 
-    /// Encode the records once, with base offset 0 (the real one is set at apply), and propose.
-    fn propose(&mut self, records: &[NewRecord]) -> Result<(u64, u64), PartitionError> {
-        let no_leader = || PartitionError::NoLeader {
-            topic: self.shared.topic.to_string(),
-            partition: self.shared.partition,
-        };
+    /// Encode the records once, with base offset 0 (the real one is set at apply), and propose;
+    /// the answer comes on the returned channel.
+    fn propose(
+        &mut self,
+        records: &[NewRecord],
+    ) -> Result<oneshot::Receiver<Result<Appended, PartitionError>>, PartitionError> {
+        let (topic, partition) = (self.shared.topic.to_string(), self.shared.partition);
+        if self.storage.is_congested() {
+            return Err(PartitionError::Overloaded {
+                topic,
+                partition,
+                reason: format!(
+                    "the broker's storage queue holds {} writes",
+                    self.storage.queue_depth()
+                ),
+            });
+        }
         let Some(raft) = self.raft.as_mut() else {
             return Err(self.shared.unavailable());
         };
         let bytes = batch::encode(0, now_ms(), records)?;
-        let id = self.next_proposal;
-        let mut context = self.nonce.to_be_bytes().to_vec();
-        context.extend_from_slice(&id.to_be_bytes());
-        raft.propose(context, bytes.to_vec())
-            .map_err(|_| no_leader())?;
-        self.next_proposal += 1;
-        Ok((id, bytes.len() as u64))
+        let (id, context) = self.proposals.next_context();
+        raft.propose(context, bytes.to_vec()).map_err(|e| match e {
+            ProposeError::NoLeader => PartitionError::NoLeader { topic, partition },
+            ProposeError::Dropped => PartitionError::Overloaded {
+                topic,
+                partition,
+                reason: "too much of its log is uncommitted (a follower is slow or a \
+                             leadership transfer is under way)"
+                    .into(),
+            },
+        })?;
+        let appended_at = raft.is_leader().then(|| raft.last_index());
+        let term = raft.term();
+        let (reply, receiver) = oneshot::channel();
+        let pending = PendingAppend {
+            reply,
+            bytes: bytes.len() as u64,
+        };
+        self.proposals.insert(id, pending, appended_at, term);
+        Ok(receiver)
     }
 
     /// Apply committed entries to the log: each non-empty entry is a batch whose base offset is
@@ -444,11 +483,15 @@ impl PartitionReplica {
     fn apply_entries(
         &mut self,
         entries: Vec<raft::prelude::Entry>,
-    ) -> (Vec<WriteOp>, Vec<(u64, Appended)>) {
+    ) -> (Vec<WriteOp>, AppliedEntries) {
         let mut ops = Vec::new();
         let mut completed = Vec::new();
-        let Some(last) = entries.last().map(|e| e.index) else {
-            return (ops, completed);
+        let Some((last, last_term)) = entries.last().map(|e| (e.index, e.term)) else {
+            let applied = AppliedEntries {
+                completed,
+                last: None,
+            };
+            return (ops, applied);
         };
         let log = self.shared.log;
         for entry in entries {
@@ -456,13 +499,16 @@ impl PartitionReplica {
                 continue; // a new leader's empty entry
             }
             let base_offset = self.state.next_offset;
+            // Every entry was encoded by `batch::encode` on some replica and carried with its
+            // CRC: one that does not parse is a bug or corruption, and skipping it would make
+            // this replica's offsets differ from the others'. Stop instead (the supervisor
+            // restarts the replica from durable state).
             let stored = match batch::with_base_offset(&entry.data, base_offset) {
                 Ok(stored) => stored,
-                Err(e) => {
-                    // Same bytes on every replica, so every replica skips it alike.
-                    tracing::error!(topic = %self.shared.topic, partition = self.shared.partition, index = entry.index, error = %e, "committed entry is not a valid batch; skipped");
-                    continue;
-                }
+                Err(e) => panic!(
+                    "committed entry {} of {}/{} is not a valid batch: {e}",
+                    entry.index, self.shared.topic, self.shared.partition
+                ),
             };
             let header = stored.1;
             ops.push(WriteOp::Put {
@@ -472,7 +518,7 @@ impl PartitionReplica {
             });
             self.state.next_offset = header.next_offset();
             self.state.size_bytes += header.size_bytes;
-            if let Some(id) = self.own_proposal(&entry.context) {
+            if let Some(id) = self.proposals.own(&entry.context) {
                 completed.push((
                     id,
                     Appended {
@@ -496,21 +542,20 @@ impl PartitionReplica {
         self.shared
             .log_size_bytes
             .store(self.state.size_bytes, Ordering::Release);
-        (ops, completed)
+        let applied = AppliedEntries {
+            completed,
+            last: Some((last, last_term)),
+        };
+        (ops, applied)
     }
 
-    fn own_proposal(&self, context: &[u8]) -> Option<u64> {
-        let (nonce, id) = context.split_at_checked(8)?;
-        (nonce == self.nonce.to_be_bytes())
-            .then(|| u64::from_be_bytes(id.try_into().unwrap_or_default()))
-    }
-
-    /// Appends are durable and applied: the high watermark moves and their clients get offsets.
-    fn complete(&mut self, completed: Vec<(u64, Appended)>) {
+    /// Appends are durable and applied: the high watermark moves and their clients get offsets;
+    /// then the appends those entries decided otherwise are told how.
+    fn complete(&mut self, applied: AppliedEntries) {
         self.publish_durable(self.state.next_offset);
         let topic = [self.shared.topic.as_ref()];
-        for (id, appended) in completed {
-            let Some(pending) = self.pending.remove(&id) else {
+        for (id, appended) in applied.completed {
+            let Some(pending) = self.proposals.take(id) else {
                 continue;
             };
             let metrics = &self.metrics;
@@ -521,34 +566,34 @@ impl PartitionReplica {
             metrics
                 .produce_bytes_total
                 .with_label_values(&topic)
-                .inc_by(pending.bytes);
+                .inc_by(pending.waiter.bytes);
             metrics
                 .produce_latency_seconds
                 .with_label_values(&topic)
                 .observe(pending.proposed_at.elapsed().as_secs_f64());
-            let _ = pending.reply.send(Ok(appended));
+            let _ = pending.waiter.reply.send(Ok(appended));
+        }
+        let (index, term) = applied.last.unzip();
+        let index = index.unwrap_or(self.state.applied_index);
+        for (pending, how) in self.proposals.settle(index, term) {
+            let _ = pending.waiter.reply.send(Err(self.unanswered(how)));
         }
     }
 
-    /// Leadership moved: pending appends fail with a retriable error (they may or may not commit).
+    fn unanswered(&self, how: Unanswered) -> PartitionError {
+        let (topic, partition) = (self.shared.topic.to_string(), self.shared.partition);
+        match how {
+            Unanswered::NotWritten => PartitionError::NotWritten { topic, partition },
+            Unanswered::Unknown => PartitionError::OutcomeUnknown { topic, partition },
+        }
+    }
+
+    /// Leadership moved. Pending appends stay pending: what the new leader commits of them is
+    /// answered with offsets, the rest is settled as the log decides ([`Proposals::settle`]).
     fn role_changed(&mut self) {
         let Some(raft) = &self.raft else { return };
-        let leader = raft.is_leader();
         tracing::info!(topic = %self.shared.topic, partition = self.shared.partition, term = raft.term(), leader = raft.leader_id(), "partition leadership changed");
-        // Any change of leader fails what is pending here: a leader that stepped down may not
-        // commit its appends, and proposals this follower forwarded to a dead leader are lost.
-        // The client retries; an append that did commit anyway is stored but unacknowledged.
         let leader_changed = self.shared.leader() != raft.leader_id();
-        if leader_changed || (self.was_leader && !leader) {
-            let error = PartitionError::NoLeader {
-                topic: self.shared.topic.to_string(),
-                partition: self.shared.partition,
-            };
-            for (_, pending) in self.pending.drain() {
-                let _ = pending.reply.send(Err(error.clone()));
-            }
-        }
-        self.was_leader = leader;
         self.shared.set_leadership(raft.term(), raft.leader_id());
         let labels = self.labels();
         let labels = [labels[0].as_str(), labels[1].as_str()];
@@ -625,20 +670,12 @@ impl PartitionReplica {
     }
 
     fn expire_pending(&mut self) {
-        let expired: Vec<u64> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.proposed_at.elapsed() > APPEND_COMMIT_WAIT)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in expired {
-            if let Some(pending) = self.pending.remove(&id) {
-                let _ = pending.reply.send(Err(PartitionError::Timeout {
-                    topic: self.shared.topic.to_string(),
-                    partition: self.shared.partition,
-                    waited_ms: APPEND_COMMIT_WAIT.as_millis() as u64,
-                }));
-            }
+        for pending in self.proposals.expire(APPEND_COMMIT_WAIT) {
+            let _ = pending.waiter.reply.send(Err(PartitionError::Timeout {
+                topic: self.shared.topic.to_string(),
+                partition: self.shared.partition,
+                waited_ms: APPEND_COMMIT_WAIT.as_millis() as u64,
+            }));
         }
     }
 
@@ -646,31 +683,29 @@ impl PartitionReplica {
     /// recovery reports the failure for as long as it lasts.
     fn fail_stop(&mut self, ctx: &mut Context<Self>, error: StorageError) {
         tracing::error!(topic = %self.shared.topic, partition = self.shared.partition, error = %error, "partition write failed");
-        for (_, pending) in self.pending.drain() {
-            let _ = pending.reply.send(Err(error.clone().into()));
+        for pending in self.proposals.drain() {
+            let _ = pending.waiter.reply.send(Err(error.clone().into()));
         }
         self.crashed = true;
         ctx.stop();
     }
 
     /// A handler panicked: stop this incarnation so the supervisor starts a fresh one.
-    fn crash(
-        &mut self,
-        ctx: &mut Context<Self>,
-        panic: Box<dyn std::any::Any + Send>,
-    ) -> PartitionError {
-        let message = panic
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "non-string panic".to_owned());
+    fn crash(&mut self, ctx: &mut Context<Self>, panic: Box<dyn std::any::Any + Send>) {
+        let message = raft_driver::panic_message(&*panic);
         tracing::error!(topic = %self.shared.topic, partition = self.shared.partition, %message, "partition actor crashed; restarting");
+        // Whatever was proposed may be in the log: the clients cannot be told more.
+        for pending in self.proposals.drain() {
+            let _ = pending
+                .waiter
+                .reply
+                .send(Err(PartitionError::OutcomeUnknown {
+                    topic: self.shared.topic.to_string(),
+                    partition: self.shared.partition,
+                }));
+        }
         self.crashed = true;
         ctx.stop();
-        PartitionError::Restarting {
-            topic: self.shared.topic.to_string(),
-            partition: self.shared.partition,
-        }
     }
 
     fn check_retention(&mut self, ctx: &mut Context<Self>) {
@@ -765,10 +800,35 @@ impl PartitionReplica {
 impl PartitionReplica {
     /// Start installing the leader's snapshot: fetch the records this replica lacks. Resolves
     /// to the writes that install it; the in-memory log state moves when it resolves.
+    ///
+    /// First `records` is flushed: this replica's applies so far may live only in the memtable
+    /// (they skip the WAL and are replayed from the Raft log after a crash), and the install
+    /// deletes that Raft log. Without the flush a kill -9 after the install would lose every
+    /// record between the last flush and the install's start, with nothing left to replay.
     fn start_install(
         &mut self,
         snapshot: SnapshotInstall,
     ) -> ResponseActFuture<Self, Result<Vec<WriteOp>, StorageError>> {
+        let storage = self.storage.clone();
+        let flushed = async move { storage.flush_records().await };
+        Box::pin(flushed.into_actor(self).then(move |flushed, act, _ctx| {
+            let started = flushed.map(|()| act.fetch_for_install(snapshot));
+            match started {
+                Ok(fetching) => fetching,
+                Err(e) => Box::pin(actix::fut::ready(Err(e))),
+            }
+        }))
+    }
+
+    /// The fetch part of [`PartitionReplica::start_install`], once the applies so far are
+    /// flushed: everything from this replica's applied end to the snapshot's.
+    fn fetch_for_install(
+        &mut self,
+        snapshot: SnapshotInstall,
+    ) -> ResponseActFuture<Self, Result<Vec<WriteOp>, StorageError>> {
+        // The flush holds every apply so far, this log's included.
+        self.storage
+            .note_durable_applied(self.shared.log, self.state.applied_index);
         let install = SnapshotData::decode(&snapshot.data)
             .and_then(|data| Install::new(self.shared.log, self.state, snapshot.index, data));
         let install = match install {
@@ -787,9 +847,14 @@ impl PartitionReplica {
         });
         self.fetch_next(source);
         let wait = async move { receiver.await.unwrap_or(Err(StorageError::ShutDown)) };
-        Box::pin(wait.into_actor(self).map(|result, act, _ctx| {
+        Box::pin(wait.into_actor(self).map(move |result, act, _ctx| {
             let (ops, state) = result?;
             act.adopt_state(state);
+            // Entries up to the snapshot were not applied here one by one: whether a waiting
+            // append is among them cannot be told.
+            for pending in act.proposals.skip_to(snapshot.index) {
+                let _ = pending.waiter.reply.send(Err(act.unanswered(Unanswered::Unknown)));
+            }
             let labels = act.labels();
             let labels = [labels[0].as_str(), labels[1].as_str()];
             act.metrics
@@ -929,7 +994,7 @@ impl PartitionReplica {
 }
 
 impl RaftDriven for PartitionReplica {
-    type Applied = Vec<(u64, Appended)>;
+    type Applied = AppliedEntries;
 
     fn raft_mut(&mut self) -> Option<&mut RaftGroup> {
         self.raft.as_mut()
@@ -991,6 +1056,10 @@ impl RaftDriven for PartitionReplica {
     fn on_failure(&mut self, ctx: &mut Context<Self>, error: StorageError) {
         self.fail_stop(ctx, error);
     }
+
+    fn on_panic(&mut self, ctx: &mut Context<Self>, panic: Box<dyn std::any::Any + Send>) {
+        self.crash(ctx, panic);
+    }
 }
 
 impl Actor for PartitionReplica {
@@ -1011,7 +1080,7 @@ impl Actor for PartitionReplica {
             storage.barrier().await?;
             tokio::task::spawn_blocking(move || {
                 let state = storage.recover_log(log)?;
-                storage.note_durable_applied(log, state.applied_index);
+                storage.note_recovered(log, state.applied_index);
                 let persisted = storage.load_raft(log)?;
                 let raft =
                     RaftGroup::restore(log, id, &voters, persisted, state.applied_index, timing)
@@ -1035,20 +1104,23 @@ impl Actor for PartitionReplica {
         ctx.run_interval(
             Duration::from_millis(self.settings.timing.tick_ms),
             |act, ctx| {
-                if let Some(raft) = act.raft.as_mut() {
+                raft_driver::guarded(act, ctx, |act, ctx| {
+                    let Some(raft) = act.raft.as_mut() else {
+                        return;
+                    };
                     raft.tick();
                     act.ticks += 1;
                     if act.ticks % RAFT_GAUGE_TICKS == 0 {
                         act.publish_raft_gauges();
+                        act.expire_pending();
                     }
                     act.retry_install();
                     raft_driver::drive(act, ctx);
-                }
+                });
             },
         );
         ctx.run_interval(self.settings.retention_check_interval, |act, ctx| {
-            act.check_retention(ctx);
-            act.expire_pending();
+            raft_driver::guarded(act, ctx, Self::check_retention);
         });
     }
 
@@ -1064,25 +1136,26 @@ impl Handler<Append> for PartitionReplica {
     type Result = ResponseFuture<Result<Appended, PartitionError>>;
 
     fn handle(&mut self, msg: Append, ctx: &mut Self::Context) -> Self::Result {
-        let proposed = match catch_unwind(AssertUnwindSafe(|| self.propose(&msg.records))) {
-            Ok(proposed) => proposed,
-            Err(panic) => Err(self.crash(ctx, panic)),
+        let proposed = raft_driver::guarded(self, ctx, |act, ctx| {
+            let receiver = act.propose(&msg.records)?;
+            raft_driver::drive(act, ctx);
+            Ok(receiver)
+        });
+        let receiver = match proposed {
+            Some(Ok(receiver)) => receiver,
+            Some(Err(e)) => return Box::pin(async move { Err(e) }),
+            None => {
+                let error = PartitionError::OutcomeUnknown {
+                    topic: self.shared.topic.to_string(),
+                    partition: self.shared.partition,
+                };
+                return Box::pin(async move { Err(error) });
+            }
         };
-        let (id, bytes) = match proposed {
-            Ok(proposed) => proposed,
-            Err(e) => return Box::pin(async move { Err(e) }),
+        let gone = PartitionError::OutcomeUnknown {
+            topic: self.shared.topic.to_string(),
+            partition: self.shared.partition,
         };
-        let (reply, receiver) = oneshot::channel();
-        self.pending.insert(
-            id,
-            PendingAppend {
-                reply,
-                proposed_at: Instant::now(),
-                bytes,
-            },
-        );
-        raft_driver::drive(self, ctx);
-        let gone = self.shared.unavailable();
         Box::pin(async move { receiver.await.unwrap_or(Err(gone)) })
     }
 }
@@ -1091,26 +1164,28 @@ impl Handler<RaftInbound> for PartitionReplica {
     type Result = ();
 
     fn handle(&mut self, msg: RaftInbound, ctx: &mut Self::Context) {
-        if let Some(raft) = self.raft.as_mut() {
-            raft.step(msg.0);
-            raft_driver::drive(self, ctx);
-        }
+        raft_driver::guarded(self, ctx, |act, ctx| {
+            if let Some(raft) = act.raft.as_mut() {
+                raft.step(msg.0);
+                raft_driver::drive(act, ctx);
+            }
+        });
     }
 }
 
 impl Handler<FetchInbound> for PartitionReplica {
     type Result = ();
 
-    fn handle(&mut self, msg: FetchInbound, _ctx: &mut Self::Context) {
-        self.serve_fetch(msg.0);
+    fn handle(&mut self, msg: FetchInbound, ctx: &mut Self::Context) {
+        raft_driver::guarded(self, ctx, |act, _ctx| act.serve_fetch(msg.0));
     }
 }
 
 impl Handler<ChunkInbound> for PartitionReplica {
     type Result = ();
 
-    fn handle(&mut self, msg: ChunkInbound, _ctx: &mut Self::Context) {
-        self.chunk_arrived(msg.0);
+    fn handle(&mut self, msg: ChunkInbound, ctx: &mut Self::Context) {
+        raft_driver::guarded(self, ctx, |act, _ctx| act.chunk_arrived(msg.0));
     }
 }
 
@@ -1135,9 +1210,7 @@ impl Handler<InjectPanic> for PartitionReplica {
     type Result = ();
 
     fn handle(&mut self, _msg: InjectPanic, ctx: &mut Self::Context) {
-        if let Err(panic) = catch_unwind(|| panic!("injected by test")) {
-            self.crash(ctx, panic);
-        }
+        raft_driver::guarded(self, ctx, |_act, _ctx| panic!("injected by test"));
     }
 }
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use protobuf::Message as _;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
@@ -201,12 +201,39 @@ impl Actor for PeerLink {
     }
 }
 
+/// Run the link until its queue closes (the broker shuts down). A panic in the link is
+/// contained here: the link starts over from a fresh connection with the same queue (what was
+/// in hand is dropped; Raft retransmits), and `pubg1_actor_restarts_total{actor="peer_link"}`
+/// counts it.
 async fn run_outbound(
     peer: u64,
     address: SocketAddr,
     hello: Vec<u8>,
     mut queue: mpsc::Receiver<Outbound>,
     metrics: std::sync::Arc<Metrics>,
+) {
+    loop {
+        let link = run_link(peer, address, &hello, &mut queue, &metrics);
+        match std::panic::AssertUnwindSafe(link).catch_unwind().await {
+            Ok(()) => return,
+            Err(panic) => {
+                tracing::error!(peer, %address, message = %crate::raft_driver::panic_message(&*panic), "peer link crashed; starting it again");
+                metrics
+                    .actor_restarts_total
+                    .with_label_values(&["peer_link"])
+                    .inc();
+                tokio::time::sleep(RECONNECT_DELAY_INITIAL).await;
+            }
+        }
+    }
+}
+
+async fn run_link(
+    peer: u64,
+    address: SocketAddr,
+    hello: &[u8],
+    queue: &mut mpsc::Receiver<Outbound>,
+    metrics: &Metrics,
 ) {
     let mut delay = RECONNECT_DELAY_INITIAL;
     let label = peer.to_string();
@@ -227,7 +254,7 @@ async fn run_outbound(
                 continue;
             }
         };
-        if stream.write_all(&hello).await.is_err() {
+        if stream.write_all(hello).await.is_err() {
             continue;
         }
         metrics
@@ -281,6 +308,7 @@ pub fn serve(
     listener: std::net::TcpListener,
     registry: Registry,
     cluster: Cluster,
+    metrics: std::sync::Arc<Metrics>,
     thread: &ArbiterHandle,
 ) {
     thread.spawn(async move {
@@ -295,7 +323,19 @@ pub fn serve(
             match listener.accept().await {
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
-                    actix::spawn(serve_inbound(stream, registry.clone(), cluster.clone()));
+                    let connection = serve_inbound(stream, registry.clone(), cluster.clone());
+                    let metrics = metrics.clone();
+                    // A panic ends this connection only; the peer reconnects.
+                    actix::spawn(async move {
+                        let served = std::panic::AssertUnwindSafe(connection).catch_unwind();
+                        if let Err(panic) = served.await {
+                            tracing::error!(message = %crate::raft_driver::panic_message(&*panic), "inbound peer connection crashed; closed");
+                            metrics
+                                .actor_restarts_total
+                                .with_label_values(&["peer_inbound"])
+                                .inc();
+                        }
+                    });
                 }
                 Err(e) => tracing::warn!(error = %e, "accepting a peer connection"),
             }

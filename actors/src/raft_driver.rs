@@ -8,12 +8,20 @@
 //! an apply is durable, how to fail) and calls [`drive`] whenever its node may have work: after
 //! a proposal, an inbound message, a tick.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Duration;
+
 use actix::prelude::*;
 use raft::prelude::Entry;
 
 use crate::error::StorageError;
 use crate::raft_group::{RaftGroup, ReadyWork, SnapshotInstall};
-use crate::storage::{Cf, Replayable, Storage, WriteOp};
+use crate::storage::{Cf, Replayable, Storage, WriteOp, WriteRequest};
+
+/// How long a Ready whose write found the storage queue full waits before it is offered again.
+/// Overload is back-pressure: the group keeps its Ready (and takes no new one) until the queue
+/// has room, while new produce requests are refused with 429 at the door.
+const QUEUE_FULL_RETRY: Duration = Duration::from_millis(5);
 use crate::topic::LogId;
 use crate::transport::Transport;
 
@@ -56,6 +64,37 @@ pub(crate) trait RaftDriven: Actor<Context = Context<Self>> {
     fn on_durable(&mut self, applied: Self::Applied);
     /// A durable write failed (storage is failed closed) or the Ready cannot be handled.
     fn on_failure(&mut self, ctx: &mut Context<Self>, error: StorageError);
+    /// The storage queue was full: the Ready's write will be offered again shortly.
+    fn on_queue_full(&mut self) {}
+    /// Code run for this actor panicked: stop it so its supervisor starts a fresh incarnation
+    /// from durable state (its in-memory state may be half-changed).
+    fn on_panic(&mut self, ctx: &mut Context<Self>, panic: Box<dyn std::any::Any + Send>);
+}
+
+/// Run `f` on the actor, containing a panic: the actor is stopped through
+/// [`RaftDriven::on_panic`] rather than the panic unwinding into actix, which would drop the
+/// actor without `stopped` (so without its supervisor ever hearing of it). None if it panicked.
+pub(crate) fn guarded<A: RaftDriven, R>(
+    act: &mut A,
+    ctx: &mut Context<A>,
+    f: impl FnOnce(&mut A, &mut Context<A>) -> R,
+) -> Option<R> {
+    match catch_unwind(AssertUnwindSafe(|| f(act, ctx))) {
+        Ok(result) => Some(result),
+        Err(panic) => {
+            act.on_panic(ctx, panic);
+            None
+        }
+    }
+}
+
+/// A panic's message, for the log.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic".to_owned())
 }
 
 /// Handle the node's next Ready, unless one is already being written.
@@ -71,9 +110,9 @@ pub(crate) fn drive<A: RaftDriven>(act: &mut A, ctx: &mut Context<A>) {
     };
     act.transport()
         .send(group, std::mem::take(&mut work.messages));
-    if work.role_changed {
-        act.on_role_change();
-    }
+    // The role change is announced in `persisted`, after this Ready's committed entries are
+    // applied and answered: a proposal committed in the Ready that also changed the leader is
+    // answered with its offset, not failed.
     act.driver().busy = true;
     match work.snapshot.clone() {
         None => write(act, ctx, work, Vec::new()),
@@ -81,9 +120,11 @@ pub(crate) fn drive<A: RaftDriven>(act: &mut A, ctx: &mut Context<A>) {
         // raft-rs sends the snapshot's acknowledgement only after `persisted`.
         Some(snapshot) => {
             let install = act.install_snapshot(snapshot);
-            ctx.spawn(install.map(move |result, act, ctx| match result {
-                Ok(ops) => write(act, ctx, work, ops),
-                Err(e) => act.on_failure(ctx, e),
+            ctx.spawn(install.map(move |result, act, ctx| {
+                guarded(act, ctx, |act, ctx| match result {
+                    Ok(ops) => write(act, ctx, work, ops),
+                    Err(e) => act.on_failure(ctx, e),
+                });
             }));
         }
     }
@@ -99,31 +140,68 @@ fn write<A: RaftDriven>(
     let (apply_ops, applied) = act.apply(std::mem::take(&mut work.committed));
     let mut ops = std::mem::take(&mut work.persist);
     ops.extend(snapshot_ops);
-    let submitted = if act.replayable_apply() {
+    let request = if act.replayable_apply() {
         // Logged first (Raft entries, hard state, a snapshot), then the applied records.
         let (records, logged): (Vec<_>, Vec<_>) =
             apply_ops.into_iter().partition(|op| op.cf() == Cf::Records);
         ops.extend(logged);
-        let replayable = Replayable {
-            log: act.group(),
-            applied_index: act.applied_index(),
-            ops: records,
-        };
-        act.storage()
-            .submit_replayable(ops, work.must_sync, replayable)
+        WriteRequest {
+            logged: ops,
+            sync: work.must_sync,
+            replayable: Some(Replayable {
+                log: act.group(),
+                applied_index: act.applied_index(),
+                ops: records,
+            }),
+        }
     } else {
         ops.extend(apply_ops);
-        act.storage().submit(ops)
+        WriteRequest {
+            logged: ops,
+            sync: true,
+            replayable: None,
+        }
     };
-    let durable = match submitted {
+    if request.is_empty() {
+        // Nothing to persist or apply (a heartbeat, a message that changed nothing): the
+        // previous Ready is durable already, so this one's messages may go at once. Idle groups
+        // then cost the writer thread nothing.
+        return persisted(act, work, applied, ctx);
+    }
+    submit(act, ctx, request, work, applied);
+}
+
+/// Queue the Ready's write; on a full queue keep it and offer it again shortly.
+fn submit<A: RaftDriven>(
+    act: &mut A,
+    ctx: &mut Context<A>,
+    request: WriteRequest,
+    work: ReadyWork,
+    applied: A::Applied,
+) {
+    let durable = match act.storage().try_submit(request) {
         Ok(durable) => durable,
-        Err(e) => return act.on_failure(ctx, e),
+        Err(refused) => {
+            return match refused.request {
+                Some(request) => {
+                    act.on_queue_full();
+                    ctx.run_later(QUEUE_FULL_RETRY, move |act, ctx| {
+                        guarded(act, ctx, |act, ctx| {
+                            submit(act, ctx, *request, work, applied)
+                        });
+                    });
+                }
+                None => act.on_failure(ctx, refused.error),
+            };
+        }
     };
     ctx.spawn(durable.into_actor(act).map(move |result, act, ctx| {
-        match result.unwrap_or(Err(StorageError::ShutDown)) {
-            Ok(()) => persisted(act, work, applied, ctx),
-            Err(e) => act.on_failure(ctx, e),
-        }
+        guarded(act, ctx, |act, ctx| {
+            match result.unwrap_or(Err(StorageError::ShutDown)) {
+                Ok(()) => persisted(act, work, applied, ctx),
+                Err(e) => act.on_failure(ctx, e),
+            }
+        });
     }));
 }
 
@@ -134,6 +212,9 @@ fn persisted<A: RaftDriven>(
     ctx: &mut Context<A>,
 ) {
     act.on_durable(applied);
+    if work.role_changed {
+        act.on_role_change();
+    }
     let (group, index) = (act.group(), act.applied_index());
     if let Some(snapshot) = &work.snapshot {
         // Written logged: the snapshot's state survives a crash from now on.

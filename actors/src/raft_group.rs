@@ -35,6 +35,13 @@ pub const IN_SYNC_LAG_ENTRIES_MAX: u64 = 1_000;
 const MESSAGE_BYTES_MAX: u64 = 1024 * 1024;
 /// Appends in flight to one follower before the leader waits for acknowledgements.
 const INFLIGHT_MESSAGES_MAX: usize = 256;
+/// Bytes of entries a leader holds appended but not yet committed before it refuses proposals
+/// (raft-rs `max_uncommitted_size`): with a quorum stalled (a slow disk, a paused follower
+/// pair) producers get back-pressure instead of the leader buffering without bound.
+pub const UNCOMMITTED_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// Bytes of committed entries one Ready hands out to apply (raft-rs
+/// `max_committed_size_per_ready`), so a replica catching up applies in bounded steps.
+const COMMITTED_BYTES_PER_READY_MAX: u64 = 16 * 1024 * 1024;
 
 /// Raft timing (in ticks of the owning actor's timer) and how much log a group keeps.
 #[derive(Debug, Clone, Copy)]
@@ -170,11 +177,14 @@ pub struct Persisted {
     pub messages: Vec<Message>,
 }
 
-/// Why a proposal was not accepted.
+/// Why a proposal was not accepted; either way nothing was appended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProposeError {
     /// No known leader to take it (an election is going on): retry shortly.
     NoLeader,
+    /// The leader refused it: its uncommitted log is at [`UNCOMMITTED_BYTES_MAX`], or a
+    /// leadership transfer is under way. Back-pressure: retry shortly.
+    Dropped,
 }
 
 pub struct RaftGroup {
@@ -254,6 +264,8 @@ impl RaftGroup {
             // message rather than one per proposal, and a commit-index broadcast rides on it:
             // fewer messages to encode, send, step and answer (each answered one by one).
             batch_append: true,
+            max_uncommitted_size: UNCOMMITTED_BYTES_MAX,
+            max_committed_size_per_ready: COMMITTED_BYTES_PER_READY_MAX,
             ..Default::default()
         };
         config.validate()?;
@@ -304,9 +316,15 @@ impl RaftGroup {
         if self.leader_id() == 0 {
             return Err(ProposeError::NoLeader);
         }
-        self.node
-            .propose(context, data)
-            .map_err(|_| ProposeError::NoLeader)
+        self.node.propose(context, data).map_err(|e| {
+            tracing::debug!(group = ?self.group, error = %e, "proposal dropped");
+            ProposeError::Dropped
+        })
+    }
+
+    /// Index of the last entry in this replica's log (stable or not).
+    pub fn last_index(&self) -> u64 {
+        self.node.raft.raft_log.last_index()
     }
 
     /// True while this replica campaigns (pre-vote or vote).
@@ -411,8 +429,13 @@ impl RaftGroup {
                     value: encode(entry),
                 });
             }
+            // raft-rs hands out entries that follow on the stored log; an append it refuses
+            // would leave the in-memory log short of what is about to be durable. A bug: stop.
             if let Err(e) = self.node.mut_store().mem.wl().append(&entries) {
-                tracing::error!(group = ?self.group, error = %e, "in-memory raft log append failed");
+                panic!(
+                    "in-memory raft log append of group {:?} failed: {e}",
+                    self.group
+                );
             }
         }
         if let Some(hard_state) = ready.hs() {
@@ -467,9 +490,13 @@ impl RaftGroup {
             to: raft_entry_key(self.group, u64::MAX),
         });
         persist.push(compacted_op(self.group, index, term));
+        // raft-rs only hands out snapshots newer than the log's commit index; one it refuses
+        // would leave memory and disk disagreeing. A bug: stop.
         if let Err(e) = self.node.mut_store().mem.wl().apply_snapshot(snapshot) {
-            // raft-rs only hands out snapshots newer than the log's commit index.
-            tracing::error!(group = ?self.group, error = %e, "in-memory snapshot apply failed");
+            panic!(
+                "in-memory snapshot apply of group {:?} failed: {e}",
+                self.group
+            );
         }
         tracing::info!(group = ?self.group, index, term, "installing a snapshot from the leader");
         SnapshotInstall { index, term, data }
@@ -551,8 +578,14 @@ fn compacted_op(group: LogId, index: u64, term: u64) -> WriteOp {
     }
 }
 
+/// Protobuf encoding of an entry or hard state. It fails only for messages missing required
+/// fields, which raft-rs's types have none of; persisting an empty value instead would corrupt
+/// the log, so a failure is a bug.
 fn encode(message: &impl protobuf::Message) -> Bytes {
-    Bytes::from(message.write_to_bytes().unwrap_or_default())
+    match message.write_to_bytes() {
+        Ok(bytes) => Bytes::from(bytes),
+        Err(e) => panic!("encoding a raft message failed: {e}"),
+    }
 }
 
 /// Decode an entry or hard state stored by this module.

@@ -36,7 +36,7 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -57,6 +57,7 @@ use crate::topic::{LogId, TopicMeta};
 /// Writes waiting for the writer thread before submitters get [`StorageError::QueueFull`]:
 /// enough for thousands of concurrent produce requests, small enough to bound memory.
 pub const WRITE_QUEUE_CAPACITY: usize = 8192;
+
 /// Most bytes one group commit carries; bounds the latency a huge batch adds to small ones.
 pub const GROUP_COMMIT_BYTES_MAX: usize = 32 * 1024 * 1024;
 /// Default [`StorageSettings::flush_bytes`].
@@ -73,6 +74,11 @@ pub struct StorageSettings {
     /// Longest a replayable write waits for a flush when little is written (so quiet
     /// partitions' Raft logs get compacted too).
     pub flush_interval: Duration,
+    /// Writes the queue holds before submitters get [`StorageError::QueueFull`]. Produce
+    /// requests are refused (429) once it is half full, before they are proposed: the other
+    /// half is kept for Raft work already in flight (Readies retry on a full queue rather than
+    /// fail, but each retry is latency).
+    pub write_queue_capacity: usize,
 }
 
 impl Default for StorageSettings {
@@ -80,6 +86,7 @@ impl Default for StorageSettings {
         Self {
             flush_bytes: FLUSH_BYTES,
             flush_interval: FLUSH_INTERVAL,
+            write_queue_capacity: WRITE_QUEUE_CAPACITY,
         }
     }
 }
@@ -263,6 +270,43 @@ pub fn topic_key_range(topic_id: u32) -> (Vec<u8>, Vec<u8>) {
     )
 }
 
+/// The writes that remove every key of topic `topic_id` (batches, log states, Raft logs and
+/// states) from every column family that holds them.
+pub fn topic_delete_ops(topic_id: u32) -> Vec<WriteOp> {
+    let (from, to) = topic_key_range(topic_id);
+    [Cf::Records, Cf::LogState, Cf::RaftLog, Cf::RaftState]
+        .into_iter()
+        .map(|cf| WriteOp::DeleteRange {
+            cf,
+            from: from.clone(),
+            to: to.clone(),
+        })
+        .collect()
+}
+
+/// Keys of `cf` in `[from, to)` (tests and diagnostics). Blocking.
+pub fn count_keys(
+    storage: &Storage,
+    cf: Cf,
+    from: &[u8],
+    to: &[u8],
+) -> Result<usize, StorageError> {
+    let handle = storage.cf(cf)?;
+    let mut count = 0;
+    for item in storage
+        .inner
+        .db
+        .iterator_cf(handle, IteratorMode::From(from, Direction::Forward))
+    {
+        let (key, _) = item.map_err(|e| StorageError::rocks("iterate", e))?;
+        if key.as_ref() >= to {
+            break;
+        }
+        count += 1;
+    }
+    Ok(count)
+}
+
 pub fn topic_meta_key(name: &str) -> Vec<u8> {
     format!("topic/{name}").into_bytes()
 }
@@ -277,13 +321,39 @@ pub struct Catalog {
     pub next_topic_id: u32,
     pub applied_index: u64,
 }
-const TOPIC_META_PREFIX: &[u8] = b"topic/";
+pub const TOPIC_META_PREFIX: &[u8] = b"topic/";
 
 type Waiter = oneshot::Sender<Result<(), StorageError>>;
 
 /// Resolves once a submitted write is durable (or has failed); for a write with a
 /// [`Replayable`] part, once that part is in the memtable (readable) and its logged part durable.
 pub type Durable = oneshot::Receiver<Result<(), StorageError>>;
+
+/// One atomic write as submitted: `logged` to the WAL (fsync'd if `sync`), then `replayable`.
+#[derive(Debug, Default)]
+pub struct WriteRequest {
+    pub logged: Vec<WriteOp>,
+    /// Whether `logged` must be fsync'd before the write resolves (else it is in the WAL, made
+    /// durable by the next synced write).
+    pub sync: bool,
+    pub replayable: Option<Replayable>,
+}
+
+impl WriteRequest {
+    /// Whether the write changes nothing (a Ready with nothing to persist or apply).
+    pub fn is_empty(&self) -> bool {
+        self.logged.is_empty() && self.replayable.as_ref().is_none_or(|r| r.ops.is_empty())
+    }
+}
+
+/// A write the queue did not take, handed back so the submitter can try again later.
+#[derive(Debug)]
+pub struct Refused {
+    pub error: StorageError,
+    /// The write, when the queue was only full ([`StorageError::QueueFull`]). Boxed: a
+    /// refusal is the rare path, and it keeps the `Result` small on the common one.
+    pub request: Option<Box<WriteRequest>>,
+}
 
 enum Command {
     Write {
@@ -292,6 +362,10 @@ enum Command {
         /// made durable by the next synced write).
         sync: bool,
         replayable: Option<Replayable>,
+        done: Waiter,
+    },
+    /// Flush `records` after everything queued before; resolves once the flush is complete.
+    Flush {
         done: Waiter,
     },
     Shutdown,
@@ -333,6 +407,10 @@ struct Inner {
     /// False once a durable write failed; stays false until restart (fail-stop).
     healthy: Arc<AtomicBool>,
     durable_applied: DurableApplied,
+    /// Commands queued and not yet taken by the writer (std's channel does not say).
+    queued: Arc<AtomicUsize>,
+    /// [`StorageSettings::write_queue_capacity`].
+    capacity: usize,
     /// The writer and flusher threads, taken by [`Storage::shutdown`]. A std Mutex: touched once,
     /// at shutdown.
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -384,10 +462,12 @@ impl Storage {
             .map_err(|e| open_error(e.into_string()))?;
         let db = Arc::new(db);
         migrate_log_states(&db)?;
-        let (queue, receiver) = mpsc::sync_channel(WRITE_QUEUE_CAPACITY);
+        let capacity = settings.write_queue_capacity.max(1);
+        let (queue, receiver) = mpsc::sync_channel(capacity);
         let (flush_requests, flush_receiver) = mpsc::sync_channel(1);
         let healthy = Arc::new(AtomicBool::new(true));
         let durable_applied = DurableApplied::default();
+        let queued = Arc::new(AtomicUsize::new(0));
         let flusher = Flusher {
             db: db.clone(),
             requests: flush_receiver,
@@ -397,6 +477,7 @@ impl Storage {
         let writer = GroupCommitWriter {
             db: db.clone(),
             receiver,
+            queued: queued.clone(),
             healthy: healthy.clone(),
             metrics,
             settings,
@@ -422,6 +503,8 @@ impl Storage {
                 queue,
                 healthy,
                 durable_applied,
+                queued,
+                capacity,
                 threads: Mutex::new(threads),
             }),
         })
@@ -459,23 +542,98 @@ impl Storage {
         sync: bool,
         replayable: Option<Replayable>,
     ) -> Result<Durable, StorageError> {
+        let request = WriteRequest {
+            logged,
+            sync,
+            replayable,
+        };
+        self.try_submit(request).map_err(|refused| refused.error)
+    }
+
+    /// Queue `request`; a full queue hands it back (with [`StorageError::QueueFull`]) so the
+    /// caller can retry it later instead of rebuilding it.
+    pub fn try_submit(&self, request: WriteRequest) -> Result<Durable, Refused> {
+        if !self.is_healthy() {
+            return Err(Refused {
+                error: StorageError::Failed,
+                request: None,
+            });
+        }
+        debug_assert!(request
+            .replayable
+            .as_ref()
+            .is_none_or(|r| r.ops.iter().all(|op| op.cf() == Cf::Records)));
+        let (done, receiver) = oneshot::channel();
+        let command = Command::Write {
+            logged: request.logged,
+            sync: request.sync,
+            replayable: request.replayable,
+            done,
+        };
+        // Counted before the send so the writer's decrement can never run first.
+        self.inner.queued.fetch_add(1, Ordering::AcqRel);
+        let refused = |error, request| {
+            self.inner.queued.fetch_sub(1, Ordering::AcqRel);
+            Err(Refused { error, request })
+        };
+        match self.inner.queue.try_send(command) {
+            Ok(()) => Ok(receiver),
+            Err(TrySendError::Full(Command::Write {
+                logged,
+                sync,
+                replayable,
+                ..
+            })) => refused(
+                StorageError::QueueFull {
+                    capacity: self.inner.capacity,
+                },
+                Some(Box::new(WriteRequest {
+                    logged,
+                    sync,
+                    replayable,
+                })),
+            ),
+            Err(TrySendError::Full(_)) => refused(
+                StorageError::QueueFull {
+                    capacity: self.inner.capacity,
+                },
+                None,
+            ),
+            Err(TrySendError::Disconnected(_)) => refused(StorageError::ShutDown, None),
+        }
+    }
+
+    /// Writes queued and not yet taken by the writer thread.
+    pub fn queue_depth(&self) -> usize {
+        self.inner.queued.load(Ordering::Acquire)
+    }
+
+    /// Whether the write queue is so full that new produce requests should be refused (HTTP
+    /// 429) rather than queued: the rest of the queue is kept for the Raft work already in
+    /// flight, so overload slows producers down instead of failing partitions.
+    pub fn is_congested(&self) -> bool {
+        self.queue_depth() >= self.inner.capacity / 2
+    }
+
+    /// Flush `records` after every write queued before this call, and raise the durable
+    /// applied index of every log those writes applied. Resolves once the flush is complete:
+    /// from then on what those writes applied survives a crash.
+    pub async fn flush_records(&self) -> Result<(), StorageError> {
         if !self.is_healthy() {
             return Err(StorageError::Failed);
         }
         let (done, receiver) = oneshot::channel();
-        let command = Command::Write {
-            logged,
-            sync,
-            replayable,
-            done,
-        };
-        match self.inner.queue.try_send(command) {
-            Ok(()) => Ok(receiver),
-            Err(TrySendError::Full(_)) => Err(StorageError::QueueFull {
-                capacity: WRITE_QUEUE_CAPACITY,
-            }),
-            Err(TrySendError::Disconnected(_)) => Err(StorageError::ShutDown),
+        self.inner.queued.fetch_add(1, Ordering::AcqRel);
+        // A blocking send: a flush is rare (snapshot installs) and must not be refused.
+        let queue = self.inner.queue.clone();
+        let sent = tokio::task::spawn_blocking(move || queue.send(Command::Flush { done }))
+            .await
+            .map_err(|_| StorageError::ShutDown)?;
+        if sent.is_err() {
+            self.inner.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(StorageError::ShutDown);
         }
+        receiver.await.map_err(|_| StorageError::ShutDown)?
     }
 
     /// Write `ops` atomically and durably.
@@ -500,10 +658,20 @@ impl Storage {
             .unwrap_or(0)
     }
 
-    /// `log` is known durable up to `applied_index` (recovered from disk, or written logged).
+    /// `log` is known durable up to `applied_index` (written logged, e.g. a snapshot install).
     pub fn note_durable_applied(&self, log: LogId, applied_index: u64) {
         if let Ok(mut map) = self.inner.durable_applied.lock() {
             raise(&mut map, log, applied_index);
+        }
+    }
+
+    /// A replica recovered `log` at `applied_index`. Only the first recovery since RocksDB
+    /// opened reads what is on disk: a later one (an actor restarted in this process) reads
+    /// through the memtable, which holds applies no flush holds yet, so it must not raise the
+    /// compaction cap (a kill -9 would then leave the log compacted past what survived).
+    pub fn note_recovered(&self, log: LogId, applied_index: u64) {
+        if let Ok(mut map) = self.inner.durable_applied.lock() {
+            map.entry(log).or_insert(applied_index);
         }
     }
 
@@ -530,8 +698,18 @@ impl Storage {
             let _ = thread.join();
         }
         // Replayable writes live only in memtables until flushed: this makes them durable.
-        if let Err(e) = self.inner.db.flush() {
-            tracing::warn!(error = %e, "flushing RocksDB at shutdown");
+        // Every column family, not only the default one; the logged ones are in the WAL anyway,
+        // but a flushed shutdown leaves no WAL to replay at the next start.
+        for cf in Cf::ALL {
+            let flushed = self.cf(cf).and_then(|handle| {
+                self.inner
+                    .db
+                    .flush_cf(handle)
+                    .map_err(|e| StorageError::rocks("flush", e))
+            });
+            if let Err(e) = flushed {
+                tracing::error!(column_family = cf.name(), error = %e, "flushing at shutdown failed");
+            }
         }
         // Stop compactions and flushes before the process exits: RocksDB's background
         // threads outliving its static state at exit crash the process (seen as SIGSEGV).
@@ -542,9 +720,48 @@ impl Storage {
         cf_handle(&self.inner.db, cf)
     }
 
-    /// The durable state of `log` (None for a log never written), cross-checked against its last
-    /// batch. Blocking: call from a blocking context or at start-up.
+    /// The state of `log` (the default for a log never written), proven against its batches:
+    /// they must run from the log start to the state's next offset without a gap or an overlap
+    /// (a replica must never serve, or lead with, a log with a hole). Reads every batch header:
+    /// blocking, call from a blocking context or at start-up.
     pub fn recover_log(&self, log: LogId) -> Result<LogState, StorageError> {
+        let mut state = self.read_log_state(log)?;
+        let corrupt = |message: String| StorageError::Corrupt {
+            what: format!("log {}/{}", log.topic_id, log.partition),
+            message,
+        };
+        let mut expected = state.log_start_offset;
+        let mut size = 0u64;
+        let mut hole = None;
+        self.scan_headers(log, state.log_start_offset, |header| {
+            if header.base_offset != expected {
+                hole = Some((expected, header.base_offset));
+                return false;
+            }
+            expected = header.next_offset();
+            size += header.size_bytes;
+            true
+        })?;
+        if let Some((wanted, found)) = hole {
+            return Err(corrupt(format!(
+                "{state:?}: the batch after offset {wanted} starts at {found}"
+            )));
+        }
+        if expected != state.next_offset {
+            return Err(corrupt(format!(
+                "{state:?}: its batches end at offset {expected}"
+            )));
+        }
+        if size != state.size_bytes {
+            // Bookkeeping only (retention's byte count); the offsets are proven. Take the truth.
+            tracing::warn!(log = ?log, stored = state.size_bytes, counted = size, "log size corrected at recovery");
+            state.size_bytes = size;
+        }
+        Ok(state)
+    }
+
+    /// `log`'s stored state, cross-checked against its last batch only (cheap). Blocking.
+    pub fn read_log_state(&self, log: LogId) -> Result<LogState, StorageError> {
         let state = match self
             .inner
             .db
@@ -796,10 +1013,12 @@ fn corrupt(log: LogId, error: crate::error::BatchError) -> StorageError {
 struct GroupCommitWriter {
     db: Arc<DB>,
     receiver: Receiver<Command>,
+    /// [`Inner::queued`]: decremented as commands are taken.
+    queued: Arc<AtomicUsize>,
     healthy: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
     settings: StorageSettings,
-    flush_requests: SyncSender<HashMap<LogId, u64>>,
+    flush_requests: SyncSender<FlushRequest>,
     /// Applied indexes written replayably since the last flush request.
     unflushed: HashMap<LogId, u64>,
     unflushed_bytes: usize,
@@ -813,6 +1032,8 @@ struct Group {
     logged: WriteBatch,
     replayable: WriteBatch,
     waiters: Vec<Waiter>,
+    /// [`Command::Flush`]es, answered once the flush after this group completes.
+    flush_waiters: Vec<Waiter>,
     applied: Vec<(LogId, u64)>,
     logged_bytes: usize,
     replayable_bytes: usize,
@@ -899,18 +1120,21 @@ impl GroupCommitWriter {
             size.add(&first);
             let mut commands = vec![first];
             while size.bytes() < GROUP_COMMIT_BYTES_MAX
-                && !matches!(commands.last(), Some(Command::Shutdown))
+                && !matches!(
+                    commands.last(),
+                    Some(Command::Shutdown | Command::Flush { .. })
+                )
             {
-                match self.receiver.try_recv() {
-                    Ok(command) if size.admits(&command) => {
+                match self.take() {
+                    Some(command) if size.admits(&command) => {
                         size.add(&command);
                         commands.push(command);
                     }
-                    Ok(command) => {
+                    Some(command) => {
                         carried = Some(command);
                         break;
                     }
-                    Err(_) => break,
+                    None => break,
                 }
             }
             let mut group = Group::with_capacity(&size);
@@ -919,8 +1143,13 @@ impl GroupCommitWriter {
                 shutdown |= self.add(command, &mut group);
             }
             let logged = if group.sync { &sync } else { &unsynced };
+            let flush_waiters = std::mem::take(&mut group.flush_waiters);
             self.commit(group, logged, &no_wal);
-            self.maybe_request_flush();
+            if flush_waiters.is_empty() {
+                self.maybe_request_flush();
+            } else {
+                self.request_flush_now(flush_waiters);
+            }
             if shutdown {
                 return;
             }
@@ -932,7 +1161,10 @@ impl GroupCommitWriter {
     fn next_command(&mut self) -> Option<Command> {
         loop {
             let Some(since) = self.unflushed_since else {
-                return self.receiver.recv().ok();
+                let command = self.receiver.recv().ok();
+                self.queued
+                    .fetch_sub(usize::from(command.is_some()), Ordering::AcqRel);
+                return command;
             };
             // At least a little: a flush still running makes a due request wait for it.
             let wait = self
@@ -941,17 +1173,32 @@ impl GroupCommitWriter {
                 .saturating_sub(since.elapsed())
                 .max(Duration::from_millis(10));
             match self.receiver.recv_timeout(wait) {
-                Ok(command) => return Some(command),
+                Ok(command) => {
+                    self.queued.fetch_sub(1, Ordering::AcqRel);
+                    return Some(command);
+                }
                 Err(RecvTimeoutError::Timeout) => self.maybe_request_flush(),
                 Err(RecvTimeoutError::Disconnected) => return None,
             }
         }
     }
 
+    /// The next queued command, if any, without waiting.
+    fn take(&self) -> Option<Command> {
+        let command = self.receiver.try_recv().ok();
+        self.queued
+            .fetch_sub(usize::from(command.is_some()), Ordering::AcqRel);
+        command
+    }
+
     /// Add one command to the group; true if it asks the writer to stop after this group.
     fn add(&self, command: Command, group: &mut Group) -> bool {
         match command {
             Command::Shutdown => true,
+            Command::Flush { done } => {
+                group.flush_waiters.push(done);
+                false
+            }
             Command::Write {
                 logged,
                 sync,
@@ -1073,33 +1320,57 @@ impl GroupCommitWriter {
         if !due {
             return;
         }
-        match self
-            .flush_requests
-            .try_send(std::mem::take(&mut self.unflushed))
-        {
+        let request = FlushRequest {
+            applied: std::mem::take(&mut self.unflushed),
+            waiters: Vec::new(),
+        };
+        match self.flush_requests.try_send(request) {
             Ok(()) => {
                 self.unflushed_bytes = 0;
                 self.unflushed_since = None;
             }
             Err(TrySendError::Full(back) | TrySendError::Disconnected(back)) => {
-                self.unflushed = back;
+                self.unflushed = back.applied;
             }
         }
     }
+
+    /// A flush was asked for ([`Storage::flush_records`]): hand it to the flusher now, waiting
+    /// for a flush still running (the asker waits for it anyway).
+    fn request_flush_now(&mut self, waiters: Vec<Waiter>) {
+        let request = FlushRequest {
+            applied: std::mem::take(&mut self.unflushed),
+            waiters,
+        };
+        self.unflushed_bytes = 0;
+        self.unflushed_since = None;
+        if let Err(mpsc::SendError(request)) = self.flush_requests.send(request) {
+            for waiter in request.waiters {
+                let _ = waiter.send(Err(StorageError::ShutDown));
+            }
+        }
+    }
+}
+
+/// A flush of `records` the writer asks for: the applied indexes written since the last one,
+/// and who waits for it.
+struct FlushRequest {
+    applied: HashMap<LogId, u64>,
+    waiters: Vec<Waiter>,
 }
 
 /// Flushes `records` when the writer asks, then publishes the applied indexes the flush made
 /// durable (everything written before the request is in the flushed memtable).
 struct Flusher {
     db: Arc<DB>,
-    requests: Receiver<HashMap<LogId, u64>>,
+    requests: Receiver<FlushRequest>,
     durable_applied: DurableApplied,
     metrics: Arc<Metrics>,
 }
 
 impl Flusher {
     fn run(self) {
-        while let Ok(applied) = self.requests.recv() {
+        while let Ok(FlushRequest { applied, waiters }) = self.requests.recv() {
             let started = Instant::now();
             let flushed = cf_handle(&self.db, Cf::Records).and_then(|cf| {
                 self.db
@@ -1119,7 +1390,10 @@ impl Flusher {
                 }
                 // Nothing becomes durable: Raft logs stay uncompacted, which is safe; RocksDB
                 // fails later writes if its background error persists.
-                Err(e) => tracing::error!(error = %e, "flushing records failed"),
+                Err(ref e) => tracing::error!(error = %e, "flushing records failed"),
+            }
+            for waiter in waiters {
+                let _ = waiter.send(flushed.clone());
             }
         }
     }
@@ -1563,6 +1837,60 @@ mod tests {
                 log_state_op(log, state),
             ],
         }
+    }
+
+    /// The state agrees with the last batch, but a batch in the middle is missing: recovery
+    /// must refuse the log (it used to check only the last batch, and a replica then served, or
+    /// led with, a log with a silent hole).
+    #[actix_rt::test]
+    async fn recovery_refuses_a_log_with_a_hole_before_its_last_batch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = open(dir.path());
+        let log = LogId {
+            topic_id: 2,
+            partition: 3,
+        };
+        let mut state = LogState::default();
+        let first = replayable_batch(log, &mut state, 10);
+        let _hole = replayable_batch(log, &mut state, 10);
+        let last = replayable_batch(log, &mut state, 10);
+        let mut ops = first.ops;
+        ops.extend(last.ops);
+        storage.write(ops).await.expect("write");
+        let stored = storage.read_log_state(log).expect("cheap check passes");
+        assert_eq!(stored.next_offset, 3);
+        let refused = storage.recover_log(log);
+        assert!(
+            matches!(&refused, Err(StorageError::Corrupt { message, .. }) if message.contains("after offset 1 starts at 2")),
+            "{refused:?}"
+        );
+        storage.shutdown();
+    }
+
+    #[actix_rt::test]
+    async fn a_flush_on_demand_makes_every_earlier_apply_durable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = open(dir.path());
+        let logs = [1, 2].map(|partition| LogId {
+            topic_id: 6,
+            partition,
+        });
+        let mut states = [LogState::default(); 2];
+        for round in 0..3 {
+            for (log, state) in logs.iter().zip(states.iter_mut()) {
+                let write = replayable_batch(*log, state, 100 + round);
+                storage
+                    .submit_replayable(Vec::new(), false, write)
+                    .expect("submit");
+            }
+        }
+        assert_eq!(storage.durable_applied(logs[0]), 0);
+        storage.flush_records().await.expect("flush");
+        for (log, state) in logs.iter().zip(&states) {
+            assert_eq!(storage.durable_applied(*log), state.applied_index);
+        }
+        assert_eq!(storage.queue_depth(), 0);
+        storage.shutdown();
     }
 
     #[actix_rt::test]

@@ -116,6 +116,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         storage_settings: StorageSettings {
             flush_bytes: config.records_flush_bytes,
             flush_interval: Duration::from_millis(config.records_flush_interval_ms),
+            ..StorageSettings::default()
         },
         peer_listen: (!seeds.is_empty()).then_some(config.peer),
         seeds,

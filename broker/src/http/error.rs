@@ -52,8 +52,12 @@ pub enum ApiError {
     Throttled(String),
     #[error("{0}")]
     Internal(String),
+    /// 503, nothing was written: retrying cannot store a record twice.
     #[error("{0}")]
     Unavailable(String),
+    /// 503, the request may or may not have been written: a retry may store it twice.
+    #[error("{0}")]
+    OutcomeUnknown(String),
 }
 
 impl ApiError {
@@ -74,6 +78,7 @@ impl ApiError {
             ApiError::Throttled(_) => 42901,
             ApiError::Internal(_) => 50001,
             ApiError::Unavailable(_) => 50301,
+            ApiError::OutcomeUnknown(_) => 50302,
         }
     }
 
@@ -93,7 +98,10 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let mut response = HttpResponse::build(self.status_code());
-        if matches!(self, ApiError::Unavailable(_) | ApiError::Throttled(_)) {
+        if matches!(
+            self,
+            ApiError::Unavailable(_) | ApiError::OutcomeUnknown(_) | ApiError::Throttled(_)
+        ) {
             response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECONDS));
         }
         response.json(self.body())
@@ -108,7 +116,11 @@ impl From<PartitionError> for ApiError {
             }
             PartitionError::Restarting { .. }
             | PartitionError::NoLeader { .. }
-            | PartitionError::Timeout { .. } => ApiError::Unavailable(error.to_string()),
+            | PartitionError::NotWritten { .. } => ApiError::Unavailable(error.to_string()),
+            PartitionError::OutcomeUnknown { .. } | PartitionError::Timeout { .. } => {
+                ApiError::OutcomeUnknown(error.to_string())
+            }
+            PartitionError::Overloaded { .. } => ApiError::Throttled(error.to_string()),
             PartitionError::Deleted { topic, .. } => ApiError::TopicNotFound(topic.clone()),
             PartitionError::NotReplica { .. } => ApiError::Misdirected(error.to_string()),
             PartitionError::Storage(storage) => storage_error(storage),
@@ -129,6 +141,7 @@ impl From<TopicError> for ApiError {
             TopicError::ShuttingDown | TopicError::NoLeader => {
                 ApiError::Unavailable(error.to_string())
             }
+            TopicError::OutcomeUnknown => ApiError::OutcomeUnknown(error.to_string()),
         }
     }
 }
