@@ -13,6 +13,7 @@ use pubg1_actors::batch::NewRecord;
 use pubg1_actors::partitioner::partition_for_key;
 use pubg1_actors::registry::TopicHandle;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
@@ -26,17 +27,18 @@ pub struct ProduceRequest {
     pub records: Vec<ProduceRecord>,
 }
 
-/// One record to produce. With the JSON formats `key` and `value` are any JSON; with the binary
-/// format they are base64 strings. A missing or null key means keyless.
+/// One record to produce. With the JSON formats `key` and `value` are any JSON, stored as the
+/// exact text sent (numbers keep every digit, objects their key order); with the binary format
+/// they are base64 strings. A missing or null key means keyless.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProduceRecord {
     #[serde(default)]
     #[schema(value_type = Object)]
-    pub key: Option<serde_json::Value>,
+    pub key: Option<Box<RawValue>>,
     #[serde(default)]
     #[schema(value_type = Object)]
-    pub value: Option<serde_json::Value>,
+    pub value: Option<Box<RawValue>>,
     /// Send this record to this partition instead of choosing by key.
     #[serde(default)]
     pub partition: Option<u32>,
@@ -239,19 +241,27 @@ fn route(
     Ok(routed)
 }
 
-/// The bytes a key or value is stored as.
+/// The bytes a key or value is stored as: in the JSON formats the exact text the producer sent
+/// (a log stores what it was given; re-serializing would round numbers through f64 and reorder
+/// object keys), in the binary format the base64-decoded bytes.
 fn embed(
     format: EmbeddedFormat,
-    field: Option<serde_json::Value>,
+    field: Option<Box<RawValue>>,
     index: usize,
     name: &str,
 ) -> Result<Option<Bytes>, ApiError> {
-    match (format, field) {
-        (_, None) | (_, Some(serde_json::Value::Null)) => Ok(None),
-        (EmbeddedFormat::Json, Some(value)) => serde_json::to_vec(&value)
-            .map(|v| Some(Bytes::from(v)))
-            .map_err(|e| ApiError::Unprocessable(format!("records[{index}].{name}: {e}"))),
-        (EmbeddedFormat::Binary, Some(serde_json::Value::String(text))) => {
+    let Some(raw) = field.filter(|raw| raw.get() != "null") else {
+        return Ok(None);
+    };
+    match format {
+        EmbeddedFormat::Json => Ok(Some(Bytes::copy_from_slice(raw.get().as_bytes()))),
+        EmbeddedFormat::Binary => {
+            let text: String = serde_json::from_str(raw.get()).map_err(|_| {
+                ApiError::Unprocessable(format!(
+                    "records[{index}].{name} must be a base64 string in the binary format, not {}",
+                    raw.get()
+                ))
+            })?;
             base64::engine::general_purpose::STANDARD
                 .decode(text.as_bytes())
                 .map(|v| Some(Bytes::from(v)))
@@ -261,8 +271,5 @@ fn embed(
                     ))
                 })
         }
-        (EmbeddedFormat::Binary, Some(other)) => Err(ApiError::Unprocessable(format!(
-            "records[{index}].{name} must be a base64 string in the binary format, not {other}"
-        ))),
     }
 }

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use pubg1_actors::batch::StoredRecord;
 use pubg1_actors::log_reader::{self, FetchRequest, Fetched};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ErrorBody};
@@ -41,10 +42,11 @@ pub struct ConsumerRecord {
     pub offset: u64,
     /// Broker append time, milliseconds since the epoch.
     pub timestamp: i64,
+    /// The key as stored: in the JSON format its exact text as produced.
     #[schema(value_type = Object)]
-    pub key: serde_json::Value,
+    pub key: Box<RawValue>,
     #[schema(value_type = Object)]
-    pub value: serde_json::Value,
+    pub value: Box<RawValue>,
 }
 
 /// Records from one partition and where its log stands.
@@ -149,18 +151,24 @@ fn render(
     format: EmbeddedFormat,
 ) -> Result<ConsumerRecord, ApiError> {
     let offset = record.offset;
-    let field = |bytes: Option<Bytes>| -> Result<serde_json::Value, ApiError> {
-        match (bytes, format) {
-            (None, _) => Ok(serde_json::Value::Null),
-            (Some(b), EmbeddedFormat::Binary) => Ok(serde_json::Value::String(
-                base64::engine::general_purpose::STANDARD.encode(b),
-            )),
-            (Some(b), EmbeddedFormat::Json) => serde_json::from_slice(&b).map_err(|_| {
-                ApiError::NotAcceptable(format!(
-                    "record at offset {offset} is not JSON; fetch it with format=binary"
-                ))
-            }),
-        }
+    let not_json = || {
+        ApiError::NotAcceptable(format!(
+            "record at offset {offset} is not JSON; fetch it with format=binary"
+        ))
+    };
+    // JSON is returned as the exact text stored (checked to be JSON, never re-encoded).
+    let field = |bytes: Option<Bytes>| -> Result<Box<RawValue>, ApiError> {
+        let raw = match (bytes, format) {
+            (None, _) => serde_json::value::to_raw_value(&serde_json::Value::Null),
+            (Some(b), EmbeddedFormat::Binary) => serde_json::value::to_raw_value(
+                &base64::engine::general_purpose::STANDARD.encode(b),
+            ),
+            (Some(b), EmbeddedFormat::Json) => {
+                let text = String::from_utf8(b.to_vec()).map_err(|_| not_json())?;
+                RawValue::from_string(text)
+            }
+        };
+        raw.map_err(|_| not_json())
     };
     Ok(ConsumerRecord {
         partition,
