@@ -1,7 +1,7 @@
 //! The brokers loadgen starts and breaks: real `pubg1-broker` processes on 127.0.0.1, each on
 //! its own data dir, killed, paused and resumed by PID. Faults only ever touch these processes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -12,6 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use crate::http::Http;
 use crate::ports::free_port;
 use crate::proxy::Proxies;
+use crate::scenario::ClusterSpec;
 
 /// How long a broker may take to become ready.
 const READY_DEADLINE: Duration = Duration::from_secs(60);
@@ -67,6 +68,8 @@ pub struct Cluster {
     /// Each broker's `--seeds`: through the proxies when there are any.
     seeds: HashMap<u32, String>,
     raft_tick_ms: u64,
+    /// Extra environment for every broker ([`ClusterSpec::broker_env`]).
+    broker_env: BTreeMap<String, String>,
     /// The TCP proxies between brokers, when network faults are wanted.
     proxies: Option<Proxies>,
     /// Brokers cut off from the others right now.
@@ -94,13 +97,8 @@ pub fn default_broker_binary() -> Result<PathBuf> {
 impl Cluster {
     /// Start `n` brokers under `dir` and wait until all are ready. With `proxies`, brokers reach
     /// each other only through loadgen's TCP proxies, so the network can be partitioned.
-    pub fn start(
-        binary: &Path,
-        dir: &Path,
-        n: u32,
-        raft_tick_ms: u64,
-        proxies: bool,
-    ) -> Result<Self> {
+    pub fn start(binary: &Path, dir: &Path, spec: &ClusterSpec) -> Result<Self> {
+        let (n, proxies) = (spec.brokers, spec.proxies);
         std::fs::create_dir_all(dir)?;
         let mut brokers = Vec::new();
         for id in 1..=n {
@@ -142,7 +140,8 @@ impl Cluster {
             brokers,
             binary: binary.to_owned(),
             seeds,
-            raft_tick_ms,
+            raft_tick_ms: spec.raft_tick_ms,
+            broker_env: spec.broker_env.clone(),
             proxies,
             isolated: Vec::new(),
         };
@@ -176,6 +175,7 @@ impl Cluster {
 
     fn spawn(&mut self, id: u32) -> Result<()> {
         let (binary, tick) = (self.binary.clone(), self.raft_tick_ms);
+        let env = self.broker_env.clone();
         let seeds = self.seeds.get(&id).cloned().unwrap_or_default();
         let broker = self.broker_mut(id)?;
         let log = std::fs::OpenOptions::new()
@@ -190,6 +190,7 @@ impl Cluster {
             .args(["--peer", &format!("127.0.0.1:{}", broker.peer_port)])
             .args(["--seeds", &seeds])
             .env("PUBG1_RAFT_TICK_MS", tick.to_string())
+            .envs(&env)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

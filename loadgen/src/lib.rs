@@ -3,8 +3,10 @@
 
 pub mod cluster;
 pub mod http;
+pub mod nemesis;
 pub mod ports;
 pub mod proxy;
+pub mod readback;
 pub mod report;
 pub mod run;
 pub mod scenario;

@@ -53,6 +53,24 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Run the seeded nemesis: a 3-broker cluster (12 partitions, RF=3, leaders keeping few
+    /// Raft entries so snapshots happen), keyed and keyless producers, and a random fault
+    /// timeline drawn from the seed (kill -9, restart, SIGSTOP/SIGCONT, isolate/heal, one broker
+    /// down at a time); then every broker's copy is verified and compared.
+    Chaos {
+        /// Seed of the fault timeline: the same seed replays the same faults at the same times.
+        #[arg(long)]
+        seed: u64,
+        /// Fault steps (each break and each repair counts one).
+        #[arg(long, default_value_t = 100)]
+        faults: usize,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        broker_bin: Option<PathBuf>,
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Render report.html again from a finished run's result.json.
     Report {
         /// The run's output directory.
@@ -109,8 +127,24 @@ fn real_main() -> Result<bool> {
                 bootstrap: None,
                 broker_bin,
                 progress: !quiet,
+                seed: None,
             }
         }
+        Command::Chaos {
+            seed,
+            faults,
+            out,
+            broker_bin,
+            quiet,
+        } => Options {
+            name: format!("chaos (seed {seed}, {faults} faults)"),
+            scenario: Scenario::parse(loadgen::scenario::CHAOS)?.with_nemesis(seed, faults),
+            out: out.unwrap_or_else(|| PathBuf::from(format!("loadgen-out/chaos-{seed}"))),
+            bootstrap: None,
+            broker_bin,
+            progress: !quiet,
+            seed: Some(seed),
+        },
         Command::Run {
             scenario,
             out,
@@ -129,6 +163,7 @@ fn real_main() -> Result<bool> {
                 bootstrap,
                 broker_bin,
                 progress: !quiet,
+                seed: None,
             }
         }
         Command::Report { run } => {
@@ -148,7 +183,7 @@ fn real_main() -> Result<bool> {
             let acks = run::load_acks(&run.join("acks.csv"))?;
             let http = Http::new(Duration::from_secs(10));
             let topic = scenario.producer_topic();
-            let log = run::read_topic(&http, &bootstrap, &topic, &scenario.topics)
+            let log = loadgen::readback::read_topic(&http, &bootstrap, &topic, &scenario.topics)
                 .context("reading the topic back")?;
             let verdict = verify::verify(&acks, &log);
             print!("{}", summary::verdict(&verdict));

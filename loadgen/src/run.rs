@@ -15,15 +15,16 @@ use serde_json::{json, Value};
 
 use crate::cluster::{Cluster, State};
 use crate::http::Http;
+use crate::readback::{self, ReplicaCheck};
 use crate::scenario::{Action, Scenario, Target, TopicSpec};
-use crate::verify::{self, Ack, FaultEvent, Outcome, Stored, Verdict, Window};
+use crate::verify::{self, Ack, FaultEvent, Outcome, Verdict, Window};
 
 /// How long a produce request may take before the producer gives up on it and moves on.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause after a failed request before the next (the producer also moves to another broker).
 const FAILURE_BACKOFF: Duration = Duration::from_millis(20);
 /// How long metadata (leaders, convergence) may take to settle.
-const SETTLE_DEADLINE: Duration = Duration::from_secs(60);
+pub(crate) const SETTLE_DEADLINE: Duration = Duration::from_secs(60);
 const JSON_V2: &str = "application/vnd.kafka.json.v2+json";
 
 #[derive(Debug, Clone)]
@@ -37,6 +38,8 @@ pub struct Options {
     pub bootstrap: Option<Vec<String>>,
     pub broker_bin: Option<PathBuf>,
     pub progress: bool,
+    /// The nemesis seed the scenario's faults were drawn from, if they were.
+    pub seed: Option<u64>,
 }
 
 /// Latency percentiles in milliseconds.
@@ -91,12 +94,21 @@ pub struct RunResult {
     /// Invariants checked during faults ("ok: …" or "violation: …").
     #[serde(default)]
     pub checks: Vec<String>,
+    /// The verdict on the first broker's copy (`replicas` has every copy's).
     pub verdict: Verdict,
+    /// Every broker's copy, verified on its own and compared with the first.
+    #[serde(default)]
+    pub replicas: Vec<ReplicaCheck>,
+    /// The nemesis seed the fault timeline was drawn from (`loadgen chaos`).
+    #[serde(default)]
+    pub seed: Option<u64>,
 }
 
 impl RunResult {
     pub fn passed(&self) -> bool {
-        self.verdict.is_clean() && !self.checks.iter().any(|c| c.starts_with("violation"))
+        self.verdict.is_clean()
+            && self.replicas.iter().all(ReplicaCheck::is_clean)
+            && !self.checks.iter().any(|c| c.starts_with("violation"))
     }
 }
 
@@ -142,13 +154,7 @@ pub fn run(options: &Options) -> Result<RunResult> {
                 std::fs::remove_dir_all(&dir)
                     .with_context(|| format!("clearing {}", dir.display()))?;
             }
-            Some(Cluster::start(
-                &binary,
-                &dir,
-                scenario.cluster.brokers,
-                scenario.cluster.raft_tick_ms,
-                scenario.cluster.proxies,
-            )?)
+            Some(Cluster::start(&binary, &dir, &scenario.cluster)?)
         }
     };
     let urls = match (&options.bootstrap, &cluster) {
@@ -229,13 +235,13 @@ pub fn run(options: &Options) -> Result<RunResult> {
     if let Some(cluster) = cluster.as_mut() {
         cluster.heal()?;
     }
-    let log = read_topic(&http, &urls, &topic, &scenario.topics)?;
     let acks: Vec<Ack> = reports
         .iter()
         .flat_map(|r| r.acks.iter().copied())
         .collect();
     save_acks(&options.out.join("acks.csv"), &acks)?;
-    let verdict = verify::verify(&acks, &log);
+    let (verdict, replicas) =
+        readback::verify_replicas(&http, &urls, &topic, &scenario.topics, &acks)?;
     let mut outcomes: Vec<Outcome> = reports
         .iter()
         .flat_map(|r| r.outcomes.iter().copied())
@@ -290,6 +296,8 @@ pub fn run(options: &Options) -> Result<RunResult> {
         faults: windows,
         checks,
         verdict,
+        replicas,
+        seed: options.seed,
     };
     std::fs::write(
         options.out.join("result.json"),
@@ -382,7 +390,7 @@ fn create_topic(http: &Http, urls: &[String], topic: &TopicSpec) -> Result<()> {
     }
 }
 
-fn describe(http: &Http, url: &str, topic: &str, partition: u32) -> Option<Value> {
+pub(crate) fn describe(http: &Http, url: &str, topic: &str, partition: u32) -> Option<Value> {
     http.get(&format!("{url}/topics/{topic}/partitions/{partition}"))
         .ok()
         .filter(|r| r.status == 200)
@@ -552,7 +560,7 @@ fn record_value(producer: u32, sequence: u64, sent_unix_micros: u128, bytes: usi
 }
 
 /// Producer id and sequence from a stored value written by [`record_value`].
-fn parse_value(value: &str) -> Option<(u32, u64)> {
+pub(crate) fn parse_value(value: &str) -> Option<(u32, u64)> {
     let mut parts = value.split(':');
     let producer = parts.next()?.strip_prefix('p')?.parse().ok()?;
     let sequence = parts.next()?.strip_prefix('s')?.parse().ok()?;
@@ -568,12 +576,13 @@ fn start_producers(
     start: Instant,
 ) -> Result<Vec<std::thread::JoinHandle<ProducerReport>>> {
     let spec = scenario.producers.clone();
-    let keys = scenario.key_space()?;
+    scenario.key_space(0)?;
     let per_producer_rate = spec.rate as f64 / f64::from(spec.count);
     let interval =
         (spec.rate > 0).then(|| Duration::from_secs_f64(spec.batch as f64 / per_producer_rate));
     let mut threads = Vec::new();
     for producer in 0..spec.count {
+        let keys = scenario.key_space(producer)?;
         let urls: Vec<String> = urls.iter().map(|u| format!("{u}/topics/{topic}")).collect();
         let (live, spec) = (live.clone(), spec.clone());
         threads.push(std::thread::spawn(move || {
@@ -770,79 +779,6 @@ fn acks_of(body: &Value, producer: u32, first: u64) -> Option<Vec<Ack>> {
 
 /// Wait until every reachable broker reports the same high watermarks, then read every
 /// partition of `topic` from the start.
-pub fn read_topic(
-    http: &Http,
-    urls: &[String],
-    topic: &str,
-    topics: &[TopicSpec],
-) -> Result<Vec<Stored>> {
-    let partitions = topics
-        .iter()
-        .find(|t| t.name == topic)
-        .map(|t| t.partitions)
-        .ok_or_else(|| anyhow!("unknown topic {topic}"))?;
-    let deadline = Instant::now() + SETTLE_DEADLINE;
-    let source = loop {
-        let views: Vec<(String, Vec<u64>)> = urls
-            .iter()
-            .filter_map(|url| {
-                let hws: Option<Vec<u64>> = (0..partitions)
-                    .map(|p| {
-                        describe(http, url, topic, p).and_then(|d| d["high_watermark"].as_u64())
-                    })
-                    .collect();
-                hws.map(|h| (url.clone(), h))
-            })
-            .collect();
-        if !views.is_empty() && views.iter().all(|(_, h)| *h == views[0].1) {
-            break views[0].0.clone();
-        }
-        if Instant::now() > deadline {
-            bail!("replicas of {topic} did not converge: {views:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut log = Vec::new();
-    for partition in 0..partitions {
-        // No offset: the broker starts at the log start.
-        let mut offset: Option<u64> = None;
-        loop {
-            let from = offset.map(|o| format!("&offset={o}")).unwrap_or_default();
-            let url = format!(
-                "{source}/topics/{topic}/partitions/{partition}/records?max_records=10000{from}"
-            );
-            let reply = http.get(&url)?;
-            if reply.status != 200 {
-                bail!(
-                    "reading {topic}/{partition}: {} {}",
-                    reply.status,
-                    reply.text
-                );
-            }
-            for record in reply.body["records"].as_array().into_iter().flatten() {
-                let at = record["offset"].as_u64().unwrap_or_default();
-                if let Some((producer, sequence)) = record["value"].as_str().and_then(parse_value) {
-                    log.push(Stored {
-                        partition,
-                        offset: at,
-                        producer,
-                        sequence,
-                    });
-                }
-            }
-            let Some(next) = reply.body["next_offset"].as_u64() else {
-                bail!("no next_offset reading {topic}/{partition}: {}", reply.text);
-            };
-            let end = reply.body["high_watermark"].as_u64().unwrap_or(next);
-            if next >= end || Some(next) == offset {
-                break;
-            }
-            offset = Some(next);
-        }
-    }
-    Ok(log)
-}
-
 fn save_acks(path: &Path, acks: &[Ack]) -> Result<()> {
     let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
     writeln!(out, "producer,sequence,partition,offset")?;

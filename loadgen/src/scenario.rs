@@ -1,5 +1,6 @@
 //! Scenario files: what to run, for how long, and what to break when.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -7,6 +8,8 @@ use serde::Deserialize;
 
 /// The scenario `loadgen demo` runs (also `loadgen/scenarios/demo.toml`).
 pub const DEMO: &str = include_str!("../scenarios/demo.toml");
+/// The cluster and load `loadgen chaos` runs its seeded fault timeline on.
+pub const CHAOS: &str = include_str!("../scenarios/chaos.toml");
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -41,6 +44,9 @@ pub struct ClusterSpec {
     /// Route broker-to-broker traffic through loadgen's TCP proxies, so `isolate`/`heal` can
     /// partition the network (costs a hop on every Raft message).
     pub proxies: bool,
+    /// Extra `PUBG1_*` settings for every broker, e.g. a small `PUBG1_RAFT_LOG_KEEP_ENTRIES_MAX`
+    /// so that snapshots happen within seconds.
+    pub broker_env: BTreeMap<String, String>,
 }
 
 impl Default for ClusterSpec {
@@ -49,6 +55,7 @@ impl Default for ClusterSpec {
             brokers: 3,
             raft_tick_ms: 30,
             proxies: false,
+            broker_env: BTreeMap::new(),
         }
     }
 }
@@ -75,7 +82,8 @@ pub struct ProducerSpec {
     /// Records per produce request.
     #[serde(default = "default_batch")]
     pub batch: usize,
-    /// `none` (records spread over partitions by the broker) or `uniform:N` (N distinct keys).
+    /// `none` (keyless: each request names one partition, in turn), `uniform:N` (N distinct
+    /// keys, partitioned by the broker) or `mixed:N` (even producers keyed, odd ones keyless).
     #[serde(default = "default_keys")]
     pub keys: String,
     /// The topic they write to (default: the first).
@@ -197,7 +205,7 @@ impl Scenario {
         if self.producers.record_bytes < 40 {
             bail!("producers.record_bytes must be at least 40");
         }
-        self.key_space()?;
+        self.key_space(0)?;
         let topic = self.producer_topic();
         if !self.topics.iter().any(|t| t.name == topic) {
             bail!("producers.topic '{topic}' is not among the topics");
@@ -231,17 +239,31 @@ impl Scenario {
         Ok(())
     }
 
-    /// Distinct keys producers use; None = keyless.
-    pub fn key_space(&self) -> Result<Option<u64>> {
-        match self.producers.keys.as_str() {
-            "none" => Ok(None),
-            other => match other.strip_prefix("uniform:").map(str::parse::<u64>) {
-                Some(Ok(n)) if n > 0 => Ok(Some(n)),
-                _ => {
-                    bail!("producers.keys must be 'none' or 'uniform:N' with N > 0, not '{other}'")
-                }
-            },
+    /// Distinct keys producer number `producer` uses; None = keyless.
+    pub fn key_space(&self, producer: u32) -> Result<Option<u64>> {
+        let keys = self.producers.keys.as_str();
+        if keys == "none" {
+            return Ok(None);
         }
+        let (mixed, n) = match (keys.strip_prefix("uniform:"), keys.strip_prefix("mixed:")) {
+            (Some(n), _) => (false, n),
+            (_, Some(n)) => (true, n),
+            _ => return bad_keys(keys),
+        };
+        match n.parse::<u64>() {
+            Ok(n) if n > 0 => Ok((!mixed || producer.is_multiple_of(2)).then_some(n)),
+            _ => bad_keys(keys),
+        }
+    }
+
+    /// The seeded nemesis: replace the fault timeline with `faults` steps drawn from `seed`
+    /// (see [`crate::nemesis`]), starting 2 s into the load, and run until 3 s after the last.
+    pub fn with_nemesis(mut self, seed: u64, faults: usize) -> Self {
+        let brokers = self.cluster.brokers;
+        let isolate = self.cluster.proxies;
+        self.faults = crate::nemesis::timeline(seed, faults, brokers, isolate, 2.0);
+        self.duration_s = self.faults.last().map_or(self.duration_s, |f| f.at_s + 3.0);
+        self
     }
 
     pub fn producer_topic(&self) -> String {
@@ -250,6 +272,10 @@ impl Scenario {
             .clone()
             .unwrap_or_else(|| self.topics[0].name.clone())
     }
+}
+
+fn bad_keys<T>(keys: &str) -> Result<T> {
+    bail!("producers.keys must be 'none', 'uniform:N' or 'mixed:N' with N > 0, not '{keys}'")
 }
 
 #[cfg(test)]
@@ -265,6 +291,7 @@ mod tests {
             include_str!("../scenarios/partition.toml"),
             include_str!("../scenarios/steady.toml"),
             include_str!("../scenarios/leader-kills.toml"),
+            CHAOS,
         ] {
             Scenario::parse(text).expect("scenario");
         }

@@ -52,7 +52,38 @@ pub fn render(result: &RunResult) -> String {
     for check in &result.checks {
         let _ = writeln!(out, "check               {check}");
     }
+    if let Some(seed) = result.seed {
+        let _ = writeln!(
+            out,
+            "nemesis seed        {seed} ({} fault steps; rerun: loadgen chaos --seed {seed} --faults {})",
+            result.faults.len(),
+            result.faults.len()
+        );
+    }
+    for replica in &result.replicas {
+        let _ = writeln!(
+            out,
+            "replica             {}: {} stored, {} lost, {} duplicated, {} moved, {}",
+            replica.broker,
+            replica.stored,
+            replica.lost,
+            replica.duplicated,
+            replica.moved,
+            if replica.identical_to_first {
+                "identical to the first copy"
+            } else {
+                "DIFFERS from the first copy"
+            }
+        );
+    }
     out.push_str(&verdict(&result.verdict));
+    if !result
+        .replicas
+        .iter()
+        .all(crate::readback::ReplicaCheck::is_clean)
+    {
+        out.push_str("result              FAIL: a replica lacks, repeats or misplaces acknowledged records, or differs\n");
+    }
     out
 }
 

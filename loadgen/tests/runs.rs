@@ -110,3 +110,28 @@ fn deleting_the_topic_mid_run_is_reported_as_loss_with_a_failing_exit() {
     assert!(lost > 0, "{result}");
     assert!(stdout.contains("FAIL"), "{stdout}");
 }
+
+/// CI's short seed of the nemesis (the note of each session reports long runs of several seeds).
+#[test]
+fn a_short_nemesis_run_leaves_every_replica_complete_and_identical() {
+    let (code, stdout, result, _report, _dir) =
+        loadgen(&["chaos", "--seed", "20261201", "--faults", "12"]);
+    assert_eq!(code, 0, "{stdout}");
+    assert_eq!(result["seed"], 20261201, "the seed is in result.json");
+    let faults = result["faults"].as_array().expect("faults");
+    assert_eq!(faults.len(), 12, "{faults:?}");
+    let replicas = result["replicas"].as_array().expect("replicas");
+    assert_eq!(
+        replicas.len(),
+        3,
+        "every broker's copy was read: {replicas:?}"
+    );
+    for replica in replicas {
+        for anomaly in ["lost", "duplicated", "moved"] {
+            assert_eq!(replica[anomaly], 0, "{anomaly}: {replica}");
+        }
+        assert_eq!(replica["identical_to_first"], true, "{replica}");
+        assert!(replica["stored"].as_u64().unwrap_or(0) > 1_000, "{replica}");
+    }
+    assert!(stdout.contains("nemesis seed        20261201"), "{stdout}");
+}
