@@ -9,6 +9,8 @@ use crate::{free_port, wait_until, BrokerProcess, Client, StartError};
 
 /// How long a partition may go without an agreed leader before a test fails.
 pub const ELECTION_DEADLINE: Duration = Duration::from_secs(20);
+/// How long replicas may take to agree on every high watermark after a fault.
+pub const CONVERGE_DEADLINE: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
 pub struct TestCluster {
@@ -104,6 +106,46 @@ impl TestCluster {
             .collect()
     }
 
+    /// Create `topic` with replication factor 3 through broker 1 and wait until every partition
+    /// has a leader every broker agrees on.
+    pub fn create_replicated(&self, topic: &str, partitions: u32) -> Result<()> {
+        let http = Client::new();
+        let body =
+            serde_json::json!({"name": topic, "partitions": partitions, "replication_factor": 3});
+        let reply = http.post_json(&self.broker(1).url("/topics"), &body)?;
+        anyhow::ensure!(
+            reply.status == 201,
+            "creating {topic}: {} {}",
+            reply.status,
+            reply.text
+        );
+        for partition in 0..partitions {
+            self.leader_of(topic, partition)?;
+        }
+        Ok(())
+    }
+
+    /// Every running broker holds the same records at the same offsets, byte for byte, once
+    /// their high watermarks agree; returns how many records each holds.
+    pub fn assert_replicas_identical(&self, topic: &str, partitions: u32) -> Result<usize> {
+        self.wait_converged(topic, CONVERGE_DEADLINE)?;
+        let http = Client::new();
+        let mut logs = Vec::new();
+        for broker in self.brokers.iter().filter(|b| b.is_running()) {
+            logs.push(crate::workload::fetch_topic(
+                &http, broker, topic, partitions,
+            )?);
+        }
+        for (i, log) in logs.iter().enumerate().skip(1) {
+            anyhow::ensure!(
+                log == &logs[0],
+                "broker {}'s replicas of {topic} differ from broker 1's",
+                i + 1
+            );
+        }
+        Ok(logs[0].values().map(Vec::len).sum())
+    }
+
     /// Wait until every running broker's replica of every partition has the same high watermark.
     pub fn wait_converged(&self, topic: &str, deadline: Duration) -> Result<Vec<u64>> {
         let http = Client::new();
@@ -126,6 +168,12 @@ pub type Urls = Arc<RwLock<Vec<String>>>;
 
 pub fn urls(list: Vec<String>) -> Urls {
     Arc::new(RwLock::new(list))
+}
+
+/// Point running publishers at a new set of brokers.
+pub fn set(targets: &Urls, list: Vec<String>) -> Result<()> {
+    *targets.write().map_err(|_| anyhow!("poisoned"))? = list;
+    Ok(())
 }
 
 pub fn pick(urls: &Urls, n: usize) -> Result<String> {

@@ -216,6 +216,8 @@ impl BrokerProcess {
             .arg(self.http.to_string())
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            // The harness's own setting, not the broker's (which reads every PUBG1_* variable).
+            .env_remove("PUBG1_BROKER_BIN")
             .env("RUST_LOG", "info")
             // An error that stops start-up is printed whole, not buried under its backtrace
             // (panics keep theirs when RUST_BACKTRACE is set).
@@ -462,6 +464,16 @@ fn reply(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Resul
         content_type,
         retry_after,
     })
+}
+
+/// The value of a Prometheus sample (name and labels, as printed) on `broker`'s /metrics; 0 if
+/// absent.
+pub fn metric(broker: &BrokerProcess, sample: &str) -> Result<f64> {
+    let text = Client::new().get(&broker.url("/metrics"))?.text;
+    Ok(text
+        .lines()
+        .find_map(|line| line.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or(0.0))
 }
 
 /// Create a topic and assert it was created.

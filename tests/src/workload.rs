@@ -375,6 +375,29 @@ pub fn verify(acked: &[Acked], log: &BTreeMap<u32, Vec<Fetched>>) -> Result<()> 
             }
         }
     }
+    let missing: Vec<(u32, u64)> = acked
+        .iter()
+        .filter(|a| {
+            log.get(&a.partition).is_none_or(|records| {
+                let first = records.first().map_or(u64::MAX, |r| r.offset);
+                a.offset < first || a.offset - first >= records.len() as u64
+            })
+        })
+        .map(|a| (a.partition, a.offset))
+        .collect();
+    if let Some(example) = missing.first() {
+        let starts: Vec<(u32, Option<u64>)> = log
+            .iter()
+            .map(|(p, records)| (*p, records.first().map(|r| r.offset)))
+            .collect();
+        bail!(
+            "{} of {} acknowledged records are missing (first: {}/{}); the log starts at {starts:?}",
+            missing.len(),
+            acked.len(),
+            example.0,
+            example.1
+        );
+    }
     let mut seen = std::collections::HashSet::new();
     for record in acked {
         ensure!(
