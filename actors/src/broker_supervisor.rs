@@ -51,10 +51,31 @@ pub struct InjectPanicInto {
     pub partition: u32,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct CrashHistory {
+/// Restart delays for one crash-prone actor: 50 ms doubling to 5 s for crashes closer than a
+/// minute apart.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Backoff {
     consecutive: u32,
-    last: Instant,
+    last: Option<Instant>,
+}
+
+impl Backoff {
+    /// The delay before restarting after a crash now.
+    pub fn next_delay(&mut self) -> Duration {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) > CRASH_WINDOW)
+        {
+            self.consecutive = 0;
+        }
+        self.consecutive += 1;
+        self.last = Some(now);
+        let factor = 2u32.saturating_pow(self.consecutive - 1);
+        RESTART_DELAY_INITIAL
+            .saturating_mul(factor)
+            .min(RESTART_DELAY_MAX)
+    }
 }
 
 pub struct BrokerSupervisor {
@@ -66,7 +87,7 @@ pub struct BrokerSupervisor {
     /// Set at broker shutdown: crashed replicas are no longer restarted.
     stopping: bool,
     next_arbiter: usize,
-    crashes: HashMap<LogId, CrashHistory>,
+    crashes: HashMap<LogId, Backoff>,
 }
 
 impl BrokerSupervisor {
@@ -118,20 +139,7 @@ impl BrokerSupervisor {
     }
 
     fn restart_delay(&mut self, log: LogId) -> Duration {
-        let now = Instant::now();
-        let history = self.crashes.entry(log).or_insert(CrashHistory {
-            consecutive: 0,
-            last: now,
-        });
-        if now.duration_since(history.last) > CRASH_WINDOW {
-            history.consecutive = 0;
-        }
-        history.consecutive += 1;
-        history.last = now;
-        let factor = 2u32.saturating_pow(history.consecutive - 1);
-        RESTART_DELAY_INITIAL
-            .saturating_mul(factor)
-            .min(RESTART_DELAY_MAX)
+        self.crashes.entry(log).or_default().next_delay()
     }
 }
 
@@ -164,6 +172,14 @@ impl Handler<HostTopic> for BrokerSupervisor {
     type Result = ();
 
     fn handle(&mut self, msg: HostTopic, ctx: &mut Self::Context) {
+        // Idempotent: the metadata actor may ask again (after a restart it reconciles).
+        if self
+            .registry
+            .get(&msg.meta.name)
+            .is_some_and(|hosted| hosted.meta.topic_id == msg.meta.topic_id)
+        {
+            return;
+        }
         let name: Arc<str> = Arc::from(msg.meta.name.as_str());
         let me = self.settings.broker_id;
         let partitions: Vec<Arc<PartitionShared>> = (0..msg.meta.partitions)
@@ -208,7 +224,7 @@ impl Handler<RetireTopic> for BrokerSupervisor {
             // that was still writing (a Ready in flight, a tick) wrote some back. Every replica
             // has stopped now: once their last writes are in, remove the topic's keys again.
             let cleanup = async {
-                storage.barrier().await?;
+                storage.barrier_patiently().await?;
                 storage.write(topic_delete_ops(handle.meta.topic_id)).await
             };
             if let Err(e) = cleanup.await {

@@ -49,12 +49,16 @@ pub async fn fetch(
     request: FetchRequest,
 ) -> Result<Fetched, PartitionError> {
     let offset = request.offset;
+    let asked_at = std::time::Instant::now();
     if offset < partition.log_start_offset() {
         return Err(out_of_range(offset, partition));
     }
-    // Past this replica's end: the leader knows the log's end; a lagging replica waits (a
-    // consumer at the tail, or one that just moved here from another replica) and answers
-    // "out of range" only for an offset past the log as the leader reported it.
+    // Past this replica's end. The leader knows the log's end: out of range at once. A
+    // lagging replica (a consumer at the tail, or one that just moved here from another
+    // replica) waits like any long poll, and says "out of range" only on the leader's word
+    // given after the question (a status report newer than the request that puts the log's
+    // end below the offset); otherwise it answers with no records, which a client just asks
+    // again, where a wrong "out of range" makes Kafka clients reset their position.
     if offset > partition.high_watermark() && partition.is_led_here() {
         return Err(out_of_range(offset, partition));
     }
@@ -64,7 +68,10 @@ pub async fn fetch(
         let _ = tokio::time::timeout(request.wait, watermark.wait_for(|hw| *hw > offset)).await;
     }
     let high_watermark = partition.high_watermark();
-    if offset > high_watermark && offset > partition.known_log_end() {
+    if offset > high_watermark
+        && offset > partition.known_log_end()
+        && partition.leader_reported_since(asked_at)
+    {
         return Err(out_of_range(offset, partition));
     }
     let mut records = Vec::new();

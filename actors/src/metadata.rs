@@ -133,6 +133,7 @@ pub struct Metadata {
     /// Set when a panic stopped this actor: its supervisor starts it again, and `started` then
     /// reloads the catalog from storage (memory may be half-changed).
     crashed: bool,
+    restarts: crate::broker_supervisor::Backoff,
 }
 
 /// The broker-wide handles the metadata actor works with.
@@ -184,6 +185,7 @@ impl Metadata {
             driver: Driver::default(),
             proposals: Proposals::new(),
             crashed: false,
+            restarts: Default::default(),
         }
     }
 
@@ -641,6 +643,9 @@ impl actix::Supervised for Metadata {
         self.raft = None;
         self.driver = Driver::default();
         self.proposals = Proposals::new();
+        // Effects of a half-done install: the reload reconciles hosting with the catalog.
+        self.installed_effects.clear();
+        self.applied_term = None;
     }
 }
 
@@ -649,8 +654,36 @@ impl Actor for Metadata {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         self.registry.set_metadata(ctx.address().recipient());
-        let storage = self.storage.clone();
         let reload = std::mem::take(&mut self.crashed);
+        // A crash-looping actor (say, an entry it cannot apply) retries with backoff rather
+        // than as fast as the supervisor restarts it.
+        let delay = if reload {
+            self.restarts.next_delay()
+        } else {
+            Duration::ZERO
+        };
+        // Waits hold the mailbox: requests queue until the group is recovered, as at start.
+        if !delay.is_zero() {
+            ctx.wait(actix::fut::wrap_future(tokio::time::sleep(delay)));
+        }
+        self.recover(ctx, reload);
+        ctx.run_interval(Duration::from_millis(self.timing.tick_ms), |act, ctx| {
+            raft_driver::guarded(act, ctx, |act, ctx| {
+                if let Some(raft) = act.raft.as_mut() {
+                    raft.tick();
+                    raft_driver::drive(act, ctx);
+                }
+            });
+        });
+        ctx.run_interval(Duration::from_secs(1), |act, _ctx| act.expire_pending());
+    }
+}
+
+impl Metadata {
+    /// Load the Raft group (and after a crash the catalog, once the crashed incarnation's
+    /// writes are in) and start driving it.
+    fn recover(&mut self, ctx: &mut Context<Self>, reload: bool) {
+        let storage = self.storage.clone();
         let (id, voters, applied, timing) = (
             self.cluster.self_id,
             self.cluster.brokers.to_vec(),
@@ -659,8 +692,7 @@ impl Actor for Metadata {
         );
         let recover = async move {
             if reload {
-                // Writes the crashed incarnation queued land before the catalog is read back.
-                storage.barrier().await?;
+                storage.barrier_patiently().await?;
             }
             tokio::task::spawn_blocking(move || {
                 let catalog = reload.then(|| storage.load_catalog()).transpose()?;
@@ -681,6 +713,7 @@ impl Actor for Metadata {
             Ok((catalog, mut raft)) => {
                 if let Some(catalog) = catalog {
                     act.adopt_catalog(catalog);
+                    act.reconcile_hosting();
                 }
                 let me = act.cluster.self_id;
                 // The lowest id campaigns at once in a new cluster; a lone broker always does.
@@ -696,15 +729,39 @@ impl Actor for Metadata {
                 tracing::error!(error = %e, "metadata recovery failed; the broker stays unready");
             }
         }));
-        ctx.run_interval(Duration::from_millis(self.timing.tick_ms), |act, ctx| {
-            raft_driver::guarded(act, ctx, |act, ctx| {
-                if let Some(raft) = act.raft.as_mut() {
-                    raft.tick();
-                    raft_driver::drive(act, ctx);
-                }
-            });
-        });
-        ctx.run_interval(Duration::from_secs(1), |act, _ctx| act.expire_pending());
+    }
+
+    /// After a crash: a durable apply whose hosting or retiring never ran (the crash dropped
+    /// it) is caught up by comparing the durable catalog with what this broker hosts.
+    fn reconcile_hosting(&mut self) {
+        let hosted = self.registry.list();
+        let mut effects: Vec<Done> = Vec::new();
+        for meta in self.topics.values() {
+            if !hosted.iter().any(|h| h.meta.topic_id == meta.topic_id) {
+                effects.push((
+                    None,
+                    Ok(Outcome::Created(meta.clone())),
+                    Effect::Host(meta.clone()),
+                ));
+            }
+        }
+        for handle in &hosted {
+            let kept = self
+                .topics
+                .get(&handle.meta.name)
+                .is_some_and(|t| t.topic_id == handle.meta.topic_id);
+            if !kept {
+                let name = handle.meta.name.clone();
+                effects.push((None, Ok(Outcome::Deleted), Effect::Retire(name)));
+            }
+        }
+        if !effects.is_empty() {
+            tracing::info!(
+                changes = effects.len(),
+                "hosting caught up with the catalog after a restart"
+            );
+            self.announce(effects);
+        }
     }
 }
 

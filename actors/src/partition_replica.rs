@@ -56,6 +56,8 @@ pub struct PartitionShared {
     /// leading); only grows. A lagging replica answers a fetch below it as a long poll, not as
     /// out of range.
     leader_high_watermark: AtomicU64,
+    /// When the leader's last status report arrived. A std Mutex: held only to copy it.
+    leader_reported_at: Mutex<Option<Instant>>,
     /// First offset still retained; only grows.
     log_start_offset: AtomicU64,
     log_size_bytes: AtomicU64,
@@ -86,6 +88,7 @@ impl PartitionShared {
             addr: Mutex::new(None),
             high_watermark: watch::Sender::new(0),
             leader_high_watermark: AtomicU64::new(0),
+            leader_reported_at: Mutex::new(None),
             log_start_offset: AtomicU64::new(0),
             log_size_bytes: AtomicU64::new(0),
             leadership: Mutex::new((0, 0)),
@@ -117,6 +120,16 @@ impl PartitionShared {
             .max(self.high_watermark())
     }
 
+    /// Whether the leader reported how the log stands after `since` (so its report already
+    /// covers anything a client had seen by then).
+    pub fn leader_reported_since(&self, since: Instant) -> bool {
+        self.leader_reported_at
+            .lock()
+            .ok()
+            .and_then(|at| *at)
+            .is_some_and(|at| at >= since)
+    }
+
     /// Whether this broker's replica leads the partition (as it last saw it).
     pub fn is_led_here(&self) -> bool {
         self.hosted && self.leader() == self.broker_id
@@ -146,6 +159,9 @@ impl PartitionShared {
         }
         self.leader_high_watermark
             .fetch_max(status.high_watermark, Ordering::AcqRel);
+        if let Ok(mut at) = self.leader_reported_at.lock() {
+            *at = Some(Instant::now());
+        }
         if !self.hosted {
             self.set_leadership(status.term, status.leader);
             self.high_watermark.send_if_modified(|hw| {
@@ -712,6 +728,7 @@ impl PartitionReplica {
         let configs = self.configs;
         if self.retention_running
             || self.raft.is_none()
+            || self.installing.is_some()
             || (configs.retention_ms.is_none() && configs.retention_bytes.is_none())
         {
             return;
@@ -742,7 +759,11 @@ impl PartitionReplica {
 
     fn apply_retention(&mut self, plan: RetentionPlan) {
         let old_start = self.state.log_start_offset;
-        if plan.new_start <= old_start {
+        // Retention writes the log state as it is in memory. While a Ready is in hand (its
+        // write queued, retried on a full queue, or a snapshot being fetched) memory is ahead
+        // of what is written, and that write, landing after this one, would put the old log
+        // start back over deleted batches. The next check plans again.
+        if plan.new_start <= old_start || self.driver.is_busy() {
             return;
         }
         let next = LogState {
@@ -776,6 +797,8 @@ impl PartitionReplica {
                     .log_size_bytes
                     .store(next.size_bytes, Ordering::Release);
                 self.publish_log_gauges();
+                // A snapshot offered from now on says where the log starts now.
+                self.offer_snapshot_point();
                 tracing::info!(topic = %self.shared.topic, partition = self.shared.partition, from = old_start, to = plan.new_start, freed_bytes = plan.freed_bytes, "retention deleted old batches");
                 let storage = self.storage.clone();
                 actix::spawn(async move {
@@ -866,6 +889,19 @@ impl PartitionReplica {
         }))
     }
 
+    /// A leader offers its applied state as the snapshot for followers behind its log.
+    fn offer_snapshot_point(&mut self) {
+        let data = SnapshotData {
+            log_start_offset: self.state.log_start_offset,
+            next_offset: self.state.next_offset,
+            source: self.settings.broker_id,
+        };
+        let applied_index = self.state.applied_index;
+        if let Some(raft) = self.raft.as_mut().filter(|raft| raft.is_leader()) {
+            raft.set_snapshot_point(applied_index, data.encode());
+        }
+    }
+
     /// Ask `source` for the next records the install needs, or finish it if none are missing.
     fn fetch_next(&mut self, source: u64) {
         self.fetch_requests += 1;
@@ -926,9 +962,13 @@ impl PartitionReplica {
             return; // an answer to a request given up on
         }
         let before = installing.install.fetched_bytes();
-        let outcome = match chunk.error {
-            Some(error) => Err(error),
-            None => installing.install.offer(&chunk.batches),
+        let outcome = match (chunk.error, chunk.deleted_below) {
+            // Retention on the source deleted what this install still needs since the
+            // snapshot was made: those committed records are gone there, so this log restarts
+            // where the source's starts (as when the snapshot itself says so).
+            (Some(error), Some(start)) => installing.install.restart_at(start).ok_or(error),
+            (Some(error), None) => Err(error),
+            (None, _) => installing.install.offer(&chunk.batches),
         };
         match outcome {
             Ok(_) => {
@@ -961,6 +1001,7 @@ impl PartitionReplica {
             self.shared.log,
         );
         actix::spawn(async move {
+            let deleted_below = (fetch.offset < start).then_some(start);
             let batches = if fetch.offset < start {
                 Err(format!(
                     "offset {} was deleted by retention (log starts at {start})",
@@ -987,6 +1028,7 @@ impl PartitionReplica {
                 request: fetch.request,
                 batches,
                 error,
+                deleted_below,
             };
             transport.send_to(fetch.from, Outbound::Chunk(chunk));
         });
@@ -1041,16 +1083,7 @@ impl RaftDriven for PartitionReplica {
 
     fn on_durable(&mut self, applied: Self::Applied) {
         self.complete(applied);
-        // A leader offers its durable state as the snapshot for followers behind its log.
-        let data = SnapshotData {
-            log_start_offset: self.state.log_start_offset,
-            next_offset: self.state.next_offset,
-            source: self.settings.broker_id,
-        };
-        let applied_index = self.state.applied_index;
-        if let Some(raft) = self.raft.as_mut().filter(|raft| raft.is_leader()) {
-            raft.set_snapshot_point(applied_index, data.encode());
-        }
+        self.offer_snapshot_point();
     }
 
     fn on_failure(&mut self, ctx: &mut Context<Self>, error: StorageError) {
@@ -1077,7 +1110,7 @@ impl Actor for PartitionReplica {
         // Writes a previous incarnation queued must land before its state is read back; the
         // reads are blocking RocksDB work, so they run on the blocking pool, not this arbiter.
         let recover = async move {
-            storage.barrier().await?;
+            storage.barrier_patiently().await?;
             tokio::task::spawn_blocking(move || {
                 let state = storage.recover_log(log)?;
                 storage.note_recovered(log, state.applied_index);
@@ -1094,7 +1127,9 @@ impl Actor for PartitionReplica {
             .unwrap_or(Err(StorageError::ShutDown))
         };
         ctx.wait(recover.into_actor(self).map(|result, act, ctx| match result {
-            Ok((state, raft)) => act.recovered(state, raft, ctx),
+            Ok((state, raft)) => {
+                raft_driver::guarded(act, ctx, |act, ctx| act.recovered(state, raft, ctx));
+            }
             Err(e) => {
                 tracing::error!(topic = %act.shared.topic, partition = act.shared.partition, error = %e, "partition recovery failed");
                 act.crashed = true;
@@ -1197,7 +1232,7 @@ impl Handler<Retire> for PartitionReplica {
         let storage = self.storage.clone();
         AtomicResponse::new(Box::pin(
             async move {
-                let _ = storage.barrier().await;
+                let _ = storage.barrier_patiently().await;
             }
             .into_actor(self)
             .map(|(), _act, ctx| ctx.stop()),

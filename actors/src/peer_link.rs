@@ -23,7 +23,6 @@ use protobuf::Message as _;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
 use crate::metrics::Metrics;
@@ -31,7 +30,8 @@ use crate::registry::Registry;
 use crate::snapshot::{SnapshotChunk, SnapshotFetch};
 use crate::topic::LogId;
 use crate::transport::{
-    ChunkInbound, Cluster, FetchInbound, Outbound, PartitionStatus, RaftInbound, METADATA_GROUP,
+    ChunkInbound, Cluster, FetchInbound, Outbound, PartitionStatus, PeerQueue, RaftInbound,
+    METADATA_GROUP,
 };
 
 /// Largest frame accepted or sent; a batch is cut before it grows past this.
@@ -153,7 +153,7 @@ pub struct PeerLink {
     cluster: Cluster,
     metrics: std::sync::Arc<Metrics>,
     /// Taken by the connection task when the actor starts.
-    queue: Option<mpsc::Receiver<Outbound>>,
+    queue: Option<PeerQueue>,
 }
 
 impl PeerLink {
@@ -162,7 +162,7 @@ impl PeerLink {
         address: SocketAddr,
         cluster: Cluster,
         metrics: std::sync::Arc<Metrics>,
-        queue: mpsc::Receiver<Outbound>,
+        queue: PeerQueue,
     ) -> Self {
         Self {
             peer,
@@ -209,7 +209,7 @@ async fn run_outbound(
     peer: u64,
     address: SocketAddr,
     hello: Vec<u8>,
-    mut queue: mpsc::Receiver<Outbound>,
+    mut queue: PeerQueue,
     metrics: std::sync::Arc<Metrics>,
 ) {
     loop {
@@ -232,7 +232,7 @@ async fn run_link(
     peer: u64,
     address: SocketAddr,
     hello: &[u8],
-    queue: &mut mpsc::Receiver<Outbound>,
+    queue: &mut PeerQueue,
     metrics: &Metrics,
 ) {
     let mut delay = RECONNECT_DELAY_INITIAL;
@@ -242,7 +242,7 @@ async fn run_link(
     loop {
         // Whatever queued while the peer was unreachable is stale (old appends, heartbeats of
         // past terms): drop it rather than flood the peer when it comes back. Raft retransmits.
-        while queue.try_recv().is_ok() {}
+        while queue.try_recv().is_some() {}
         let mut stream = match TcpStream::connect(address).await {
             Ok(stream) => {
                 let _ = stream.set_nodelay(true);
@@ -280,7 +280,7 @@ async fn run_link(
                     Outbound::Status(status) => put_frame(&mut out, &Frame::Status(status)),
                 }
                 if taken < FRAME_MESSAGES_MAX {
-                    next = queue.try_recv().ok();
+                    next = queue.try_recv();
                 }
             }
             raft.put_frame(&mut out);

@@ -32,6 +32,14 @@ pub struct Driver {
     again: bool,
 }
 
+impl Driver {
+    /// Whether a Ready is being handled (a snapshot fetched, its write queued or retried):
+    /// the applied state in memory is then ahead of what is written.
+    pub fn is_busy(&self) -> bool {
+        self.busy
+    }
+}
+
 /// An actor that owns a Raft group and applies its committed entries.
 pub(crate) trait RaftDriven: Actor<Context = Context<Self>> {
     /// What an apply hands to [`RaftDriven::on_durable`] once its write is durable.

@@ -39,6 +39,8 @@ const INFLIGHT_MESSAGES_MAX: usize = 256;
 /// (raft-rs `max_uncommitted_size`): with a quorum stalled (a slow disk, a paused follower
 /// pair) producers get back-pressure instead of the leader buffering without bound.
 pub const UNCOMMITTED_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// Default [`RaftSettings::log_keep_bytes_max`].
+pub const LOG_KEEP_BYTES_MAX: u64 = 256 * 1024 * 1024;
 /// Bytes of committed entries one Ready hands out to apply (raft-rs
 /// `max_committed_size_per_ready`), so a replica catching up applies in bounded steps.
 const COMMITTED_BYTES_PER_READY_MAX: u64 = 16 * 1024 * 1024;
@@ -57,6 +59,11 @@ pub struct RaftSettings {
     /// Most entries a leader keeps for a slow or dead follower; one further behind is brought up
     /// to date by snapshot. Bounds the memory a dead follower can cost (entries are batches).
     pub log_keep_entries_max: u64,
+    /// Most bytes of entries a leader keeps for a slow or dead follower, whatever
+    /// `log_keep_entries_max` says (50,000 entries of 16 MiB batches would be 800 GB); a
+    /// follower further behind gets a snapshot. Entries not yet durably applied are kept anyway
+    /// (the replay rule): at most about `records_flush_bytes` more.
+    pub log_keep_bytes_max: u64,
 }
 
 impl Default for RaftSettings {
@@ -68,6 +75,7 @@ impl Default for RaftSettings {
             heartbeat_tick: 2,
             log_keep_entries: 200,
             log_keep_entries_max: 50_000,
+            log_keep_bytes_max: LOG_KEEP_BYTES_MAX,
         }
     }
 }
@@ -192,6 +200,10 @@ pub struct RaftGroup {
     pub id: u64,
     node: RawNode<ReplicaStore>,
     settings: RaftSettings,
+    /// (index, bytes) of every entry in the in-memory log, oldest first, and their sum: what a
+    /// leader keeping log for a slow follower costs, so it can bound it in bytes.
+    sizes: std::collections::VecDeque<(u64, u64)>,
+    sizes_total: u64,
 }
 
 impl std::fmt::Debug for RaftGroup {
@@ -275,12 +287,61 @@ impl RaftGroup {
             snapshot_point: None,
         };
         let node = RawNode::new(&config, store, &logger)?;
-        Ok(Self {
+        let mut raft = Self {
             group,
             id,
             node,
             settings,
-        })
+            sizes: Default::default(),
+            sizes_total: 0,
+        };
+        raft.track_appended(&persisted.entries);
+        Ok(raft)
+    }
+
+    /// Entries were appended to the in-memory log (replacing any from their first index on).
+    fn track_appended(&mut self, entries: &[Entry]) {
+        let Some(first) = entries.first().map(|e| e.index) else {
+            return;
+        };
+        while self.sizes.back().is_some_and(|(index, _)| *index >= first) {
+            if let Some((_, bytes)) = self.sizes.pop_back() {
+                self.sizes_total -= bytes;
+            }
+        }
+        for entry in entries {
+            let bytes = (entry.data.len() + entry.context.len()) as u64;
+            self.sizes.push_back((entry.index, bytes));
+            self.sizes_total += bytes;
+        }
+    }
+
+    /// The in-memory log now starts after `index` (compacted, or replaced by a snapshot).
+    fn track_compacted(&mut self, index: u64) {
+        while self.sizes.front().is_some_and(|(i, _)| *i <= index) {
+            if let Some((_, bytes)) = self.sizes.pop_front() {
+                self.sizes_total -= bytes;
+            }
+        }
+    }
+
+    /// The lowest index up to which the log must be compacted to hold at most `bytes_max`.
+    fn compact_for_bytes(&self, bytes_max: u64) -> u64 {
+        let mut total = self.sizes_total;
+        let mut to = 0;
+        for (index, bytes) in &self.sizes {
+            if total <= bytes_max {
+                break;
+            }
+            total -= bytes;
+            to = *index;
+        }
+        to
+    }
+
+    /// Bytes of entries in the in-memory log.
+    pub fn log_bytes(&self) -> u64 {
+        self.sizes_total
     }
 
     /// The owner's state at applied index `index` is durable and described by `data`: offer it
@@ -437,6 +498,7 @@ impl RaftGroup {
                     self.group
                 );
             }
+            self.track_appended(&entries);
         }
         if let Some(hard_state) = ready.hs() {
             self.node
@@ -498,6 +560,7 @@ impl RaftGroup {
                 self.group
             );
         }
+        self.track_compacted(u64::MAX);
         tracing::info!(group = ?self.group, index, term, "installing a snapshot from the leader");
         SnapshotInstall { index, term, data }
     }
@@ -544,7 +607,13 @@ impl RaftGroup {
                 .map(|(_, progress)| progress.matched)
                 .min()
                 .unwrap_or(index);
-            compact_to = compact_to.min(slowest).max(index.saturating_sub(keep_max));
+            compact_to = compact_to
+                .min(slowest)
+                .max(index.saturating_sub(keep_max))
+                .max(
+                    self.compact_for_bytes(self.settings.log_keep_bytes_max)
+                        .min(index),
+                );
         }
         let compact_to = compact_to.min(durable);
         // Compact in steps of at least `log_keep_entries`, not on every apply.
@@ -556,6 +625,7 @@ impl RaftGroup {
             tracing::warn!(group = ?self.group, error = %e, "raft log compaction failed");
             return Vec::new();
         }
+        self.track_compacted(compact_to);
         vec![
             WriteOp::DeleteRange {
                 cf: Cf::RaftLog,
@@ -767,6 +837,79 @@ mod tests {
             }
         }
         (outbox, installed)
+    }
+
+    /// A dead follower does not make the leader keep more than `log_keep_bytes_max` of log,
+    /// however few entries that is.
+    #[test]
+    fn a_leader_keeps_at_most_its_byte_bound_of_log_for_a_dead_follower() {
+        let settings = RaftSettings {
+            tick_ms: 1,
+            log_keep_entries: 10,
+            log_keep_entries_max: 1_000_000,
+            log_keep_bytes_max: 1024 * 1024,
+            ..RaftSettings::default()
+        };
+        let log = LogId {
+            topic_id: 1,
+            partition: 0,
+        };
+        let mut groups: Vec<RaftGroup> = (1..=3)
+            .map(|id| {
+                RaftGroup::restore(log, id, &[1, 2, 3], PersistedRaft::default(), 0, settings)
+                    .expect("raft")
+            })
+            .collect();
+        let mut applied = vec![Vec::new(); 3];
+        groups[0].campaign();
+        settle(&mut groups, &mut applied);
+        assert!(groups[0].is_leader());
+        let _dead = groups.pop();
+        // 400 entries of 16 KiB: 6.4 MiB, with node 3 never acknowledging any.
+        for n in 0..400u32 {
+            let mut data = vec![0u8; 16 * 1024];
+            data[..4].copy_from_slice(&n.to_be_bytes());
+            assert_eq!(groups[0].propose(vec![], data), Ok(()));
+            settle_two(&mut groups, &mut applied);
+        }
+        let kept = groups[0].log_bytes();
+        assert!(
+            kept <= 1024 * 1024 + 10 * 16 * 1024 + 16 * 1024,
+            "kept {kept} bytes"
+        );
+        assert!(
+            kept >= 512 * 1024,
+            "kept {kept} bytes: more was compacted than needed"
+        );
+    }
+
+    /// [`settle`] for the first two groups only, dropping messages to the third.
+    fn settle_two(groups: &mut [RaftGroup], applied: &mut [Vec<Vec<u8>>]) {
+        for _round in 0..100 {
+            let mut outbox = Vec::new();
+            for (i, g) in groups.iter_mut().enumerate() {
+                while let Some(mut work) = g.ready() {
+                    outbox.append(&mut work.messages);
+                    let committed = std::mem::take(&mut work.committed);
+                    let mut after = g.persisted(work);
+                    outbox.append(&mut after.messages);
+                    for entry in committed {
+                        if !entry.data.is_empty() {
+                            applied[i].push(entry.data.to_vec());
+                        }
+                        g.applied(entry.index, entry.index);
+                    }
+                }
+            }
+            let outbox: Vec<Message> = outbox.into_iter().filter(|m| m.to != 3).collect();
+            if outbox.is_empty() {
+                return;
+            }
+            for message in outbox {
+                let to = message.to as usize - 1;
+                groups[to].step(message);
+            }
+        }
     }
 
     #[test]

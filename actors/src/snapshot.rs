@@ -66,6 +66,10 @@ pub struct SnapshotChunk {
     pub batches: Vec<Bytes>,
     /// Why the replica could not serve the range (then `batches` is empty).
     pub error: Option<String>,
+    /// Set when the range starts below the replica's log start: retention deleted it there,
+    /// and its log now starts here.
+    #[serde(default)]
+    pub deleted_below: Option<u64>,
 }
 
 /// Where an install stands after a chunk.
@@ -168,6 +172,25 @@ impl Install {
                 below: self.target.next_offset,
             }),
         }
+    }
+
+    /// A replica's retention deleted the records this install needs below `start` (after the
+    /// snapshot was made): like a snapshot whose log starts past this replica's end, the log
+    /// restarts at `start`, dropping what it held and what was fetched. None if `start` is not
+    /// past what is still needed or beyond the snapshot's end (then ask another replica).
+    pub fn restart_at(&mut self, start: u64) -> Option<Progress> {
+        if start <= self.state.next_offset || start > self.target.next_offset {
+            return None;
+        }
+        self.ops = vec![WriteOp::DeleteRange {
+            cf: Cf::Records,
+            from: record_key(self.log, 0),
+            to: record_key(self.log, u64::MAX),
+        }];
+        self.state.log_start_offset = start;
+        self.state.next_offset = start;
+        self.state.size_bytes = 0;
+        Some(self.progress())
     }
 
     /// Take a chunk's batches. Each must pass its CRC check and start exactly where the log
@@ -345,6 +368,35 @@ mod tests {
     }
 
     #[test]
+    fn retention_on_the_source_restarts_the_log_where_the_source_now_starts() {
+        let mut install = Install::new(LOG, own(10, 7), 50, target(0, 30)).expect("install");
+        assert_eq!(install.offer(&[stored(10, 5)]), Ok(Progress::Need(15)));
+        // Not past what is needed, or past the snapshot's end: not a restart.
+        assert_eq!(install.restart_at(12), None);
+        assert_eq!(install.restart_at(31), None);
+        assert_eq!(install.restart_at(20), Some(Progress::Need(20)));
+        assert_eq!(install.offer(&[stored(20, 10)]), Ok(Progress::Complete));
+        let (ops, state) = install.finish().expect("finish");
+        assert_eq!(
+            (
+                state.log_start_offset,
+                state.next_offset,
+                state.applied_index
+            ),
+            (20, 30, 50)
+        );
+        // Everything this replica held is dropped first; then the batch from 20 and the state.
+        assert!(matches!(
+            &ops[0],
+            WriteOp::DeleteRange {
+                cf: Cf::Records,
+                ..
+            }
+        ));
+        assert_eq!(ops.len(), 3);
+    }
+
+    #[test]
     fn wire_types_round_trip() {
         let data = target(5, 99);
         assert_eq!(SnapshotData::decode(&data.encode()).expect("decode"), data);
@@ -353,6 +405,7 @@ mod tests {
             request: 4,
             batches: vec![stored(0, 2)],
             error: None,
+            deleted_below: Some(3),
         };
         let bytes = rmp_serde::to_vec(&chunk).expect("encode");
         let back: SnapshotChunk = rmp_serde::from_slice(&bytes).expect("decode");

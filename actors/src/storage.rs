@@ -648,6 +648,19 @@ impl Storage {
         self.write(Vec::new()).await
     }
 
+    /// [`Storage::barrier`], waiting for room while the queue is full (recovery and retirement
+    /// must not fail, or stop for good, because the broker is busy).
+    pub async fn barrier_patiently(&self) -> Result<(), StorageError> {
+        loop {
+            match self.barrier().await {
+                Err(StorageError::QueueFull { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                result => return result,
+            }
+        }
+    }
+
     /// The highest applied index of `log` that survives a crash: Raft may compact its log up to
     /// here and no further (entries above it may have to be applied again).
     pub fn durable_applied(&self, log: LogId) -> u64 {

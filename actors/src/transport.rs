@@ -6,6 +6,7 @@
 //! tolerates (it retransmits on the next heartbeat), so a slow or dead peer cannot grow memory.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use raft::prelude::Message;
@@ -16,6 +17,10 @@ use crate::topic::LogId;
 
 /// Raft messages queued for one peer before new ones are dropped.
 pub const PEER_QUEUE_CAPACITY: usize = 16_384;
+/// Bytes of messages queued for one peer before new ones are dropped: a paused or slow peer
+/// (its socket full) holds at most this much of this broker's memory in its queue, whatever the
+/// size of the entries (a message can carry 1 MiB of them).
+pub const PEER_QUEUE_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 /// Something on its way to another broker.
 #[derive(Debug)]
@@ -44,21 +49,111 @@ pub struct PartitionStatus {
     pub in_sync: Vec<u64>,
 }
 
+impl Outbound {
+    /// Roughly the bytes this holds in memory (its payload; a fixed allowance for the rest).
+    pub fn bytes(&self) -> usize {
+        const OVERHEAD: usize = 128;
+        OVERHEAD
+            + match self {
+                Outbound::Raft { message, .. } => {
+                    message
+                        .entries
+                        .iter()
+                        .map(|e| e.data.len() + e.context.len())
+                        .sum::<usize>()
+                        + message.snapshot.as_ref().map_or(0, |s| s.data.len())
+                }
+                Outbound::Chunk(chunk) => chunk.batches.iter().map(|b| b.len()).sum(),
+                Outbound::Fetch(_) | Outbound::Status(_) => 0,
+            }
+    }
+}
+
+/// One peer's queue: bounded in messages by the channel and in bytes by a counter the sender
+/// raises and the [`PeerQueue`] lowers as the link takes messages.
+#[derive(Debug, Clone)]
+struct PeerSender {
+    sender: mpsc::Sender<Outbound>,
+    bytes: Arc<AtomicUsize>,
+}
+
+impl PeerSender {
+    fn try_send(&self, item: Outbound) -> bool {
+        let bytes = item.bytes();
+        if self.bytes.fetch_add(bytes, Ordering::AcqRel) + bytes > PEER_QUEUE_BYTES_MAX {
+            self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+            return false;
+        }
+        if self.sender.try_send(item).is_err() {
+            self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+}
+
+/// The receiving end of one peer's queue, for its `PeerLink`.
+#[derive(Debug)]
+pub struct PeerQueue {
+    receiver: mpsc::Receiver<Outbound>,
+    bytes: Arc<AtomicUsize>,
+}
+
+impl PeerQueue {
+    fn taken(&self, item: Option<Outbound>) -> Option<Outbound> {
+        if let Some(item) = &item {
+            self.bytes.fetch_sub(item.bytes(), Ordering::AcqRel);
+        }
+        item
+    }
+
+    /// The next message; None once every sender is gone.
+    pub async fn recv(&mut self) -> Option<Outbound> {
+        let item = self.receiver.recv().await;
+        self.taken(item)
+    }
+
+    /// The next message if one is queued.
+    pub fn try_recv(&mut self) -> Option<Outbound> {
+        let item = self.receiver.try_recv().ok();
+        self.taken(item)
+    }
+
+    /// Messages queued.
+    pub fn len(&self) -> usize {
+        self.receiver.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.receiver.is_empty()
+    }
+
+    /// Bytes queued.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Acquire)
+    }
+}
+
 /// Cheap-to-clone map of broker id → that broker's outbound queue.
 #[derive(Debug, Clone, Default)]
 pub struct Transport {
     /// A std RwLock: written when peers are registered at start-up, then only read.
-    peers: Arc<RwLock<HashMap<u64, mpsc::Sender<Outbound>>>>,
+    peers: Arc<RwLock<HashMap<u64, PeerSender>>>,
 }
 
 impl Transport {
     /// Register the queue of broker `id`; returns its receiving end for the peer link.
-    pub fn register(&self, id: u64) -> mpsc::Receiver<Outbound> {
+    pub fn register(&self, id: u64) -> PeerQueue {
         let (sender, receiver) = mpsc::channel(PEER_QUEUE_CAPACITY);
+        let bytes = Arc::new(AtomicUsize::new(0));
         if let Ok(mut peers) = self.peers.write() {
+            let sender = PeerSender {
+                sender,
+                bytes: bytes.clone(),
+            };
             peers.insert(id, sender);
         }
-        receiver
+        PeerQueue { receiver, bytes }
     }
 
     /// Queue `messages` of `group` to their destinations; returns how many were dropped.
@@ -73,7 +168,7 @@ impl Transport {
         for message in messages {
             match peers.get(&message.to) {
                 Some(queue) => {
-                    if queue.try_send(Outbound::Raft { group, message }).is_err() {
+                    if !queue.try_send(Outbound::Raft { group, message }) {
                         dropped += 1;
                     }
                 }
@@ -96,9 +191,7 @@ impl Transport {
         let Ok(peers) = self.peers.read() else {
             return false;
         };
-        peers
-            .get(&to)
-            .is_some_and(|queue| queue.try_send(item).is_ok())
+        peers.get(&to).is_some_and(|queue| queue.try_send(item))
     }
 }
 
