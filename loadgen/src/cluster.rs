@@ -73,7 +73,8 @@ pub struct Cluster {
     /// The TCP proxies between brokers, when network faults are wanted.
     proxies: Option<Proxies>,
     /// Brokers cut off from the others right now.
-    pub isolated: Vec<u32>,
+    /// Brokers cut off from the others right now, and since when.
+    pub isolated: Vec<(u32, Instant)>,
 }
 
 /// The `pubg1-broker` next to this executable (cargo builds them into the same directory).
@@ -269,7 +270,7 @@ impl Cluster {
             .as_ref()
             .ok_or_else(|| anyhow!("network faults need [cluster] proxies = true"))?;
         proxies.isolate(id);
-        self.isolated.push(id);
+        self.isolated.push((id, Instant::now()));
         Ok(())
     }
 
