@@ -46,8 +46,8 @@ pub enum StorageError {
     },
     /// A durable write failed earlier; the storage fails closed until the broker restarts, because
     /// a log with a hole after an fsync error cannot promise gap-free offsets.
-    #[error("storage is failed after an earlier write error; restart the broker")]
-    Failed,
+    #[error("storage is failed after an earlier write error ({reason}); restart the broker")]
+    Failed { reason: String },
     #[error("the storage write queue is full ({capacity} writes waiting)")]
     QueueFull { capacity: usize },
     #[error("storage is shut down")]
@@ -57,6 +57,16 @@ pub enum StorageError {
 }
 
 impl StorageError {
+    /// Whether the disk is full (ENOSPC), so freeing space (and a restart) fixes it.
+    pub fn is_disk_full(&self) -> bool {
+        let message = match self {
+            Self::Failed { reason } => reason,
+            Self::Rocks { message, .. } | Self::Open { message, .. } => message,
+            _ => return false,
+        };
+        message.contains("No space left on device")
+    }
+
     pub(crate) fn rocks(operation: &'static str, error: rocksdb::Error) -> Self {
         Self::Rocks {
             operation,

@@ -406,6 +406,8 @@ struct Inner {
     queue: SyncSender<Command>,
     /// False once a durable write failed; stays false until restart (fail-stop).
     healthy: Arc<AtomicBool>,
+    /// The first failed write's error, for every later refusal to name.
+    failure: Arc<Mutex<Option<String>>>,
     durable_applied: DurableApplied,
     /// Commands queued and not yet taken by the writer (std's channel does not say).
     queued: Arc<AtomicUsize>,
@@ -466,6 +468,7 @@ impl Storage {
         let (queue, receiver) = mpsc::sync_channel(capacity);
         let (flush_requests, flush_receiver) = mpsc::sync_channel(1);
         let healthy = Arc::new(AtomicBool::new(true));
+        let failure = Arc::new(Mutex::new(None));
         let durable_applied = DurableApplied::default();
         let queued = Arc::new(AtomicUsize::new(0));
         let flusher = Flusher {
@@ -479,6 +482,7 @@ impl Storage {
             receiver,
             queued: queued.clone(),
             healthy: healthy.clone(),
+            failure: failure.clone(),
             metrics,
             settings,
             flush_requests,
@@ -502,6 +506,7 @@ impl Storage {
                 db,
                 queue,
                 healthy,
+                failure,
                 durable_applied,
                 queued,
                 capacity,
@@ -555,7 +560,7 @@ impl Storage {
     pub fn try_submit(&self, request: WriteRequest) -> Result<Durable, Refused> {
         if !self.is_healthy() {
             return Err(Refused {
-                error: StorageError::Failed,
+                error: self.failed(),
                 request: None,
             });
         }
@@ -620,7 +625,7 @@ impl Storage {
     /// from then on what those writes applied survives a crash.
     pub async fn flush_records(&self) -> Result<(), StorageError> {
         if !self.is_healthy() {
-            return Err(StorageError::Failed);
+            return Err(self.failed());
         }
         let (done, receiver) = oneshot::channel();
         self.inner.queued.fetch_add(1, Ordering::AcqRel);
@@ -691,6 +696,11 @@ impl Storage {
     /// False after a failed durable write: the broker must be restarted (readiness reports it).
     pub fn is_healthy(&self) -> bool {
         self.inner.healthy.load(Ordering::Acquire)
+    }
+
+    /// The error every write gets once storage has failed, naming the first failure.
+    pub fn failed(&self) -> StorageError {
+        failed(&self.inner.failure)
     }
 
     /// Finish queued writes, stop the writer and flush memtables. Idempotent.
@@ -989,6 +999,15 @@ impl Storage {
     }
 }
 
+fn failed(failure: &Mutex<Option<String>>) -> StorageError {
+    let reason = failure
+        .lock()
+        .ok()
+        .and_then(|f| f.clone())
+        .unwrap_or_else(|| "a write failed".into());
+    StorageError::Failed { reason }
+}
+
 /// Whether `key` in `records` holds one of the batches of the log with key `prefix` (and not the
 /// log's state, or another log's batch).
 fn is_batch_key(key: &[u8], prefix: &[u8]) -> bool {
@@ -1029,6 +1048,7 @@ struct GroupCommitWriter {
     /// [`Inner::queued`]: decremented as commands are taken.
     queued: Arc<AtomicUsize>,
     healthy: Arc<AtomicBool>,
+    failure: Arc<Mutex<Option<String>>>,
     metrics: Arc<Metrics>,
     settings: StorageSettings,
     flush_requests: SyncSender<FlushRequest>,
@@ -1291,7 +1311,7 @@ impl GroupCommitWriter {
         synced: bool,
     ) -> Result<(), StorageError> {
         if !self.healthy.load(Ordering::Acquire) {
-            return Err(StorageError::Failed);
+            return Err(failed(&self.failure));
         }
         if batch.is_empty() {
             return Ok(()); // barriers only: everything before them is already written
@@ -1318,6 +1338,9 @@ impl GroupCommitWriter {
 
     fn fail(&self, e: rocksdb::Error) -> StorageError {
         tracing::error!(error = %e, "write failed; storage now fails closed");
+        if let Ok(mut failure) = self.failure.lock() {
+            failure.get_or_insert_with(|| e.to_string());
+        }
         self.healthy.store(false, Ordering::Release);
         self.metrics.storage_write_errors_total.inc();
         StorageError::rocks("write", e)

@@ -32,7 +32,25 @@ impl TestCluster {
         StartError::retry_port_races(|| Self::start_once(n, env))
     }
 
+    /// [`TestCluster::start_with_env`], calling `prepare(id, data_dir)` for every broker before
+    /// it is spawned (to put a data dir on a filesystem of its own, say).
+    pub fn start_prepared(
+        n: usize,
+        env: &[(&str, &str)],
+        prepare: &dyn Fn(u64, &std::path::Path) -> Result<()>,
+    ) -> Result<Self> {
+        StartError::retry_port_races(|| Self::start_once_prepared(n, env, prepare))
+    }
+
     fn start_once(n: usize, env: &[(&str, &str)]) -> Result<Self> {
+        Self::start_once_prepared(n, env, &|_, _| Ok(()))
+    }
+
+    fn start_once_prepared(
+        n: usize,
+        env: &[(&str, &str)],
+        prepare: &dyn Fn(u64, &std::path::Path) -> Result<()>,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let peers: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_>>()?;
         let seeds: Vec<String> = peers
@@ -50,11 +68,9 @@ impl TestCluster {
                 "--seeds".to_owned(),
                 seeds.join(","),
             ];
-            brokers.push(BrokerProcess::spawn_with(
-                &dir.path().join(format!("broker-{}", i + 1)),
-                args,
-                env,
-            )?);
+            let data_dir = dir.path().join(format!("broker-{}", i + 1));
+            prepare(i as u64 + 1, &data_dir)?;
+            brokers.push(BrokerProcess::spawn_with(&data_dir, args, env)?);
         }
         for broker in &mut brokers {
             broker.wait_ready()?;

@@ -261,6 +261,13 @@ impl BrokerProcess {
         }
     }
 
+    /// Whether the process was started and has exited on its own (crashed, or stopped).
+    pub fn has_exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(Some(_))))
+    }
+
     /// Whether the process is running and not paused.
     pub fn is_running(&self) -> bool {
         self.child.is_some() && !self.paused

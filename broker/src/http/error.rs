@@ -55,6 +55,9 @@ pub enum ApiError {
     /// 503, nothing was written: retrying cannot store a record twice.
     #[error("{0}")]
     Unavailable(String),
+    /// 507: this broker's disk is full; nothing was written. Another broker may take it.
+    #[error("{0}")]
+    InsufficientStorage(String),
     /// 503, the request may or may not have been written: a retry may store it twice.
     #[error("{0}")]
     OutcomeUnknown(String),
@@ -77,6 +80,7 @@ impl ApiError {
             ApiError::TooManyRecords(_) => 42202,
             ApiError::Throttled(_) => 42901,
             ApiError::Internal(_) => 50001,
+            ApiError::InsufficientStorage(_) => 50701,
             ApiError::Unavailable(_) => 50301,
             ApiError::OutcomeUnknown(_) => 50302,
         }
@@ -146,10 +150,14 @@ impl From<TopicError> for ApiError {
     }
 }
 
-fn storage_error(error: &StorageError) -> ApiError {
+pub fn storage_error(error: &StorageError) -> ApiError {
     match error {
         StorageError::QueueFull { .. } => ApiError::Throttled(error.to_string()),
-        StorageError::ShutDown => ApiError::Unavailable(error.to_string()),
+        _ if error.is_disk_full() => ApiError::InsufficientStorage(error.to_string()),
+        // This broker cannot write until it is restarted; the partition's other replicas can.
+        StorageError::ShutDown | StorageError::Failed { .. } => {
+            ApiError::Unavailable(error.to_string())
+        }
         _ => ApiError::Internal(error.to_string()),
     }
 }

@@ -124,6 +124,11 @@ async fn produce(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    // A broker whose storage failed (a full disk, an I/O error) says why, before anything else:
+    // the client can go to another replica's broker.
+    if !state.broker.storage.is_healthy() {
+        return Err(super::error::storage_error(&state.broker.storage.failed()));
+    }
     let format = body_format(&req, true)?;
     let body = read_body(&req, payload, state.config.request_body_bytes_max).await?;
     let request: ProduceRequest = parse_json(&body)?;

@@ -29,7 +29,7 @@ pub async fn health(state: State) -> HttpResponse {
 pub async fn ready(state: State) -> Result<HttpResponse, ApiError> {
     if !state.broker.storage.is_healthy() {
         return Err(ApiError::Unavailable(
-            "storage failed a durable write; restart the broker".into(),
+            state.broker.storage.failed().to_string(),
         ));
     }
     if state.broker.cluster.metadata_leader() == 0 {
