@@ -12,7 +12,11 @@
 //! - [`partitioner`]: Kafka's murmur2 key → partition.
 //! - [`topic`]: topic names, configs, limits.
 //! - [`storage`]: RocksDB column families, keys, group commit, reads.
-//! - [`partition_replica`], [`broker_supervisor`], [`metadata`]: the actors, one a file.
+//! - [`partition_replica`], [`broker_supervisor`], [`metadata`], [`peer_link`]: the actors, one
+//!   a module ([`partition_replica`] is a directory: actor, shared state, installs, retention).
+//! - [`raft_group`] (sans-IO Raft: what raft-rs wants done), [`raft_driver`] (its Ready loop for
+//!   actors, panics contained), [`proposals`] (clients waiting for their proposals), [`snapshot`].
+//! - [`transport`]: per-peer queues (bounded in messages and bytes) and cluster liveness.
 //! - [`registry`]: the name → partitions map the HTTP layer reads without messaging actors.
 //! - [`log_reader`]: fetch with long poll, off the write path.
 //! - [`metrics`]: the broker's Prometheus registry.

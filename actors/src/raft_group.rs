@@ -21,12 +21,13 @@
 //! records it lacks from another replica) before the Ready counts as persisted.
 
 use bytes::Bytes;
-use raft::prelude::{ConfState, Entry, HardState, Message, MessageType, Snapshot};
+use raft::prelude::{ConfState, Entry, Message, MessageType, Snapshot};
 use raft::storage::MemStorage;
 use raft::{GetEntriesContext, RaftState, RawNode, SnapshotStatus, StateRole, Storage};
 
-use crate::error::StorageError;
-use crate::storage::{log_key, Cf, WriteOp};
+use crate::storage::keys::{
+    compacted_key, hard_state_key, raft_entry_key, Cf, PersistedRaft, WriteOp,
+};
 use crate::topic::LogId;
 
 /// A follower further behind the leader's log than this is reported out of sync.
@@ -40,7 +41,7 @@ const INFLIGHT_MESSAGES_MAX: usize = 256;
 /// pair) producers get back-pressure instead of the leader buffering without bound.
 pub const UNCOMMITTED_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// Default [`RaftSettings::log_keep_bytes_max`].
-pub const LOG_KEEP_BYTES_MAX: u64 = 256 * 1024 * 1024;
+pub const LOG_KEEP_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// Bytes of committed entries one Ready hands out to apply (raft-rs
 /// `max_committed_size_per_ready`), so a replica catching up applies in bounded steps.
 const COMMITTED_BYTES_PER_READY_MAX: u64 = 16 * 1024 * 1024;
@@ -149,15 +150,6 @@ pub struct SnapshotInstall {
     pub data: Bytes,
 }
 
-/// What RocksDB holds for one group, read at start-up.
-#[derive(Debug, Clone, Default)]
-pub struct PersistedRaft {
-    pub hard_state: HardState,
-    /// Index and term of the last entry removed by compaction (0, 0 if none).
-    pub compacted: (u64, u64),
-    pub entries: Vec<Entry>,
-}
-
 /// Work one Ready produced, for the owner to carry out in order.
 pub struct ReadyWork {
     /// Send these right away (leader appends and heartbeats may go out before persisting).
@@ -213,23 +205,6 @@ impl std::fmt::Debug for RaftGroup {
             .field("id", &self.id)
             .finish()
     }
-}
-
-/// Key prefix of a group's entries in `raft_log`, and its key in `raft_state`.
-pub fn raft_entry_key(group: LogId, index: u64) -> Vec<u8> {
-    let mut key = log_key(group);
-    key.extend_from_slice(&index.to_be_bytes());
-    key
-}
-pub fn hard_state_key(group: LogId) -> Vec<u8> {
-    let mut key = log_key(group);
-    key.extend_from_slice(b"hs");
-    key
-}
-pub fn compacted_key(group: LogId) -> Vec<u8> {
-    let mut key = log_key(group);
-    key.extend_from_slice(b"compacted");
-    key
 }
 
 impl RaftGroup {
@@ -656,26 +631,6 @@ fn encode(message: &impl protobuf::Message) -> Bytes {
         Ok(bytes) => Bytes::from(bytes),
         Err(e) => panic!("encoding a raft message failed: {e}"),
     }
-}
-
-/// Decode an entry or hard state stored by this module.
-pub fn decode<M: protobuf::Message>(bytes: &[u8], what: &str) -> Result<M, StorageError> {
-    M::parse_from_bytes(bytes).map_err(|e| StorageError::Corrupt {
-        what: what.to_owned(),
-        message: e.to_string(),
-    })
-}
-
-/// Parse the compaction marker written by [`RaftGroup::applied`].
-pub fn decode_compacted(bytes: &[u8]) -> Result<(u64, u64), StorageError> {
-    if bytes.len() != 16 {
-        return Err(StorageError::Corrupt {
-            what: "raft compaction marker".into(),
-            message: format!("{} bytes", bytes.len()),
-        });
-    }
-    let word = |i: usize| u64::from_be_bytes(bytes[i..i + 8].try_into().unwrap_or_default());
-    Ok((word(0), word(8)))
 }
 
 #[cfg(test)]

@@ -105,6 +105,10 @@ pub struct RunResult {
     /// The nemesis seed the fault timeline was drawn from (`loadgen chaos`).
     #[serde(default)]
     pub seed: Option<u64>,
+    /// (broker id, most resident memory seen during the load, bytes), for the brokers loadgen
+    /// started; sampled every 200 ms from /proc.
+    #[serde(default)]
+    pub rss_max_bytes: Vec<(u32, u64)>,
 }
 
 impl RunResult {
@@ -193,6 +197,8 @@ pub fn run(options: &Options) -> Result<RunResult> {
     let mut checks = Vec::new();
     let end = start + Duration::from_secs_f64(scenario.duration_s);
     let mut timeline = scenario.faults.iter().peekable();
+    // Per broker id, the most resident memory seen (sampled with the progress refresh).
+    let mut rss_max: std::collections::BTreeMap<u32, u64> = Default::default();
     loop {
         let now = Instant::now();
         if let Some(fault) = timeline.next_if(|f| start + Duration::from_secs_f64(f.at_s) <= now) {
@@ -210,6 +216,9 @@ pub fn run(options: &Options) -> Result<RunResult> {
         }
         if now >= end {
             break;
+        }
+        if let Some(cluster) = cluster.as_ref() {
+            sample_rss(cluster, &mut rss_max);
         }
         let acked = live.acked.load(Ordering::Relaxed);
         let elapsed = start.elapsed().as_secs_f64();
@@ -301,6 +310,7 @@ pub fn run(options: &Options) -> Result<RunResult> {
         verdict,
         replicas,
         seed: options.seed,
+        rss_max_bytes: rss_max.into_iter().collect(),
     };
     std::fs::write(
         options.out.join("result.json"),
@@ -318,6 +328,24 @@ pub fn run(options: &Options) -> Result<RunResult> {
         }
     }
     Ok(result)
+}
+
+/// Raise `max` to each running broker's resident memory now (Linux /proc; elsewhere nothing).
+fn sample_rss(cluster: &Cluster, max: &mut std::collections::BTreeMap<u32, u64>) {
+    for broker in &cluster.brokers {
+        let Some(pid) = broker.pid() else { continue };
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
+        let kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+        if let Some(kib) = kib {
+            let slot = max.entry(broker.id).or_default();
+            *slot = (*slot).max(kib * 1024);
+        }
+    }
 }
 
 /// Wait for every thread and collect what each returned.

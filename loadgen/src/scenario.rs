@@ -291,6 +291,7 @@ mod tests {
             include_str!("../scenarios/partition.toml"),
             include_str!("../scenarios/steady.toml"),
             include_str!("../scenarios/leader-kills.toml"),
+            include_str!("../scenarios/stalled-follower.toml"),
             CHAOS,
         ] {
             Scenario::parse(text).expect("scenario");

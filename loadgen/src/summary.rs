@@ -60,6 +60,14 @@ pub fn render(result: &RunResult) -> String {
             result.faults.len()
         );
     }
+    if !result.rss_max_bytes.is_empty() {
+        let list: Vec<String> = result
+            .rss_max_bytes
+            .iter()
+            .map(|(id, bytes)| format!("broker {id} {:.0} MB", *bytes as f64 / 1e6))
+            .collect();
+        let _ = writeln!(out, "resident memory max  {}", list.join(", "));
+    }
     for replica in &result.replicas {
         let _ = writeln!(
             out,
