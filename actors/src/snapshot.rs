@@ -81,7 +81,9 @@ pub enum Progress {
     Complete,
 }
 
-/// A follower's install of one snapshot: collects the missing batches, then yields the writes.
+/// A follower's install of one snapshot: checks the missing batches as they come (each chunk
+/// is written as it arrives, past the log's recorded end, so memory holds one chunk, not the
+/// whole gap), then yields the final write that makes them part of the log.
 #[derive(Debug)]
 pub struct Install {
     log: LogId,
@@ -90,9 +92,19 @@ pub struct Install {
     target: SnapshotData,
     /// The log state being built: `next_offset` is the next offset wanted.
     state: LogState,
-    ops: Vec<WriteOp>,
+    /// The log restarts here (retention elsewhere deleted what this replica lacks): the final
+    /// write deletes everything this replica holds below it.
+    drop_below: Option<u64>,
     /// Bytes of batches fetched so far.
     fetched_bytes: u64,
+}
+
+/// A checked chunk: its writes, and where the log ends with it.
+#[derive(Debug)]
+pub struct Chunk {
+    pub ops: Vec<WriteOp>,
+    next_offset: u64,
+    size_bytes: u64,
 }
 
 impl Install {
@@ -119,28 +131,28 @@ impl Install {
                 "{target:?} is behind this replica's log {own:?}"
             )));
         }
-        let mut ops = Vec::new();
-        let mut state = own;
-        if target.log_start_offset > own.next_offset {
-            // The leader's retention already deleted records this replica lacks: there is no
-            // way to fill the gap, so this replica's log restarts where the leader's starts.
-            ops.push(WriteOp::DeleteRange {
-                cf: Cf::Records,
-                from: record_key(log, 0),
-                to: record_key(log, u64::MAX),
-            });
-            state.log_start_offset = target.log_start_offset;
-            state.next_offset = target.log_start_offset;
-            state.size_bytes = 0;
-        }
-        Ok(Self {
+        let mut install = Self {
             log,
             index,
             target,
-            state,
-            ops,
+            state: own,
+            drop_below: None,
             fetched_bytes: 0,
-        })
+        };
+        if target.log_start_offset > own.next_offset {
+            // The leader's retention already deleted records this replica lacks: there is no
+            // way to fill the gap, so this replica's log restarts where the leader's starts.
+            install.restart_log(target.log_start_offset);
+        }
+        Ok(install)
+    }
+
+    /// The log restarts at `start`: what this replica holds below it goes with the final write.
+    fn restart_log(&mut self, start: u64) {
+        self.drop_below = Some(start);
+        self.state.log_start_offset = start;
+        self.state.next_offset = start;
+        self.state.size_bytes = 0;
     }
 
     pub fn target(&self) -> SnapshotData {
@@ -182,20 +194,15 @@ impl Install {
         if start <= self.state.next_offset || start > self.target.next_offset {
             return None;
         }
-        self.ops = vec![WriteOp::DeleteRange {
-            cf: Cf::Records,
-            from: record_key(self.log, 0),
-            to: record_key(self.log, u64::MAX),
-        }];
-        self.state.log_start_offset = start;
-        self.state.next_offset = start;
-        self.state.size_bytes = 0;
+        self.restart_log(start);
         Some(self.progress())
     }
 
-    /// Take a chunk's batches. Each must pass its CRC check and start exactly where the log
-    /// ends; on any error nothing of the chunk is kept (ask another replica).
-    pub fn offer(&mut self, batches: &[Bytes]) -> Result<Progress, String> {
+    /// Check a chunk's batches: each must pass its CRC check and start exactly where the log
+    /// ends. Returns the writes that store them (at their offsets, past the log's recorded end,
+    /// so nothing reads them before the install's final write) and the progress once they are
+    /// taken with [`Install::accept`]; on any error nothing changes (ask another replica).
+    pub fn check(&self, batches: &[Bytes]) -> Result<Chunk, String> {
         if batches.is_empty() {
             return Err("no batches".into());
         }
@@ -232,15 +239,31 @@ impl Install {
             next = header.next_offset();
             size += header.size_bytes;
         }
-        self.state.next_offset = next;
-        self.state.size_bytes += size;
-        self.fetched_bytes += size;
-        self.ops.append(&mut ops);
-        Ok(self.progress())
+        Ok(Chunk {
+            ops,
+            next_offset: next,
+            size_bytes: size,
+        })
     }
 
-    /// The writes that make the install durable (records and log state; the caller adds the Raft
-    /// state), and the log state they leave.
+    /// The chunk's writes are queued: the install goes on after it.
+    pub fn accept(&mut self, chunk: Chunk) -> Progress {
+        debug_assert!(chunk.next_offset >= self.state.next_offset);
+        self.state.next_offset = chunk.next_offset;
+        self.state.size_bytes += chunk.size_bytes;
+        self.fetched_bytes += chunk.size_bytes;
+        self.progress()
+    }
+
+    /// [`Install::check`] and [`Install::accept`] in one, returning the chunk's writes.
+    pub fn offer(&mut self, batches: &[Bytes]) -> Result<(Vec<WriteOp>, Progress), String> {
+        let mut chunk = self.check(batches)?;
+        let ops = std::mem::take(&mut chunk.ops);
+        Ok((ops, self.accept(chunk)))
+    }
+
+    /// The final write of the install (the log's new state, and the records below a restarted
+    /// log's start deleted; the caller adds the Raft state), and the log state it leaves.
     pub fn finish(mut self) -> Result<(Vec<WriteOp>, LogState), StorageError> {
         if self.progress() != Progress::Complete {
             return Err(StorageError::Corrupt {
@@ -252,8 +275,16 @@ impl Install {
             });
         }
         self.state.applied_index = self.index;
-        self.ops.push(log_state_op(self.log, &self.state));
-        Ok((self.ops, self.state))
+        let mut ops = Vec::new();
+        if let Some(start) = self.drop_below {
+            ops.push(WriteOp::DeleteRange {
+                cf: Cf::Records,
+                from: record_key(self.log, 0),
+                to: record_key(self.log, start),
+            });
+        }
+        ops.push(log_state_op(self.log, &self.state));
+        Ok((ops, self.state))
     }
 }
 
@@ -301,17 +332,20 @@ mod tests {
         assert_eq!(install.progress(), Progress::Need(10));
         let request = install.request(2, 9).expect("a request");
         assert_eq!((request.offset, request.below, request.from), (10, 30, 2));
-        assert_eq!(install.offer(&[stored(10, 5)]), Ok(Progress::Need(15)));
-        assert_eq!(
-            install.offer(&[stored(15, 10), stored(25, 5)]),
-            Ok(Progress::Complete)
-        );
+        let (first, progress) = install.offer(&[stored(10, 5)]).expect("chunk");
+        assert_eq!((first.len(), progress), (1, Progress::Need(15)));
+        let (second, progress) = install
+            .offer(&[stored(15, 10), stored(25, 5)])
+            .expect("chunk");
+        assert_eq!((second.len(), progress), (2, Progress::Complete));
+        // Each chunk's batches are written as they come, at their offsets.
+        assert!(matches!(&second[1], WriteOp::Put { key, .. } if *key == record_key(LOG, 25)));
         let (ops, state) = install.finish().expect("finish");
         assert_eq!((state.next_offset, state.applied_index), (30, 50));
-        // Three batches and the log state.
-        assert_eq!(ops.len(), 4);
+        // The final write is the log state alone.
+        assert_eq!(ops.len(), 1);
         assert!(matches!(
-            &ops[3],
+            &ops[0],
             WriteOp::Put {
                 cf: Cf::Records,
                 key,
@@ -347,14 +381,15 @@ mod tests {
     fn a_log_the_leader_no_longer_retains_restarts_at_the_leaders_start() {
         let mut install = Install::new(LOG, own(10, 7), 50, target(20, 30)).expect("install");
         assert_eq!(install.progress(), Progress::Need(20));
-        assert_eq!(install.offer(&[stored(20, 10)]), Ok(Progress::Complete));
+        assert_eq!(
+            install.offer(&[stored(20, 10)]).map(|(_, p)| p),
+            Ok(Progress::Complete)
+        );
         let (ops, state) = install.finish().expect("finish");
+        // What this replica held below the new start goes, and only that.
         assert!(matches!(
             &ops[0],
-            WriteOp::DeleteRange {
-                cf: Cf::Records,
-                ..
-            }
+            WriteOp::DeleteRange { cf: Cf::Records, to, .. } if *to == record_key(LOG, 20)
         ));
         assert_eq!((state.log_start_offset, state.next_offset), (20, 30));
     }
@@ -370,12 +405,18 @@ mod tests {
     #[test]
     fn retention_on_the_source_restarts_the_log_where_the_source_now_starts() {
         let mut install = Install::new(LOG, own(10, 7), 50, target(0, 30)).expect("install");
-        assert_eq!(install.offer(&[stored(10, 5)]), Ok(Progress::Need(15)));
+        assert_eq!(
+            install.offer(&[stored(10, 5)]).map(|(_, p)| p),
+            Ok(Progress::Need(15))
+        );
         // Not past what is needed, or past the snapshot's end: not a restart.
         assert_eq!(install.restart_at(12), None);
         assert_eq!(install.restart_at(31), None);
         assert_eq!(install.restart_at(20), Some(Progress::Need(20)));
-        assert_eq!(install.offer(&[stored(20, 10)]), Ok(Progress::Complete));
+        assert_eq!(
+            install.offer(&[stored(20, 10)]).map(|(_, p)| p),
+            Ok(Progress::Complete)
+        );
         let (ops, state) = install.finish().expect("finish");
         assert_eq!(
             (
@@ -385,15 +426,13 @@ mod tests {
             ),
             (20, 30, 50)
         );
-        // Everything this replica held is dropped first; then the batch from 20 and the state.
+        // Everything below the new start is dropped (this replica's records and the chunk
+        // fetched before the restart), then the state.
         assert!(matches!(
             &ops[0],
-            WriteOp::DeleteRange {
-                cf: Cf::Records,
-                ..
-            }
+            WriteOp::DeleteRange { cf: Cf::Records, to, .. } if *to == record_key(LOG, 20)
         ));
-        assert_eq!(ops.len(), 3);
+        assert_eq!(ops.len(), 2);
     }
 
     #[test]

@@ -162,7 +162,19 @@ impl PartitionReplica {
             // where the source's starts (as when the snapshot itself says so).
             (Some(error), Some(start)) => installing.install.restart_at(start).ok_or(error),
             (Some(error), None) => Err(error),
-            (None, _) => installing.install.offer(&chunk.batches),
+            (None, _) => match installing.install.check(&chunk.batches) {
+                // Written as it comes, past the log's recorded end (nothing reads there, and
+                // recovery drops what an interrupted install left); unsynced: the install's
+                // final synced write makes it durable, after it in the WAL.
+                Ok(mut checked) => {
+                    let ops = std::mem::take(&mut checked.ops);
+                    match self.storage.submit_unsynced(ops) {
+                        Ok(_) => Ok(installing.install.accept(checked)),
+                        Err(e) => Err(format!("writing the chunk: {e}")),
+                    }
+                }
+                Err(why) => Err(why),
+            },
         };
         match outcome {
             Ok(_) => {

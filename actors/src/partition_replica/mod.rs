@@ -36,7 +36,7 @@ use crate::proposals::{Proposals, Unanswered};
 use crate::raft_driver::{self, Driver, RaftDriven};
 use crate::raft_group::{ProposeError, RaftGroup, RaftSettings, SnapshotInstall};
 use crate::snapshot::Install;
-use crate::storage::{log_state_op, record_key, Cf, LogState, Storage, WriteOp};
+use crate::storage::{leftover_delete, log_state_op, record_key, Cf, LogState, Storage, WriteOp};
 use crate::topic::{LogId, TopicConfigs};
 use crate::transport::{
     ChunkInbound, Cluster, FetchInbound, Outbound, PartitionStatus, RaftInbound, Transport,
@@ -611,20 +611,33 @@ impl Actor for PartitionReplica {
         // reads are blocking RocksDB work, so they run on the blocking pool, not this arbiter.
         let recover = async move {
             storage.barrier_patiently().await?;
-            tokio::task::spawn_blocking(move || {
-                let state = storage.recover_log(log)?;
-                storage.note_recovered(log, state.applied_index);
-                let persisted = storage.load_raft(log)?;
-                let raft =
-                    RaftGroup::restore(log, id, &voters, persisted, state.applied_index, timing)
-                        .map_err(|e| StorageError::Corrupt {
-                            what: format!("raft group {}/{}", log.topic_id, log.partition),
-                            message: e.to_string(),
-                        })?;
-                Ok::<_, StorageError>((state, raft))
+            let reader = storage.clone();
+            let (recovered, raft) = tokio::task::spawn_blocking(move || {
+                let recovered = reader.recover_log(log)?;
+                let applied = recovered.state.applied_index;
+                let persisted = reader.load_raft(log)?;
+                let raft = RaftGroup::restore(log, id, &voters, persisted, applied, timing)
+                    .map_err(|e| StorageError::Corrupt {
+                        what: format!("raft group {}/{}", log.topic_id, log.partition),
+                        message: e.to_string(),
+                    })?;
+                Ok::<_, StorageError>((recovered, raft))
             })
             .await
-            .unwrap_or(Err(StorageError::ShutDown))
+            .unwrap_or(Err(StorageError::ShutDown))?;
+            let state = recovered.state;
+            if recovered.leftovers {
+                // Batches an interrupted snapshot install wrote past the log's end: not part of
+                // the log; gone before it grows over their offsets.
+                tracing::info!(
+                    ?log,
+                    next_offset = state.next_offset,
+                    "deleting what an interrupted snapshot install left"
+                );
+                storage.write(vec![leftover_delete(log, &state)]).await?;
+            }
+            storage.note_recovered(log, state.applied_index);
+            Ok::<_, StorageError>((state, raft))
         };
         ctx.wait(recover.into_actor(self).map(|result, act, ctx| match result {
             Ok((state, raft)) => {

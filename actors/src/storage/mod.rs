@@ -61,7 +61,7 @@ use crate::metrics::Metrics;
 use crate::topic::LogId;
 
 pub use keys::*;
-pub use reads::count_keys;
+pub use reads::{count_keys, leftover_delete, Recovered};
 
 use flusher::Flusher;
 use wal_pages::WalPages;

@@ -8,19 +8,40 @@ use super::keys::{
     compacted_key, decode, decode_compacted, hard_state_key, is_batch_key, log_key, raft_entry_key,
     record_key, PersistedRaft, METADATA_APPLIED_KEY, NEXT_TOPIC_ID_KEY, TOPIC_META_PREFIX,
 };
-use super::{corrupt, Catalog, Cf, LogState, Storage};
+use super::{corrupt, Catalog, Cf, LogState, Storage, WriteOp};
 use crate::batch::{self, BatchHeader};
 use crate::error::StorageError;
 use crate::topic::{LogId, TopicMeta};
 use bytes::Bytes;
+
+/// A log as recovery found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recovered {
+    pub state: LogState,
+    /// Batches past the log's end are left from an interrupted snapshot install.
+    pub leftovers: bool,
+}
+
+/// The write that deletes what an interrupted install left past `state`'s end.
+pub fn leftover_delete(log: LogId, state: &LogState) -> WriteOp {
+    WriteOp::DeleteRange {
+        cf: Cf::Records,
+        from: record_key(log, state.next_offset),
+        to: record_key(log, u64::MAX),
+    }
+}
 
 impl Storage {
     /// The state of `log` (the default for a log never written), proven against its batches:
     /// they must run from the log start to the state's next offset without a gap or an overlap
     /// (a replica must never serve, or lead with, a log with a hole). Reads every batch header:
     /// blocking, call from a blocking context or at start-up.
-    pub fn recover_log(&self, log: LogId) -> Result<LogState, StorageError> {
-        let mut state = self.read_log_state(log)?;
+    ///
+    /// Batches at or past the state's next offset are what an interrupted snapshot install
+    /// wrote ahead of its final write: not part of the log. `Recovered::leftovers` says so, and
+    /// the caller deletes them (with [`leftover_delete`]) before the log grows again.
+    pub fn recover_log(&self, log: LogId) -> Result<Recovered, StorageError> {
+        let mut state = self.stored_log_state(log)?;
         let corrupt = |message: String| StorageError::Corrupt {
             what: format!("log {}/{}", log.topic_id, log.partition),
             message,
@@ -28,7 +49,12 @@ impl Storage {
         let mut expected = state.log_start_offset;
         let mut size = 0u64;
         let mut hole = None;
+        let mut leftovers = false;
         self.scan_headers(log, state.log_start_offset, |header| {
+            if header.base_offset >= state.next_offset && expected == state.next_offset {
+                leftovers = true;
+                return false;
+            }
             if header.base_offset != expected {
                 hole = Some((expected, header.base_offset));
                 return false;
@@ -52,7 +78,20 @@ impl Storage {
             tracing::warn!(log = ?log, stored = state.size_bytes, counted = size, "log size corrected at recovery");
             state.size_bytes = size;
         }
-        Ok(state)
+        Ok(Recovered { state, leftovers })
+    }
+
+    /// `log`'s stored state as it is, unchecked. Blocking.
+    fn stored_log_state(&self, log: LogId) -> Result<LogState, StorageError> {
+        match self
+            .inner
+            .db
+            .get_cf(self.cf(Cf::Records)?, log_key(log))
+            .map_err(|e| StorageError::rocks("get", e))?
+        {
+            Some(bytes) => LogState::decode(&bytes),
+            None => Ok(LogState::default()),
+        }
     }
 
     /// `log`'s stored state, cross-checked against its last batch only (cheap). Blocking.

@@ -233,7 +233,7 @@ async fn writes_survive_reopen_and_reads_check_batches() {
         storage.shutdown();
     }
     let storage = open(dir.path());
-    let state = storage.recover_log(log).expect("recover");
+    let state = storage.recover_log(log).expect("recover").state;
     assert_eq!(state.next_offset, 12);
     // Offset 4 lives in the batch starting at 3; reading below 9 stops before the batch at 9.
     let batches = storage.read_batches(log, 4, 9, usize::MAX).expect("read");
@@ -372,6 +372,40 @@ async fn recovery_refuses_a_log_with_a_hole_before_its_last_batch() {
     storage.shutdown();
 }
 
+/// An interrupted snapshot install leaves batches past the log's end; recovery reports them
+/// (they are not part of the log) and they can be deleted, after which the log is clean.
+#[actix_rt::test]
+async fn recovery_reports_what_an_interrupted_install_left_past_the_log_end() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = open(dir.path());
+    let log = LogId {
+        topic_id: 5,
+        partition: 0,
+    };
+    let mut state = LogState::default();
+    let mut ops = Vec::new();
+    for _ in 0..2 {
+        ops.extend(replayable_batch(log, &mut state, 10).ops);
+    }
+    let end = state;
+    // Two batches fetched ahead by an install that never wrote its final state.
+    for _ in 0..2 {
+        let ahead = replayable_batch(log, &mut state, 10);
+        ops.extend(ahead.ops.into_iter().take(1));
+    }
+    storage.write(ops).await.expect("write");
+    let recovered = storage.recover_log(log).expect("recover");
+    assert_eq!(recovered.state.next_offset, end.next_offset);
+    assert!(recovered.leftovers);
+    storage
+        .write(vec![leftover_delete(log, &recovered.state)])
+        .await
+        .expect("delete");
+    let again = storage.recover_log(log).expect("recover");
+    assert_eq!((again.state, again.leftovers), (recovered.state, false));
+    storage.shutdown();
+}
+
 #[actix_rt::test]
 async fn a_flush_on_demand_makes_every_earlier_apply_durable() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -414,7 +448,14 @@ async fn replayable_writes_are_readable_at_once_and_durable_after_a_flush() {
         .await
         .expect("waiter")
         .expect("written");
-    assert_eq!(storage.recover_log(log).expect("readable").next_offset, 1);
+    assert_eq!(
+        storage
+            .recover_log(log)
+            .expect("readable")
+            .state
+            .next_offset,
+        1
+    );
     assert_eq!(
         storage.durable_applied(log),
         0,
@@ -453,7 +494,7 @@ async fn replayable_writes_are_readable_at_once_and_durable_after_a_flush() {
     drop(storage);
     // Shutdown flushes the rest: the whole log is back after a reopen.
     let storage = open(dir.path());
-    let recovered = storage.recover_log(log).expect("recover");
+    let recovered = storage.recover_log(log).expect("recover").state;
     assert_eq!(recovered, state);
     storage.shutdown();
 }
@@ -596,7 +637,7 @@ fn log_states_move_from_their_old_column_family_at_open() {
         storage.shutdown();
     }
     let storage = open(dir.path());
-    assert_eq!(storage.recover_log(log).expect("recover"), state);
+    assert_eq!(storage.recover_log(log).expect("recover").state, state);
     let db = &storage.inner.db;
     let old = cf_handle(db, Cf::LogState).expect("cf");
     assert!(db.iterator_cf(old, IteratorMode::Start).next().is_none());
