@@ -162,6 +162,46 @@ impl TestCluster {
         Ok(logs[0].values().map(Vec::len).sum())
     }
 
+    /// Kill -9 `follower` and keep it down, with `load` running, until partition 0 of `topic`
+    /// has committed `records` more and its leader has flushed `records` twice (a leader
+    /// compacts its Raft log only as far as a flush holds): restarted, the follower is behind
+    /// the leader's compacted log. Restarts it and waits until it has installed a snapshot.
+    pub fn put_behind_compacted_log(
+        &mut self,
+        topic: &str,
+        follower: u64,
+        load: &crate::workload::Load,
+        records: usize,
+    ) -> Result<()> {
+        let leader = self.leader_of(topic, 0)?;
+        let flushes = "pubg1_storage_flush_seconds_count";
+        let flushed_before = crate::metric(self.broker(leader), flushes)?;
+        self.broker_mut(follower).kill9();
+        load.wait_for_more(records, "load with the follower down")?;
+        wait_until(
+            Duration::from_secs(60),
+            "two flushes on the leader while the follower is down",
+            || {
+                crate::metric(self.broker(leader), flushes)
+                    .ok()
+                    .filter(|n| *n >= flushed_before + 2.0)
+            },
+        )?;
+        self.broker_mut(follower).restart()?;
+        let installed =
+            format!(r#"pubg1_raft_snapshots_installed_total{{partition="0",topic="{topic}"}}"#);
+        wait_until(
+            Duration::from_secs(30),
+            "the restarted follower to install a snapshot",
+            || {
+                crate::metric(self.broker(follower), &installed)
+                    .ok()
+                    .filter(|n| *n >= 1.0)
+            },
+        )?;
+        Ok(())
+    }
+
     /// Wait until every running broker's replica of every partition has the same high watermark.
     pub fn wait_converged(&self, topic: &str, deadline: Duration) -> Result<Vec<u64>> {
         let http = Client::new();

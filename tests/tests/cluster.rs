@@ -168,34 +168,10 @@ fn a_follower_behind_the_leaders_compacted_log_catches_up_by_snapshot() -> anyho
     let targets = urls(cluster.topic_urls("behind"));
     let load = Load::start(targets.clone(), "s", 4, 10);
     load.wait_for_more(2_000, "load with every broker up")?;
-    let flushes = "pubg1_storage_flush_seconds_count";
-    let flushed_before = metric(cluster.broker(leader), flushes)?;
-    cluster.broker_mut(follower).kill9();
-    // 10-record batches: 8,000 records are 800 entries, four times what the leader keeps; and
-    // two flushes on the leader, so that it may compact past them.
-    load.wait_for_more(8_000, "load with the follower down")?;
-    wait_until(
-        Duration::from_secs(60),
-        "two flushes on the leader while the follower is down",
-        || {
-            metric(cluster.broker(leader), flushes)
-                .ok()
-                .filter(|n| *n >= flushed_before + 2.0)
-        },
-    )?;
-    cluster.broker_mut(follower).restart()?;
+    // 10-record batches: 8,000 records are 800 entries, four times what the leader keeps. The
+    // follower installs a snapshot while publishing goes on, then follows the log.
+    cluster.put_behind_compacted_log("behind", follower, &load, 8_000)?;
     set(&targets, cluster.topic_urls("behind"))?;
-    // The follower installs a snapshot while publishing goes on, then follows the log.
-    let installed = r#"pubg1_raft_snapshots_installed_total{partition="0",topic="behind"}"#;
-    wait_until(
-        Duration::from_secs(30),
-        "the follower to install a snapshot",
-        || {
-            metric(cluster.broker(follower), installed)
-                .ok()
-                .filter(|n| *n >= 1.0)
-        },
-    )?;
     let fetched = r#"pubg1_raft_snapshot_fetched_bytes_total{partition="0",topic="behind"}"#;
     let fetched = metric(cluster.broker(follower), fetched)?;
     assert!(

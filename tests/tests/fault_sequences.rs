@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use pubg1_tests::cluster::{set, urls, TestCluster};
 use pubg1_tests::workload::{fetch_topic, publish_all, verify, Load, Publish};
-use pubg1_tests::{metric, wait_until, Client};
+use pubg1_tests::{wait_until, Client};
 
 /// A follower that restarts replays its committed Raft tail into `records`' memtable (applies
 /// skip the WAL), then gets a snapshot because the leader compacted past it. A second kill -9
@@ -23,34 +23,10 @@ fn a_snapshot_installed_over_replayed_applies_survives_a_kill_before_the_next_fl
     let targets = urls(cluster.topic_urls("twice"));
     let load = Load::start(targets.clone(), "t", 4, 10);
     load.wait_for_more(3_000, "load with every broker up")?;
-    let flushes = "pubg1_storage_flush_seconds_count";
-    let flushed_before = metric(cluster.broker(leader), flushes)?;
-    cluster.broker_mut(follower).kill9();
-    // The leader compacts its log only as far as a flush of `records` holds (every 5 s by
-    // default): two flushes while the follower is down, with far more than the 200 entries it
-    // keeps for a dead follower committed meanwhile, and the follower needs a snapshot.
-    load.wait_for_more(6_000, "load with the follower down")?;
-    wait_until(
-        Duration::from_secs(60),
-        "two flushes on the leader while the follower is down",
-        || {
-            metric(cluster.broker(leader), flushes)
-                .ok()
-                .filter(|n| *n >= flushed_before + 2.0)
-        },
-    )?;
-    cluster.broker_mut(follower).restart()?;
+    // 10-record batches: 6,000 records are 600 entries, three times what the leader keeps for
+    // a dead follower.
+    cluster.put_behind_compacted_log("twice", follower, &load, 6_000)?;
     set(&targets, cluster.topic_urls("twice"))?;
-    let installed = r#"pubg1_raft_snapshots_installed_total{partition="0",topic="twice"}"#;
-    wait_until(
-        Duration::from_secs(30),
-        "the restarted follower to install a snapshot",
-        || {
-            metric(cluster.broker(follower), installed)
-                .ok()
-                .filter(|n| *n >= 1.0)
-        },
-    )?;
     // At once: the scheduled flush of `records` is up to 5 s (or 16 MiB of applies) away.
     cluster.broker_mut(follower).kill9();
     load.wait_for_more(1_000, "load with the follower down again")?;
