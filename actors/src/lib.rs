@@ -195,6 +195,11 @@ impl Broker {
             broker.shutdown().await;
             return Err(StorageError::ShutDown.into());
         }
+        watch_liveness(
+            broker.cluster.clone(),
+            broker.registry.clone(),
+            &peer_thread,
+        );
         Ok(broker)
     }
 
@@ -210,6 +215,45 @@ impl Broker {
         }
         self.storage.shutdown();
     }
+}
+
+/// A broker not heard from for this long is taken as gone: its links ping every 100 ms.
+const PEER_SILENCE_MAX: Duration = Duration::from_millis(500);
+
+/// Watch the other brokers' liveness; when one falls silent, wake every quiesced group it holds
+/// a replica of. A quiesced follower does not tick, so it would never notice its leader die; a
+/// quiesced leader would never notice it is cut off (check-quorum runs on ticks).
+fn watch_liveness(cluster: Cluster, registry: Registry, thread: &actix::ArbiterHandle) {
+    thread.spawn(async move {
+        let peers: Vec<u64> = cluster
+            .brokers
+            .iter()
+            .copied()
+            .filter(|id| *id != cluster.self_id)
+            .collect();
+        let mut alive: std::collections::HashMap<u64, bool> =
+            peers.iter().map(|id| (*id, true)).collect();
+        let mut every = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            every.tick().await;
+            for peer in &peers {
+                let now = cluster.is_alive(*peer, PEER_SILENCE_MAX);
+                let was = alive.insert(*peer, now).unwrap_or(true);
+                if was && !now {
+                    tracing::info!(peer, "broker fell silent; waking the groups it replicates");
+                    for topic in registry.list() {
+                        for partition in topic.partitions.iter().filter(|p| p.hosted) {
+                            if partition.replicas.contains(peer) {
+                                if let Some(addr) = partition.addr() {
+                                    addr.do_send(transport::Wake);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
 }
 
 #[cfg(test)]

@@ -59,7 +59,8 @@ pub async fn fetch(
     // given after the question (a status report newer than the request that puts the log's
     // end below the offset); otherwise it answers with no records, which a client just asks
     // again, where a wrong "out of range" makes Kafka clients reset their position.
-    if offset > partition.high_watermark() && partition.is_led_here() {
+    // A quiesced replica knows too: its group is idle and it holds all of the leader's log.
+    if offset > partition.high_watermark() && (partition.is_led_here() || partition.is_quiesced()) {
         return Err(out_of_range(offset, partition));
     }
     if offset >= partition.high_watermark() && !request.wait.is_zero() {

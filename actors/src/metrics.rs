@@ -6,7 +6,7 @@
 
 use prometheus::{
     exponential_buckets, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGaugeVec, Opts, Registry,
+    IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 /// Every metric the broker exports. Fields are cheap handles; clone the `Arc<Metrics>`.
@@ -35,6 +35,8 @@ pub struct Metrics {
     pub partition_log_start_offset: IntGaugeVec,
     pub partition_log_size_bytes: IntGaugeVec,
     pub actor_restarts_total: IntCounterVec,
+    /// Raft groups (partition replicas) on this broker that are quiesced: idle, not ticking.
+    pub raft_quiesced_groups: IntGauge,
     pub http_request_duration_seconds: HistogramVec,
     /// Raft term of each group this broker replicates (group = topic/partition, or `__metadata`).
     pub raft_term: IntGaugeVec,
@@ -233,6 +235,11 @@ impl Metrics {
                 "Raft messages waiting for a peer link at its last flush.",
                 &["peer"],
             ),
+            raft_quiesced_groups: IntGauge::with_opts(Opts::new(
+                "pubg1_raft_quiesced_groups",
+                "Partition replicas on this broker whose idle Raft group is quiesced (no ticks, no heartbeats).",
+            ))
+            .expect("valid metric"),
             actor_restarts_total: counter_vec(
                 "pubg1_actor_restarts_total",
                 "Actors restarted by their supervisor after a crash.",
@@ -272,6 +279,7 @@ impl Metrics {
             Box::new(self.partition_log_start_offset.clone()),
             Box::new(self.partition_log_size_bytes.clone()),
             Box::new(self.actor_restarts_total.clone()),
+            Box::new(self.raft_quiesced_groups.clone()),
             Box::new(self.http_request_duration_seconds.clone()),
             Box::new(self.raft_term.clone()),
             Box::new(self.raft_leader.clone()),

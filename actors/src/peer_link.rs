@@ -30,8 +30,8 @@ use crate::registry::Registry;
 use crate::snapshot::{SnapshotChunk, SnapshotFetch};
 use crate::topic::LogId;
 use crate::transport::{
-    ChunkInbound, Cluster, FetchInbound, Outbound, PartitionStatus, PeerQueue, RaftInbound,
-    METADATA_GROUP,
+    ChunkInbound, Cluster, FetchInbound, Outbound, PartitionStatus, PeerQueue, QuiesceInbound,
+    QuiesceNotice, RaftInbound, METADATA_GROUP,
 };
 
 /// Largest frame accepted or sent; a batch is cut before it grows past this.
@@ -62,7 +62,15 @@ enum Frame<'a> {
     Chunk(SnapshotChunk),
     /// A partition leader's view of its partition, for brokers that are not its leader.
     Status(PartitionStatus),
+    /// A leader quiesces an idle group on this follower.
+    Quiesce(QuiesceNotice),
+    /// Sent on an idle link every [`PING_INTERVAL`]: brokers stay heard from (liveness) while
+    /// every group between them is quiesced and sends nothing.
+    Ping,
 }
+
+/// How often an idle link says it is alive.
+pub const PING_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Append `frame` to `out` the way [`LengthDelimitedCodec`] reads it: a 4-byte big-endian
 /// length, then the MessagePack envelope. A frame that cannot be encoded or is over
@@ -264,8 +272,18 @@ async fn run_link(
         tracing::info!(peer, %address, "peer link connected");
         delay = RECONNECT_DELAY_INITIAL;
         loop {
-            let Some(first) = queue.recv().await else {
-                return;
+            let first = match tokio::time::timeout(PING_INTERVAL, queue.recv()).await {
+                Ok(Some(first)) => first,
+                Ok(None) => return,
+                Err(_) => {
+                    let mut ping = Vec::new();
+                    put_frame(&mut ping, &Frame::Ping);
+                    if stream.write_all(&ping).await.is_err() {
+                        tracing::warn!(peer, %address, "peer link lost; reconnecting");
+                        break;
+                    }
+                    continue;
+                }
             };
             let mut next = Some(first);
             let mut taken = 0;
@@ -278,6 +296,7 @@ async fn run_link(
                     Outbound::Fetch(fetch) => put_frame(&mut out, &Frame::Fetch(fetch)),
                     Outbound::Chunk(chunk) => put_frame(&mut out, &Frame::Chunk(chunk)),
                     Outbound::Status(status) => put_frame(&mut out, &Frame::Status(status)),
+                    Outbound::Quiesce(notice) => put_frame(&mut out, &Frame::Quiesce(notice)),
                 }
                 if taken < FRAME_MESSAGES_MAX {
                     next = queue.try_recv();
@@ -380,6 +399,15 @@ async fn serve_inbound(stream: TcpStream, registry: Registry, cluster: Cluster) 
                     partition.observe_status(&status);
                 }
             }
+            Ok(Frame::Quiesce(notice)) => {
+                if let Some(addr) = registry
+                    .partition_by_log(notice.group)
+                    .and_then(|p| p.addr())
+                {
+                    addr.do_send(QuiesceInbound(notice));
+                }
+            }
+            Ok(Frame::Ping) => {}
             Ok(Frame::Chunk(chunk)) => {
                 if let Some(addr) = registry
                     .partition_by_log(chunk.group)

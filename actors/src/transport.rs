@@ -33,7 +33,30 @@ pub enum Outbound {
     Chunk(SnapshotChunk),
     /// A partition leader tells the other brokers how the partition stands.
     Status(PartitionStatus),
+    /// A leader whose group is idle tells a follower to stop ticking (see `PartitionReplica`).
+    Quiesce(QuiesceNotice),
 }
+
+/// "This group is idle and fully replicated at `index` in `term`: stop ticking until you hear
+/// from it again." A follower quiesces only if its own view matches exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QuiesceNotice {
+    pub group: LogId,
+    pub term: u64,
+    pub index: u64,
+    pub leader: u64,
+}
+
+/// Delivers a leader's [`QuiesceNotice`] to the local replica of its group.
+#[derive(Debug, actix::Message)]
+#[rtype(result = "()")]
+pub struct QuiesceInbound(pub QuiesceNotice);
+
+/// Start ticking again: a broker holding a replica of the group stopped being heard from (its
+/// leader may be gone, or this replica, if it leads, may be cut off).
+#[derive(Debug, actix::Message)]
+#[rtype(result = "()")]
+pub struct Wake;
 
 /// What a partition's leader tells every other broker every few ticks, so any broker can answer
 /// metadata about any partition: brokers without a replica learn leader, term, watermarks and
@@ -64,7 +87,7 @@ impl Outbound {
                         + message.snapshot.as_ref().map_or(0, |s| s.data.len())
                 }
                 Outbound::Chunk(chunk) => chunk.batches.iter().map(|b| b.len()).sum(),
-                Outbound::Fetch(_) | Outbound::Status(_) => 0,
+                Outbound::Fetch(_) | Outbound::Status(_) | Outbound::Quiesce(_) => 0,
             }
     }
 }

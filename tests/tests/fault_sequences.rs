@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use pubg1_tests::cluster::{set, urls, TestCluster};
 use pubg1_tests::workload::{fetch_topic, publish_all, verify, Load, Publish};
-use pubg1_tests::{wait_until, Client};
+use pubg1_tests::{metric, wait_until, Client};
 
 /// A follower that restarts replays its committed Raft tail into `records`' memtable (applies
 /// skip the WAL), then gets a snapshot because the leader compacted past it. A second kill -9
@@ -171,5 +171,55 @@ fn a_broker_behind_the_compacted_metadata_log_catches_up_by_snapshot() -> anyhow
         &serde_json::json!({"records": [{"value": "x"}]}),
     )?;
     assert_eq!(reply.status, 200, "{}", reply.text);
+    Ok(())
+}
+
+/// Idle groups quiesce (no ticks, no heartbeats); a quiesced leader killed with -9 is still
+/// replaced (its followers' brokers notice the silence and wake them), nothing acknowledged is
+/// lost, and a quiesced group wakes for the next write.
+#[test]
+fn idle_partitions_quiesce_and_a_killed_quiesced_leader_is_still_replaced() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(3)?;
+    cluster.create_replicated("idle", 6)?;
+    let spec = Publish {
+        topic: "idle".into(),
+        tag: "i".into(),
+        clients: 2,
+        records_per_client: 300,
+        batch: 30,
+    };
+    let acked = publish_all(cluster.broker(1), &spec)?;
+    let quiesced = "pubg1_raft_quiesced_groups";
+    for id in 1..=3 {
+        wait_until(
+            Duration::from_secs(30),
+            "every replica of the idle topic to quiesce",
+            || {
+                metric(cluster.broker(id), quiesced)
+                    .ok()
+                    .filter(|n| *n >= 6.0)
+            },
+        )?;
+    }
+    let leader = cluster.leader_of("idle", 0)?;
+    cluster.broker_mut(leader).kill9();
+    let http = Client::new();
+    let survivor = (1..=3).find(|id| *id != leader).unwrap_or(1);
+    let url = cluster.broker(survivor).url("/topics/idle/partitions/0");
+    let body = serde_json::json!({"records": [{"key": "after-kill", "value": "x"}]});
+    let reply = wait_until(
+        Duration::from_secs(20),
+        "a write to the killed leader's partition to succeed",
+        || http.post_json(&url, &body).ok().filter(|r| r.status == 200),
+    )?;
+    let new_leader = cluster.leader_of("idle", 0)?;
+    assert_ne!(new_leader, leader);
+    assert!(reply.body["offsets"][0]["offset"].as_u64().is_some());
+    cluster.broker_mut(leader).restart()?;
+    // Everything acknowledged before the kill is on every replica, which agree.
+    cluster.assert_replicas_identical("idle", 6)?;
+    for broker in &cluster.brokers {
+        verify(&acked, &fetch_topic(&http, broker, "idle", 6)?)?;
+    }
     Ok(())
 }

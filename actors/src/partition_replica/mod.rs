@@ -19,6 +19,7 @@
 //! continue after the last durable batch, with no gap and no reuse.
 
 mod install;
+mod quiesce;
 mod retention;
 mod shared;
 
@@ -152,9 +153,15 @@ pub struct PartitionReplica {
     /// Appends proposed through this replica, waiting to be answered.
     proposals: Proposals<PendingAppend>,
     retention_running: bool,
+    retention_idle: retention::RetentionIdle,
     crashed: bool,
     /// Raft ticks since start; gauges are refreshed every [`RAFT_GAUGE_TICKS`].
     ticks: u64,
+    /// The Raft tick timer; None while the group is quiesced (see `quiesce`).
+    ticker: Option<SpawnHandle>,
+    /// When something last happened in the group (a proposal, an apply, a role change): a
+    /// leader quiesces only after [`quiesce::IDLE_BEFORE_QUIESCE`] of nothing.
+    last_active: Instant,
     installing: Option<Installing>,
     /// Ids of snapshot fetches, so stale answers are told apart.
     fetch_requests: u64,
@@ -186,8 +193,11 @@ impl PartitionReplica {
             driver: Driver::default(),
             proposals: Proposals::new(),
             retention_running: false,
+            retention_idle: Default::default(),
             crashed: false,
             ticks: 0,
+            ticker: None,
+            last_active: Instant::now(),
             installing: None,
             fetch_requests: 0,
         }
@@ -578,10 +588,14 @@ impl RaftDriven for PartitionReplica {
     }
 
     fn on_role_change(&mut self) {
+        self.last_active = Instant::now();
         self.role_changed();
     }
 
     fn on_durable(&mut self, applied: Self::Applied) {
+        if applied.last.is_some() {
+            self.last_active = Instant::now();
+        }
         self.complete(applied);
         self.offer_snapshot_point();
     }
@@ -649,30 +663,17 @@ impl Actor for PartitionReplica {
                 ctx.stop();
             }
         }));
-        ctx.run_interval(
-            Duration::from_millis(self.settings.timing.tick_ms),
-            |act, ctx| {
-                raft_driver::guarded(act, ctx, |act, ctx| {
-                    let Some(raft) = act.raft.as_mut() else {
-                        return;
-                    };
-                    raft.tick();
-                    act.ticks += 1;
-                    if act.ticks % RAFT_GAUGE_TICKS == 0 {
-                        act.publish_raft_gauges();
-                        act.expire_pending();
-                    }
-                    act.retry_install();
-                    raft_driver::drive(act, ctx);
-                });
-            },
-        );
+        self.start_ticking(ctx);
         ctx.run_interval(self.settings.retention_check_interval, |act, ctx| {
             raft_driver::guarded(act, ctx, Self::check_retention);
         });
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
+        if self.is_quiesced() {
+            self.metrics.raft_quiesced_groups.dec();
+            self.shared.quiesced.store(false, Ordering::Release);
+        }
         self.supervisor.do_send(ReplicaStopped {
             shared: self.shared.clone(),
             crashed: self.crashed,
@@ -685,6 +686,8 @@ impl Handler<Append> for PartitionReplica {
 
     fn handle(&mut self, msg: Append, ctx: &mut Self::Context) -> Self::Result {
         let proposed = raft_driver::guarded(self, ctx, |act, ctx| {
+            act.wake(ctx);
+            act.last_active = Instant::now();
             let receiver = act.propose(&msg.records)?;
             raft_driver::drive(act, ctx);
             Ok(receiver)
@@ -713,6 +716,11 @@ impl Handler<RaftInbound> for PartitionReplica {
 
     fn handle(&mut self, msg: RaftInbound, ctx: &mut Self::Context) {
         raft_driver::guarded(self, ctx, |act, ctx| {
+            // Any message from another replica means the group is active again, except the
+            // answers to the heartbeat a leader sent just before it quiesced.
+            if msg.0.get_msg_type() != raft::prelude::MessageType::MsgHeartbeatResponse {
+                act.wake(ctx);
+            }
             if let Some(raft) = act.raft.as_mut() {
                 raft.step(msg.0);
                 raft_driver::drive(act, ctx);

@@ -11,6 +11,18 @@ use crate::error::StorageError;
 use crate::storage::{log_state_op, record_key, Cf, LogState, Replayable, WriteOp};
 use crate::topic::TopicConfigs;
 
+/// Most retention checks skipped in a row for a log that neither grew nor had anything to delete.
+const RETENTION_SKIP_MAX: u32 = 12;
+
+/// How often an unchanging log is scanned for retention: checks skipped, and the log's end at
+/// the last scan that found nothing to delete.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct RetentionIdle {
+    log_end: Option<u64>,
+    backoff: u32,
+    skip: u32,
+}
+
 impl PartitionReplica {
     pub(super) fn check_retention(&mut self, ctx: &mut Context<Self>) {
         let configs = self.configs;
@@ -21,7 +33,19 @@ impl PartitionReplica {
         {
             return;
         }
+        // A log that has not grown since a scan that deleted nothing is scanned again only every
+        // few checks (up to 12, a minute by default): thousands of idle partitions would
+        // otherwise each read their batch headers every 5 s. Time-based retention is days.
+        let unchanged = self.retention_idle.log_end == Some(self.state.next_offset);
+        if unchanged && self.retention_idle.skip > 0 {
+            self.retention_idle.skip -= 1;
+            return;
+        }
+        if !unchanged {
+            self.retention_idle.backoff = 0;
+        }
         self.retention_running = true;
+        let scanned_end = self.state.next_offset;
         let storage = self.storage.clone();
         let log = self.shared.log;
         let mut planner =
@@ -35,11 +59,19 @@ impl PartitionReplica {
             .await
             .unwrap_or(Err(StorageError::ShutDown))
         };
-        ctx.spawn(scan.into_actor(self).map(|result, act, _ctx| {
+        ctx.spawn(scan.into_actor(self).map(move |result, act, _ctx| {
             act.retention_running = false;
             match result {
-                Ok(Some(plan)) => act.apply_retention(plan),
-                Ok(None) => {}
+                Ok(Some(plan)) => {
+                    act.retention_idle = RetentionIdle::default();
+                    act.apply_retention(plan);
+                }
+                Ok(None) => {
+                    let idle = &mut act.retention_idle;
+                    idle.backoff = (idle.backoff * 2).clamp(1, RETENTION_SKIP_MAX);
+                    idle.skip = idle.backoff;
+                    idle.log_end = Some(scanned_end);
+                }
                 Err(e) => tracing::warn!(topic = %act.shared.topic, partition = act.shared.partition, error = %e, "retention scan failed"),
             }
         }));

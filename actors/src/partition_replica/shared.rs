@@ -41,6 +41,9 @@ pub struct PartitionShared {
     /// pair so no reader sees one term's leader with another's term; leader 0 = unknown.
     /// A std Mutex: held only to copy the pair.
     pub(super) leadership: Mutex<(u64, u64)>,
+    /// Set while this replica's group is quiesced: idle and fully replicated, so this replica's
+    /// high watermark is the leader's.
+    pub(super) quiesced: AtomicBool,
     /// Set when the topic is deleted; a retired partition is never restarted.
     pub(super) retired: AtomicBool,
     /// Replicas in sync with the leader, as the leader saw them at its last gauge refresh; empty
@@ -68,6 +71,7 @@ impl PartitionShared {
             log_start_offset: AtomicU64::new(0),
             log_size_bytes: AtomicU64::new(0),
             leadership: Mutex::new((0, 0)),
+            quiesced: AtomicBool::new(false),
             retired: AtomicBool::new(false),
             in_sync: Mutex::new(Vec::new()),
             replicas,
@@ -104,6 +108,11 @@ impl PartitionShared {
             .ok()
             .and_then(|at| *at)
             .is_some_and(|at| at >= since)
+    }
+
+    /// Whether this replica's group is quiesced (its high watermark is then the leader's).
+    pub fn is_quiesced(&self) -> bool {
+        self.quiesced.load(Ordering::Acquire)
     }
 
     /// Whether this broker's replica leads the partition (as it last saw it).

@@ -392,6 +392,37 @@ impl RaftGroup {
         self.node.raft.raft_log.applied
     }
 
+    /// On the leader: whether the group has nothing in flight — every entry committed, applied
+    /// and on every voter, no Ready pending — so it may stop ticking until something happens.
+    pub fn is_quiescent(&self) -> bool {
+        let log = &self.node.raft.raft_log;
+        let last = log.last_index();
+        self.is_leader()
+            && log.committed == last
+            && log.applied == last
+            && !self.node.has_ready()
+            && self.node.raft.lead_transferee.is_none()
+            && self
+                .node
+                .raft
+                .prs()
+                .iter()
+                .all(|(_, progress)| progress.matched == last)
+    }
+
+    /// On a follower: whether the leader's notice that the group is idle at (`term`, `index`)
+    /// matches what this replica holds, so it may stop ticking too.
+    pub fn may_quiesce_at(&self, term: u64, index: u64, leader: u64) -> bool {
+        let log = &self.node.raft.raft_log;
+        !self.is_leader()
+            && self.term() == term
+            && self.leader_id() == leader
+            && log.last_index() == index
+            && log.committed == index
+            && log.applied == index
+            && !self.node.has_ready()
+    }
+
     /// On the leader, how many entries the slowest follower is behind the leader's log; else 0.
     pub fn follower_lag(&self) -> u64 {
         if !self.is_leader() {
