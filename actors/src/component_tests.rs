@@ -30,7 +30,7 @@ fn settings(dir: &std::path::Path) -> BrokerSettings {
     }
 }
 
-async fn create(broker: &Broker, name: &str, partitions: u32, configs: &[(&str, &str)]) {
+pub(crate) async fn create(broker: &Broker, name: &str, partitions: u32, configs: &[(&str, &str)]) {
     let configs: BTreeMap<String, String> = configs
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))

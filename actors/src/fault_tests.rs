@@ -11,7 +11,6 @@ use crate::batch::NewRecord;
 use crate::broker_supervisor::InjectPanicInto;
 use crate::error::PartitionError;
 use crate::log_reader::{fetch, FetchRequest};
-use crate::metadata::CreateTopic;
 
 fn settings(dir: &std::path::Path) -> BrokerSettings {
     BrokerSettings {
@@ -35,18 +34,9 @@ fn settings(dir: &std::path::Path) -> BrokerSettings {
     }
 }
 
+/// A topic of `partitions` with no configs (the component tests' helper).
 async fn create(broker: &Broker, name: &str, partitions: u32) {
-    broker
-        .metadata
-        .send(CreateTopic {
-            name: name.into(),
-            partitions,
-            replication_factor: 1,
-            configs: Default::default(),
-        })
-        .await
-        .expect("mailbox")
-        .expect("create");
+    crate::component_tests::create(broker, name, partitions, &[]).await;
 }
 
 async fn append(
