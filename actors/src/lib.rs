@@ -233,9 +233,19 @@ fn watch_liveness(cluster: Cluster, registry: Registry, thread: &actix::ArbiterH
             .collect();
         let mut alive: std::collections::HashMap<u64, bool> =
             peers.iter().map(|id| (*id, true)).collect();
-        let mut every = tokio::time::interval(Duration::from_millis(100));
+        let period = Duration::from_millis(100);
+        let mut every = tokio::time::interval(period);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = std::time::Instant::now();
         loop {
             every.tick().await;
+            // A watcher that itself ran late was starved with the reads that prove peers
+            // alive: their frames may be waiting unread, so judge no one this round.
+            let late = last.elapsed() > 3 * period;
+            last = std::time::Instant::now();
+            if late {
+                continue;
+            }
             for peer in &peers {
                 let now = cluster.is_alive(*peer, PEER_SILENCE_MAX);
                 let was = alive.insert(*peer, now).unwrap_or(true);

@@ -38,7 +38,8 @@ pub enum Outbound {
 }
 
 /// "This group is idle and fully replicated at `index` in `term`: stop ticking until you hear
-/// from it again." A follower quiesces only if its own view matches exactly.
+/// from it again." A follower commits through `index` on it and quiesces once its own view
+/// matches exactly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QuiesceNotice {
     pub group: LogId,

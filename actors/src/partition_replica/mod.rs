@@ -40,7 +40,8 @@ use crate::snapshot::Install;
 use crate::storage::{leftover_delete, log_state_op, record_key, Cf, LogState, Storage, WriteOp};
 use crate::topic::{LogId, TopicConfigs};
 use crate::transport::{
-    ChunkInbound, Cluster, FetchInbound, Outbound, PartitionStatus, RaftInbound, Transport,
+    ChunkInbound, Cluster, FetchInbound, Outbound, PartitionStatus, QuiesceNotice, RaftInbound,
+    Transport,
 };
 
 pub use retention::{RetentionPlan, RetentionPlanner};
@@ -162,6 +163,9 @@ pub struct PartitionReplica {
     /// When something last happened in the group (a proposal, an apply, a role change): a
     /// leader quiesces only after [`quiesce::IDLE_BEFORE_QUIESCE`] of nothing.
     last_active: Instant,
+    /// On a follower: the leader's notice that the group is idle, while this replica is still
+    /// applying up to it; it quiesces once it matches (see `quiesce`).
+    quiesce_notice: Option<QuiesceNotice>,
     installing: Option<Installing>,
     /// Ids of snapshot fetches, so stale answers are told apart.
     fetch_requests: u64,
@@ -198,6 +202,7 @@ impl PartitionReplica {
             ticks: 0,
             ticker: None,
             last_active: Instant::now(),
+            quiesce_notice: None,
             installing: None,
             fetch_requests: 0,
         }
@@ -720,6 +725,9 @@ impl Handler<RaftInbound> for PartitionReplica {
             // answers to the heartbeat a leader sent just before it quiesced.
             if msg.0.get_msg_type() != raft::prelude::MessageType::MsgHeartbeatResponse {
                 act.wake(ctx);
+                // A notice is the leader's last word before it quiesced; anything after it
+                // means the group is busy again.
+                act.quiesce_notice = None;
             }
             if let Some(raft) = act.raft.as_mut() {
                 raft.step(msg.0);

@@ -52,6 +52,12 @@ impl PartitionReplica {
         }
         self.retry_install();
         raft_driver::drive(self, ctx);
+        if let Some(notice) = self.quiesce_notice {
+            self.quiesce_if_matching(notice, ctx);
+            if self.is_quiesced() {
+                return;
+            }
+        }
         // After the Ready this tick made (a heartbeat's is handled at once): a tick always has
         // one pending before it is driven.
         if checkpoint {
@@ -102,7 +108,25 @@ impl PartitionReplica {
         self.quiesce(ctx);
     }
 
+    /// On a follower: stop ticking if this replica holds exactly what the leader's notice
+    /// says, every entry applied; else keep the notice and look again on the next tick.
+    fn quiesce_if_matching(&mut self, notice: QuiesceNotice, ctx: &mut Context<Self>) {
+        let matches = self
+            .raft
+            .as_ref()
+            .is_some_and(|raft| raft.may_quiesce_at(notice.term, notice.index, notice.leader))
+            && !self.driver.is_busy()
+            && self.installing.is_none()
+            && self.proposals.is_empty();
+        if matches {
+            self.quiesce(ctx);
+        } else {
+            self.quiesce_notice = Some(notice);
+        }
+    }
+
     fn quiesce(&mut self, ctx: &mut Context<Self>) {
+        self.quiesce_notice = None;
         if let Some(ticker) = self.ticker.take() {
             ctx.cancel_future(ticker);
             self.metrics.raft_quiesced_groups.inc();
@@ -126,18 +150,15 @@ impl Handler<QuiesceInbound> for PartitionReplica {
 
     fn handle(&mut self, msg: QuiesceInbound, ctx: &mut Self::Context) {
         let notice = msg.0;
-        // Whatever the last messages left to do (a heartbeat's answer) is done first.
-        raft_driver::guarded(self, ctx, raft_driver::drive);
-        let matches = self
-            .raft
-            .as_ref()
-            .is_some_and(|raft| raft.may_quiesce_at(notice.term, notice.index, notice.leader))
-            && !self.driver.is_busy()
-            && self.installing.is_none()
-            && self.proposals.is_empty();
-        if matches {
-            self.quiesce(ctx);
-        }
+        raft_driver::guarded(self, ctx, |act, ctx| {
+            // The notice stands for the leader's last heartbeat: commit what it says is
+            // committed, apply it, and quiesce once that is done.
+            if let Some(raft) = act.raft.as_mut() {
+                raft.adopt_quiesce_notice(notice.term, notice.index, notice.leader);
+            }
+            raft_driver::drive(act, ctx);
+            act.quiesce_if_matching(notice, ctx);
+        });
     }
 }
 

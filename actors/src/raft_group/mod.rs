@@ -423,6 +423,32 @@ impl RaftGroup {
             && !self.node.has_ready()
     }
 
+    /// On a follower: take the leader's notice that the group is idle at (`term`, `index`) as
+    /// that leader's last heartbeat, committing through `index`. A leader quiesces right after
+    /// its last commit, so a follower's commit index often lags the notice by one heartbeat
+    /// that never comes; without this the follower kept ticking, timed out and unseated an
+    /// idle, healthy leader. Safe as a heartbeat is: it is only taken when this replica's entry
+    /// at `index` is from `term` (so its log equals the leader's through `index`, and a leader's
+    /// log ends with an entry of its own term) and nothing follows it.
+    pub fn adopt_quiesce_notice(&mut self, term: u64, index: u64, leader: u64) {
+        let log = &self.node.raft.raft_log;
+        let adoptable = !self.is_leader()
+            && self.term() == term
+            && self.leader_id() == leader
+            && log.last_index() == index
+            && log.committed < index
+            && log.term(index).ok() == Some(term);
+        if adoptable {
+            let mut heartbeat = Message::default();
+            heartbeat.set_msg_type(MessageType::MsgHeartbeat);
+            heartbeat.from = leader;
+            heartbeat.to = self.id;
+            heartbeat.term = term;
+            heartbeat.commit = index;
+            self.step(heartbeat);
+        }
+    }
+
     /// On the leader, how many entries the slowest follower is behind the leader's log; else 0.
     pub fn follower_lag(&self) -> u64 {
         if !self.is_leader() {

@@ -287,3 +287,43 @@ fn a_follower_behind_the_compacted_log_catches_up_by_snapshot() {
         .iter()
         .all(|log| log.last() == Some(&b"after".to_vec())));
 }
+
+/// A leader quiesces right after its last commit, so its followers may never hear that commit
+/// by heartbeat: the notice carries it, and a follower that holds the same log commits on it.
+#[test]
+fn a_follower_commits_on_the_quiesce_notice_of_an_idle_leader() {
+    let mut groups = vec![group(1), group(2), group(3)];
+    let mut applied = vec![Vec::new(); 3];
+    groups[0].campaign();
+    settle(&mut groups, &mut applied);
+    assert_eq!(groups[0].propose(vec![], b"last".to_vec()), Ok(()));
+    let index = groups[0].last_index();
+    // Followers get the entry and acknowledge it; the leader's word that it committed is lost.
+    settle_delivering(&mut groups, &mut applied, |m| {
+        m.from != 1 || m.commit < index
+    });
+    assert!(groups[0].is_quiescent(), "the leader has nothing in flight");
+    let term = groups[0].term();
+    for follower in &groups[1..] {
+        assert!(follower.commit_index() < index);
+        assert!(!follower.may_quiesce_at(term, index, 1));
+    }
+    // A notice that does not describe this replica's log changes nothing, and does not panic.
+    groups[1].adopt_quiesce_notice(term + 1, index, 1);
+    groups[1].adopt_quiesce_notice(term, index + 5, 1);
+    groups[1].adopt_quiesce_notice(term, index, 3);
+    assert!(groups[1].commit_index() < index);
+    // The leader's notice commits and applies through its index: the follower may quiesce.
+    groups[1].adopt_quiesce_notice(term, index, 1);
+    groups[2].adopt_quiesce_notice(term, index, 1);
+    settle(&mut groups, &mut applied);
+    for (i, follower) in groups.iter().enumerate().skip(1) {
+        assert_eq!(follower.commit_index(), index);
+        assert!(follower.may_quiesce_at(term, index, 1));
+        assert_eq!(applied[i].last().map(Vec::as_slice), Some(&b"last"[..]));
+    }
+    assert!(
+        groups[0].is_quiescent(),
+        "the followers' answers do not disturb the leader"
+    );
+}
