@@ -5,6 +5,17 @@ use std::time::Duration;
 use anyhow::Result;
 use serde_json::Value;
 
+/// How long metadata (leaders, convergence) may take to settle.
+pub(crate) const SETTLE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// A partition as `url` describes it (leader, watermarks), if it answers 200.
+pub(crate) fn describe(http: &Http, url: &str, topic: &str, partition: u32) -> Option<Value> {
+    http.get(&format!("{url}/topics/{topic}/partitions/{partition}"))
+        .ok()
+        .filter(|r| r.status == 200)
+        .map(|r| r.body)
+}
+
 #[derive(Debug, Clone)]
 pub struct Http {
     agent: ureq::Agent,

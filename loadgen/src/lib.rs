@@ -1,6 +1,7 @@
 //! PubG1's load generator: starts a cluster (or joins one), drives producers, breaks brokers on
 //! a timeline, and proves what survived. See `loadgen --help` and `loadgen/scenarios/`.
 
+mod clients;
 pub mod cluster;
 pub mod http;
 pub mod nemesis;

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Result};
 use serde::Serialize;
 
-use crate::http::Http;
-use crate::run::{describe, parse_value, SETTLE_DEADLINE};
+use crate::clients::parse_value;
+use crate::http::{describe, Http, SETTLE_DEADLINE};
 use crate::scenario::TopicSpec;
 use crate::verify::{self, Ack, Stored, Verdict};
 

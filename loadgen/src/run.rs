@@ -3,33 +3,26 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
+use crate::clients::{new_histogram, start_consumers, start_producers, Live};
 use crate::cluster::{Cluster, State};
-use crate::http::Http;
+use crate::http::{describe, Http, SETTLE_DEADLINE};
 use crate::readback::{self, ReplicaCheck};
 use crate::scenario::{Action, Scenario, Target, TopicSpec};
 use crate::verify::{self, Ack, FaultEvent, Outcome, Verdict, Window};
 
-/// How long a produce request may take before the producer gives up on it and moves on.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
-/// Pause after a failed request before the next (the producer also moves to another broker).
-const FAILURE_BACKOFF: Duration = Duration::from_millis(20);
-/// How long metadata (leaders, convergence) may take to settle.
 /// Longest a leader cut off from every other broker may go on leading (raft-rs check-quorum
 /// steps it down after an election timeout of at most 20 ticks of 30 ms, checked every 10).
 const STEP_DOWN_BOUND: Duration = Duration::from_millis(1500);
-pub(crate) const SETTLE_DEADLINE: Duration = Duration::from_secs(60);
-const JSON_V2: &str = "application/vnd.kafka.json.v2+json";
-
 #[derive(Debug, Clone)]
 pub struct Options {
     /// What the scenario is called in the summary (its file name, or "demo").
@@ -117,30 +110,6 @@ impl RunResult {
             && self.replicas.iter().all(ReplicaCheck::is_clean)
             && !self.checks.iter().any(|c| c.starts_with("violation"))
     }
-}
-
-/// What each producer thread hands back.
-struct ProducerReport {
-    acks: Vec<Ack>,
-    outcomes: Vec<Outcome>,
-    /// (ms since start, latency µs) per successful request.
-    latencies: Vec<(u64, u64)>,
-    failed: u64,
-}
-
-/// Shared between the producers and the progress display.
-#[derive(Default)]
-struct Live {
-    stop: AtomicBool,
-    acked: AtomicU64,
-    failed: AtomicU64,
-    consumed: AtomicU64,
-}
-
-/// What a consumer thread hands back: end-to-end latency (µs), overall and per second.
-struct ConsumerReport {
-    overall: Histogram<u64>,
-    per_second: Vec<Histogram<u64>>,
 }
 
 pub fn run(options: &Options) -> Result<RunResult> {
@@ -373,11 +342,6 @@ fn quantiles_per_second(histograms: &[Histogram<u64>]) -> Vec<(f64, f64)> {
         .collect()
 }
 
-fn new_histogram() -> Histogram<u64> {
-    // 1 µs to 10 min, 3 significant digits.
-    Histogram::new_with_bounds(1, 600_000_000, 3).expect("constant, valid histogram bounds")
-}
-
 fn progress_bar(visible: bool, duration_s: f64) -> ProgressBar {
     if !visible {
         return ProgressBar::hidden();
@@ -419,13 +383,6 @@ fn create_topic(http: &Http, urls: &[String], topic: &TopicSpec) -> Result<()> {
         }
         attempt += 1;
     }
-}
-
-pub(crate) fn describe(http: &Http, url: &str, topic: &str, partition: u32) -> Option<Value> {
-    http.get(&format!("{url}/topics/{topic}/partitions/{partition}"))
-        .ok()
-        .filter(|r| r.status == 200)
-        .map(|r| r.body)
 }
 
 fn wait_for_leaders(http: &Http, urls: &[String], topic: &TopicSpec) -> Result<()> {
@@ -585,235 +542,6 @@ fn apply_fault(
     ))
 }
 
-/// Value of a produced record: producer, sequence and send time, padded to the record size.
-fn record_value(producer: u32, sequence: u64, sent_unix_micros: u128, bytes: usize) -> String {
-    let mut value = format!("p{producer}:s{sequence}:t{sent_unix_micros}:");
-    // Stored as a JSON string: the quotes count towards the record's bytes.
-    let target = bytes.saturating_sub(2);
-    while value.len() < target {
-        value.push('x');
-    }
-    value
-}
-
-/// Producer id and sequence from a stored value written by [`record_value`].
-pub(crate) fn parse_value(value: &str) -> Option<(u32, u64)> {
-    let mut parts = value.split(':');
-    let producer = parts.next()?.strip_prefix('p')?.parse().ok()?;
-    let sequence = parts.next()?.strip_prefix('s')?.parse().ok()?;
-    Some((producer, sequence))
-}
-
-fn start_producers(
-    scenario: &Scenario,
-    urls: &[String],
-    topic: &str,
-    partitions: u32,
-    live: &Arc<Live>,
-    start: Instant,
-) -> Result<Vec<std::thread::JoinHandle<ProducerReport>>> {
-    let spec = scenario.producers.clone();
-    scenario.key_space(0)?;
-    let per_producer_rate = spec.rate as f64 / f64::from(spec.count);
-    let interval =
-        (spec.rate > 0).then(|| Duration::from_secs_f64(spec.batch as f64 / per_producer_rate));
-    let mut threads = Vec::new();
-    for producer in 0..spec.count {
-        let keys = scenario.key_space(producer)?;
-        let urls: Vec<String> = urls.iter().map(|u| format!("{u}/topics/{topic}")).collect();
-        let (live, spec) = (live.clone(), spec.clone());
-        threads.push(std::thread::spawn(move || {
-            let http = Http::new(REQUEST_TIMEOUT);
-            let mut report = ProducerReport {
-                acks: Vec::new(),
-                outcomes: Vec::new(),
-                latencies: Vec::new(),
-                failed: 0,
-            };
-            let mut next_sequence = 0u64;
-            let mut requests = 0u32;
-            let mut target = producer as usize;
-            let mut next_send = Instant::now();
-            let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ u64::from(producer) << 32;
-            while !live.stop.load(Ordering::Acquire) {
-                if let Some(interval) = interval {
-                    let now = Instant::now();
-                    if next_send > now {
-                        std::thread::sleep(next_send - now);
-                    }
-                    next_send = next_send.max(now - interval) + interval;
-                }
-                let first = next_sequence;
-                next_sequence += spec.batch as u64;
-                let sent_unix = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_micros())
-                    .unwrap_or_default();
-                let records: Vec<Value> = (first..next_sequence)
-                    .map(|sequence| {
-                        let value = record_value(producer, sequence, sent_unix, spec.record_bytes);
-                        match keys {
-                            Some(n) => {
-                                rng ^= rng << 13;
-                                rng ^= rng >> 7;
-                                rng ^= rng << 17;
-                                json!({"key": format!("k{}", rng % n), "value": value})
-                            }
-                            None => json!({"value": value}),
-                        }
-                    })
-                    .collect();
-                let body = json!({ "records": records }).to_string();
-                let sent = Instant::now();
-                // Keyless requests go to partitions in turn, named in the URL, so each outcome
-                // is known to concern one partition; keyed ones let the broker hash the keys.
-                let partition = keys.is_none().then(|| (producer + requests) % partitions);
-                requests = requests.wrapping_add(1);
-                let base = &urls[target % urls.len()];
-                let url = match partition {
-                    Some(p) => format!("{base}/partitions/{p}"),
-                    None => base.clone(),
-                };
-                let acked = http
-                    .post(&url, JSON_V2, &body)
-                    .ok()
-                    .filter(|r| r.status == 200)
-                    .and_then(|r| acks_of(&r.body, producer, first));
-                let at_ms = start.elapsed().as_millis() as u64;
-                match acked {
-                    Some(acks) => {
-                        live.acked.fetch_add(acks.len() as u64, Ordering::Relaxed);
-                        report.acks.extend(acks);
-                        report.outcomes.push(Outcome {
-                            at_ms,
-                            ok: true,
-                            partition,
-                        });
-                        report
-                            .latencies
-                            .push((at_ms, sent.elapsed().as_micros() as u64));
-                    }
-                    None => {
-                        // Its sequences are abandoned, never resent: a sequence stored twice
-                        // is then a real duplicate.
-                        live.failed.fetch_add(1, Ordering::Relaxed);
-                        report.failed += 1;
-                        report.outcomes.push(Outcome {
-                            at_ms,
-                            ok: false,
-                            partition,
-                        });
-                        target += 1;
-                        std::thread::sleep(FAILURE_BACKOFF);
-                    }
-                }
-            }
-            report
-        }));
-    }
-    Ok(threads)
-}
-
-/// Consumers share the partitions out and tail them with long polls from the start, timing each
-/// record from its send time (in its value) to now.
-fn start_consumers(
-    count: u32,
-    partitions: u32,
-    urls: &[String],
-    topic: &str,
-    live: &Arc<Live>,
-    start: Instant,
-) -> Vec<std::thread::JoinHandle<ConsumerReport>> {
-    (0..count)
-        .map(|consumer| {
-            let mine: Vec<u32> = (0..partitions).filter(|p| p % count == consumer).collect();
-            let urls: Vec<String> = urls
-                .iter()
-                .map(|u| format!("{u}/topics/{topic}/partitions"))
-                .collect();
-            let live = live.clone();
-            std::thread::spawn(move || {
-                let http = Http::new(REQUEST_TIMEOUT);
-                let mut report = ConsumerReport {
-                    overall: new_histogram(),
-                    per_second: Vec::new(),
-                };
-                // None: start at the log start (also after the topic was re-created).
-                let mut offsets: Vec<Option<u64>> = vec![None; mine.len()];
-                let mut target = consumer as usize;
-                while !live.stop.load(Ordering::Acquire) {
-                    for (i, partition) in mine.iter().enumerate() {
-                        let from = offsets[i]
-                            .map(|o| format!("&offset={o}"))
-                            .unwrap_or_default();
-                        let url = format!(
-                            "{}/{partition}/records?max_records=5000&timeout_ms=100{from}",
-                            urls[target % urls.len()]
-                        );
-                        let reply = match http.get(&url) {
-                            Ok(reply) if reply.status == 200 => reply,
-                            Ok(reply) if reply.status == 416 => {
-                                offsets[i] = None;
-                                continue;
-                            }
-                            _ => {
-                                target += 1;
-                                std::thread::sleep(FAILURE_BACKOFF);
-                                continue;
-                            }
-                        };
-                        let now_unix = SystemTime::now()
-                            .duration_since(UNIX_EPOCH)
-                            .map(|d| d.as_micros())
-                            .unwrap_or_default();
-                        let second = start.elapsed().as_secs() as usize;
-                        if report.per_second.len() <= second {
-                            report.per_second.resize_with(second + 1, new_histogram);
-                        }
-                        let mut read = 0;
-                        for record in reply.body["records"].as_array().into_iter().flatten() {
-                            read += 1;
-                            let Some(sent) = record["value"].as_str().and_then(sent_time) else {
-                                continue;
-                            };
-                            let micros = now_unix.saturating_sub(sent).max(1) as u64;
-                            let _ = report.overall.record(micros);
-                            let _ = report.per_second[second].record(micros);
-                        }
-                        live.consumed.fetch_add(read, Ordering::Relaxed);
-                        if let Some(next) = reply.body["next_offset"].as_u64() {
-                            offsets[i] = Some(next);
-                        }
-                    }
-                }
-                report
-            })
-        })
-        .collect()
-}
-
-/// The send time (µs since the epoch) in a value written by [`record_value`].
-fn sent_time(value: &str) -> Option<u128> {
-    value.split(':').nth(2)?.strip_prefix('t')?.parse().ok()
-}
-
-/// The acknowledgements in a 200 produce reply; None unless every record has an offset.
-fn acks_of(body: &Value, producer: u32, first: u64) -> Option<Vec<Ack>> {
-    body["offsets"]
-        .as_array()?
-        .iter()
-        .enumerate()
-        .map(|(i, at)| {
-            Some(Ack {
-                producer,
-                sequence: first + i as u64,
-                partition: at["partition"].as_u64()? as u32,
-                offset: at["offset"].as_u64()?,
-            })
-        })
-        .collect()
-}
-
 /// Wait until every reachable broker reports the same high watermarks, then read every
 /// partition of `topic` from the start.
 fn save_acks(path: &Path, acks: &[Ack]) -> Result<()> {
@@ -857,15 +585,6 @@ pub fn load_acks(path: &Path) -> Result<Vec<Ack>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn values_carry_producer_and_sequence_at_the_record_size() {
-        let value = record_value(7, 12_345, 1_764_000_000_000_000, 100);
-        assert_eq!(value.len(), 98);
-        assert_eq!(parse_value(&value), Some((7, 12_345)));
-        assert_eq!(sent_time(&value), Some(1_764_000_000_000_000));
-        assert_eq!(parse_value("something else"), None);
-    }
 
     #[test]
     fn acks_round_trip_through_the_csv() {
