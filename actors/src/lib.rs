@@ -15,7 +15,8 @@
 //! - [`partition_replica`], [`broker_supervisor`], [`metadata`], [`peer_link`]: the actors, one
 //!   a module ([`partition_replica`] is a directory: actor, shared state, installs, retention).
 //! - [`raft_group`] (sans-IO Raft: what raft-rs wants done), [`raft_driver`] (its Ready loop for
-//!   actors, panics contained), [`proposals`] (clients waiting for their proposals), [`snapshot`].
+//!   actors, panics contained), [`proposals`] (clients waiting for their proposals), [`snapshot`],
+//!   [`state_machine`] (what applying a committed entry does: the seam internal topics use).
 //! - [`transport`]: per-peer queues (bounded in messages and bytes) and cluster liveness.
 //! - [`registry`]: the name → partitions map the HTTP layer reads without messaging actors.
 //! - [`log_reader`]: fetch with long poll, off the write path.
@@ -39,6 +40,7 @@ pub mod raft_driver;
 pub mod raft_group;
 pub mod registry;
 pub mod snapshot;
+pub mod state_machine;
 pub mod storage;
 pub mod topic;
 pub mod transport;

@@ -16,6 +16,7 @@ use raft::prelude::Entry;
 
 use crate::error::StorageError;
 use crate::raft_group::{RaftGroup, ReadyWork, SnapshotInstall};
+use crate::state_machine::Durability;
 use crate::storage::{Cf, Replayable, Storage, WriteOp, WriteRequest};
 
 /// How long a Ready whose write found the storage queue full waits before it is offered again.
@@ -52,11 +53,11 @@ pub(crate) trait RaftDriven: Actor<Context = Context<Self>> {
     fn storage(&self) -> &Storage;
     /// Index of the last entry applied (including applies whose write is in flight).
     fn applied_index(&self) -> u64;
-    /// Whether the apply's writes to `records` are replayable from the Raft log (written without
-    /// the WAL; see `storage`). Then the Raft log is compacted only up to
-    /// [`Storage::durable_applied`]. Otherwise every apply is fsync'd with its Ready.
-    fn replayable_apply(&self) -> bool {
-        false
+    /// How the apply's writes become durable: [`Durability::Replayable`] writes to `records`
+    /// go without the WAL and the Raft log is compacted only up to
+    /// [`Storage::durable_applied`]; [`Durability::Synced`] applies are fsync'd with their Ready.
+    fn durability(&self) -> Durability {
+        Durability::Synced
     }
     /// Apply committed entries to the in-memory state; return the writes that make it durable.
     fn apply(&mut self, entries: Vec<Entry>) -> (Vec<WriteOp>, Self::Applied);
@@ -148,7 +149,7 @@ fn write<A: RaftDriven>(
     let (apply_ops, applied) = act.apply(std::mem::take(&mut work.committed));
     let mut ops = std::mem::take(&mut work.persist);
     ops.extend(snapshot_ops);
-    let request = if act.replayable_apply() {
+    let request = if act.durability() == Durability::Replayable {
         // Logged first (Raft entries, hard state, a snapshot), then the applied records.
         let (records, logged): (Vec<_>, Vec<_>) =
             apply_ops.into_iter().partition(|op| op.cf() == Cf::Records);
@@ -228,7 +229,7 @@ fn persisted<A: RaftDriven>(
         // Written logged: the snapshot's state survives a crash from now on.
         act.storage().note_durable_applied(group, snapshot.index);
     }
-    let durable = if act.replayable_apply() {
+    let durable = if act.durability() == Durability::Replayable {
         act.storage().durable_applied(group)
     } else {
         index

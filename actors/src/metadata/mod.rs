@@ -10,21 +10,21 @@
 //! Validation happens twice on purpose: at proposal, for a fast clear error, and at apply, where
 //! it is authoritative (two brokers may propose the same name; the second to commit fails).
 //!
-//! `catalog_sync`: the group's snapshot (the whole catalog), its install on a broker behind the
-//! leader's compacted log, and hosting caught up with the catalog after a crash.
+//! `catalog_machine`: the catalog as a [`crate::state_machine::StateMachine`] — the commands, their
+//! apply, the group's snapshot (the whole catalog) and its restore. `catalog_sync`: hosting
+//! caught up with the durable catalog after a crash.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+mod catalog_machine;
 mod catalog_sync;
 
-use catalog_sync::CatalogSnapshot;
+use catalog_machine::{CatalogMachine, Command, Effect, Outcome};
 
 use crate::broker_supervisor::{BrokerSupervisor, HostTopic, RetireTopic};
 use crate::error::{StorageError, TopicError};
@@ -34,10 +34,8 @@ use crate::proposals::{Proposals, Unanswered};
 use crate::raft_driver::{self, Driver, RaftDriven};
 use crate::raft_group::{RaftGroup, RaftSettings};
 use crate::registry::Registry;
-use crate::storage::{
-    topic_delete_ops, topic_meta_key, Catalog, Cf, Storage, WriteOp, METADATA_APPLIED_KEY,
-    NEXT_TOPIC_ID_KEY,
-};
+use crate::state_machine::{apply_committed, Durability, StateMachine};
+use crate::storage::{Catalog, Storage, WriteOp};
 use crate::topic::{validate_name, LogId, TopicConfigs, TopicMeta};
 use crate::transport::{Cluster, RaftInbound, Transport, METADATA_GROUP};
 
@@ -80,40 +78,10 @@ impl Message for DeleteTopic {
 #[rtype(result = "()")]
 pub struct HostAll;
 
-/// A committed catalog change: the metadata group's log entries.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-enum Command {
-    CreateTopic {
-        name: String,
-        partitions: u32,
-        replication_factor: u16,
-        configs: TopicConfigs,
-        assignment: Vec<Vec<u64>>,
-        created_at_ms: i64,
-    },
-    DeleteTopic {
-        name: String,
-    },
-}
-
-/// The outcome of applying a command, sent to the proposer's client.
-#[derive(Debug, Clone)]
-pub(crate) enum Outcome {
-    Created(Arc<TopicMeta>),
-    Deleted,
-}
-
 type Reply = oneshot::Sender<Result<Outcome, TopicError>>;
 
 /// One applied command: whose proposal it was (if ours), its outcome, and what follows.
 type Done = (Option<u64>, Result<Outcome, TopicError>, Effect);
-
-/// What to do once an applied batch is durable.
-pub(crate) enum Effect {
-    Host(Arc<TopicMeta>),
-    Retire(String),
-    Nothing,
-}
 
 pub struct Metadata {
     storage: Storage,
@@ -125,10 +93,7 @@ pub struct Metadata {
     limits: CatalogLimits,
     timing: RaftSettings,
     /// The applied catalog (including applies whose write is in flight).
-    topics: BTreeMap<String, Arc<TopicMeta>>,
-    /// The id the next created topic gets; ids are never reused (ids start at 1, 0 = metadata).
-    next_topic_id: u32,
-    applied_index: u64,
+    catalog: CatalogMachine,
     /// Term of the last entry applied since the last [`Metadata::announce`].
     applied_term: Option<u64>,
     /// Hosting and retiring a snapshot install calls for, done once it is durable.
@@ -169,11 +134,6 @@ impl Metadata {
             transport,
             metrics,
         } = wiring;
-        let topics = catalog
-            .topics
-            .into_iter()
-            .map(|t| (t.name.clone(), Arc::new(t)))
-            .collect();
         Self {
             storage,
             supervisor,
@@ -183,9 +143,7 @@ impl Metadata {
             metrics,
             limits,
             timing,
-            topics,
-            next_topic_id: catalog.next_topic_id.max(1),
-            applied_index: catalog.applied_index,
+            catalog: CatalogMachine::from_durable(catalog),
             applied_term: None,
             installed_effects: Vec::new(),
             raft: None,
@@ -198,21 +156,15 @@ impl Metadata {
 
     /// Take `catalog` as the applied state (at start, and after a crash).
     fn adopt_catalog(&mut self, catalog: Catalog) {
-        self.topics = catalog
-            .topics
-            .into_iter()
-            .map(|t| (t.name.clone(), Arc::new(t)))
-            .collect();
-        self.next_topic_id = catalog.next_topic_id.max(1);
-        self.applied_index = catalog.applied_index;
+        self.catalog = CatalogMachine::from_durable(catalog);
     }
 
     fn validate(&self, msg: &CreateTopic) -> Result<TopicConfigs, TopicError> {
         validate_name(&msg.name)?;
-        if self.topics.contains_key(&msg.name) {
+        if self.catalog.topics.contains_key(&msg.name) {
             return Err(TopicError::AlreadyExists(msg.name.clone()));
         }
-        if self.topics.len() >= self.limits.topics_max {
+        if self.catalog.topics.len() >= self.limits.topics_max {
             return Err(TopicError::TooManyTopics {
                 limit: self.limits.topics_max,
             });
@@ -243,7 +195,7 @@ impl Metadata {
     /// preferred leaders (first replicas) spread evenly; the start rotates per topic.
     fn assign(&self, partitions: u32, replication_factor: u16) -> Vec<Vec<u64>> {
         let brokers = &self.cluster.brokers;
-        let start = self.topics.len() + self.next_topic_id as usize;
+        let start = self.catalog.topics.len() + self.catalog.next_topic_id as usize;
         (0..partitions as usize)
             .map(|p| {
                 (0..usize::from(replication_factor))
@@ -287,94 +239,21 @@ impl Metadata {
 
     /// Apply committed commands: the same state change on every broker.
     fn apply_entries(&mut self, entries: Vec<raft::prelude::Entry>) -> (Vec<WriteOp>, Vec<Done>) {
-        let mut ops = Vec::new();
-        let mut results = Vec::new();
-        let Some(last) = entries.last().map(|e| e.index) else {
-            return (ops, results);
-        };
-        self.applied_term = entries.last().map(|e| e.term);
-        for entry in entries {
-            if entry.data.is_empty() {
-                continue;
-            }
-            let own = self.proposals.own(&entry.context);
-            // Every broker proposes commands it encoded itself: one that does not decode is a
-            // bug or corruption, and skipping it would fork the catalogs. Stop (restarted from
-            // the durable catalog).
-            let command: Command = match rmp_serde::from_slice(&entry.data) {
-                Ok(command) => command,
-                Err(e) => panic!("metadata entry {} does not decode: {e}", entry.index),
-            };
-            let (result, effect) = self.apply_one(command, &mut ops);
-            results.push((own, result, effect));
-        }
-        self.applied_index = last;
-        ops.push(WriteOp::Put {
-            cf: Cf::Metadata,
-            key: METADATA_APPLIED_KEY.to_vec(),
-            value: Bytes::copy_from_slice(&last.to_be_bytes()),
-        });
-        if let Some(raft) = &self.raft {
-            ops.push(raft.hard_state_op());
-        }
-        (ops, results)
-    }
-
-    fn apply_one(
-        &mut self,
-        command: Command,
-        ops: &mut Vec<WriteOp>,
-    ) -> (Result<Outcome, TopicError>, Effect) {
-        match command {
-            Command::CreateTopic {
-                name,
-                partitions,
-                replication_factor,
-                configs,
-                assignment,
-                created_at_ms,
-            } => {
-                if self.topics.contains_key(&name) {
-                    return (Err(TopicError::AlreadyExists(name)), Effect::Nothing);
-                }
-                let meta = Arc::new(TopicMeta {
-                    name,
-                    topic_id: self.next_topic_id,
-                    partitions,
-                    replication_factor,
-                    configs,
-                    created_at_ms,
-                    assignment,
-                });
-                self.next_topic_id += 1;
-                let encoded = encode_meta(&meta);
-                ops.push(WriteOp::Put {
-                    cf: Cf::Metadata,
-                    key: topic_meta_key(&meta.name),
-                    value: Bytes::from(encoded),
-                });
-                ops.push(WriteOp::Put {
-                    cf: Cf::Metadata,
-                    key: NEXT_TOPIC_ID_KEY.to_vec(),
-                    value: Bytes::copy_from_slice(&self.next_topic_id.to_be_bytes()),
-                });
-                self.topics.insert(meta.name.clone(), meta.clone());
-                tracing::info!(topic = %meta.name, partitions = meta.partitions, topic_id = meta.topic_id, "topic created");
-                (Ok(Outcome::Created(meta.clone())), Effect::Host(meta))
-            }
-            Command::DeleteTopic { name } => {
-                let Some(meta) = self.topics.remove(&name) else {
-                    return (Err(TopicError::NotFound(name)), Effect::Nothing);
-                };
-                ops.push(WriteOp::Delete {
-                    cf: Cf::Metadata,
-                    key: topic_meta_key(&name),
-                });
-                ops.extend(topic_delete_ops(meta.topic_id));
-                tracing::info!(topic = %name, "topic deleted");
-                (Ok(Outcome::Deleted), Effect::Retire(name))
+        let proposals = &self.proposals;
+        let applied = apply_committed(&mut self.catalog, entries, |context| proposals.own(context));
+        let mut ops = applied.ops;
+        if let Some((_, term)) = applied.last {
+            self.applied_term = Some(term);
+            if let Some(raft) = &self.raft {
+                ops.push(raft.hard_state_op());
             }
         }
+        let done = applied
+            .effects
+            .into_iter()
+            .map(|(own, (result, effect))| (own, result, effect))
+            .collect();
+        (ops, done)
     }
 
     /// Host or retire, then answer the proposer's client.
@@ -401,7 +280,7 @@ impl Metadata {
             });
         }
         let term = std::mem::take(&mut self.applied_term);
-        for (pending, how) in self.proposals.settle(self.applied_index, term) {
+        for (pending, how) in self.proposals.settle(self.catalog.applied_index(), term) {
             let error = match how {
                 Unanswered::NotWritten => TopicError::NoLeader,
                 Unanswered::Unknown => TopicError::OutcomeUnknown,
@@ -478,7 +357,11 @@ impl RaftDriven for Metadata {
     }
 
     fn applied_index(&self) -> u64 {
-        self.applied_index
+        self.catalog.applied_index()
+    }
+
+    fn durability(&self) -> Durability {
+        CatalogMachine::DURABILITY
     }
 
     /// A broker further behind than the leader's kept log gets the whole catalog: it replaces
@@ -487,8 +370,22 @@ impl RaftDriven for Metadata {
         &mut self,
         snapshot: crate::raft_group::SnapshotInstall,
     ) -> ResponseActFuture<Self, Result<Vec<WriteOp>, StorageError>> {
-        let installed = CatalogSnapshot::decode(&snapshot.data)
-            .map(|catalog| self.install_catalog(catalog, snapshot.index));
+        let installed =
+            self.catalog
+                .restore(snapshot.index, &snapshot.data)
+                .map(|(ops, effects)| {
+                    self.installed_effects.extend(
+                        effects
+                            .into_iter()
+                            .map(|(result, effect)| (None, result, effect)),
+                    );
+                    // Entries up to the snapshot were not applied one by one here: a waiting
+                    // request may be among them or not.
+                    for pending in self.proposals.skip_to(snapshot.index) {
+                        let _ = pending.waiter.send(Err(TopicError::OutcomeUnknown));
+                    }
+                    ops
+                });
         Box::pin(actix::fut::ready(installed))
     }
 
@@ -504,13 +401,9 @@ impl RaftDriven for Metadata {
         applied.append(&mut self.installed_effects);
         self.announce(applied);
         // The leader offers its catalog as the snapshot for brokers behind its compacted log.
-        let snapshot = CatalogSnapshot {
-            topics: self.topics.values().map(|t| t.as_ref().clone()).collect(),
-            next_topic_id: self.next_topic_id,
-        };
-        let index = self.applied_index;
+        let index = self.catalog.applied_index();
         if let Some(raft) = self.raft.as_mut().filter(|raft| raft.is_leader()) {
-            raft.set_snapshot_point(index, snapshot.encode());
+            raft.set_snapshot_point(index, self.catalog.snapshot());
         }
     }
 
@@ -530,15 +423,6 @@ impl RaftDriven for Metadata {
             .inc();
         self.crashed = true;
         ctx.stop();
-    }
-}
-
-/// A topic's catalog entry as stored. Encoding plain data cannot fail; persisting something else
-/// would fork the catalogs, so a failure is a bug.
-fn encode_meta(meta: &TopicMeta) -> Vec<u8> {
-    match rmp_serde::to_vec_named(meta) {
-        Ok(encoded) => encoded,
-        Err(e) => panic!("encoding topic {}'s metadata failed: {e}", meta.name),
     }
 }
 
@@ -593,7 +477,7 @@ impl Metadata {
         let (id, voters, applied, timing) = (
             self.cluster.self_id,
             self.cluster.brokers.to_vec(),
-            self.applied_index,
+            self.catalog.applied_index(),
             self.timing,
         );
         let recover = async move {
@@ -656,7 +540,7 @@ impl Handler<HostAll> for Metadata {
 
     fn handle(&mut self, _msg: HostAll, _ctx: &mut Self::Context) -> Self::Result {
         let supervisor = self.supervisor.clone();
-        let topics: Vec<_> = self.topics.values().cloned().collect();
+        let topics: Vec<_> = self.catalog.topics.values().cloned().collect();
         Box::pin(async move {
             for meta in topics {
                 let _ = supervisor.send(HostTopic { meta }).await;
@@ -695,7 +579,7 @@ impl Handler<DeleteTopic> for Metadata {
     type Result = ResponseFuture<Result<(), TopicError>>;
 
     fn handle(&mut self, msg: DeleteTopic, ctx: &mut Self::Context) -> Self::Result {
-        if !self.topics.contains_key(&msg.name) {
+        if !self.catalog.topics.contains_key(&msg.name) {
             return Box::pin(async move { Err(TopicError::NotFound(msg.name)) });
         }
         let receiver = self.propose(&Command::DeleteTopic { name: msg.name }, ctx);

@@ -37,6 +37,7 @@ use crate::proposals::{Proposals, Unanswered};
 use crate::raft_driver::{self, Driver, RaftDriven};
 use crate::raft_group::{ProposeError, RaftGroup, RaftSettings, SnapshotInstall};
 use crate::snapshot::Install;
+use crate::state_machine::Durability;
 use crate::storage::{leftover_delete, log_state_op, record_key, Cf, LogState, Storage, WriteOp};
 use crate::topic::{LogId, TopicConfigs};
 use crate::transport::{
@@ -577,8 +578,8 @@ impl RaftDriven for PartitionReplica {
         self.state.applied_index
     }
 
-    fn replayable_apply(&self) -> bool {
-        true
+    fn durability(&self) -> Durability {
+        Durability::Replayable
     }
 
     fn apply(&mut self, entries: Vec<raft::prelude::Entry>) -> (Vec<WriteOp>, Self::Applied) {
