@@ -287,17 +287,9 @@ async fn run_link(
             };
             let mut next = Some(first);
             let mut taken = 0;
-            // Raft messages of every group go out together (in frames of at most
-            // FRAME_RAFT_BYTES); snapshot traffic and status as frames of their own.
             while let Some(item) = next.take() {
                 taken += 1;
-                match item {
-                    Outbound::Raft { group, message } => raft.push(group, &message, &mut out),
-                    Outbound::Fetch(fetch) => put_frame(&mut out, &Frame::Fetch(fetch)),
-                    Outbound::Chunk(chunk) => put_frame(&mut out, &Frame::Chunk(chunk)),
-                    Outbound::Status(status) => put_frame(&mut out, &Frame::Status(status)),
-                    Outbound::Quiesce(notice) => put_frame(&mut out, &Frame::Quiesce(notice)),
-                }
+                encode(item, &mut raft, &mut out);
                 if taken < FRAME_MESSAGES_MAX {
                     next = queue.try_recv();
                 }
@@ -434,6 +426,23 @@ fn deliver(registry: &Registry, group: LogId, message: raft::prelude::Message) {
     }
 }
 
+/// Put one queued item into `out`, in queue order. Raft messages of every group go out
+/// together (in frames of at most FRAME_RAFT_BYTES); anything else is a frame of its own, after
+/// the Raft messages queued before it. Order matters: a quiesce notice that overtook the
+/// heartbeat its leader sent just before it would quiesce a follower that the heartbeat then
+/// wakes, with the leader silent; the follower times out and unseats an idle, healthy leader.
+fn encode(item: Outbound, raft: &mut RaftBatch, out: &mut Vec<u8>) {
+    let frame = match item {
+        Outbound::Raft { group, message } => return raft.push(group, &message, out),
+        Outbound::Fetch(fetch) => Frame::Fetch(fetch),
+        Outbound::Chunk(chunk) => Frame::Chunk(chunk),
+        Outbound::Status(status) => Frame::Status(status),
+        Outbound::Quiesce(notice) => Frame::Quiesce(notice),
+    };
+    raft.put_frame(out);
+    put_frame(out, &frame);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -523,6 +532,59 @@ mod tests {
             }
             other => panic!("second frame is the hello: {other:?}"),
         }
+    }
+
+    /// The heartbeat a leader sends as it quiesces must reach the follower before the notice:
+    /// the other way round, the heartbeat wakes the follower the notice just quiesced.
+    #[test]
+    fn frames_leave_in_the_order_their_items_were_queued() {
+        let group = LogId {
+            topic_id: 7,
+            partition: 2,
+        };
+        let mut heartbeat = Message::default();
+        heartbeat.set_msg_type(MessageType::MsgHeartbeat);
+        heartbeat.set_to(2);
+        heartbeat.set_term(3);
+        let notice = QuiesceNotice {
+            group,
+            term: 3,
+            index: 10,
+            leader: 1,
+        };
+        let mut raft = RaftBatch::default();
+        let mut out = Vec::new();
+        let items = [
+            Outbound::Raft {
+                group,
+                message: append(2, 10, vec![1; 16]),
+            },
+            Outbound::Raft {
+                group,
+                message: heartbeat.clone(),
+            },
+            Outbound::Quiesce(notice),
+            Outbound::Raft {
+                group: METADATA_GROUP,
+                message: heartbeat,
+            },
+        ];
+        for item in items {
+            encode(item, &mut raft, &mut out);
+        }
+        raft.put_frame(&mut out);
+        let kinds: Vec<String> = read_frames(&out)
+            .iter()
+            .map(|frame| match rmp_serde::from_slice::<Frame<'_>>(frame) {
+                Ok(Frame::Raft { messages }) => format!("raft x{}", messages.len()),
+                Ok(Frame::Quiesce(got)) => {
+                    assert_eq!(got, notice);
+                    "quiesce".into()
+                }
+                other => panic!("unexpected frame {other:?}"),
+            })
+            .collect();
+        assert_eq!(kinds, vec!["raft x2", "quiesce", "raft x1"]);
     }
 
     #[test]

@@ -164,9 +164,14 @@ pub struct PartitionReplica {
     /// When something last happened in the group (a proposal, an apply, a role change): a
     /// leader quiesces only after [`quiesce::IDLE_BEFORE_QUIESCE`] of nothing.
     last_active: Instant,
-    /// On a follower: the leader's notice that the group is idle, while this replica is still
-    /// applying up to it; it quiesces once it matches (see `quiesce`).
-    quiesce_notice: Option<QuiesceNotice>,
+    /// Campaigns this replica started since it last knew a leader (see `quiesce::pace`).
+    campaigns: u32,
+    /// A brand-new group's other replicas leave the first election to the preferred one until
+    /// then, unless they hear from a leader first.
+    hold_election_until: Option<Instant>,
+    /// On a follower: the leader's notice that the group is idle and when it came, while this
+    /// replica is still applying up to it; it quiesces once it matches (see `quiesce`).
+    quiesce_notice: Option<(QuiesceNotice, Instant)>,
     installing: Option<Installing>,
     /// Ids of snapshot fetches, so stale answers are told apart.
     fetch_requests: u64,
@@ -203,6 +208,8 @@ impl PartitionReplica {
             ticks: 0,
             ticker: None,
             last_active: Instant::now(),
+            campaigns: 0,
+            hold_election_until: None,
             quiesce_notice: None,
             installing: None,
             fetch_requests: 0,
@@ -240,6 +247,9 @@ impl PartitionReplica {
         let preferred = raft.is_fresh() && self.voters.first() == Some(&me);
         if preferred || self.voters == [me] {
             raft.campaign();
+        } else if raft.is_fresh() {
+            self.hold_election_until =
+                Some(Instant::now() + quiesce::fresh_election_hold(&self.settings.timing));
         }
         self.raft = Some(raft);
         tracing::debug!(topic = %self.shared.topic, partition = self.shared.partition, ?state, "partition recovered");

@@ -22,6 +22,12 @@ use super::PartitionReplica;
 use crate::raft_driver;
 use crate::transport::{Outbound, QuiesceInbound, QuiesceNotice, Wake};
 
+/// How long a brand-new group's other replicas wait for its preferred replica to win the first
+/// election before they may campaign: a few of its longest election timeouts.
+pub(super) fn fresh_election_hold(timing: &crate::raft_group::RaftSettings) -> Duration {
+    Duration::from_millis(timing.tick_ms * 2 * timing.election_tick as u64 * 3)
+}
+
 /// How long a group must be idle before its leader quiesces it: long enough that a partition
 /// with a trickle of traffic does not quiesce and wake between every two requests.
 pub(super) const IDLE_BEFORE_QUIESCE: Duration = Duration::from_secs(2);
@@ -40,11 +46,18 @@ impl PartitionReplica {
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
-        let Some(raft) = self.raft.as_mut() else {
-            return;
-        };
-        raft.tick();
         self.ticks += 1;
+        if self.pace() {
+            if let Some(raft) = self.raft.as_mut() {
+                raft.tick();
+                if raft.is_campaigning() && raft.election_elapsed() == 0 {
+                    self.campaigns += 1;
+                }
+            }
+        }
+        if self.raft.is_none() {
+            return;
+        }
         let checkpoint = self.ticks.is_multiple_of(super::RAFT_GAUGE_TICKS);
         if checkpoint {
             self.publish_raft_gauges();
@@ -52,10 +65,17 @@ impl PartitionReplica {
         }
         self.retry_install();
         raft_driver::drive(self, ctx);
-        if let Some(notice) = self.quiesce_notice {
-            self.quiesce_if_matching(notice, ctx);
-            if self.is_quiesced() {
-                return;
+        if let Some((notice, since)) = self.quiesce_notice {
+            // A notice is good for one election window: a follower still not caught up by then,
+            // or whose leader's broker fell silent, goes on ticking (and elects if it must).
+            let window = self.election_window();
+            if since.elapsed() > window || !self.settings.cluster.is_alive(notice.leader, window) {
+                self.quiesce_notice = None;
+            } else {
+                self.quiesce_if_matching(notice, since, ctx);
+                if self.is_quiesced() {
+                    return;
+                }
             }
         }
         // After the Ready this tick made (a heartbeat's is handled at once): a tick always has
@@ -63,6 +83,33 @@ impl PartitionReplica {
         if checkpoint {
             self.maybe_quiesce(ctx);
         }
+    }
+
+    /// Whether this timer tick advances the Raft clock. Elections are paced so that thousands
+    /// of groups electing at once on a saturated machine converge instead of livelocking: when
+    /// every vote round takes longer than the election timeout, every candidate starts over
+    /// before its votes arrive, bumping terms and unseating nothing but itself, for tens of
+    /// seconds. So a replica that knows no leader ticks its clock only every 2^(n-1)-th time
+    /// after its n-th campaign (at most every 8th: 2.4–4.8 s a round), and a brand-new group's
+    /// other replicas leave the first election to the preferred replica for a while. A leader,
+    /// and a follower that knows its leader, tick every time: failover is as fast as before.
+    fn pace(&mut self) -> bool {
+        let Some(raft) = self.raft.as_ref() else {
+            return true;
+        };
+        if raft.leader_id() != 0 {
+            self.campaigns = 0;
+            self.hold_election_until = None;
+            return true;
+        }
+        if let Some(until) = self.hold_election_until {
+            if Instant::now() < until {
+                return false;
+            }
+            self.hold_election_until = None;
+        }
+        let stride = 1u64 << self.campaigns.saturating_sub(1).min(3);
+        self.ticks.is_multiple_of(stride)
     }
 
     pub(super) fn is_quiesced(&self) -> bool {
@@ -84,9 +131,7 @@ impl PartitionReplica {
             return;
         };
         let me = self.settings.broker_id;
-        let window = Duration::from_millis(
-            self.settings.timing.tick_ms * self.settings.timing.election_tick as u64,
-        );
+        let window = self.election_window();
         let followers: Vec<u64> = self.voters.iter().copied().filter(|v| *v != me).collect();
         if !followers
             .iter()
@@ -108,9 +153,21 @@ impl PartitionReplica {
         self.quiesce(ctx);
     }
 
+    /// The shortest election timeout.
+    fn election_window(&self) -> Duration {
+        Duration::from_millis(
+            self.settings.timing.tick_ms * self.settings.timing.election_tick as u64,
+        )
+    }
+
     /// On a follower: stop ticking if this replica holds exactly what the leader's notice
     /// says, every entry applied; else keep the notice and look again on the next tick.
-    fn quiesce_if_matching(&mut self, notice: QuiesceNotice, ctx: &mut Context<Self>) {
+    fn quiesce_if_matching(
+        &mut self,
+        notice: QuiesceNotice,
+        since: Instant,
+        ctx: &mut Context<Self>,
+    ) {
         let matches = self
             .raft
             .as_ref()
@@ -120,8 +177,8 @@ impl PartitionReplica {
             && self.proposals.is_empty();
         if matches {
             self.quiesce(ctx);
-        } else {
-            self.quiesce_notice = Some(notice);
+        } else if !self.is_quiesced() {
+            self.quiesce_notice = Some((notice, since));
         }
     }
 
@@ -157,7 +214,7 @@ impl Handler<QuiesceInbound> for PartitionReplica {
                 raft.adopt_quiesce_notice(notice.term, notice.index, notice.leader);
             }
             raft_driver::drive(act, ctx);
-            act.quiesce_if_matching(notice, ctx);
+            act.quiesce_if_matching(notice, Instant::now(), ctx);
         });
     }
 }
@@ -166,6 +223,11 @@ impl Handler<Wake> for PartitionReplica {
     type Result = ();
 
     fn handle(&mut self, _msg: Wake, ctx: &mut Self::Context) {
-        raft_driver::guarded(self, ctx, |act, ctx| act.wake(ctx));
+        raft_driver::guarded(self, ctx, |act, ctx| {
+            // Woken because a broker fell silent: a notice kept from before must not put this
+            // replica back to sleep.
+            act.quiesce_notice = None;
+            act.wake(ctx);
+        });
     }
 }

@@ -316,7 +316,15 @@ fn a_follower_commits_on_the_quiesce_notice_of_an_idle_leader() {
     // The leader's notice commits and applies through its index: the follower may quiesce.
     groups[1].adopt_quiesce_notice(term, index, 1);
     groups[2].adopt_quiesce_notice(term, index, 1);
-    settle(&mut groups, &mut applied);
+    let leader_spoke = std::cell::Cell::new(false);
+    settle_delivering(&mut groups, &mut applied, |m| {
+        leader_spoke.set(leader_spoke.get() || m.from == 1);
+        true
+    });
+    assert!(
+        !leader_spoke.get(),
+        "the followers' answers make the quiesced leader send nothing"
+    );
     for (i, follower) in groups.iter().enumerate().skip(1) {
         assert_eq!(follower.commit_index(), index);
         assert!(follower.may_quiesce_at(term, index, 1));
@@ -325,5 +333,53 @@ fn a_follower_commits_on_the_quiesce_notice_of_an_idle_leader() {
     assert!(
         groups[0].is_quiescent(),
         "the followers' answers do not disturb the leader"
+    );
+}
+
+/// The guard that matters: a follower whose entry at the notice's index is of an older term
+/// does not commit it on the notice, though term, leader and index all match.
+#[test]
+fn a_quiesce_notice_commits_nothing_of_another_term() {
+    let mut groups = vec![group(1), group(2), group(3)];
+    let mut applied = vec![Vec::new(); 3];
+    groups[0].campaign();
+    settle(&mut groups, &mut applied);
+    assert_eq!(groups[0].propose(vec![], b"x".to_vec()), Ok(()));
+    let index = groups[0].last_index();
+    let old_term = groups[0].term();
+    settle_delivering(&mut groups, &mut applied, |m| {
+        m.from != 1 || m.commit < index
+    });
+    // Leader 1 falls silent; 2 and 3 elect one of them in a new term, whose appends (its own
+    // first entry) never reach the other.
+    let mut leader = None;
+    for _ in 0..100 {
+        groups[1].tick();
+        groups[2].tick();
+        settle_delivering(&mut groups, &mut applied, |m| {
+            m.from != 1 && m.to != 1 && m.get_msg_type() != MessageType::MsgAppend
+        });
+        leader = (2..=3).find(|id| groups[*id as usize - 1].is_leader());
+        let follows = |id: u64| groups[id as usize - 1].leader_id() != 0;
+        if leader.is_some_and(|l| follows(5 - l)) {
+            break;
+        }
+    }
+    let leader = leader.expect("a new leader");
+    let follower = &mut groups[(5 - leader) as usize - 1];
+    let term = follower.term();
+    assert!(term > old_term);
+    assert_eq!(follower.leader_id(), leader);
+    assert_eq!(
+        follower.last_index(),
+        index,
+        "the new leader's entry never arrived"
+    );
+    assert!(follower.commit_index() < index);
+    follower.adopt_quiesce_notice(term, index, leader);
+    follower.adopt_quiesce_notice(old_term, index, 1);
+    assert!(
+        follower.commit_index() < index,
+        "an entry of term {old_term} is not committed on a notice of term {term}"
     );
 }
