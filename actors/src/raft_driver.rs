@@ -15,7 +15,7 @@ use actix::prelude::*;
 use raft::prelude::Entry;
 
 use crate::error::StorageError;
-use crate::raft_group::{RaftGroup, ReadyWork, SnapshotInstall};
+use crate::raft_group::{persist_writes, RaftGroup, ReadyWork, SnapshotInstall};
 use crate::state_machine::Durability;
 use crate::storage::{Cf, Replayable, Storage, WriteOp, WriteRequest};
 
@@ -147,7 +147,7 @@ fn write<A: RaftDriven>(
     snapshot_ops: Vec<WriteOp>,
 ) {
     let (apply_ops, applied) = act.apply(std::mem::take(&mut work.committed));
-    let mut ops = std::mem::take(&mut work.persist);
+    let mut ops = persist_writes(act.group(), std::mem::take(&mut work.persist));
     ops.extend(snapshot_ops);
     let request = if act.durability() == Durability::Replayable {
         // Logged first (Raft entries, hard state, a snapshot), then the applied records.
@@ -238,10 +238,12 @@ fn persisted<A: RaftDriven>(
     let messages = raft.persisted(work).messages;
     let compaction = raft.applied(index, durable);
     act.transport().send(group, messages);
-    if !compaction.is_empty() {
+    if let Some(compaction) = compaction {
         // Best effort and unsynced: a compaction failed or lost in a crash only leaves more log
         // behind.
-        let _ = act.storage().submit_unsynced(compaction);
+        let _ = act
+            .storage()
+            .submit_unsynced(persist_writes(group, vec![compaction]));
     }
     let driver = act.driver();
     driver.busy = false;

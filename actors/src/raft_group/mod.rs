@@ -2,8 +2,9 @@
 //!
 //! The actors that own a Raft group (the metadata actor for group 0, a `PartitionReplica` per
 //! partition) call into this struct; it never touches a socket, a clock or RocksDB. What must be
-//! made durable comes back as [`WriteOp`]s, what must be sent comes back as messages, so a test can
-//! step several groups synchronously by shuttling messages between them.
+//! made durable comes back as typed [`Persist`] intents (`persist` turns them into RocksDB
+//! writes), what must be sent comes back as messages, so a test can step several groups
+//! synchronously by shuttling messages between them and check what each would write.
 //!
 //! Ready order (raft-rs's documented order, as in its `five_mem_node` example):
 //! 1. [`RaftGroup::ready`]: send the leader's `messages` now; persist `entries` + hard state
@@ -25,9 +26,7 @@ use raft::prelude::{ConfState, Entry, Message, MessageType, Snapshot};
 use raft::storage::MemStorage;
 use raft::{GetEntriesContext, RaftState, RawNode, SnapshotStatus, StateRole, Storage};
 
-use crate::storage::keys::{
-    compacted_key, hard_state_key, raft_entry_key, Cf, PersistedRaft, WriteOp,
-};
+use crate::storage::keys::{PersistedRaft, WriteOp};
 use crate::topic::LogId;
 
 /// A follower further behind the leader's log than this is reported out of sync.
@@ -154,8 +153,8 @@ pub struct SnapshotInstall {
 pub struct ReadyWork {
     /// Send these right away (leader appends and heartbeats may go out before persisting).
     pub messages: Vec<Message>,
-    /// Write these before calling [`RaftGroup::persisted`]; fsync'd if `must_sync`.
-    pub persist: Vec<WriteOp>,
+    /// Make these durable before calling [`RaftGroup::persisted`]; fsync'd if `must_sync`.
+    pub persist: Vec<Persist>,
     /// raft-rs's `Ready::must_sync`: new entries, a new term or vote, or a snapshot. A Ready that
     /// only moves the commit index needs no fsync (the commit index can be learnt again).
     pub must_sync: bool,
@@ -515,19 +514,12 @@ impl RaftGroup {
             // Entries from `first` on replace whatever a previous leader left there. Only then:
             // a range tombstone per append would pile up and make every later read crawl.
             if first <= last_stored {
-                persist.push(WriteOp::DeleteRange {
-                    cf: Cf::RaftLog,
-                    from: raft_entry_key(self.group, first),
-                    to: raft_entry_key(self.group, last_stored + 1),
+                persist.push(Persist::Truncate {
+                    from: first,
+                    through: last_stored,
                 });
             }
-            for entry in &entries {
-                persist.push(WriteOp::Put {
-                    cf: Cf::RaftLog,
-                    key: raft_entry_key(self.group, entry.index),
-                    value: encode(entry),
-                });
-            }
+            persist.extend(entries.iter().cloned().map(Persist::Entry));
             // raft-rs hands out entries that follow on the stored log; an append it refuses
             // would leave the in-memory log short of what is about to be durable. A bug: stop.
             if let Err(e) = self.node.mut_store().mem.wl().append(&entries) {
@@ -546,7 +538,7 @@ impl RaftGroup {
                 .set_hardstate(hard_state.clone());
         }
         if ready.hs().is_some() || !persist.is_empty() {
-            persist.push(self.hard_state_op());
+            persist.push(self.hard_state());
         }
         let persisted_messages = ready.take_persisted_messages();
         let number = ready.number();
@@ -580,16 +572,11 @@ impl RaftGroup {
     fn install_snapshot(
         &mut self,
         snapshot: Snapshot,
-        persist: &mut Vec<WriteOp>,
+        persist: &mut Vec<Persist>,
     ) -> SnapshotInstall {
         let (index, term) = (snapshot.get_metadata().index, snapshot.get_metadata().term);
         let data = snapshot.data.clone();
-        persist.push(WriteOp::DeleteRange {
-            cf: Cf::RaftLog,
-            from: raft_entry_key(self.group, 0),
-            to: raft_entry_key(self.group, u64::MAX),
-        });
-        persist.push(compacted_op(self.group, index, term));
+        persist.push(Persist::ReplaceBySnapshot { index, term });
         // raft-rs only hands out snapshots newer than the log's commit index; one it refuses
         // would leave memory and disk disagreeing. A bug: stop.
         if let Err(e) = self.node.mut_store().mem.wl().apply_snapshot(snapshot) {
@@ -611,21 +598,21 @@ impl RaftGroup {
         }
     }
 
-    /// The hard state as it should be stored now (written with every apply too, so the stored
-    /// commit index is never below the stored applied index).
+    /// The hard state as it should be stored now.
+    fn hard_state(&self) -> Persist {
+        Persist::HardState(self.node.store().mem.rl().hard_state().clone())
+    }
+
+    /// The write of the hard state as it should be stored now (written with every apply too,
+    /// so the stored commit index is never below the stored applied index).
     pub fn hard_state_op(&self) -> WriteOp {
-        let hard_state = self.node.store().mem.rl().hard_state().clone();
-        WriteOp::Put {
-            cf: Cf::RaftState,
-            key: hard_state_key(self.group),
-            value: encode(&hard_state),
-        }
+        persist::writes(self.group, vec![self.hard_state()]).remove(0)
     }
 
     /// Step 3: entries up to `index` are applied, and up to `durable` (≤ `index`) a crash
-    /// cannot undo the apply. Returns the compaction writes, if the in-memory log grew past its
+    /// cannot undo the apply. Returns the compaction, if the in-memory log grew past its
     /// bound; entries above `durable` are kept, as a restart may have to apply them again.
-    pub fn applied(&mut self, index: u64, durable: u64) -> Vec<WriteOp> {
+    pub fn applied(&mut self, index: u64, durable: u64) -> Option<Persist> {
         self.node.advance_apply_to(index);
         let first = self.node.store().first_index().unwrap_or(1);
         let (keep, keep_max) = (
@@ -656,45 +643,24 @@ impl RaftGroup {
         let compact_to = compact_to.min(durable);
         // Compact in steps of at least `log_keep_entries`, not on every apply.
         if compact_to < first + keep {
-            return Vec::new();
+            return None;
         }
         let term = self.node.store().term(compact_to).unwrap_or(0);
         if let Err(e) = self.node.mut_store().mem.wl().compact(compact_to + 1) {
             tracing::warn!(group = ?self.group, error = %e, "raft log compaction failed");
-            return Vec::new();
+            return None;
         }
         self.track_compacted(compact_to);
-        vec![
-            WriteOp::DeleteRange {
-                cf: Cf::RaftLog,
-                from: raft_entry_key(self.group, 0),
-                to: raft_entry_key(self.group, compact_to + 1),
-            },
-            compacted_op(self.group, compact_to, term),
-        ]
+        Some(Persist::Compact {
+            index: compact_to,
+            term,
+        })
     }
 }
 
-/// The durable marker of the last entry compacted away (or covered by a snapshot).
-fn compacted_op(group: LogId, index: u64, term: u64) -> WriteOp {
-    let mut marker = index.to_be_bytes().to_vec();
-    marker.extend_from_slice(&term.to_be_bytes());
-    WriteOp::Put {
-        cf: Cf::RaftState,
-        key: compacted_key(group),
-        value: Bytes::from(marker),
-    }
-}
+mod persist;
 
-/// Protobuf encoding of an entry or hard state. It fails only for messages missing required
-/// fields, which raft-rs's types have none of; persisting an empty value instead would corrupt
-/// the log, so a failure is a bug.
-fn encode(message: &impl protobuf::Message) -> Bytes {
-    match message.write_to_bytes() {
-        Ok(bytes) => Bytes::from(bytes),
-        Err(e) => panic!("encoding a raft message failed: {e}"),
-    }
-}
+pub use persist::{writes as persist_writes, Persist};
 
 #[cfg(test)]
 mod tests;

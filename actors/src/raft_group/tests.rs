@@ -383,3 +383,134 @@ fn a_quiesce_notice_commits_nothing_of_another_term() {
         "an entry of term {old_term} is not committed on a notice of term {term}"
     );
 }
+
+/// What a group asks to write, without RocksDB: a returning leader's divergent tail is replaced
+/// in one Ready — truncated first, then the new leader's entries, then the hard state.
+#[test]
+fn a_replaced_tail_is_truncated_before_the_new_entries_are_written() {
+    let mut groups = vec![group(1), group(2), group(3)];
+    let mut applied = vec![Vec::new(); 3];
+    groups[0].campaign();
+    settle(&mut groups, &mut applied);
+    // Leader 1 appends an entry nobody else gets, then is cut off.
+    assert_eq!(groups[0].propose(vec![], b"lost".to_vec()), Ok(()));
+    let (lost_at, lost_term) = (groups[0].last_index(), groups[0].term());
+    while let Some(work) = groups[0].ready() {
+        groups[0].persisted(work);
+    }
+    let mut leader = None;
+    for _ in 0..100 {
+        groups[1].tick();
+        groups[2].tick();
+        settle_delivering(&mut groups, &mut applied, |m| m.from != 1 && m.to != 1);
+        leader = (2..=3).find(|id| groups[*id as usize - 1].is_leader());
+        if leader.is_some() {
+            break;
+        }
+    }
+    let leader = leader.expect("a new leader") as usize - 1;
+    assert_eq!(groups[leader].propose(vec![], b"kept".to_vec()), Ok(()));
+    settle_delivering(&mut groups, &mut applied, |m| m.from != 1 && m.to != 1);
+    // Heal: the new leader's appends reach node 1, whose Ready replaces its tail.
+    let mut node1_writes = Vec::new();
+    for _ in 0..20 {
+        groups[leader].tick();
+        for _round in 0..20 {
+            let mut outbox = Vec::new();
+            for (i, g) in groups.iter_mut().enumerate() {
+                while let Some(mut work) = g.ready() {
+                    if i == 0 {
+                        node1_writes.push(std::mem::take(&mut work.persist));
+                    }
+                    outbox.append(&mut work.messages);
+                    let committed = std::mem::take(&mut work.committed);
+                    outbox.append(&mut g.persisted(work).messages);
+                    if let Some(last) = committed.last() {
+                        g.applied(last.index, last.index);
+                    }
+                }
+            }
+            for message in outbox {
+                let to = message.to as usize - 1;
+                groups[to].step(message);
+            }
+        }
+    }
+    let replaced = node1_writes
+        .iter()
+        .find(|w| w.iter().any(|p| matches!(p, Persist::Truncate { .. })))
+        .expect("node 1 truncates its divergent tail");
+    let Persist::Truncate { from, through } = replaced[0] else {
+        panic!("the truncation comes first: {replaced:?}");
+    };
+    assert!(from <= lost_at && lost_at <= through, "{from}..={through}");
+    let Some(Persist::Entry(first)) = replaced.get(1) else {
+        panic!("then the new leader's entries: {replaced:?}");
+    };
+    assert_eq!(first.index, from);
+    assert!(first.term > lost_term);
+    assert!(matches!(replaced.last(), Some(Persist::HardState(_))));
+}
+
+/// With entries applied but only some of the applies durable (records are replayable), no
+/// compaction passes the durable apply: a restart must be able to apply the rest again.
+#[test]
+fn compaction_never_passes_the_durable_apply() {
+    let timing = RaftSettings {
+        tick_ms: 1,
+        log_keep_entries: KEEP,
+        log_keep_entries_max: KEEP_MAX,
+        ..RaftSettings::default()
+    };
+    let log = LogId {
+        topic_id: 1,
+        partition: 0,
+    };
+    let mut g =
+        RaftGroup::restore(log, 1, &[1], PersistedRaft::default(), 0, timing).expect("raft");
+    g.campaign();
+    let mut committed_to = 0;
+    let drain = |g: &mut RaftGroup, committed_to: &mut u64| {
+        while let Some(mut work) = g.ready() {
+            if let Some(last) = work.committed.last() {
+                *committed_to = last.index;
+            }
+            work.committed.clear();
+            g.persisted(work);
+        }
+    };
+    drain(&mut g, &mut committed_to);
+    for n in 0..(4 * KEEP) {
+        assert_eq!(g.propose(vec![], n.to_be_bytes().to_vec()), Ok(()));
+        drain(&mut g, &mut committed_to);
+    }
+    let last = g.last_index();
+    assert_eq!(committed_to, last);
+    let durable = last - 2 * KEEP;
+    match g.applied(last, durable) {
+        Some(Persist::Compact { index, term }) => {
+            assert!(
+                index <= durable,
+                "compacted to {index}, durable only to {durable}"
+            );
+            assert!(term > 0);
+        }
+        other => panic!("a compaction was due: {other:?}"),
+    }
+    assert_eq!(
+        g.applied(last, durable),
+        None,
+        "nothing more until more is durable"
+    );
+    // Once more is durable, compaction goes on (in steps of at least `log_keep_entries`),
+    // keeping `log_keep_entries`.
+    for n in 0..KEEP {
+        assert_eq!(g.propose(vec![], n.to_be_bytes().to_vec()), Ok(()));
+        drain(&mut g, &mut committed_to);
+    }
+    let last = g.last_index();
+    match g.applied(last, last) {
+        Some(Persist::Compact { index, .. }) => assert_eq!(index, last - KEEP),
+        other => panic!("a compaction was due: {other:?}"),
+    }
+}
