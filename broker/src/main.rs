@@ -25,7 +25,9 @@ use crate::config::{Config, LogFormat};
 
 /// mimalloc rather than glibc's malloc: perf on a replicated broker under batched load had
 /// glibc's allocator (`_int_malloc`, `_int_free`, `malloc_consolidate`, …) at ~13% of all CPU,
-/// most of it on the HTTP and partition threads handing buffers to each other.
+/// most of it on the HTTP and partition threads handing buffers to each other. Built without
+/// transparent huge pages (`no_thp`): mimalloc asks for them on its arenas, and each touched
+/// 2 MiB page is resident whole — at 1,000 partitions that was 94 of a broker's 142 MB.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
