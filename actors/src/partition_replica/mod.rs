@@ -164,8 +164,6 @@ pub struct PartitionReplica {
     /// When something last happened in the group (a proposal, an apply, a role change): a
     /// leader quiesces only after [`quiesce::IDLE_BEFORE_QUIESCE`] of nothing.
     last_active: Instant,
-    /// Campaigns this replica started since it last knew a leader (see `quiesce::pace`).
-    campaigns: u32,
     /// A brand-new group's other replicas leave the first election to the preferred one until
     /// then, unless they hear from a leader first.
     hold_election_until: Option<Instant>,
@@ -208,7 +206,6 @@ impl PartitionReplica {
             ticks: 0,
             ticker: None,
             last_active: Instant::now(),
-            campaigns: 0,
             hold_election_until: None,
             quiesce_notice: None,
             installing: None,

@@ -50,9 +50,6 @@ impl PartitionReplica {
         if self.pace() {
             if let Some(raft) = self.raft.as_mut() {
                 raft.tick();
-                if raft.is_campaigning() && raft.election_elapsed() == 0 {
-                    self.campaigns += 1;
-                }
             }
         }
         if self.raft.is_none() {
@@ -85,31 +82,21 @@ impl PartitionReplica {
         }
     }
 
-    /// Whether this timer tick advances the Raft clock. Elections are paced so that thousands
-    /// of groups electing at once on a saturated machine converge instead of livelocking: when
-    /// every vote round takes longer than the election timeout, every candidate starts over
-    /// before its votes arrive, bumping terms and unseating nothing but itself, for tens of
-    /// seconds. So a replica that knows no leader ticks its clock only every 2^(n-1)-th time
-    /// after its n-th campaign (at most every 8th: 2.4–4.8 s a round), and a brand-new group's
-    /// other replicas leave the first election to the preferred replica for a while. A leader,
-    /// and a follower that knows its leader, tick every time: failover is as fast as before.
+    /// Whether this timer tick advances the Raft clock. A brand-new group's other replicas
+    /// leave its first election to the preferred replica for a while (unless they hear from a
+    /// leader first): when thousands of groups are created at once, three candidates per group
+    /// split votes, bump terms and keep a saturated machine re-electing. Every other replica
+    /// ticks every time, so a failover is as fast as without it.
     fn pace(&mut self) -> bool {
-        let Some(raft) = self.raft.as_ref() else {
+        let Some(until) = self.hold_election_until else {
             return true;
         };
-        if raft.leader_id() != 0 {
-            self.campaigns = 0;
+        let knows_leader = self.raft.as_ref().is_some_and(|raft| raft.leader_id() != 0);
+        if knows_leader || Instant::now() >= until {
             self.hold_election_until = None;
             return true;
         }
-        if let Some(until) = self.hold_election_until {
-            if Instant::now() < until {
-                return false;
-            }
-            self.hold_election_until = None;
-        }
-        let stride = 1u64 << self.campaigns.saturating_sub(1).min(3);
-        self.ticks.is_multiple_of(stride)
+        false
     }
 
     pub(super) fn is_quiesced(&self) -> bool {

@@ -340,12 +340,6 @@ impl RaftGroup {
         self.node.tick();
     }
 
-    /// Ticks since this replica last heard from a leader or started a campaign (raft-rs resets
-    /// it at both): 0 right after a tick means that tick started a campaign.
-    pub fn election_elapsed(&self) -> usize {
-        self.node.raft.election_elapsed
-    }
-
     pub fn step(&mut self, message: Message) {
         if let Err(e) = self.node.step(message) {
             tracing::debug!(group = ?self.group, error = %e, "raft message dropped");
