@@ -17,6 +17,7 @@
 //! - [`raft_group`] (sans-IO Raft: what raft-rs wants done), [`raft_driver`] (its Ready loop for
 //!   actors, panics contained), [`proposals`] (clients waiting for their proposals), [`snapshot`],
 //!   [`state_machine`] (what applying a committed entry does: the seam internal topics use).
+//! - [`groups`]: consumer groups; so far committed offsets as a state machine.
 //! - [`transport`]: per-peer queues (bounded in messages and bytes) and cluster liveness.
 //! - [`registry`]: the name → partitions map the HTTP layer reads without messaging actors.
 //! - [`log_reader`]: fetch with long poll, off the write path.
@@ -28,6 +29,7 @@
 pub mod batch;
 pub mod broker_supervisor;
 pub mod error;
+pub mod groups;
 pub mod log_reader;
 pub mod metadata;
 pub mod metrics;
