@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::StorageError;
 use crate::state_machine::{Durability, StateMachine};
 use crate::storage::keys::{log_key, Cf, WriteOp};
+use crate::storage::Storage;
 use crate::topic::LogId;
 
 /// One committed offset: the next offset the group will consume, as in Kafka.
@@ -98,6 +99,37 @@ impl OffsetsMachine {
             groups: BTreeMap::new(),
             applied_index: 0,
         }
+    }
+
+    /// The machine as `storage` holds it durably: every key under the partition's prefix in
+    /// `group_offsets` (at start, and after a crash).
+    pub fn from_durable(log: LogId, storage: &Storage) -> Result<Self, StorageError> {
+        let mut machine = Self::new(log);
+        let prefix = log_key(log);
+        let corrupt = |key: &[u8], message: String| StorageError::Corrupt {
+            what: format!("group_offsets key {key:?} of {log:?}"),
+            message,
+        };
+        for (key, value) in storage.load_prefix(Cf::GroupOffsets, &prefix)? {
+            match key.get(prefix.len()) {
+                Some(&APPLIED_TAG) => {
+                    let bytes: [u8; 8] = value
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| corrupt(&key, format!("{} bytes", value.len())))?;
+                    machine.applied_index = u64::from_be_bytes(bytes);
+                }
+                Some(&GROUP_TAG) => {
+                    let group = String::from_utf8(key[prefix.len() + 1..].to_vec())
+                        .map_err(|e| corrupt(&key, e.to_string()))?;
+                    let state: GroupState =
+                        rmp_serde::from_slice(&value).map_err(|e| corrupt(&key, e.to_string()))?;
+                    machine.groups.insert(group, state);
+                }
+                _ => return Err(corrupt(&key, "unknown tag".into())),
+            }
+        }
+        Ok(machine)
     }
 
     /// A group's applied state, if it has one.

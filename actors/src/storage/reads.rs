@@ -256,6 +256,29 @@ impl Storage {
 
     /// The applied catalog: every topic, the next free topic id, the applied index. Blocking;
     /// used at start-up.
+    /// Every key and value of `cf` that starts with `prefix`, in key order: the durable state
+    /// of a state machine that keeps its keys under one prefix (committed offsets).
+    pub fn load_prefix(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+        let handle = self.cf(cf)?;
+        let mut found = Vec::new();
+        for item in self
+            .inner
+            .db
+            .iterator_cf(handle, IteratorMode::From(prefix, Direction::Forward))
+        {
+            let (key, value) = item.map_err(|e| StorageError::rocks("iterate", e))?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            found.push((key.into_vec(), value.into_vec()));
+        }
+        Ok(found)
+    }
+
     pub fn load_catalog(&self) -> Result<Catalog, StorageError> {
         let cf = self.cf(Cf::Metadata)?;
         let mut topics = Vec::new();
