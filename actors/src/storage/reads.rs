@@ -31,6 +31,9 @@ pub fn leftover_delete(log: LogId, state: &LogState) -> WriteOp {
     }
 }
 
+/// A key and its value, as read.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 impl Storage {
     /// The state of `log` (the default for a log never written), proven against its batches:
     /// they must run from the log start to the state's next offset without a gap or an overlap
@@ -258,11 +261,7 @@ impl Storage {
     /// used at start-up.
     /// Every key and value of `cf` that starts with `prefix`, in key order: the durable state
     /// of a state machine that keeps its keys under one prefix (committed offsets).
-    pub fn load_prefix(
-        &self,
-        cf: Cf,
-        prefix: &[u8],
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+    pub fn load_prefix(&self, cf: Cf, prefix: &[u8]) -> Result<Vec<KeyValue>, StorageError> {
         let handle = self.cf(cf)?;
         let mut found = Vec::new();
         for item in self
