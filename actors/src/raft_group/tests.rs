@@ -336,6 +336,25 @@ fn a_follower_commits_on_the_quiesce_notice_of_an_idle_leader() {
     );
 }
 
+/// With node 1 cut off, tick nodes 2 and 3 until one of them leads and the other knows it,
+/// delivering between them only what `deliver` lets through; returns the new leader's id.
+fn elect_without_node_1(
+    groups: &mut [RaftGroup],
+    applied: &mut [Vec<Vec<u8>>],
+    deliver: impl Fn(&Message) -> bool,
+) -> u64 {
+    for _ in 0..100 {
+        groups[1].tick();
+        groups[2].tick();
+        settle_delivering(groups, applied, |m| m.from != 1 && m.to != 1 && deliver(m));
+        let leader = (2..=3).find(|id| groups[*id as usize - 1].is_leader());
+        if let Some(leader) = leader.filter(|l| groups[(5 - l) as usize - 1].leader_id() == *l) {
+            return leader;
+        }
+    }
+    panic!("nodes 2 and 3 elected no leader");
+}
+
 /// The guard that matters: a follower whose entry at the notice's index is of an older term
 /// does not commit it on the notice, though term, leader and index all match.
 #[test]
@@ -352,20 +371,9 @@ fn a_quiesce_notice_commits_nothing_of_another_term() {
     });
     // Leader 1 falls silent; 2 and 3 elect one of them in a new term, whose appends (its own
     // first entry) never reach the other.
-    let mut leader = None;
-    for _ in 0..100 {
-        groups[1].tick();
-        groups[2].tick();
-        settle_delivering(&mut groups, &mut applied, |m| {
-            m.from != 1 && m.to != 1 && m.get_msg_type() != MessageType::MsgAppend
-        });
-        leader = (2..=3).find(|id| groups[*id as usize - 1].is_leader());
-        let follows = |id: u64| groups[id as usize - 1].leader_id() != 0;
-        if leader.is_some_and(|l| follows(5 - l)) {
-            break;
-        }
-    }
-    let leader = leader.expect("a new leader");
+    let leader = elect_without_node_1(&mut groups, &mut applied, |m| {
+        m.get_msg_type() != MessageType::MsgAppend
+    });
     let follower = &mut groups[(5 - leader) as usize - 1];
     let term = follower.term();
     assert!(term > old_term);
@@ -398,17 +406,7 @@ fn a_replaced_tail_is_truncated_before_the_new_entries_are_written() {
     while let Some(work) = groups[0].ready() {
         groups[0].persisted(work);
     }
-    let mut leader = None;
-    for _ in 0..100 {
-        groups[1].tick();
-        groups[2].tick();
-        settle_delivering(&mut groups, &mut applied, |m| m.from != 1 && m.to != 1);
-        leader = (2..=3).find(|id| groups[*id as usize - 1].is_leader());
-        if leader.is_some() {
-            break;
-        }
-    }
-    let leader = leader.expect("a new leader") as usize - 1;
+    let leader = elect_without_node_1(&mut groups, &mut applied, |_| true) as usize - 1;
     assert_eq!(groups[leader].propose(vec![], b"kept".to_vec()), Ok(()));
     settle_delivering(&mut groups, &mut applied, |m| m.from != 1 && m.to != 1);
     // Heal: the new leader's appends reach node 1, whose Ready replaces its tail.
