@@ -18,6 +18,7 @@
 //! storage queue to drain (a barrier) and then recovers its state from RocksDB. Offsets therefore
 //! continue after the last durable batch, with no gap and no reuse.
 
+mod gauges;
 mod install;
 mod quiesce;
 mod retention;
@@ -140,6 +141,8 @@ pub struct PartitionReplica {
     shared: Arc<PartitionShared>,
     storage: Storage,
     metrics: Arc<Metrics>,
+    /// This replica's gauge series; created as it recovers, when they first get values.
+    gauges: Option<gauges::ReplicaGauges>,
     configs: TopicConfigs,
     settings: ReplicaSettings,
     /// The partition's Raft voters (broker ids); the first is the preferred leader.
@@ -192,6 +195,7 @@ impl PartitionReplica {
             shared,
             storage,
             metrics,
+            gauges: None,
             configs,
             settings,
             voters,
@@ -234,6 +238,11 @@ impl PartitionReplica {
     }
 
     fn recovered(&mut self, state: LogState, raft: RaftGroup, ctx: &mut Context<Self>) {
+        self.gauges = Some(gauges::ReplicaGauges::new(
+            &self.metrics,
+            &self.shared.topic,
+            self.shared.partition,
+        ));
         self.adopt_state(state);
         self.publish_durable(state.next_offset);
         let mut raft = raft;
@@ -262,25 +271,20 @@ impl PartitionReplica {
             }
             moved
         });
-        let labels = self.labels();
-        let labels = [labels[0].as_str(), labels[1].as_str()];
-        self.metrics
-            .partition_high_watermark
-            .with_label_values(&labels)
-            .set(self.shared.high_watermark() as i64);
+        if let Some(gauges) = &self.gauges {
+            gauges
+                .high_watermark
+                .set(self.shared.high_watermark() as i64);
+        }
     }
 
     fn publish_log_gauges(&self) {
-        let labels = self.labels();
-        let labels = [labels[0].as_str(), labels[1].as_str()];
-        self.metrics
-            .partition_log_start_offset
-            .with_label_values(&labels)
-            .set(self.state.log_start_offset as i64);
-        self.metrics
-            .partition_log_size_bytes
-            .with_label_values(&labels)
-            .set(self.state.size_bytes as i64);
+        if let Some(gauges) = &self.gauges {
+            gauges
+                .log_start_offset
+                .set(self.state.log_start_offset as i64);
+            gauges.log_size_bytes.set(self.state.size_bytes as i64);
+        }
     }
 
     /// Encode the records once, with base offset 0 (the real one is set at apply), and propose;
@@ -444,17 +448,13 @@ impl PartitionReplica {
         tracing::info!(topic = %self.shared.topic, partition = self.shared.partition, term = raft.term(), leader = raft.leader_id(), "partition leadership changed");
         let leader_changed = self.shared.leader() != raft.leader_id();
         self.shared.set_leadership(raft.term(), raft.leader_id());
+        if let Some(gauges) = &self.gauges {
+            gauges.raft_leader.set(raft.leader_id() as i64);
+            gauges.raft_term.set(raft.term() as i64);
+        }
         let labels = self.labels();
         let labels = [labels[0].as_str(), labels[1].as_str()];
         let metrics = &self.metrics;
-        metrics
-            .raft_leader
-            .with_label_values(&labels)
-            .set(raft.leader_id() as i64);
-        metrics
-            .raft_term
-            .with_label_values(&labels)
-            .set(raft.term() as i64);
         if leader_changed {
             metrics
                 .raft_leader_changes_total
@@ -474,21 +474,13 @@ impl PartitionReplica {
         // A term can change without a change of leader seen by a Ready (a leader re-elected
         // within one Ready): keep the pair fresh.
         self.shared.set_leadership(raft.term(), raft.leader_id());
-        let labels = self.labels();
-        let labels = [labels[0].as_str(), labels[1].as_str()];
-        let metrics = &self.metrics;
-        metrics
-            .raft_commit_index
-            .with_label_values(&labels)
-            .set(raft.commit_index() as i64);
-        metrics
-            .raft_applied_index
-            .with_label_values(&labels)
-            .set(raft.applied_index() as i64);
-        metrics
-            .raft_follower_lag_entries
-            .with_label_values(&labels)
-            .set(raft.follower_lag() as i64);
+        if let Some(gauges) = &self.gauges {
+            gauges.raft_commit_index.set(raft.commit_index() as i64);
+            gauges.raft_applied_index.set(raft.applied_index() as i64);
+            gauges
+                .raft_follower_lag_entries
+                .set(raft.follower_lag() as i64);
+        }
         if !raft.is_leader() {
             return; // followers learn the in-sync replicas from the leader's status reports
         }
