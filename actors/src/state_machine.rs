@@ -97,6 +97,14 @@ pub fn apply_committed<M: StateMachine>(
         let effect = machine.apply(entry.index, &entry.data, &mut ops);
         effects.push((own(&entry.context), effect));
     }
+    // A write outside the declared column families is a bug in the machine: whatever relies
+    // on the declaration (deleting, flushing, replaying its state) would miss it.
+    if let Some(op) = ops
+        .iter()
+        .find(|op| !machine.column_families().contains(&op.cf()))
+    {
+        panic!("a state machine wrote outside its column families: {op:?}");
+    }
     if let Some((index, _)) = last {
         ops.push(machine.applied_op(index));
     }

@@ -46,14 +46,14 @@ impl PartitionReplica {
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
+        if self.raft.is_none() {
+            return;
+        }
         self.ticks += 1;
-        if self.pace() {
+        if !self.election_held() {
             if let Some(raft) = self.raft.as_mut() {
                 raft.tick();
             }
-        }
-        if self.raft.is_none() {
-            return;
         }
         let checkpoint = self.ticks.is_multiple_of(super::RAFT_GAUGE_TICKS);
         if checkpoint {
@@ -82,21 +82,21 @@ impl PartitionReplica {
         }
     }
 
-    /// Whether this timer tick advances the Raft clock. A brand-new group's other replicas
-    /// leave its first election to the preferred replica for a while (unless they hear from a
-    /// leader first): when thousands of groups are created at once, three candidates per group
-    /// split votes, bump terms and keep a saturated machine re-electing. Every other replica
-    /// ticks every time, so a failover is as fast as without it.
-    fn pace(&mut self) -> bool {
+    /// Whether this replica's Raft clock stands still on this tick. A brand-new group's other
+    /// replicas leave its first election to the preferred replica for a while (unless they hear
+    /// from a leader first): when thousands of groups are created at once, three candidates per
+    /// group split votes, bump terms and keep a saturated machine re-electing. Every other
+    /// replica ticks every time, so a failover is as fast as without it.
+    fn election_held(&mut self) -> bool {
         let Some(until) = self.hold_election_until else {
-            return true;
+            return false;
         };
         let knows_leader = self.raft.as_ref().is_some_and(|raft| raft.leader_id() != 0);
         if knows_leader || Instant::now() >= until {
             self.hold_election_until = None;
-            return true;
+            return false;
         }
-        false
+        true
     }
 
     pub(super) fn is_quiesced(&self) -> bool {
