@@ -1,9 +1,13 @@
-//! Consumer groups (issue 13, in progress): committed offsets as Raft state.
+//! Consumer groups (issue 13, in progress): committed offsets as Raft state, membership and
+//! server-side assignment.
 //!
 //! A group's offsets live on one partition of the internal offsets topic; that partition's
 //! replicas apply group commands through [`crate::state_machine::StateMachine`]
 //! ([`offsets_machine::OffsetsMachine`]), so every replica holds the same committed offsets and
-//! a new coordinator rebuilds the group from its applied state. The coordinator actors and the
-//! HTTP consumer API that use it are not built yet.
+//! a new coordinator rebuilds the group from its applied state. [`membership`] is a group's
+//! members and the two-step hand-over of partitions between them; [`assignor`] computes who
+//! should own what.
 
+pub mod assignor;
+pub mod membership;
 pub mod offsets_machine;
