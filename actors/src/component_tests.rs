@@ -27,6 +27,12 @@ fn settings(dir: &std::path::Path) -> BrokerSettings {
         peer_listen: None,
         seeds: Vec::new(),
         http_advertised: "127.0.0.1:0".into(),
+        offsets_partitions: 2,
+        coordinator: crate::groups::coordinator::CoordinatorSettings {
+            initial_rebalance_delay: Duration::ZERO,
+            instance_idle_timeout: Duration::from_secs(60),
+            instances_max: 100,
+        },
     }
 }
 

@@ -55,6 +55,10 @@ use actix::prelude::*;
 
 use crate::broker_supervisor::{BrokerSupervisor, StopAll};
 use crate::error::{StartError, StorageError};
+use crate::groups::coordinator::CoordinatorSettings;
+use crate::groups::offsets_replica::{
+    offsets_replicas, OffsetsReplica, OffsetsShared, OffsetsWiring,
+};
 use crate::metadata::{CatalogLimits, HostAll, Metadata, MetadataWiring};
 use crate::metrics::Metrics;
 use crate::partition_replica::ReplicaSettings;
@@ -83,6 +87,9 @@ pub struct BrokerSettings {
     pub seeds: Vec<(u64, std::net::SocketAddr)>,
     /// This broker's HTTP address as other brokers should advertise it to clients.
     pub http_advertised: String,
+    /// Partitions of the offsets topic; the same on every broker of a cluster.
+    pub offsets_partitions: u32,
+    pub coordinator: CoordinatorSettings,
 }
 
 /// A running broker's actors and shared handles.
@@ -157,6 +164,19 @@ impl Broker {
                 &peer_thread,
             );
         }
+        host_offsets(
+            &settings,
+            &arbiters,
+            OffsetsWiring {
+                storage: storage.clone(),
+                registry: registry.clone(),
+                cluster: cluster.clone(),
+                transport: transport.clone(),
+                metrics: metrics.clone(),
+                timing: settings.raft_settings,
+                coordinator: settings.coordinator.clone(),
+            },
+        );
         let replica = ReplicaSettings {
             retention_check_interval: settings.retention_check_interval,
             broker_id: me,
@@ -218,6 +238,24 @@ impl Broker {
             }
         }
         self.storage.shutdown();
+    }
+}
+
+/// Start this broker's replicas of the offsets topic, spread over the partition threads, each
+/// under an actix `Supervisor` (a crashed one restarts from RocksDB at the same address).
+fn host_offsets(settings: &BrokerSettings, arbiters: &[Arbiter], wiring: OffsetsWiring) {
+    let me = settings.broker_id;
+    let brokers = wiring.cluster.brokers.clone();
+    let shared: Vec<Arc<OffsetsShared>> = (0..settings.offsets_partitions)
+        .map(|p| Arc::new(OffsetsShared::new(p, offsets_replicas(&brokers, p), me)))
+        .collect();
+    wiring.registry.set_offsets(shared.clone());
+    for partition in shared.into_iter().filter(|p| p.hosted) {
+        let thread = arbiters[partition.partition as usize % arbiters.len()].handle();
+        let wiring = wiring.clone();
+        actix::Supervisor::start_in_arbiter(&thread, move |_| {
+            OffsetsReplica::new(wiring, partition)
+        });
     }
 }
 

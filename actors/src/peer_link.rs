@@ -25,6 +25,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
+use crate::groups::offsets_replica::OFFSETS_TOPIC_ID;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::snapshot::{SnapshotChunk, SnapshotFetch};
@@ -420,6 +421,14 @@ fn deliver(registry: &Registry, group: LogId, message: raft::prelude::Message) {
     if group == METADATA_GROUP {
         if let Some(metadata) = registry.metadata() {
             metadata.do_send(RaftInbound(message));
+        }
+    } else if group.topic_id == OFFSETS_TOPIC_ID {
+        if let Some(addr) = registry
+            .offsets()
+            .get(group.partition as usize)
+            .and_then(|p| p.addr())
+        {
+            addr.do_send(RaftInbound(message));
         }
     } else if let Some(addr) = registry.partition_by_log(group).and_then(|p| p.addr()) {
         addr.do_send(RaftInbound(message));

@@ -10,6 +10,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 
 use actix::Recipient;
 
+use crate::groups::offsets_replica::OffsetsShared;
 use crate::partition_replica::PartitionShared;
 use crate::topic::{LogId, TopicMeta};
 use crate::transport::RaftInbound;
@@ -55,6 +56,8 @@ pub struct Registry {
     topics: Arc<RwLock<BTreeMap<String, Arc<TopicHandle>>>>,
     by_log: Arc<RwLock<HashMap<LogId, Arc<PartitionShared>>>>,
     metadata: Arc<OnceLock<Recipient<RaftInbound>>>,
+    /// The offsets topic's partitions, by number; set once at start-up.
+    offsets: Arc<OnceLock<Vec<Arc<OffsetsShared>>>>,
 }
 
 impl Registry {
@@ -98,6 +101,15 @@ impl Registry {
     /// Where metadata-group messages go; set once when the metadata actor starts.
     pub fn metadata(&self) -> Option<&Recipient<RaftInbound>> {
         self.metadata.get()
+    }
+
+    /// The offsets topic's partitions (empty before start-up set them).
+    pub fn offsets(&self) -> &[Arc<OffsetsShared>] {
+        self.offsets.get().map_or(&[], Vec::as_slice)
+    }
+
+    pub(crate) fn set_offsets(&self, partitions: Vec<Arc<OffsetsShared>>) {
+        let _ = self.offsets.set(partitions);
     }
 
     pub(crate) fn set_metadata(&self, recipient: Recipient<RaftInbound>) {

@@ -63,10 +63,26 @@ pub struct Config {
     pub retention_check_interval_ms: u64,
     /// Threads the partition actors are spread over; 0 means one per core.
     pub partition_threads: usize,
+    /// Partitions of the internal offsets topic (each a Raft group over up to 3 brokers);
+    /// must be the same on every broker of a cluster, and not changed once groups exist.
+    pub offsets_topic_partitions: u32,
+    /// How long an empty consumer group waits for more members after its first one joins
+    /// before handing out partitions (Kafka's `group.initial.rebalance.delay.ms`, 3 s there).
+    pub initial_rebalance_delay_ms: u64,
+    /// Session timeout of a consumer instance that does not choose one.
+    pub consumer_session_timeout_ms: u64,
+    /// A consumer instance without a subscription not heard from for this long is removed.
+    pub consumer_instance_timeout_ms: u64,
+    /// Consumer instances one group may have.
+    pub consumer_instances_per_group_max: usize,
     pub log_format: LogFormat,
     /// A tracing filter such as `info` or `pubg1=debug`; `RUST_LOG` overrides it.
     pub log_filter: String,
 }
+
+/// Bounds of a consumer instance's session timeout (config default and per instance).
+pub const SESSION_TIMEOUT_MIN_MS: u64 = 500;
+pub const SESSION_TIMEOUT_MAX_MS: u64 = 300_000;
 
 impl Default for Config {
     fn default() -> Self {
@@ -91,6 +107,11 @@ impl Default for Config {
             partitions_per_topic_max: 256,
             retention_check_interval_ms: 5_000,
             partition_threads: 0,
+            offsets_topic_partitions: 8,
+            initial_rebalance_delay_ms: 250,
+            consumer_session_timeout_ms: 10_000,
+            consumer_instance_timeout_ms: 300_000,
+            consumer_instances_per_group_max: 1_000,
             log_format: LogFormat::Text,
             log_filter: "info".to_owned(),
         }
@@ -165,6 +186,33 @@ impl Config {
                 self.raft_log_keep_entries_max, self.raft_log_keep_entries
             ));
         }
+        if !(1..=256).contains(&self.offsets_topic_partitions) {
+            return Err(format!(
+                "offsets_topic_partitions must be between 1 and 256 (got {})",
+                self.offsets_topic_partitions
+            ));
+        }
+        if self.initial_rebalance_delay_ms > 60_000 {
+            return Err("initial_rebalance_delay_ms must be at most 60000".into());
+        }
+        if !(SESSION_TIMEOUT_MIN_MS..=SESSION_TIMEOUT_MAX_MS)
+            .contains(&self.consumer_session_timeout_ms)
+        {
+            return Err(format!(
+                "consumer_session_timeout_ms must be between {SESSION_TIMEOUT_MIN_MS} and {SESSION_TIMEOUT_MAX_MS} (got {})",
+                self.consumer_session_timeout_ms
+            ));
+        }
+        at_least(
+            "consumer_instance_timeout_ms",
+            self.consumer_instance_timeout_ms,
+            1_000,
+        )?;
+        at_least(
+            "consumer_instances_per_group_max",
+            self.consumer_instances_per_group_max as u64,
+            1,
+        )?;
         let seeds = self.parsed_seeds()?;
         if !seeds.is_empty() && !seeds.iter().any(|(id, _)| u64::from(self.id) == *id) {
             return Err(format!("seeds must include this broker's id {}", self.id));

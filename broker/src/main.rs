@@ -14,6 +14,7 @@ use std::time::Duration;
 use actix_web::HttpServer;
 use anyhow::Context;
 use clap::Parser;
+use pubg1_actors::groups::coordinator::CoordinatorSettings;
 use pubg1_actors::metadata::CatalogLimits;
 use pubg1_actors::port::ClaimedPort;
 use pubg1_actors::raft_group::RaftSettings;
@@ -123,6 +124,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
         peer_listen: (!seeds.is_empty()).then_some(config.peer),
         seeds,
         http_advertised: config.http.to_string(),
+        offsets_partitions: config.offsets_topic_partitions,
+        coordinator: CoordinatorSettings {
+            initial_rebalance_delay: Duration::from_millis(config.initial_rebalance_delay_ms),
+            instance_idle_timeout: Duration::from_millis(config.consumer_instance_timeout_ms),
+            instances_max: config.consumer_instances_per_group_max,
+        },
     };
     // Both ports are claimed before storage opens (the peer port inside Broker::start): a taken
     // port stops start-up with nothing written, and clients are refused until the broker serves.

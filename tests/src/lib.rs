@@ -9,6 +9,7 @@
 //! - [`workload`] holds the publish-then-verify job more than one test runs.
 
 pub mod cluster;
+pub mod groups;
 pub mod workload;
 
 use std::net::SocketAddr;
@@ -362,6 +363,7 @@ pub struct Reply {
     pub text: String,
     pub content_type: String,
     pub retry_after: Option<String>,
+    pub location: Option<String>,
 }
 
 impl Reply {
@@ -413,6 +415,8 @@ impl Client {
     pub fn new() -> Self {
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            // Redirects (a group's coordinator elsewhere) are for tests to see, not follow.
+            .max_redirects(0)
             .timeout_global(Some(Duration::from_secs(60)))
             .build();
         Self {
@@ -441,6 +445,26 @@ impl Client {
         reply(request.send(body))
     }
 
+    /// GET with a JSON body (REST Proxy v2 reads committed offsets that way).
+    pub fn get_json(&self, url: &str, body: &Value) -> Result<Reply> {
+        reply(
+            self.agent
+                .get(url)
+                .header("Content-Type", "application/vnd.kafka.v2+json")
+                .force_send_body()
+                .send(body.to_string().as_bytes()),
+        )
+    }
+
+    /// POST a JSON body as REST Proxy v2 clients do.
+    pub fn post_v2(&self, url: &str, body: &Value) -> Result<Reply> {
+        self.post(
+            url,
+            Some("application/vnd.kafka.v2+json"),
+            body.to_string().as_bytes(),
+        )
+    }
+
     pub fn post_json(&self, url: &str, body: &Value) -> Result<Reply> {
         self.post(url, Some("application/json"), body.to_string().as_bytes())
     }
@@ -458,6 +482,7 @@ fn reply(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Resul
     };
     let content_type = header("content-type").unwrap_or_default();
     let retry_after = header("retry-after");
+    let location = header("location");
     let text = response
         .body_mut()
         .with_config()
@@ -470,6 +495,7 @@ fn reply(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Resul
         text,
         content_type,
         retry_after,
+        location,
     })
 }
 

@@ -118,6 +118,21 @@ fn openapi_lists_every_route_and_every_listed_route_is_served() -> anyhow::Resul
         "GET /topics/{topic}/partitions/{partition}",
         "POST /topics/{topic}/partitions/{partition}",
         "GET /topics/{topic}/partitions/{partition}/records",
+        "POST /consumers/{group}",
+        "DELETE /consumers/{group}/instances/{instance}",
+        "POST /consumers/{group}/instances/{instance}/subscription",
+        "GET /consumers/{group}/instances/{instance}/subscription",
+        "DELETE /consumers/{group}/instances/{instance}/subscription",
+        "POST /consumers/{group}/instances/{instance}/assignments",
+        "GET /consumers/{group}/instances/{instance}/assignments",
+        "GET /consumers/{group}/instances/{instance}/records",
+        "POST /consumers/{group}/instances/{instance}/offsets",
+        "GET /consumers/{group}/instances/{instance}/offsets",
+        "POST /consumers/{group}/instances/{instance}/positions",
+        "POST /consumers/{group}/instances/{instance}/positions/beginning",
+        "POST /consumers/{group}/instances/{instance}/positions/end",
+        "GET /consumer-groups",
+        "GET /consumer-groups/{group}",
     ];
     served.sort_unstable();
     assert_eq!(documented, served);
@@ -128,7 +143,13 @@ fn openapi_lists_every_route_and_every_listed_route_is_served() -> anyhow::Resul
         documented.iter().partition(|r| r.starts_with("DELETE"));
     for route in others.into_iter().chain(deletes) {
         let (method, path) = route.split_once(' ').expect("method and path");
-        let url = broker.url(&path.replace("{topic}", "doc").replace("{partition}", "0"));
+        let url = broker.url(
+            &path
+                .replace("{topic}", "doc")
+                .replace("{partition}", "0")
+                .replace("{group}", "g")
+                .replace("{instance}", "i"),
+        );
         let reply = match method {
             "GET" => http.get(&url)?,
             "DELETE" => http.delete(&url)?,

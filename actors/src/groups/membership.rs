@@ -59,6 +59,9 @@ pub struct Membership {
     topics: BTreeMap<String, u32>,
     /// When the group went from stable to rebalancing (None while stable).
     pub rebalancing_since: Option<Instant>,
+    /// No partition is handed out before this instant: an empty group waits this long for
+    /// more members after its first one joins (Kafka's `group.initial.rebalance.delay.ms`).
+    held_until: Option<Instant>,
 }
 
 impl Membership {
@@ -71,6 +74,7 @@ impl Membership {
             target: Assignment::new(),
             topics: BTreeMap::new(),
             rebalancing_since: None,
+            held_until: None,
         }
     }
 
@@ -103,6 +107,15 @@ impl Membership {
         self.members
             .iter()
             .all(|(id, m)| self.target.get(id).is_some_and(|t| *t == m.owned))
+    }
+
+    /// Hand out no partition before `until` (see [`Membership::held_until`]).
+    pub fn hold_until(&mut self, until: Instant) {
+        self.held_until = Some(until);
+    }
+
+    pub fn held_until(&self) -> Option<Instant> {
+        self.held_until
     }
 
     /// Add `id` or change its subscription; recomputes the target.
@@ -208,7 +221,8 @@ impl Membership {
             self.owners.remove(tp);
         }
         let mut assigned = Vec::new();
-        for tp in target {
+        let held = self.held_until.is_some_and(|until| now < until);
+        for tp in target.iter().filter(|_| !held) {
             if !self.owners.contains_key(tp) {
                 self.owners.insert(tp.clone(), id.to_owned());
                 member.owned.insert(tp.clone());

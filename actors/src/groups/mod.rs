@@ -9,5 +9,8 @@
 //! should own what.
 
 pub mod assignor;
+pub mod coordinator;
+pub mod error;
 pub mod membership;
 pub mod offsets_machine;
+pub mod offsets_replica;

@@ -132,6 +132,11 @@ impl OffsetsMachine {
         Ok(machine)
     }
 
+    /// Every group with applied state, by name.
+    pub fn groups(&self) -> impl Iterator<Item = (&String, &GroupState)> {
+        self.groups.iter()
+    }
+
     /// A group's applied state, if it has one.
     pub fn group(&self, group: &str) -> Option<&GroupState> {
         self.groups.get(group)

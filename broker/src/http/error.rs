@@ -7,6 +7,8 @@
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
 use pubg1_actors::error::{PartitionError, StorageError, TopicError};
+use pubg1_actors::groups::error::GroupError;
+use pubg1_actors::groups::offsets_machine::GroupRefusal;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -61,6 +63,30 @@ pub enum ApiError {
     /// 503, the request may or may not have been written: a retry may store it twice.
     #[error("{0}")]
     OutcomeUnknown(String),
+    /// 307 to the broker that serves the request (a group's coordinator), same method and body.
+    #[error("{message}")]
+    Redirect { location: String, message: String },
+    #[error("{0}")]
+    InstanceNotFound(String),
+    #[error("{0}")]
+    GroupNotFound(String),
+    /// 409: the request conflicts with the instance's or group's state; nothing changed.
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    InstanceExists(String),
+    /// 409: the consumer instance is no longer a member of its group (session expired, or the
+    /// coordinator moved); a new instance must be created.
+    #[error("{0}")]
+    Fenced(String),
+    /// 409: a commit or seek for a partition the instance does not own.
+    #[error("{0}")]
+    NotAssigned(String),
+    /// 409: a commit of a coordinator epoch the group has moved past.
+    #[error("{0}")]
+    StaleGeneration(String),
+    #[error("{0}")]
+    InvalidOffset(String),
 }
 
 impl ApiError {
@@ -83,6 +109,15 @@ impl ApiError {
             ApiError::InsufficientStorage(_) => 50701,
             ApiError::Unavailable(_) => 50301,
             ApiError::OutcomeUnknown(_) => 50302,
+            ApiError::Redirect { .. } => 30701,
+            ApiError::InstanceNotFound(_) => 40403,
+            ApiError::GroupNotFound(_) => 40404,
+            ApiError::Conflict(_) => 40902,
+            ApiError::InstanceExists(_) => 40903,
+            ApiError::Fenced(_) => 40904,
+            ApiError::NotAssigned(_) => 40905,
+            ApiError::StaleGeneration(_) => 40906,
+            ApiError::InvalidOffset(_) => 42203,
         }
     }
 
@@ -107,6 +142,9 @@ impl ResponseError for ApiError {
             ApiError::Unavailable(_) | ApiError::OutcomeUnknown(_) | ApiError::Throttled(_)
         ) {
             response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECONDS));
+        }
+        if let ApiError::Redirect { location, .. } = self {
+            response.insert_header((header::LOCATION, location.as_str()));
         }
         response.json(self.body())
     }
@@ -146,6 +184,41 @@ impl From<TopicError> for ApiError {
                 ApiError::Unavailable(error.to_string())
             }
             TopicError::OutcomeUnknown => ApiError::OutcomeUnknown(error.to_string()),
+        }
+    }
+}
+
+impl From<GroupError> for ApiError {
+    /// A `NotCoordinator` with a known leader is turned into a redirect by the caller, which
+    /// knows the request's path; here it is a 503.
+    fn from(error: GroupError) -> Self {
+        let message = error.to_string();
+        match error {
+            GroupError::NotCoordinator { .. }
+            | GroupError::Loading(_)
+            | GroupError::Stopping(_)
+            | GroupError::NotWritten(_) => ApiError::Unavailable(message),
+            GroupError::OutcomeUnknown(_) => ApiError::OutcomeUnknown(message),
+            GroupError::Refused(GroupRefusal::IllegalGeneration { .. }) => {
+                ApiError::StaleGeneration(message)
+            }
+            GroupError::Refused(GroupRefusal::NoSuchGroup(_)) => ApiError::GroupNotFound(message),
+            GroupError::Refused(GroupRefusal::GenerationBackwards { .. }) => {
+                ApiError::Internal(message)
+            }
+            GroupError::Storage(storage) => storage_error(&storage),
+            GroupError::UnknownInstance { .. } => ApiError::InstanceNotFound(message),
+            GroupError::InstanceExists { .. } => ApiError::InstanceExists(message),
+            GroupError::Fenced { .. } => ApiError::Fenced(message),
+            GroupError::NotAssigned { .. } => ApiError::NotAssigned(message),
+            GroupError::InvalidOffset(_) => ApiError::InvalidOffset(message),
+            GroupError::UnknownTopic(topic) => ApiError::TopicNotFound(topic),
+            GroupError::UnknownPartition { topic, partition } => ApiError::PartitionNotFound {
+                topic,
+                partition: partition.to_string(),
+            },
+            GroupError::Invalid(_) => ApiError::Unprocessable(message),
+            GroupError::Conflict(_) => ApiError::Conflict(message),
         }
     }
 }

@@ -5,6 +5,7 @@
 //! through `utoipa_actix_web`'s `service`, which also records it in the OpenAPI document served at
 //! `/openapi.json`, so the document cannot forget a route (a test checks it against the server).
 
+mod consumers;
 pub mod error;
 mod partitions;
 mod produce;
@@ -43,6 +44,7 @@ pub struct AppState {
     tags(
         (name = "topics", description = "Create, list, describe and delete topics"),
         (name = "records", description = "Produce and consume records"),
+        (name = "consumers", description = "Consumer instances and groups (REST Proxy v2)"),
         (name = "system", description = "Health, readiness, metrics, this document")
     )
 )]
@@ -76,6 +78,21 @@ pub fn app(
         .service(partitions::list)
         .service(partitions::describe)
         .service(records::fetch)
+        .service(consumers::create)
+        .service(consumers::delete_instance)
+        .service(consumers::subscribe)
+        .service(consumers::get_subscription)
+        .service(consumers::unsubscribe)
+        .service(consumers::assign)
+        .service(consumers::assignments)
+        .service(consumers::records)
+        .service(consumers::commit)
+        .service(consumers::get_committed)
+        .service(consumers::seek)
+        .service(consumers::seek_beginning)
+        .service(consumers::seek_end)
+        .service(consumers::list_groups)
+        .service(consumers::describe_group)
         .split_for_parts();
     state
         .openapi

@@ -136,7 +136,7 @@ pub async fn fetch(
     }))
 }
 
-fn bounded(name: &str, value: usize, min: usize, max: usize) -> Result<usize, ApiError> {
+pub(super) fn bounded(name: &str, value: usize, min: usize, max: usize) -> Result<usize, ApiError> {
     if value < min || value > max {
         return Err(ApiError::Unprocessable(format!(
             "{name} must be between {min} and {max} (got {value})"
@@ -145,7 +145,7 @@ fn bounded(name: &str, value: usize, min: usize, max: usize) -> Result<usize, Ap
     Ok(value)
 }
 
-fn render(
+pub(super) fn render(
     record: StoredRecord,
     partition: u32,
     format: EmbeddedFormat,

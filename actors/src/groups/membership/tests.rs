@@ -232,3 +232,29 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_held_group_hands_out_nothing_until_the_hold_ends() {
+    let start = Instant::now();
+    let mut group = Membership::new(Assignor::Sticky, 0);
+    group.hold_until(start + Duration::from_millis(500));
+    group.join("a", sub(), SESSION, t6(), start);
+    assert_eq!(
+        group.heartbeat("a", start).expect("a"),
+        Reconciled::default()
+    );
+    group.join(
+        "b",
+        sub(),
+        SESSION,
+        t6(),
+        start + Duration::from_millis(100),
+    );
+    let after = start + Duration::from_millis(500);
+    settle(&mut group, after);
+    assert_eq!(
+        loads(&group),
+        vec![3, 3],
+        "no partition went to 'a' and then moved"
+    );
+}

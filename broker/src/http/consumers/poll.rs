@@ -1,0 +1,262 @@
+//! `GET …/instances/{instance}/records`: a long poll over every partition the instance owns.
+//!
+//! The coordinator fixes the instance's partitions and positions for the poll (`BeginPoll`);
+//! nothing is revoked from it until the poll ends (`EndPoll`, sent even if the client hangs
+//! up), so no partition is read by two instances at once. A rebalance that wants something
+//! from this instance ends its poll early (with what it has), so hand-overs wait for at most
+//! one read, not a whole long poll.
+
+use std::time::{Duration, Instant};
+
+use actix::Addr;
+use actix_web::http::StatusCode;
+use actix_web::{get, web, HttpRequest, HttpResponse};
+use futures::future::{select_all, FutureExt};
+use pubg1_actors::groups::coordinator::{BeginPoll, EndPoll, GroupCoordinator, PollPlan};
+use pubg1_actors::groups::offsets_machine::TopicPartition;
+use pubg1_actors::log_reader::{self, FetchRequest};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use utoipa::{IntoParams, ToSchema};
+
+use super::super::error::{ApiError, ErrorBody};
+use super::super::records::{bounded, render};
+use super::super::{EmbeddedFormat, State};
+use super::{instance, stopped};
+
+/// `timeout` when the consumer does not say (REST Proxy's `consumer.request.timeout.ms`).
+pub(super) const WAIT_DEFAULT_MS: u64 = 1_000;
+/// `max_bytes` when the consumer does not say.
+const BYTES_DEFAULT: usize = 1024 * 1024;
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct PollParams {
+    /// Milliseconds to wait for records when there are none (default: the instance's
+    /// `consumer.request.timeout.ms`, 1000 unless set).
+    pub timeout: Option<u64>,
+    /// Soft cap on key+value bytes returned (default 1 MiB).
+    pub max_bytes: Option<usize>,
+}
+
+/// A record delivered to a consumer instance (REST Proxy v2's shape, plus its timestamp).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GroupRecord {
+    pub topic: String,
+    pub partition: u32,
+    pub offset: u64,
+    /// Broker append time, milliseconds since the epoch.
+    pub timestamp: i64,
+    /// JSON format: the exact JSON stored; binary: base64; null when absent.
+    #[schema(value_type = Value)]
+    pub key: Box<RawValue>,
+    #[schema(value_type = Value)]
+    pub value: Box<RawValue>,
+}
+
+/// Ends the poll when dropped, whether the handler finished or the client went away.
+struct PollGuard {
+    coordinator: Addr<GroupCoordinator>,
+    instance: String,
+    advanced: Vec<(TopicPartition, u64)>,
+}
+
+impl Drop for PollGuard {
+    fn drop(&mut self) {
+        self.coordinator.do_send(EndPoll {
+            instance: std::mem::take(&mut self.instance),
+            advanced: std::mem::take(&mut self.advanced),
+        });
+    }
+}
+
+/// Poll records from every partition the instance owns.
+#[utoipa::path(
+    tag = "consumers",
+    params(("group" = String, Path), ("instance" = String, Path), PollParams),
+    responses(
+        (status = 200, body = Vec<GroupRecord>, content_type = "application/vnd.kafka.json.v2+json"),
+        (status = 307, body = ErrorBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 406, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)
+    )
+)]
+#[get("/consumers/{group}/instances/{instance}/records")]
+pub async fn records(
+    state: State,
+    path: web::Path<(String, String)>,
+    params: web::Query<PollParams>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let config = &state.config;
+    let bytes_max = bounded(
+        "max_bytes",
+        params.max_bytes.unwrap_or(BYTES_DEFAULT),
+        1,
+        config.fetch_bytes_max,
+    )?;
+    if let Some(timeout) = params.timeout {
+        bounded(
+            "timeout",
+            timeout as usize,
+            0,
+            config.fetch_wait_ms_max as usize,
+        )?;
+    }
+    let coordinator = instance(&state, &req, &path).await?;
+    let mut deadline = None;
+    loop {
+        let plan = coordinator
+            .send(BeginPoll(path.1.clone()))
+            .await
+            .map_err(|_| stopped())??;
+        let deadline = *deadline.get_or_insert_with(|| {
+            let wait_ms = params.timeout.unwrap_or(plan.poll_wait.as_millis() as u64);
+            Instant::now() + Duration::from_millis(wait_ms)
+        });
+        let format = if plan.format == "binary" {
+            EmbeddedFormat::Binary
+        } else {
+            EmbeddedFormat::Json
+        };
+        let mut guard = PollGuard {
+            coordinator: coordinator.clone(),
+            instance: path.1.clone(),
+            advanced: Vec::new(),
+        };
+        let (out, rebalanced) = read(&state, &mut guard, plan, format, bytes_max, deadline).await?;
+        // Ends the poll before the next one begins (one mailbox, in order).
+        drop(guard);
+        // A poll cut short by a rebalance, with nothing read, begins again with the
+        // instance's new partitions while time remains.
+        if out.is_empty() && rebalanced && Instant::now() < deadline {
+            continue;
+        }
+        return Ok(respond(out, format));
+    }
+}
+
+/// Read the plan's partitions until something is read, the assignment changes (true), or the
+/// deadline passes.
+async fn read(
+    state: &State,
+    guard: &mut PollGuard,
+    mut plan: PollPlan,
+    format: EmbeddedFormat,
+    bytes_max: usize,
+    deadline: Instant,
+) -> Result<(Vec<GroupRecord>, bool), ApiError> {
+    let config = &state.config;
+    let registry = &state.broker.registry;
+    let readable: Vec<_> = plan
+        .partitions
+        .iter()
+        .filter_map(|(tp, offset)| {
+            let shared = registry.get(&tp.topic)?.partition(tp.partition)?.clone();
+            shared.hosted.then_some((tp.clone(), *offset, shared))
+        })
+        .collect();
+    let mut out: Vec<GroupRecord> = Vec::new();
+    let mut bytes = 0usize;
+    plan.assignment_changed.borrow_and_update();
+    loop {
+        for (tp, offset, shared) in &readable {
+            if bytes >= bytes_max || *offset >= shared.high_watermark() {
+                continue;
+            }
+            let next = guard
+                .advanced
+                .iter()
+                .find(|(p, _)| p == tp)
+                .map_or(*offset, |(_, n)| *n);
+            if next >= shared.high_watermark() {
+                continue;
+            }
+            let fetched = log_reader::fetch(
+                &state.broker.storage,
+                shared,
+                &state.broker.metrics,
+                FetchRequest {
+                    offset: next,
+                    records_max: config.fetch_records_max,
+                    bytes_max: bytes_max - bytes,
+                    wait: Duration::ZERO,
+                },
+            )
+            .await;
+            let fetched = match fetched {
+                Ok(fetched) => fetched,
+                // Retention passed this position (the next poll's plan resets it), or the replica
+                // is restarting: the other partitions are still read.
+                Err(e) => {
+                    tracing::debug!(error = %e, topic = %tp.topic, "group fetch failed");
+                    continue;
+                }
+            };
+            let Some(last) = fetched.records.last().map(|r| r.offset) else {
+                continue;
+            };
+            for record in fetched.records {
+                bytes += record.key.as_ref().map_or(0, |k| k.len())
+                    + record.value.as_ref().map_or(0, |v| v.len());
+                let rendered = match render(record, tp.partition, format) {
+                    Ok(rendered) => rendered,
+                    Err(e) => {
+                        // Nothing of this poll reaches the client: positions stay put.
+                        guard.advanced.clear();
+                        return Err(e);
+                    }
+                };
+                out.push(GroupRecord {
+                    topic: tp.topic.clone(),
+                    partition: rendered.partition,
+                    offset: rendered.offset,
+                    timestamp: rendered.timestamp,
+                    key: rendered.key,
+                    value: rendered.value,
+                });
+            }
+            match guard.advanced.iter_mut().find(|(p, _)| p == tp) {
+                Some((_, n)) => *n = last + 1,
+                None => guard.advanced.push((tp.clone(), last + 1)),
+            }
+        }
+        let now = Instant::now();
+        if !out.is_empty() || now >= deadline {
+            return Ok((out, false));
+        }
+        // Wait for any partition to grow, the assignment to change, or the deadline.
+        let mut waits: Vec<futures::future::BoxFuture<'_, ()>> = readable
+            .iter()
+            .map(|(_, offset, shared)| {
+                let mut watermark = shared.subscribe_high_watermark();
+                let offset = *offset;
+                async move {
+                    let _ = watermark.wait_for(|hw| *hw > offset).await;
+                }
+                .boxed()
+            })
+            .collect();
+        let mut changed = plan.assignment_changed.clone();
+        waits.push(
+            async move {
+                let _ = changed.changed().await;
+            }
+            .boxed(),
+        );
+        let _ = tokio::time::timeout(deadline - now, select_all(waits)).await;
+        if plan.assignment_changed.has_changed().unwrap_or(true) {
+            // A rebalance may be waiting for this poll to end.
+            return Ok((out, true));
+        }
+    }
+}
+
+fn respond(out: Vec<GroupRecord>, format: EmbeddedFormat) -> HttpResponse {
+    let content_type = match format {
+        EmbeddedFormat::Binary => "application/vnd.kafka.binary.v2+json",
+        EmbeddedFormat::Json => "application/vnd.kafka.json.v2+json",
+    };
+    HttpResponse::build(StatusCode::OK)
+        .insert_header((actix_web::http::header::CONTENT_TYPE, content_type))
+        .json(out)
+}

@@ -1,0 +1,347 @@
+//! Consumer groups over the REST Proxy v2 API on real broker processes: balanced assignment,
+//! rebalances that never give one partition to two members, session expiry, a coordinator
+//! killed with -9, and bad input refused with nothing changed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pubg1_tests::cluster::{urls, TestCluster};
+use pubg1_tests::groups::{
+    assert_never_two_owners, coordinator, create_instance, subscribe, wait_stable, Consumer, Poll,
+};
+use pubg1_tests::workload::{publish_all, Acked, Load, Publish};
+use pubg1_tests::{create_topic, wait_until, BrokerProcess, Client};
+use serde_json::json;
+
+fn publish(broker: &BrokerProcess, tag: &str, records: usize) -> anyhow::Result<Vec<Acked>> {
+    publish_all(
+        broker,
+        &Publish {
+            topic: "t".into(),
+            tag: tag.into(),
+            clients: 3,
+            records_per_client: records / 3,
+            batch: 20,
+        },
+    )
+}
+
+/// Every record of `log`, counted by (partition, offset).
+fn delivered(log: &[Poll]) -> BTreeMap<(u32, u64), usize> {
+    let mut seen = BTreeMap::new();
+    for poll in log {
+        for record in &poll.records {
+            *seen.entry(*record).or_default() += 1;
+        }
+    }
+    seen
+}
+
+fn wait_delivered(log: &Arc<Mutex<Vec<Poll>>>, acked: &[Acked]) -> anyhow::Result<()> {
+    wait_until(
+        Duration::from_secs(30),
+        "every acked record delivered",
+        || {
+            let log = log.lock().ok()?;
+            let seen = delivered(&log);
+            acked
+                .iter()
+                .all(|a| seen.contains_key(&(a.partition, a.offset)))
+                .then_some(())
+        },
+    )
+}
+
+fn member(name: &str, extra: serde_json::Value) -> serde_json::Value {
+    let mut config = json!({"name": name, "format": "binary", "auto.offset.reset": "earliest",
+        "auto.commit.enable": "false"});
+    if let (Some(config), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
+        config.extend(extra.clone());
+    }
+    config
+}
+
+#[test]
+fn a_group_splits_six_partitions_evenly_and_rebalances_without_sharing_or_redelivering(
+) -> anyhow::Result<()> {
+    let cluster = TestCluster::start(3)?;
+    cluster.create_replicated("t", 6)?;
+    let mut acked = publish(cluster.broker(1), "a", 600)?;
+    let home = coordinator(&cluster.brokers, "g")?;
+    let broker = &cluster.brokers[home];
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut consumers = Vec::new();
+    for name in ["c1", "c2", "c3"] {
+        let base = create_instance(broker, "g", member(name, json!({})))?;
+        subscribe(&base, &["t"])?;
+        consumers.push(Consumer::start(name, base, log.clone()));
+    }
+    let owned = wait_stable(broker, "g", 3)?;
+    assert_eq!(
+        owned.iter().map(Vec::len).collect::<Vec<_>>(),
+        vec![2, 2, 2],
+        "each of three members owns two partitions"
+    );
+    wait_delivered(&log, &acked)?;
+
+    // Producers keep going through both rebalances, so records arrive while partitions move.
+    let load = Load::start(urls(cluster.topic_urls("t")), "live", 3, 5);
+    load.wait_for_more(300, "records under load")?;
+    for round in 0..3 {
+        // A fourth joins: it gets partitions only after their owners released them.
+        let name = format!("c{}", round + 4);
+        let base = create_instance(broker, "g", member(&name, json!({})))?;
+        subscribe(&base, &["t"])?;
+        consumers.push(Consumer::start(&name, base, log.clone()));
+        let mut loads: Vec<usize> = wait_stable(broker, "g", 4)?.iter().map(Vec::len).collect();
+        loads.sort_unstable();
+        assert_eq!(loads, vec![1, 1, 2, 2]);
+        load.wait_for_more(200, "records under load")?;
+
+        // The oldest leaves (stops, then deletes its instance): its partitions go to the others.
+        let mut leaving = consumers.remove(0);
+        leaving.stop()?;
+        let reply = Client::new().delete(&leaving.base)?;
+        assert_eq!(reply.status, 204, "{}", reply.text);
+        assert_eq!(
+            wait_stable(broker, "g", 3)?
+                .iter()
+                .map(Vec::len)
+                .collect::<Vec<_>>(),
+            vec![2, 2, 2]
+        );
+        load.wait_for_more(200, "records under load")?;
+    }
+    acked.extend(load.finish()?);
+    wait_delivered(&log, &acked)?;
+    for consumer in &mut consumers {
+        consumer.stop()?;
+    }
+
+    let log = log.lock().map_err(|_| anyhow::anyhow!("log poisoned"))?;
+    assert_never_two_owners(&log);
+    let seen = delivered(&log);
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "records delivered twice: {twice:?}");
+    let acked_at: BTreeSet<(u32, u64)> = acked.iter().map(|a| (a.partition, a.offset)).collect();
+    let extra: Vec<_> = seen.keys().filter(|k| !acked_at.contains(k)).collect();
+    assert!(extra.is_empty(), "records never acked: {extra:?}");
+    assert_eq!(seen.len(), acked.len());
+    // Committed offsets equal each partition's end.
+    let reply = Client::new().get(&broker.url("/consumer-groups/g"))?;
+    for partition in reply.body["partitions"].as_array().into_iter().flatten() {
+        assert_eq!(partition["lag"], 0, "{partition}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_member_that_stops_polling_loses_its_partitions_after_its_session_and_cannot_commit(
+) -> anyhow::Result<()> {
+    let cluster = TestCluster::start(3)?;
+    cluster.create_replicated("t", 4)?;
+    let acked = publish(cluster.broker(1), "s", 300)?;
+    let home = coordinator(&cluster.brokers, "g")?;
+    let broker = &cluster.brokers[home];
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let session = json!({"session.timeout.ms": 1500});
+    let stays = create_instance(broker, "g", member("stays", session.clone()))?;
+    let stalls = create_instance(broker, "g", member("stalls", session))?;
+    subscribe(&stays, &["t"])?;
+    subscribe(&stalls, &["t"])?;
+    let mut a = Consumer::start("stays", stays, log.clone());
+    let mut b = Consumer::start("stalls", stalls.clone(), log.clone());
+    assert_eq!(
+        wait_stable(broker, "g", 2)?
+            .iter()
+            .map(Vec::len)
+            .collect::<Vec<_>>(),
+        vec![2, 2]
+    );
+    // The stalling member's client dies between polls.
+    b.stop()?;
+    let owned = wait_stable(broker, "g", 1)?;
+    assert_eq!(
+        owned,
+        vec![vec![0, 1, 2, 3]],
+        "the survivor owns everything"
+    );
+    wait_delivered(&log, &acked)?;
+    a.stop()?;
+    let reply = Client::new().post_v2(
+        &format!("{stalls}/offsets"),
+        &json!({"offsets": [{"topic": "t", "partition": 0, "offset": 1}]}),
+    )?;
+    reply.assert_error(409, 40904, "a commit by a member whose session expired");
+    let reply = Client::new().get(&format!("{stalls}/records?timeout=0"))?;
+    reply.assert_error(409, 40904, "a poll by a member whose session expired");
+    assert_never_two_owners(&log.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+    Ok(())
+}
+
+#[test]
+fn killing_the_coordinator_keeps_every_acknowledged_commit_and_members_continue(
+) -> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(3)?;
+    cluster.create_replicated("t", 3)?;
+    let first = publish(cluster.broker(1), "k", 300)?;
+    let home = coordinator(&cluster.brokers, "g")?;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let base = create_instance(&cluster.brokers[home], "g", member("before", json!({})))?;
+    subscribe(&base, &["t"])?;
+    let mut consumer = Consumer::start("before", base, log.clone());
+    wait_delivered(&log, &first)?;
+    consumer.stop()?;
+    let before = Client::new().get(&cluster.brokers[home].url("/consumer-groups/g"))?;
+    let committed: BTreeMap<u64, u64> = before.body["partitions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| Some((p["partition"].as_u64()?, p["committed_offset"].as_u64()?)))
+        .collect();
+    assert_eq!(
+        committed.values().sum::<u64>(),
+        300,
+        "every consumed record committed"
+    );
+
+    cluster.brokers[home].kill9();
+    let next = coordinator(&cluster.brokers, "g")?;
+    assert_ne!(next, home);
+    let broker = &cluster.brokers[next];
+    let after = Client::new().get(&broker.url("/consumer-groups/g"))?;
+    for partition in after.body["partitions"].as_array().into_iter().flatten() {
+        let p = partition["partition"].as_u64().unwrap_or(u64::MAX);
+        assert_eq!(
+            partition["committed_offset"].as_u64(),
+            committed.get(&p).copied(),
+            "committed offset of partition {p} after the coordinator died"
+        );
+    }
+    assert!(
+        after.body["coordinator_epoch"].as_u64() > before.body["coordinator_epoch"].as_u64(),
+        "the new coordinator took the group over under a new epoch"
+    );
+    // A member joining the new coordinator resumes from the committed offsets.
+    for partition in 0..3 {
+        cluster.leader_of("t", partition)?;
+    }
+    let second = publish(broker, "l", 150)?;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let base = create_instance(broker, "g", member("after", json!({})))?;
+    subscribe(&base, &["t"])?;
+    let mut consumer = Consumer::start("after", base, log.clone());
+    wait_delivered(&log, &second)?;
+    consumer.stop()?;
+    let seen = delivered(&log.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+    let redelivered: Vec<_> = first
+        .iter()
+        .filter(|a| seen.contains_key(&(a.partition, a.offset)))
+        .collect();
+    assert!(
+        redelivered.is_empty(),
+        "committed records delivered again: {}",
+        redelivered.len()
+    );
+    Ok(())
+}
+
+#[test]
+fn bad_consumer_requests_get_clear_errors_and_change_nothing() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let broker = BrokerProcess::start(&dir.path().join("broker"), &[])?;
+    let http = Client::new();
+    create_topic(&http, &broker, "t", 2)?;
+    let produced = http.post_json(
+        &broker.url("/topics/t/partitions/0"),
+        &json!({"records": [{"value": 1}, {"value": 2}, {"value": 3}]}),
+    )?;
+    assert_eq!(produced.status, 200, "{}", produced.text);
+    let base = create_instance(
+        &broker,
+        "g",
+        json!({"name": "c", "auto.offset.reset": "earliest"}),
+    )?;
+    subscribe(&base, &["t"])?;
+    // Poll until the instance owns both partitions and has read the three records.
+    wait_until(Duration::from_secs(10), "records", || {
+        let reply = http.get(&format!("{base}/records?timeout=500")).ok()?;
+        (reply.body.as_array()?.len() == 3).then_some(())
+    })?;
+    let commit = |offsets: serde_json::Value| {
+        http.post_v2(&format!("{base}/offsets"), &json!({"offsets": offsets}))
+    };
+    let reply = commit(json!([{"topic": "t", "partition": 0, "offset": 2}]))?;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    let committed = || -> anyhow::Result<serde_json::Value> {
+        let reply = http.get_json(
+            &format!("{base}/offsets"),
+            &json!({"partitions": [{"topic": "t", "partition": 0}]}),
+        )?;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+        Ok(reply.body["offsets"][0]["offset"].clone())
+    };
+    assert_eq!(committed()?, json!(2));
+
+    commit(json!([{"topic": "t", "partition": 0, "offset": -1}]))?.assert_error(
+        422,
+        42203,
+        "a negative offset",
+    );
+    commit(json!([{"topic": "t", "partition": 0, "offset": 4}]))?.assert_error(
+        422,
+        42203,
+        "an offset beyond the high watermark",
+    );
+    commit(json!([{"topic": "t", "partition": 7, "offset": 0}]))?.assert_error(
+        409,
+        40905,
+        "a partition the instance does not own",
+    );
+    commit(json!([{"topic": "other", "partition": 0, "offset": 0}]))?.assert_error(
+        409,
+        40905,
+        "a topic the instance does not read",
+    );
+    http.post_v2(
+        &broker.url("/consumers/g/instances/nobody/offsets"),
+        &json!({"offsets": [{"topic": "t", "partition": 0, "offset": 1}]}),
+    )?
+    .assert_error(404, 40403, "an unknown instance");
+    http.get(&broker.url("/consumers/g/instances/nobody/records"))?
+        .assert_error(404, 40403, "a poll of an unknown instance");
+    http.post_v2(
+        &format!("{base}/subscription"),
+        &json!({"topics": ["missing"]}),
+    )?
+    .assert_error(404, 40401, "a subscription to a missing topic");
+    http.post_v2(
+        &format!("{base}/subscription"),
+        &json!({"topics": ["t"], "topic_pattern": "t.*"}),
+    )?
+    .assert_error(422, 42201, "both topics and a pattern");
+    http.post_v2(
+        &format!("{base}/subscription"),
+        &json!({"topic_pattern": "("}),
+    )?
+    .assert_error(422, 42201, "a pattern that is not a regular expression");
+    http.post_v2(&broker.url("/consumers/g"), &json!({"name": "c"}))?
+        .assert_error(409, 40903, "an instance name already taken");
+    http.post_v2(&broker.url("/consumers/g"), &json!({"format": "avro"}))?
+        .assert_error(422, 42201, "an unknown format");
+    http.post_v2(&broker.url("/consumers/bad%20name"), &json!({}))?
+        .assert_error(422, 42201, "a group name with a space");
+    http.post_v2(
+        &broker.url("/consumers/g"),
+        &json!({"session.timeout.ms": 10}),
+    )?
+    .assert_error(422, 42201, "a session timeout below the minimum");
+    // Nothing changed: the committed offset, the subscription and the members.
+    assert_eq!(committed()?, json!(2));
+    let reply = http.get(&format!("{base}/subscription"))?;
+    assert_eq!(reply.body["topics"], json!(["t"]), "{}", reply.text);
+    let group = http.get(&broker.url("/consumer-groups/g"))?;
+    assert_eq!(group.body["members"].as_array().map(Vec::len), Some(1));
+    Ok(())
+}
