@@ -55,6 +55,17 @@ pub struct Metrics {
     pub raft_snapshot_fetched_bytes_total: IntCounterVec,
     pub peer_connects_total: IntCounterVec,
     pub peer_queue_depth: IntGaugeVec,
+    /// Consumer groups coordinated by this broker (series go when the coordinator does).
+    pub group_members: IntGaugeVec,
+    pub group_generation: IntGaugeVec,
+    pub group_rebalances_total: IntCounterVec,
+    /// From the first change of a group's target assignment to every member owning its target.
+    pub group_rebalance_duration_seconds: HistogramVec,
+    pub group_committed_offset: IntGaugeVec,
+    /// High watermark minus committed offset, per group and partition it committed or owns.
+    pub group_lag_records: IntGaugeVec,
+    /// From a commit's proposal to its application (quorum-committed and fsync'd here).
+    pub group_commit_latency_seconds: Histogram,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -240,6 +251,48 @@ impl Metrics {
                 "Partition replicas on this broker whose idle Raft group is quiesced (no ticks, no heartbeats).",
             ))
             .expect("valid metric"),
+            group_members: gauge_vec(
+                "pubg1_group_members",
+                "Members of a consumer group this broker coordinates.",
+                &["group"],
+            ),
+            group_generation: gauge_vec(
+                "pubg1_group_generation",
+                "Generation of a consumer group's target assignment.",
+                &["group"],
+            ),
+            group_rebalances_total: counter_vec(
+                "pubg1_group_rebalances_total",
+                "Changes of a consumer group's target assignment.",
+                &["group"],
+            ),
+            group_rebalance_duration_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "pubg1_group_rebalance_duration_seconds",
+                    "Time from a group's target assignment changing to every member owning its target.",
+                )
+                .buckets(latency_buckets()),
+                &["group"],
+            )
+            .expect("valid metric"),
+            group_committed_offset: gauge_vec(
+                "pubg1_group_committed_offset",
+                "Offset a consumer group committed (the next it will consume).",
+                &["group", "topic", "partition"],
+            ),
+            group_lag_records: gauge_vec(
+                "pubg1_group_lag_records",
+                "High watermark minus a consumer group's committed offset.",
+                &["group", "topic", "partition"],
+            ),
+            group_commit_latency_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "pubg1_group_commit_latency_seconds",
+                    "Offset commit latency on the coordinator: proposal to quorum-committed and applied.",
+                )
+                .buckets(latency_buckets()),
+            )
+            .expect("valid metric"),
             actor_restarts_total: counter_vec(
                 "pubg1_actor_restarts_total",
                 "Actors restarted by their supervisor after a crash.",
@@ -292,6 +345,13 @@ impl Metrics {
             Box::new(self.raft_snapshot_fetched_bytes_total.clone()),
             Box::new(self.peer_connects_total.clone()),
             Box::new(self.peer_queue_depth.clone()),
+            Box::new(self.group_members.clone()),
+            Box::new(self.group_generation.clone()),
+            Box::new(self.group_rebalances_total.clone()),
+            Box::new(self.group_rebalance_duration_seconds.clone()),
+            Box::new(self.group_committed_offset.clone()),
+            Box::new(self.group_lag_records.clone()),
+            Box::new(self.group_commit_latency_seconds.clone()),
         ];
         for collector in collectors {
             // Names are distinct constants above; a clash is a programming error.
@@ -315,6 +375,21 @@ impl Metrics {
             &self.raft_follower_lag_entries,
         ] {
             let _ = gauge.remove_label_values(&labels);
+        }
+    }
+
+    /// Drop a consumer group's series (its coordinator stopped here).
+    pub fn forget_group(&self, group: &str, partitions: &[(String, u32)]) {
+        let _ = self.group_members.remove_label_values(&[group]);
+        let _ = self.group_generation.remove_label_values(&[group]);
+        let _ = self.group_rebalances_total.remove_label_values(&[group]);
+        let _ = self
+            .group_rebalance_duration_seconds
+            .remove_label_values(&[group]);
+        for (topic, partition) in partitions {
+            let labels = [group, topic.as_str(), &partition.to_string()];
+            let _ = self.group_committed_offset.remove_label_values(&labels);
+            let _ = self.group_lag_records.remove_label_values(&labels);
         }
     }
 

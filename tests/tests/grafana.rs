@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use pubg1_tests::cluster::{urls, TestCluster};
+use pubg1_tests::groups::{coordinator, create_instance, subscribe};
 use pubg1_tests::workload::Load;
 use pubg1_tests::{free_port, wait_until, Client};
 use serde_json::{json, Value};
@@ -115,6 +116,9 @@ fn dashboards_are_well_formed_and_use_the_provisioned_datasource() {
             "pubg1_raft_follower_lag_entries",
             "pubg1_fetch_lag_records",
             "pubg1_storage_fsync_seconds_bucket",
+            "pubg1_group_lag_records",
+            "pubg1_group_rebalances_total",
+            "pubg1_group_commit_latency_seconds_bucket",
         ] {
             assert!(text.contains(metric), "{path} does not use {metric}");
         }
@@ -190,8 +194,18 @@ fn every_dashboard_expression_returns_data_from_a_real_prometheus() -> anyhow::R
     let load = Load::start(urls(cluster.topic_urls("watched")), "g", 2, 10);
     let targets: Vec<String> = cluster.brokers.iter().map(|b| b.http.to_string()).collect();
     let prometheus = Prometheus::start(&targets)?;
+    // A consumer group member polls and commits, so the group series move too.
+    let home = coordinator(&cluster.brokers, "watchers")?;
+    let member = create_instance(
+        &cluster.brokers[home],
+        "watchers",
+        json!({"format": "binary", "auto.offset.reset": "earliest"}),
+    )?;
+    subscribe(&member, &["watched"])?;
     // Consumers keep fetching so fetch metrics (lag, record age) move.
     let consume = |http: &Client| {
+        let _ = http.get(&format!("{member}/records?timeout=0"));
+        let _ = http.post(&format!("{member}/offsets"), None, b"");
         for broker in &cluster.brokers {
             for partition in 0..3 {
                 let _ = http.get(&broker.url(&format!(

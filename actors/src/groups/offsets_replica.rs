@@ -568,11 +568,11 @@ impl Handler<Coordinate> for OffsetsReplica {
         let state = self.machine.group(&msg.group).cloned().unwrap_or_default();
         let offsets = ctx.address();
         let settings = self.wiring.coordinator.clone();
-        let registry = self.wiring.registry.clone();
+        let (registry, metrics) = (self.wiring.registry.clone(), self.wiring.metrics.clone());
         let group = msg.group.clone();
         // On this replica's thread: a coordinator and its offsets partition talk a lot.
         let addr = GroupCoordinator::create(move |_| {
-            GroupCoordinator::new(group, state, offsets, registry, settings)
+            GroupCoordinator::new(group, state, offsets, registry, metrics, settings)
         });
         self.coordinators.insert(msg.group, addr.clone());
         Ok(addr)
