@@ -5,7 +5,7 @@
 //! routing stay off the write path.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use actix::Recipient;
@@ -58,6 +58,8 @@ pub struct Registry {
     metadata: Arc<OnceLock<Recipient<RaftInbound>>>,
     /// The offsets topic's partitions, by number; set once at start-up.
     offsets: Arc<OnceLock<Vec<Arc<OffsetsShared>>>>,
+    /// Bumped by every change of the topic set, so readers can cache what they derive from it.
+    version: Arc<AtomicU64>,
 }
 
 impl Registry {
@@ -81,10 +83,17 @@ impl Registry {
         if let Ok(mut topics) = self.topics.write() {
             topics.insert(handle.meta.name.clone(), handle);
         }
+        self.version.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Changes whenever a topic is added or removed.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
     }
 
     pub(crate) fn remove(&self, name: &str) -> Option<Arc<TopicHandle>> {
         let removed = self.topics.write().ok().and_then(|mut t| t.remove(name))?;
+        self.version.fetch_add(1, Ordering::AcqRel);
         if let Ok(mut by_log) = self.by_log.write() {
             for p in &removed.partitions {
                 by_log.remove(&p.log);

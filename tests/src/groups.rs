@@ -17,8 +17,7 @@ use crate::{wait_until, BrokerProcess, Client};
 /// How long a group may take to find its coordinator after a start or a failover.
 pub const COORDINATOR_DEADLINE: Duration = Duration::from_secs(20);
 
-/// The broker coordinating `group`, asked of the running brokers (a non-coordinator answers
-/// 307 to the coordinator, whose address names it).
+/// The broker coordinating `group`, asked of the running brokers.
 pub fn coordinator(brokers: &[BrokerProcess], group: &str) -> Result<usize> {
     let http = Client::new();
     wait_until(COORDINATOR_DEADLINE, "a coordinator for the group", || {
@@ -26,7 +25,9 @@ pub fn coordinator(brokers: &[BrokerProcess], group: &str) -> Result<usize> {
             let reply = http
                 .get(&broker.url(&format!("/consumer-groups/{group}")))
                 .ok()?;
-            if reply.status == 200 {
+            // The coordinator describes the group, or says it has none yet (404); any other
+            // broker redirects (307) or does not know yet (503).
+            if reply.status == 200 || reply.error_code() == Some(40404) {
                 return Some(i);
             }
         }

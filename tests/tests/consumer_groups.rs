@@ -219,9 +219,9 @@ fn killing_the_coordinator_keeps_every_acknowledged_commit_and_members_continue(
             "committed offset of partition {p} after the coordinator died"
         );
     }
-    assert!(
-        after.body["coordinator_epoch"].as_u64() > before.body["coordinator_epoch"].as_u64(),
-        "the new coordinator took the group over under a new epoch"
+    assert_eq!(
+        after.body["state"], "Empty",
+        "no member survived its coordinator"
     );
     // A member joining the new coordinator resumes from the committed offsets.
     for partition in 0..3 {
@@ -231,6 +231,12 @@ fn killing_the_coordinator_keeps_every_acknowledged_commit_and_members_continue(
     let log = Arc::new(Mutex::new(Vec::new()));
     let base = create_instance(broker, "g", member("after", json!({})))?;
     subscribe(&base, &["t"])?;
+    let running = Client::new().get(&broker.url("/consumer-groups/g"))?;
+    assert!(
+        running.body["coordinator_epoch"].as_u64() > before.body["coordinator_epoch"].as_u64(),
+        "the new coordinator took the group over under a new epoch: {}",
+        running.text
+    );
     let mut consumer = Consumer::start("after", base, log.clone());
     wait_delivered(&log, &second)?;
     consumer.stop()?;
@@ -337,6 +343,24 @@ fn bad_consumer_requests_get_clear_errors_and_change_nothing() -> anyhow::Result
         &json!({"session.timeout.ms": 10}),
     )?
     .assert_error(422, 42201, "a session timeout below the minimum");
+    http.post_v2(
+        &format!("{base}/subscription"),
+        &json!({"topic_pattern": "a)|(.*"}),
+    )?
+    .assert_error(422, 42201, "a pattern that would escape its anchors");
+    // Naming a group that does not exist creates nothing.
+    http.get(&broker.url("/consumer-groups/nope"))?
+        .assert_error(404, 40404, "describing an unknown group");
+    http.get(&broker.url("/consumers/nope/instances/c/records"))?
+        .assert_error(404, 40403, "polling an instance of an unknown group");
+    let listed = http.get(&broker.url("/consumer-groups"))?;
+    let names: Vec<&str> = listed.body["consumer_groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|g| g["group"].as_str())
+        .collect();
+    assert_eq!(names, vec!["g"], "{}", listed.text);
     // Nothing changed: the committed offset, the subscription and the members.
     assert_eq!(committed()?, json!(2));
     let reply = http.get(&format!("{base}/subscription"))?;

@@ -26,6 +26,9 @@ pub enum GroupError {
     NotWritten(String),
     #[error(transparent)]
     Storage(StorageError),
+    /// No coordinator runs for the group and it has no stored state.
+    #[error("consumer group '{0}' not found")]
+    UnknownGroup(String),
     #[error("consumer instance '{instance}' not found in group '{group}'")]
     UnknownInstance { group: String, instance: String },
     #[error("consumer instance '{instance}' already exists in group '{group}'")]

@@ -111,7 +111,16 @@ impl Membership {
 
     /// Hand out no partition before `until` (see [`Membership::held_until`]).
     pub fn hold_until(&mut self, until: Instant) {
-        self.held_until = Some(until);
+        self.held_until = Some(self.held_until.map_or(until, |held| held.max(until)));
+    }
+
+    /// `id` was heard from: its session goes on, and nothing is revoked or handed out (only
+    /// a poll does that, so a client's commit or read of its state never moves partitions
+    /// under it).
+    pub fn touch(&mut self, id: &str, now: Instant) {
+        if let Some(member) = self.members.get_mut(id) {
+            member.last_seen = now;
+        }
     }
 
     pub fn held_until(&self) -> Option<Instant> {

@@ -59,7 +59,8 @@ pub enum GroupRefusal {
         sent: u32,
         current: u32,
     },
-    #[error("group '{group}' is at generation {current}; it cannot go back to {sent}")]
+    /// A takeover must move the epoch on: an equal one is a second coordinator's.
+    #[error("group '{group}' is at coordinator epoch {current}; a takeover at {sent} is not newer (another broker took the group over)")]
     GenerationBackwards {
         group: String,
         sent: u32,
@@ -69,8 +70,10 @@ pub enum GroupRefusal {
     NoSuchGroup(String),
 }
 
-/// What applying a command did.
-pub type GroupApplied = Result<(), GroupRefusal>;
+/// What applying a command did: a takeover (`Generation`) returns the group's state as of
+/// its apply, which is what the new coordinator must start from (a commit applied between
+/// reading the state and the takeover would be missing from an earlier read).
+pub type GroupApplied = Result<Option<GroupState>, GroupRefusal>;
 
 /// One group's applied state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,7 +173,7 @@ impl OffsetsMachine {
         match command {
             GroupCommand::Generation { group, generation } => {
                 let state = self.groups.entry(group.clone()).or_default();
-                if generation < state.generation {
+                if generation <= state.generation {
                     return Err(GroupRefusal::GenerationBackwards {
                         group,
                         sent: generation,
@@ -178,8 +181,9 @@ impl OffsetsMachine {
                     });
                 }
                 state.generation = generation;
+                let state = state.clone();
                 self.put_group(&group, ops);
-                Ok(())
+                Ok(Some(state))
             }
             GroupCommand::Commit {
                 group,
@@ -196,7 +200,7 @@ impl OffsetsMachine {
                 }
                 state.offsets.extend(offsets);
                 self.put_group(&group, ops);
-                Ok(())
+                Ok(None)
             }
             GroupCommand::DeleteGroup { group } => {
                 if self.groups.remove(&group).is_none() {
@@ -206,7 +210,7 @@ impl OffsetsMachine {
                     cf: Cf::GroupOffsets,
                     key: self.group_key(&group),
                 });
-                Ok(())
+                Ok(None)
             }
         }
     }

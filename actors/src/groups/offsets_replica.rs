@@ -107,16 +107,29 @@ impl OffsetsShared {
     }
 }
 
-/// Propose a group command; resolves once it is applied (and durable) here.
+/// Propose a group command (only while this replica serves as its groups' coordinator home);
+/// resolves once it is applied (and durable) here, with a takeover's group state.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<(), GroupError>")]
+#[rtype(result = "Result<Option<GroupState>, GroupError>")]
 pub struct ProposeGroup(pub GroupCommand);
 
-/// The coordinator of `group`, started if this replica leads and none runs yet.
+/// The coordinator of `group`. With `create`, one is started if none runs (creating a
+/// consumer instance); without, a group nobody coordinates answers with its stored state, or
+/// [`GroupError::UnknownGroup`] — so a request naming a made-up group creates nothing.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<Addr<GroupCoordinator>, GroupError>")]
+#[rtype(result = "Result<Coordinated, GroupError>")]
 pub struct Coordinate {
     pub group: String,
+    pub create: bool,
+}
+
+/// Where a group stands on its coordinator broker.
+#[derive(Debug)]
+pub enum Coordinated {
+    Running(Addr<GroupCoordinator>),
+    /// No coordinator runs (no instance since this broker took the partition over); the
+    /// group's committed state.
+    Stored(GroupState),
 }
 
 /// Every group this replica's applied state holds, with its state.
@@ -124,7 +137,7 @@ pub struct Coordinate {
 #[rtype(result = "Vec<(String, GroupState)>")]
 pub struct ListGroups;
 
-type Reply = oneshot::Sender<Result<(), GroupError>>;
+type Reply = oneshot::Sender<Result<Option<GroupState>, GroupError>>;
 
 /// The broker-wide handles an offsets replica works with.
 #[derive(Debug, Clone)]
@@ -201,7 +214,7 @@ impl OffsetsReplica {
         &mut self,
         command: &GroupCommand,
         ctx: &mut Context<Self>,
-    ) -> oneshot::Receiver<Result<(), GroupError>> {
+    ) -> oneshot::Receiver<Result<Option<GroupState>, GroupError>> {
         let (reply, receiver) = oneshot::channel();
         let group = command_group(command).to_owned();
         let data = match rmp_serde::to_vec_named(command) {
@@ -264,14 +277,16 @@ impl OffsetsReplica {
     }
 
     /// Offer the applied state as the snapshot for followers behind the compacted log, at
-    /// most once a [`SNAPSHOT_REFRESH`] (it encodes every group of the partition).
-    fn refresh_snapshot(&mut self, force: bool) {
+    /// most once a [`SNAPSHOT_REFRESH`] (it encodes every group of the partition). The state
+    /// in memory is the durable one when an apply just became durable (`durable`: Synced
+    /// applies are fsync'd with their Ready), or when no Ready is in flight.
+    fn refresh_snapshot(&mut self, durable: bool) {
         let index = self.machine.applied_index();
         let due = match self.snapshot_at {
             None => true,
-            Some((at, when)) => at < index && (force || when.elapsed() >= SNAPSHOT_REFRESH),
+            Some((at, when)) => at < index && when.elapsed() >= SNAPSHOT_REFRESH,
         };
-        if !due || self.driver.is_busy() {
+        if !due || (!durable && self.driver.is_busy()) {
             return;
         }
         if let Some(raft) = self.raft.as_mut().filter(|raft| raft.is_leader()) {
@@ -392,7 +407,7 @@ impl RaftDriven for OffsetsReplica {
 
     fn on_durable(&mut self, applied: Self::Applied) {
         self.announce(applied);
-        self.refresh_snapshot(false);
+        self.refresh_snapshot(true);
     }
 
     fn on_failure(&mut self, _ctx: &mut Context<Self>, error: StorageError) {
@@ -456,7 +471,7 @@ impl Actor for OffsetsReplica {
                     .send(Err(GroupError::OutcomeUnknown(String::new())));
             }
             act.coordinators.retain(|_, addr| addr.connected());
-            act.refresh_snapshot(true);
+            act.refresh_snapshot(false);
         });
     }
 
@@ -534,10 +549,16 @@ impl Handler<RaftInbound> for OffsetsReplica {
 }
 
 impl Handler<ProposeGroup> for OffsetsReplica {
-    type Result = ResponseFuture<Result<(), GroupError>>;
+    type Result = ResponseFuture<Result<Option<GroupState>, GroupError>>;
 
     fn handle(&mut self, msg: ProposeGroup, ctx: &mut Self::Context) -> Self::Result {
         let group = command_group(&msg.0).to_owned();
+        // A replica that does not lead would forward the proposal: a deposed coordinator's
+        // commit could then land after its successor took over.
+        if !self.serving() {
+            let error = self.not_coordinator(&group);
+            return Box::pin(async move { Err(error) });
+        }
         let receiver = self.propose(&msg.0, ctx);
         Box::pin(async move {
             match receiver.await {
@@ -551,7 +572,7 @@ impl Handler<ProposeGroup> for OffsetsReplica {
 }
 
 impl Handler<Coordinate> for OffsetsReplica {
-    type Result = Result<Addr<GroupCoordinator>, GroupError>;
+    type Result = Result<Coordinated, GroupError>;
 
     fn handle(&mut self, msg: Coordinate, ctx: &mut Self::Context) -> Self::Result {
         if !self.serving() {
@@ -563,19 +584,30 @@ impl Handler<Coordinate> for OffsetsReplica {
             });
         }
         if let Some(addr) = self.coordinators.get(&msg.group).filter(|a| a.connected()) {
-            return Ok(addr.clone());
+            return Ok(Coordinated::Running(addr.clone()));
         }
-        let state = self.machine.group(&msg.group).cloned().unwrap_or_default();
+        if !msg.create {
+            return match self.machine.group(&msg.group) {
+                Some(state) => Ok(Coordinated::Stored(state.clone())),
+                None => Err(GroupError::UnknownGroup(msg.group)),
+            };
+        }
         let offsets = ctx.address();
         let settings = self.wiring.coordinator.clone();
         let (registry, metrics) = (self.wiring.registry.clone(), self.wiring.metrics.clone());
+        let epoch = self.machine.group(&msg.group).map_or(0, |g| g.generation);
+        // Two election timeouts: by then a deposed leader has stepped down (check-quorum) and
+        // its coordinators have stopped serving polls.
+        let timing = self.wiring.timing;
+        let hold = Duration::from_millis(2 * timing.election_tick as u64 * timing.tick_ms);
         let group = msg.group.clone();
-        // On this replica's thread: a coordinator and its offsets partition talk a lot.
+        // On this replica's thread: a coordinator and its offsets partition talk a lot. It
+        // starts from the state its takeover returns, not from one read now.
         let addr = GroupCoordinator::create(move |_| {
-            GroupCoordinator::new(group, state, offsets, registry, metrics, settings)
+            GroupCoordinator::new(group, epoch, offsets, registry, metrics, settings, hold)
         });
         self.coordinators.insert(msg.group, addr.clone());
-        Ok(addr)
+        Ok(Coordinated::Running(addr))
     }
 }
 

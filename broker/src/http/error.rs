@@ -208,6 +208,7 @@ impl From<GroupError> for ApiError {
             }
             GroupError::Storage(storage) => storage_error(&storage),
             GroupError::UnknownInstance { .. } => ApiError::InstanceNotFound(message),
+            GroupError::UnknownGroup(_) => ApiError::GroupNotFound(message),
             GroupError::InstanceExists { .. } => ApiError::InstanceExists(message),
             GroupError::Fenced { .. } => ApiError::Fenced(message),
             GroupError::NotAssigned { .. } => ApiError::NotAssigned(message),

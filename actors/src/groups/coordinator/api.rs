@@ -54,6 +54,8 @@ pub enum Subscription {
 /// The partitions a poll reads, from which offsets.
 #[derive(Debug, Clone)]
 pub struct PollPlan {
+    /// Names this poll in its [`EndPoll`].
+    pub poll: u64,
     pub format: String,
     pub poll_wait: Duration,
     pub partitions: Vec<(TopicPartition, u64)>,
@@ -122,15 +124,22 @@ pub struct Assign {
 #[rtype(result = "Result<Vec<TopicPartition>, GroupError>")]
 pub struct GetAssignment(pub String);
 
+/// Start a poll: fixes the instance's partitions and positions until [`EndPoll`]. `wait` is
+/// how long it may wait for records (None: the instance's default).
 #[derive(Debug, Message)]
 #[rtype(result = "Result<PollPlan, GroupError>")]
-pub struct BeginPoll(pub String);
+pub struct BeginPoll {
+    pub instance: String,
+    pub wait: Option<Duration>,
+}
 
-/// A poll ended; `advanced` is the next offset per partition it returned records of.
+/// Poll `poll` ended; `advanced` is the next offset per partition whose records it delivered
+/// (empty when the response never reached the client).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct EndPoll {
     pub instance: String,
+    pub poll: u64,
     pub advanced: Vec<(TopicPartition, u64)>,
 }
 

@@ -9,6 +9,7 @@ use super::super::error::GroupError;
 use super::super::membership::MembershipError;
 use super::super::offsets_machine::{Committed, GroupCommand, TopicPartition};
 use super::super::offsets_replica::ProposeGroup;
+use super::instances::poll_under_way;
 use super::*;
 use crate::partition_replica::now_ms;
 
@@ -17,23 +18,19 @@ impl Handler<BeginPoll> for GroupCoordinator {
 
     fn handle(&mut self, msg: BeginPoll, ctx: &mut Self::Context) -> Self::Result {
         let now = Instant::now();
-        let id = msg.0;
+        let id = msg.instance;
         let instance = self.instance(&id, now)?;
-        let busy = GroupError::Conflict(format!(
-            "a poll of consumer instance '{id}' is already under way; wait for it to return"
-        ));
+        if instance.poll.is_some() {
+            return Err(poll_under_way(&id));
+        }
+        let wait = msg.wait.unwrap_or(instance.config.poll_wait);
         match instance.mode {
             Mode::Idle => {
                 return Err(GroupError::Conflict(format!(
                     "consumer instance '{id}' is neither subscribed nor assigned partitions"
                 )))
             }
-            Mode::Manual(_) => {
-                if instance.polling {
-                    return Err(busy);
-                }
-                instance.polling = true;
-            }
+            Mode::Manual(_) => {}
             Mode::Subscribed { .. } => {
                 // Auto-commit: what the previous poll returned counts as processed once the
                 // client asks for more.
@@ -63,7 +60,7 @@ impl Handler<BeginPoll> for GroupCoordinator {
                             self.notify();
                         }
                     }
-                    Err(MembershipError::PollInProgress) => return Err(busy),
+                    Err(MembershipError::PollInProgress) => return Err(poll_under_way(&id)),
                     Err(MembershipError::UnknownMember) => {
                         return Err(GroupError::Fenced {
                             group: self.group.clone(),
@@ -104,7 +101,13 @@ impl Handler<BeginPoll> for GroupCoordinator {
                 ))
             })
             .collect();
+        self.next_poll += 1;
+        let poll = self.next_poll;
         let instance = self.instance(&id, now)?;
+        instance.poll = Some(ActivePoll {
+            id: poll,
+            deadline: now + wait,
+        });
         for (tp, start) in starts {
             instance.auto_committed.insert(tp.clone(), start);
             instance.positions.insert(tp, start);
@@ -120,8 +123,9 @@ impl Handler<BeginPoll> for GroupCoordinator {
             }
         }
         Ok(PollPlan {
+            poll,
             format: instance.config.format.clone(),
-            poll_wait: instance.config.poll_wait,
+            poll_wait: wait,
             partitions: readable
                 .iter()
                 .filter_map(|tp| instance.positions.get(tp).map(|p| (tp.clone(), *p)))
@@ -134,23 +138,8 @@ impl Handler<BeginPoll> for GroupCoordinator {
 impl Handler<EndPoll> for GroupCoordinator {
     type Result = ();
 
-    fn handle(&mut self, msg: EndPoll, _ctx: &mut Self::Context) {
-        let now = Instant::now();
-        let readable = self.readable(&msg.instance);
-        let Some(instance) = self.instances.get_mut(&msg.instance) else {
-            return;
-        };
-        instance.polling = false;
-        instance.last_seen = now;
-        for (tp, next) in msg.advanced {
-            // Only partitions still its own: a revocation waits for this poll to end, so this
-            // holds every partition the poll read.
-            if readable.contains(&tp) {
-                let position = instance.positions.entry(tp).or_insert(next);
-                *position = (*position).max(next);
-            }
-        }
-        self.membership.end_poll(&msg.instance, now);
+    fn handle(&mut self, msg: EndPoll, ctx: &mut Self::Context) {
+        self.end_poll(&msg.instance, msg.poll, msg.advanced, Instant::now(), ctx);
     }
 }
 
@@ -199,7 +188,6 @@ impl Handler<Commit> for GroupCoordinator {
             }
         }
         if offsets.is_empty() {
-            self.heartbeat(&msg.instance, now, ctx);
             return ready(Ok(Vec::new()));
         }
         let at = now_ms();
@@ -221,31 +209,25 @@ impl Handler<Commit> for GroupCoordinator {
             generation: Some(self.epoch),
             offsets: entries.clone(),
         };
-        let instance = msg.instance;
         let proposed = Instant::now();
+        self.commit_seq += 1;
+        let seq = self.commit_seq;
+        let _ = ctx;
         Box::pin(
             self.offsets
                 .send(ProposeGroup(command))
                 .into_actor(self)
-                .map(move |result, act, ctx| {
-                    let result =
-                        result.unwrap_or_else(|_| Err(GroupError::Stopping(act.group.clone())));
+                .map(move |result, act, _ctx| {
+                    // The offsets replica went away with the proposal: it may have committed.
+                    let result = result
+                        .unwrap_or_else(|_| Err(GroupError::OutcomeUnknown(act.group.clone())));
                     result?;
                     act.metrics
                         .group_commit_latency_seconds
                         .observe(proposed.elapsed().as_secs_f64());
                     for (tp, committed) in entries {
-                        // A commit answered after a newer one (two in flight) must not win.
-                        if act
-                            .committed
-                            .get(&tp)
-                            .is_none_or(|c| c.committed_at_ms <= committed.committed_at_ms)
-                        {
-                            act.committed.insert(tp, committed);
-                        }
+                        act.record_commit(seq, tp, committed);
                     }
-                    // A commit is a heartbeat: a revoked partition is released after it.
-                    act.heartbeat(&instance, Instant::now(), ctx);
                     Ok(offsets.into_iter().map(|(tp, o, _)| (tp, o)).collect())
                 }),
         )
@@ -261,7 +243,7 @@ impl Handler<GetCommitted> for GroupCoordinator {
             .partitions
             .into_iter()
             .map(|tp| {
-                let committed = self.committed.get(&tp).cloned();
+                let committed = self.committed_offset(&tp).cloned();
                 (tp, committed)
             })
             .collect())
@@ -273,7 +255,10 @@ impl Handler<Seek> for GroupCoordinator {
 
     fn handle(&mut self, msg: Seek, _ctx: &mut Self::Context) -> Self::Result {
         let now = Instant::now();
-        self.instance(&msg.instance, now)?;
+        // A seek while a poll reads would be undone by that poll's end.
+        if self.instance(&msg.instance, now)?.poll.is_some() {
+            return Err(poll_under_way(&msg.instance));
+        }
         let readable = self.readable(&msg.instance);
         let partitions: Vec<&TopicPartition> = match &msg.to {
             SeekTo::Offsets(offsets) => offsets.iter().map(|(tp, _)| tp).collect(),
@@ -376,7 +361,11 @@ impl Handler<Describe> for GroupCoordinator {
             coordinator_epoch: self.epoch,
             assignor: self.membership.assignor.name(),
             members,
-            committed: self.committed.clone(),
+            committed: self
+                .committed
+                .iter()
+                .map(|(tp, (_, c))| (tp.clone(), c.clone()))
+                .collect(),
         })
     }
 }

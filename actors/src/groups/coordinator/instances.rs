@@ -48,7 +48,8 @@ impl Handler<CreateInstance> for GroupCoordinator {
                 last_seen: Instant::now(),
                 positions: BTreeMap::new(),
                 auto_committed: BTreeMap::new(),
-                polling: false,
+                poll: None,
+                leaving: false,
             },
         );
         Ok(id)
@@ -63,10 +64,11 @@ impl Handler<DeleteInstance> for GroupCoordinator {
         if let Err(e) = self.instance(&msg.0, now) {
             return Box::pin(actix::fut::ready(Err(e)));
         }
-        let owned = self.readable(&msg.0);
-        self.released(&msg.0, &owned.into_iter().collect::<Vec<_>>(), ctx);
-        self.leave(&msg.0, now);
-        self.instances.remove(&msg.0);
+        // A poll under way still owns its partitions: the instance leaves when it ends.
+        match self.instances.get_mut(&msg.0) {
+            Some(instance) if instance.poll.is_some() => instance.leaving = true,
+            _ => self.remove_instance(&msg.0, now, ctx),
+        }
         Box::pin(actix::fut::ready(Ok(())))
     }
 }
@@ -84,13 +86,7 @@ impl Handler<Subscribe> for GroupCoordinator {
             )));
         }
         let pattern = match &msg.subscription {
-            Subscription::Pattern(p) => {
-                Some(regex::Regex::new(&format!("^(?:{p})$")).map_err(|e| {
-                    GroupError::Invalid(format!(
-                        "topic_pattern is not a valid regular expression: {e}"
-                    ))
-                })?)
-            }
+            Subscription::Pattern(p) => Some(anchored(p)?),
             Subscription::Topics(topics) => {
                 if let Some(missing) = topics.iter().find(|t| self.registry.get(t).is_none()) {
                     return Err(GroupError::UnknownTopic(missing.clone()));
@@ -113,7 +109,9 @@ impl Handler<Unsubscribe> for GroupCoordinator {
 
     fn handle(&mut self, msg: Unsubscribe, ctx: &mut Self::Context) -> Self::Result {
         let now = Instant::now();
-        self.instance(&msg.0, now)?;
+        if self.instance(&msg.0, now)?.poll.is_some() {
+            return Err(poll_under_way(&msg.0));
+        }
         let owned: Vec<TopicPartition> = self.readable(&msg.0).into_iter().collect();
         self.released(&msg.0, &owned, ctx);
         self.leave(&msg.0, now);
@@ -155,6 +153,9 @@ impl Handler<Assign> for GroupCoordinator {
             }
         }
         let instance = self.instance(&msg.instance, now)?;
+        if instance.poll.is_some() {
+            return Err(poll_under_way(&msg.instance));
+        }
         if matches!(instance.mode, Mode::Subscribed { .. }) {
             return Err(GroupError::Conflict(format!(
                 "consumer instance '{}' is subscribed; unsubscribe before assigning partitions by hand",
@@ -171,9 +172,29 @@ impl Handler<Assign> for GroupCoordinator {
 impl Handler<GetAssignment> for GroupCoordinator {
     type Result = Result<Vec<TopicPartition>, GroupError>;
 
-    fn handle(&mut self, msg: GetAssignment, ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: GetAssignment, _ctx: &mut Self::Context) -> Self::Result {
         self.instance(&msg.0, Instant::now())?;
-        self.heartbeat(&msg.0, Instant::now(), ctx);
         Ok(self.readable(&msg.0).into_iter().collect())
     }
+}
+
+/// A topic pattern matching whole names. The pattern compiles on its own first, so one that
+/// closes the group around it (`a)|(.*`) is refused rather than escaping the anchors.
+pub(super) fn anchored(pattern: &str) -> Result<regex::Regex, GroupError> {
+    let invalid = |e: regex::Error| {
+        GroupError::Invalid(format!(
+            "topic_pattern is not a valid regular expression: {e}"
+        ))
+    };
+    regex::Regex::new(pattern).map_err(invalid)?;
+    regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
+        .size_limit(1 << 20)
+        .build()
+        .map_err(invalid)
+}
+
+pub(super) fn poll_under_way(instance: &str) -> GroupError {
+    GroupError::Conflict(format!(
+        "a poll of consumer instance '{instance}' is under way; wait for it to return"
+    ))
 }

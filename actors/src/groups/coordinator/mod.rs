@@ -29,8 +29,8 @@ pub use api::*;
 
 use super::assignor::Assignor;
 use super::error::GroupError;
-use super::membership::{Membership, MembershipError};
-use super::offsets_machine::{Committed, GroupCommand, GroupState, TopicPartition};
+use super::membership::Membership;
+use super::offsets_machine::{Committed, GroupCommand, TopicPartition};
 use super::offsets_replica::{OffsetsReplica, ProposeGroup};
 use crate::metrics::Metrics;
 use crate::partition_replica::now_ms;
@@ -55,8 +55,19 @@ struct Instance {
     positions: BTreeMap<TopicPartition, u64>,
     /// Positions as last committed by auto-commit (to skip commits that change nothing).
     auto_committed: BTreeMap<TopicPartition, u64>,
-    /// A manual-assignment instance's poll under way (members' polls are in [`Membership`]).
-    polling: bool,
+    /// The poll under way, if any: its partitions are fixed until it ends.
+    poll: Option<ActivePoll>,
+    /// Deleted while a poll was under way: it leaves the group when that poll ends.
+    leaving: bool,
+}
+
+/// A poll under way. Its id tells its end from a late end of an earlier poll; its deadline
+/// ends it should the end never arrive (the HTTP request was dropped between the coordinator
+/// answering and the handler hearing the answer).
+#[derive(Debug, Clone, Copy)]
+struct ActivePoll {
+    id: u64,
+    deadline: Instant,
 }
 
 /// Removed instances remembered so their clients get "no longer a member", not "unknown".
@@ -65,13 +76,28 @@ const GONE_KEPT: usize = 1024;
 const HOUSEKEEPING: Duration = Duration::from_millis(100);
 /// Lag series are refreshed every this many housekeeping rounds (once a second).
 const LAG_REPORT_ROUNDS: u64 = 10;
+/// A poll not ended this long after its deadline is ended by the coordinator.
+const POLL_GRACE: Duration = Duration::from_secs(5);
+/// A coordinator without instances for this long stops (the group stays stored).
+const IDLE_STOP: Duration = Duration::from_secs(60);
 
 pub struct GroupCoordinator {
     group: String,
     /// The coordinator epoch this coordinator commits under (its takeover's `Generation`).
     epoch: u32,
     taken_over: bool,
-    committed: BTreeMap<TopicPartition, Committed>,
+    /// After a takeover no partition is handed out for this long: a deposed leader's
+    /// coordinator may still be serving polls until it notices (check-quorum).
+    takeover_hold: Duration,
+    /// The group's committed offsets as this coordinator knows them, each with the sequence
+    /// number of the commit that set it (commits resolve in log order, but one answered
+    /// late must not undo a newer one taken as committed at proposal).
+    committed: BTreeMap<TopicPartition, (u64, Committed)>,
+    commit_seq: u64,
+    /// Partition counts of subscribed topics, and the registry version they were read at.
+    topics_cache: Option<(u64, BTreeMap<String, u32>)>,
+    idle_since: Option<Instant>,
+    next_poll: u64,
     membership: Membership,
     instances: BTreeMap<String, Instance>,
     gone: VecDeque<(String, String)>,
@@ -91,19 +117,26 @@ pub struct GroupCoordinator {
 }
 
 impl GroupCoordinator {
+    /// A coordinator that will take `group` over at the epoch after `epoch` (its last known).
     pub fn new(
         group: String,
-        state: GroupState,
+        epoch: u32,
         offsets: Addr<OffsetsReplica>,
         registry: Registry,
         metrics: Arc<Metrics>,
         settings: CoordinatorSettings,
+        takeover_hold: Duration,
     ) -> Self {
         Self {
             group,
-            epoch: state.generation + 1,
+            epoch: epoch + 1,
             taken_over: false,
-            committed: state.offsets,
+            takeover_hold,
+            committed: BTreeMap::new(),
+            commit_seq: 0,
+            topics_cache: None,
+            idle_since: None,
+            next_poll: 0,
             membership: Membership::new(Assignor::default(), 0),
             instances: BTreeMap::new(),
             gone: VecDeque::new(),
@@ -131,7 +164,8 @@ impl GroupCoordinator {
     /// The instance, touched (every request is a heartbeat), or why there is none.
     fn instance(&mut self, id: &str, now: Instant) -> Result<&mut Instance, GroupError> {
         self.check_serving()?;
-        if !self.instances.contains_key(id) {
+        // A deleted instance whose last poll is still under way is gone to its client.
+        if self.instances.get(id).is_none_or(|i| i.leaving) {
             return Err(match self.gone.iter().find(|(gone, _)| gone == id) {
                 Some((_, reason)) => GroupError::Fenced {
                     group: self.group.clone(),
@@ -152,7 +186,26 @@ impl GroupCoordinator {
                 instance: id.to_owned(),
             })?;
         instance.last_seen = now;
-        Ok(instance)
+        // Any request of a member keeps its session alive; only polls reconcile.
+        self.membership.touch(id, now);
+        self.instances
+            .get_mut(id)
+            .ok_or_else(|| GroupError::UnknownInstance {
+                group: self.group.clone(),
+                instance: id.to_owned(),
+            })
+    }
+
+    /// The committed offset of `tp`, as this coordinator knows it.
+    fn committed_offset(&self, tp: &TopicPartition) -> Option<&Committed> {
+        self.committed.get(tp).map(|(_, c)| c)
+    }
+
+    /// Take `committed` as `tp`'s committed offset unless a newer commit already is.
+    fn record_commit(&mut self, seq: u64, tp: TopicPartition, committed: Committed) {
+        if self.committed.get(&tp).is_none_or(|(at, _)| *at <= seq) {
+            self.committed.insert(tp, (seq, committed));
+        }
     }
 
     fn forget(&mut self, id: &str, reason: String) {
@@ -163,9 +216,28 @@ impl GroupCoordinator {
         }
     }
 
+    /// Partition counts of the topics the members subscribe to, recomputed only when the
+    /// catalog or a subscription changed.
+    fn topics(&mut self) -> BTreeMap<String, u32> {
+        let version = self.registry.version();
+        if let Some((at, topics)) = &self.topics_cache {
+            if *at == version {
+                return topics.clone();
+            }
+        }
+        let topics = self.read_topics();
+        self.topics_cache = Some((version, topics.clone()));
+        topics
+    }
+
+    /// A subscription changed: the next [`GroupCoordinator::topics`] reads the catalog.
+    fn subscriptions_changed(&mut self) {
+        self.topics_cache = None;
+    }
+
     /// Partition counts of the topics the members subscribe to (patterns matched against every
     /// topic of the catalog).
-    fn topics(&self) -> BTreeMap<String, u32> {
+    fn read_topics(&self) -> BTreeMap<String, u32> {
         let mut topics = BTreeMap::new();
         let listed = self.registry.list();
         for instance in self.instances.values() {
@@ -252,6 +324,11 @@ impl GroupCoordinator {
     /// Committed offset and lag of every partition the group committed or owns.
     fn report_lag(&mut self) {
         let mut partitions: BTreeSet<TopicPartition> = self.committed.keys().cloned().collect();
+        let committed: BTreeMap<&TopicPartition, u64> = self
+            .committed
+            .iter()
+            .map(|(tp, (_, c))| (tp, c.offset))
+            .collect();
         for member in self.membership.members().values() {
             partitions.extend(member.owned.iter().cloned());
         }
@@ -269,16 +346,16 @@ impl GroupCoordinator {
                 &tp.partition.to_string(),
             ];
             let end = shared.known_log_end();
-            let committed = self
-                .committed
-                .get(tp)
-                .map_or(shared.log_start_offset(), |c| c.offset);
-            if let Some(c) = self.committed.get(tp) {
+            if let Some(offset) = committed.get(tp) {
                 self.metrics
                     .group_committed_offset
                     .with_label_values(&labels)
-                    .set(c.offset as i64);
+                    .set(*offset as i64);
             }
+            let committed = committed
+                .get(tp)
+                .copied()
+                .unwrap_or_else(|| shared.log_start_offset());
             self.metrics
                 .group_lag_records
                 .with_label_values(&labels)
@@ -289,6 +366,7 @@ impl GroupCoordinator {
 
     /// Join (or re-join with a new subscription) and recompute the target.
     fn join(&mut self, id: &str, now: Instant, ctx: &mut Context<Self>) {
+        self.subscriptions_changed();
         let topics = self.topics();
         let subscribed = self.subscribed_topics(id, &topics);
         let session = self
@@ -306,25 +384,10 @@ impl GroupCoordinator {
     }
 
     fn leave(&mut self, id: &str, now: Instant) {
+        self.subscriptions_changed();
         let topics = self.topics();
         if self.membership.leave(id, topics, now) {
             self.notify();
-        }
-    }
-
-    /// A heartbeat of a member outside a poll: releases what was revoked from it (after
-    /// auto-committing it) and takes what is free of its target.
-    fn heartbeat(&mut self, id: &str, now: Instant, ctx: &mut Context<Self>) {
-        match self.membership.heartbeat(id, now) {
-            Ok(reconciled) => {
-                if !reconciled.revoked.is_empty() {
-                    self.released(id, &reconciled.revoked, ctx);
-                }
-                if !reconciled.revoked.is_empty() || !reconciled.assigned.is_empty() {
-                    self.notify();
-                }
-            }
-            Err(MembershipError::UnknownMember | MembershipError::PollInProgress) => {}
         }
     }
 
@@ -369,8 +432,9 @@ impl GroupCoordinator {
                 )
             })
             .collect();
+        self.commit_seq += 1;
         for (tp, committed) in &entries {
-            self.committed.insert(tp.clone(), committed.clone());
+            self.record_commit(self.commit_seq, tp.clone(), committed.clone());
         }
         let command = GroupCommand::Commit {
             group: self.group.clone(),
@@ -400,7 +464,7 @@ impl GroupCoordinator {
         let (start, end) = shared
             .as_ref()
             .map_or((0, 0), |p| (p.log_start_offset(), p.known_log_end()));
-        match self.committed.get(tp) {
+        match self.committed_offset(tp) {
             Some(c) if c.offset >= start => c.offset,
             _ => match reset {
                 OffsetReset::Earliest => start,
@@ -427,6 +491,20 @@ impl GroupCoordinator {
             return;
         }
         let now = Instant::now();
+        // Polls whose end never arrived end here, having delivered nothing.
+        let stuck: Vec<(String, u64)> = self
+            .instances
+            .iter()
+            .filter_map(|(id, i)| {
+                i.poll
+                    .filter(|p| now > p.deadline + POLL_GRACE)
+                    .map(|p| (id.clone(), p.id))
+            })
+            .collect();
+        for (id, poll) in stuck {
+            tracing::warn!(group = %self.group, instance = %id, "a poll's end never arrived; ending it");
+            self.end_poll(&id, poll, Vec::new(), now, ctx);
+        }
         let topics = self.topics();
         for id in self.membership.expire(topics.clone(), now) {
             tracing::info!(group = %self.group, instance = %id, "consumer session expired; its partitions move");
@@ -438,7 +516,7 @@ impl GroupCoordinator {
             .iter()
             .filter(|(_, i)| {
                 !matches!(i.mode, Mode::Subscribed { .. })
-                    && !i.polling
+                    && i.poll.is_none()
                     && now.duration_since(i.last_seen) > self.settings.instance_idle_timeout
             })
             .map(|(id, _)| id.clone())
@@ -476,7 +554,62 @@ impl GroupCoordinator {
         if self.housekeeping_rounds.is_multiple_of(LAG_REPORT_ROUNDS) {
             self.report_lag();
         }
-        let _ = ctx;
+        // A coordinator nobody uses goes; the next instance created starts another.
+        if self.instances.is_empty() {
+            let since = *self.idle_since.get_or_insert(now);
+            if now.duration_since(since) > IDLE_STOP {
+                tracing::info!(group = %self.group, "no consumer instances; coordinator stopping");
+                ctx.stop();
+            }
+        } else {
+            self.idle_since = None;
+        }
+    }
+
+    /// End poll `poll` of `id`: positions move past what it delivered (`advanced`), and a
+    /// delete that waited for it completes.
+    fn end_poll(
+        &mut self,
+        id: &str,
+        poll: u64,
+        advanced: Vec<(TopicPartition, u64)>,
+        now: Instant,
+        ctx: &mut Context<Self>,
+    ) {
+        let readable = self.readable(id);
+        let Some(instance) = self.instances.get_mut(id) else {
+            return;
+        };
+        if instance.poll.is_none_or(|p| p.id != poll) {
+            return;
+        }
+        instance.poll = None;
+        instance.last_seen = now;
+        for (tp, next) in advanced {
+            // Still its own: nothing is revoked from an instance while it polls.
+            if readable.contains(&tp) {
+                let position = instance.positions.entry(tp).or_insert(next);
+                *position = (*position).max(next);
+            }
+        }
+        let leaving = instance.leaving;
+        self.membership.end_poll(id, now);
+        if leaving {
+            self.remove_instance(id, now, ctx);
+        }
+    }
+
+    /// The instance leaves: its partitions are released (auto-committed if it commits
+    /// automatically) and the group rebalances without it.
+    fn remove_instance(&mut self, id: &str, now: Instant, ctx: &mut Context<Self>) {
+        let owned: Vec<TopicPartition> = self.readable(id).into_iter().collect();
+        self.released(id, &owned, ctx);
+        self.instances.remove(id);
+        self.subscriptions_changed();
+        let topics = self.topics();
+        if self.membership.leave(id, topics, now) {
+            self.notify();
+        }
     }
 }
 
@@ -494,8 +627,20 @@ impl Actor for GroupCoordinator {
                 .send(ProposeGroup(takeover))
                 .into_actor(self)
                 .map(|result, act, ctx| match result {
-                    Ok(Ok(())) => {
+                    Ok(Ok(state)) => {
+                        let now = Instant::now();
                         act.taken_over = true;
+                        act.committed = state
+                            .map(|s| s.offsets)
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|(tp, c)| (tp, (0, c)))
+                            .collect();
+                        // A group that had a coordinator before may still have it serving.
+                        if act.epoch > 1 {
+                            act.membership.hold_until(now + act.takeover_hold);
+                            ctx.run_later(act.takeover_hold, |act, _| act.notify());
+                        }
                         tracing::info!(group = %act.group, epoch = act.epoch, "coordinating group");
                     }
                     Ok(Err(e)) => {

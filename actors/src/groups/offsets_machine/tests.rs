@@ -62,29 +62,40 @@ fn a_commit_of_an_older_generation_is_refused_on_every_replica_alike() {
             // A client outside group management may commit at any time.
             entry(6, &commit("manual", None, 7)),
             entry(7, &generation("g", 1)),
+            entry(8, &generation("g", 2)),
         ]
     };
     let (mut one, mut two) = (OffsetsMachine::new(LOG), OffsetsMachine::new(LOG));
     let first = apply_committed(&mut one, entries(), |_| None);
     let second = apply_committed(&mut two, entries(), |_| None);
     assert_eq!(format!("{:?}", first.ops), format!("{:?}", second.ops));
-    let results: Vec<GroupApplied> = first.effects.into_iter().map(|(_, r)| r).collect();
+    let results: Vec<Result<Option<u32>, GroupRefusal>> = first
+        .effects
+        .into_iter()
+        .map(|(_, r)| r.map(|state| state.map(|s| s.generation)))
+        .collect();
     assert_eq!(
         results,
         vec![
-            Ok(()),
-            Ok(()),
-            Ok(()),
+            Ok(Some(1)),
+            Ok(None),
+            Ok(Some(2)),
             Err(GroupRefusal::IllegalGeneration {
                 group: "g".into(),
                 sent: 1,
                 current: 2
             }),
-            Ok(()),
-            Ok(()),
+            Ok(None),
+            Ok(None),
             Err(GroupRefusal::GenerationBackwards {
                 group: "g".into(),
                 sent: 1,
+                current: 2
+            }),
+            // A second takeover at the same epoch (a deposed coordinator's, forwarded late).
+            Err(GroupRefusal::GenerationBackwards {
+                group: "g".into(),
+                sent: 2,
                 current: 2
             }),
         ]
@@ -96,7 +107,7 @@ fn a_commit_of_an_older_generation_is_refused_on_every_replica_alike() {
         one.group("manual").expect("manual").offsets[&at("orders", 0)].offset,
         7
     );
-    assert_eq!(one.applied_index(), 7);
+    assert_eq!(one.applied_index(), 8);
     // Every write stays in `group_offsets`, under this partition's prefix.
     for op in &first.ops {
         let WriteOp::Put { cf, key, .. } = op else {
@@ -233,4 +244,27 @@ async fn committed_offsets_survive_a_restart_from_rocksdb() {
         700
     );
     storage.shutdown();
+}
+
+#[test]
+fn a_takeover_returns_the_group_as_applied_with_it_commits_included() {
+    let mut machine = OffsetsMachine::new(LOG);
+    let applied = apply_committed(
+        &mut machine,
+        vec![
+            entry(1, &generation("g", 1)),
+            // A deposed coordinator's commit, landing just before its successor's takeover:
+            // the successor must start from a state that has it.
+            entry(2, &commit("g", Some(1), 42)),
+            entry(3, &generation("g", 2)),
+        ],
+        |_| None,
+    );
+    let takeover = applied.effects.last().map(|(_, r)| r.clone());
+    let state = takeover
+        .and_then(Result::ok)
+        .flatten()
+        .expect("the takeover's state");
+    assert_eq!(state.generation, 2);
+    assert_eq!(state.offsets[&at("orders", 0)].offset, 42);
 }

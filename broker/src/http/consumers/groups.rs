@@ -4,9 +4,10 @@ use std::collections::BTreeSet;
 
 use actix_web::http::StatusCode;
 use actix_web::{get, web, HttpRequest, HttpResponse};
-use pubg1_actors::groups::coordinator::{Describe, Subscription};
+use pubg1_actors::groups::assignor::Assignor;
+use pubg1_actors::groups::coordinator::{Describe, GroupDescription, Subscription};
 use pubg1_actors::groups::offsets_machine::TopicPartition;
-use pubg1_actors::groups::offsets_replica::ListGroups;
+use pubg1_actors::groups::offsets_replica::{Coordinated, ListGroups};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -108,7 +109,7 @@ pub struct GroupInfo {
     tag = "consumers",
     params(("group" = String, Path)),
     responses((status = 200, body = GroupInfo, content_type = "application/vnd.kafka.v2+json"), (status = 307, body = ErrorBody),
-        (status = 422, body = ErrorBody), (status = 503, body = ErrorBody))
+        (status = 404, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody))
 )]
 #[get("/consumer-groups/{group}")]
 pub async fn describe_group(
@@ -116,8 +117,21 @@ pub async fn describe_group(
     group: web::Path<String>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    let coordinator = coordinator(&state, &req, &group).await?;
-    let description = coordinator.send(Describe).await.map_err(|_| stopped())?;
+    let description = match coordinator(&state, &req, &group, false).await? {
+        Coordinated::Running(coordinator) => {
+            coordinator.send(Describe).await.map_err(|_| stopped())?
+        }
+        // Nobody consumes it now: its committed offsets, no members.
+        Coordinated::Stored(stored) => GroupDescription {
+            group: group.clone(),
+            state: "Empty",
+            generation: 0,
+            coordinator_epoch: stored.generation,
+            assignor: Assignor::default().name(),
+            members: Vec::new(),
+            committed: stored.offsets,
+        },
+    };
     let owners: Vec<(TopicPartition, String)> = description
         .members
         .iter()

@@ -23,7 +23,7 @@ use pubg1_actors::groups::coordinator::{
 };
 use pubg1_actors::groups::error::GroupError;
 use pubg1_actors::groups::offsets_machine::TopicPartition;
-use pubg1_actors::groups::offsets_replica::{group_partition, Coordinate};
+use pubg1_actors::groups::offsets_replica::{group_partition, Coordinate, Coordinated};
 use pubg1_actors::topic::validate_name;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -61,13 +61,15 @@ fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
     })
 }
 
-/// The coordinator of `group`, if this broker is it; otherwise a 307 to the broker that is
-/// (or 503 while none is known).
+/// Where `group` stands on its coordinator, if this broker is it (`start`: start a
+/// coordinator if none runs); otherwise a 307 to the broker that is (or 503 while none is
+/// known).
 pub(crate) async fn coordinator(
     state: &State,
     req: &HttpRequest,
     group: &str,
-) -> Result<Addr<GroupCoordinator>, ApiError> {
+    start: bool,
+) -> Result<Coordinated, ApiError> {
     check_name("group", group)?;
     let partitions = state.broker.registry.offsets();
     if partitions.is_empty() {
@@ -80,6 +82,7 @@ pub(crate) async fn coordinator(
         Some(addr) if shared.hosted => addr
             .send(Coordinate {
                 group: group.to_owned(),
+                create: start,
             })
             .await
             .unwrap_or_else(|_| Err(GroupError::Stopping(group.to_owned()))),
@@ -232,7 +235,11 @@ pub async fn create(
             state.config.fetch_wait_ms_max
         )));
     }
-    let coordinator = coordinator(&state, &req, &group).await?;
+    let Coordinated::Running(coordinator) = coordinator(&state, &req, &group, true).await? else {
+        return Err(ApiError::Unavailable(
+            "the group's coordinator is starting; retry".into(),
+        ));
+    };
     let instance = coordinator
         .send(CreateInstance(InstanceConfig {
             poll_wait: std::time::Duration::from_millis(poll_wait_ms),
@@ -264,7 +271,17 @@ pub(crate) async fn instance(
     path: &(String, String),
 ) -> Result<Addr<GroupCoordinator>, ApiError> {
     check_name("consumer instance", &path.1)?;
-    coordinator(state, req, &path.0).await
+    match coordinator(state, req, &path.0, false).await {
+        Ok(Coordinated::Running(addr)) => Ok(addr),
+        // No coordinator runs, so no instance exists.
+        Ok(Coordinated::Stored(_)) | Err(ApiError::GroupNotFound(_)) => {
+            Err(ApiError::InstanceNotFound(format!(
+                "consumer instance '{}' not found in group '{}'",
+                path.1, path.0
+            )))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn stopped() -> ApiError {

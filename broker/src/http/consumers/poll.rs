@@ -8,9 +8,13 @@
 
 use std::time::{Duration, Instant};
 
+use std::pin::Pin;
+
 use actix::Addr;
+use actix_web::body::{BodySize, MessageBody};
 use actix_web::http::StatusCode;
 use actix_web::{get, web, HttpRequest, HttpResponse};
+use bytes::Bytes;
 use futures::future::{select_all, FutureExt};
 use pubg1_actors::groups::coordinator::{BeginPoll, EndPoll, GroupCoordinator, PollPlan};
 use pubg1_actors::groups::offsets_machine::TopicPartition;
@@ -54,19 +58,57 @@ pub struct GroupRecord {
     pub value: Box<RawValue>,
 }
 
-/// Ends the poll when dropped, whether the handler finished or the client went away.
+/// Ends the poll when dropped, whether the handler finished or the client went away. The
+/// positions move past what the poll read only if its response body was handed to the
+/// connection (`delivered`); a poll whose client left first moves nothing, so those records
+/// are delivered again rather than never.
 struct PollGuard {
     coordinator: Addr<GroupCoordinator>,
     instance: String,
+    poll: u64,
     advanced: Vec<(TopicPartition, u64)>,
+    delivered: bool,
 }
 
 impl Drop for PollGuard {
     fn drop(&mut self) {
+        let advanced = if self.delivered {
+            std::mem::take(&mut self.advanced)
+        } else {
+            Vec::new()
+        };
         self.coordinator.do_send(EndPoll {
             instance: std::mem::take(&mut self.instance),
-            advanced: std::mem::take(&mut self.advanced),
+            poll: self.poll,
+            advanced,
         });
+    }
+}
+
+/// A poll's response body: its bytes, and the poll's guard, which ends the poll as delivered
+/// when the bytes are taken for writing (and as undelivered if the body is dropped unwritten).
+struct PollBody {
+    bytes: Option<Bytes>,
+    guard: Option<PollGuard>,
+}
+
+impl MessageBody for PollBody {
+    type Error = std::convert::Infallible;
+
+    fn size(&self) -> BodySize {
+        BodySize::Sized(self.bytes.as_ref().map_or(0, |b| b.len() as u64))
+    }
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Bytes, Self::Error>>> {
+        let this = self.get_mut();
+        let bytes = this.bytes.take();
+        if let Some(mut guard) = this.guard.take() {
+            guard.delivered = bytes.is_some();
+        }
+        std::task::Poll::Ready(bytes.map(Ok))
     }
 }
 
@@ -103,16 +145,20 @@ pub async fn records(
         )?;
     }
     let coordinator = instance(&state, &req, &path).await?;
-    let mut deadline = None;
+    let mut deadline: Option<Instant> = None;
     loop {
+        let wait = match deadline {
+            None => params.timeout.map(Duration::from_millis),
+            Some(at) => Some(at.saturating_duration_since(Instant::now())),
+        };
         let plan = coordinator
-            .send(BeginPoll(path.1.clone()))
+            .send(BeginPoll {
+                instance: path.1.clone(),
+                wait,
+            })
             .await
             .map_err(|_| stopped())??;
-        let deadline = *deadline.get_or_insert_with(|| {
-            let wait_ms = params.timeout.unwrap_or(plan.poll_wait.as_millis() as u64);
-            Instant::now() + Duration::from_millis(wait_ms)
-        });
+        let deadline = *deadline.get_or_insert_with(|| Instant::now() + plan.poll_wait);
         let format = if plan.format == "binary" {
             EmbeddedFormat::Binary
         } else {
@@ -121,17 +167,19 @@ pub async fn records(
         let mut guard = PollGuard {
             coordinator: coordinator.clone(),
             instance: path.1.clone(),
+            poll: plan.poll,
             advanced: Vec::new(),
+            delivered: false,
         };
         let (out, rebalanced) = read(&state, &mut guard, plan, format, bytes_max, deadline).await?;
-        // Ends the poll before the next one begins (one mailbox, in order).
-        drop(guard);
-        // A poll cut short by a rebalance, with nothing read, begins again with the
-        // instance's new partitions while time remains.
+        // A poll cut short by a rebalance, with nothing read, ends (before the next begins:
+        // one mailbox, in order) and begins again with the instance's new partitions while
+        // time remains.
         if out.is_empty() && rebalanced && Instant::now() < deadline {
+            drop(guard);
             continue;
         }
-        return Ok(respond(out, format));
+        return respond(out, format, guard);
     }
 }
 
@@ -157,10 +205,12 @@ async fn read(
         .collect();
     let mut out: Vec<GroupRecord> = Vec::new();
     let mut bytes = 0usize;
+    // Partitions whose read failed sit out the rest of this poll (waiting on them would spin).
+    let mut failed = vec![false; readable.len()];
     plan.assignment_changed.borrow_and_update();
     loop {
-        for (tp, offset, shared) in &readable {
-            if bytes >= bytes_max || *offset >= shared.high_watermark() {
+        for (i, (tp, offset, shared)) in readable.iter().enumerate() {
+            if failed[i] || bytes >= bytes_max || *offset >= shared.high_watermark() {
                 continue;
             }
             let next = guard
@@ -189,6 +239,7 @@ async fn read(
                 // is restarting: the other partitions are still read.
                 Err(e) => {
                     tracing::debug!(error = %e, topic = %tp.topic, "group fetch failed");
+                    failed[i] = true;
                     continue;
                 }
             };
@@ -227,7 +278,9 @@ async fn read(
         // Wait for any partition to grow, the assignment to change, or the deadline.
         let mut waits: Vec<futures::future::BoxFuture<'_, ()>> = readable
             .iter()
-            .map(|(_, offset, shared)| {
+            .zip(&failed)
+            .filter(|(_, failed)| !**failed)
+            .map(|((_, offset, shared), _)| {
                 let mut watermark = shared.subscribe_high_watermark();
                 let offset = *offset;
                 async move {
@@ -251,12 +304,21 @@ async fn read(
     }
 }
 
-fn respond(out: Vec<GroupRecord>, format: EmbeddedFormat) -> HttpResponse {
+fn respond(
+    out: Vec<GroupRecord>,
+    format: EmbeddedFormat,
+    guard: PollGuard,
+) -> Result<HttpResponse, ApiError> {
     let content_type = match format {
         EmbeddedFormat::Binary => "application/vnd.kafka.binary.v2+json",
         EmbeddedFormat::Json => "application/vnd.kafka.json.v2+json",
     };
-    HttpResponse::build(StatusCode::OK)
+    let bytes = serde_json::to_vec(&out)
+        .map_err(|e| ApiError::Internal(format!("encoding records: {e}")))?;
+    Ok(HttpResponse::build(StatusCode::OK)
         .insert_header((actix_web::http::header::CONTENT_TYPE, content_type))
-        .json(out)
+        .body(PollBody {
+            bytes: Some(Bytes::from(bytes)),
+            guard: Some(guard),
+        }))
 }
