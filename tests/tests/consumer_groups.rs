@@ -369,3 +369,70 @@ fn bad_consumer_requests_get_clear_errors_and_change_nothing() -> anyhow::Result
     assert_eq!(group.body["members"].as_array().map(Vec::len), Some(1));
     Ok(())
 }
+
+/// A fault sequence: an offsets-partition follower is down while the group commits far past
+/// what its leader keeps in its log, comes back, and must catch up by snapshot; then the
+/// other follower dies, so every further commit needs the one that caught up.
+#[test]
+fn an_offsets_follower_behind_the_compacted_log_catches_up_by_snapshot_and_keeps_the_quorum(
+) -> anyhow::Result<()> {
+    // A short log for slow followers, so a few hundred commits put one behind it.
+    let env = [
+        ("PUBG1_RAFT_LOG_KEEP_ENTRIES", "20"),
+        ("PUBG1_RAFT_LOG_KEEP_ENTRIES_MAX", "50"),
+    ];
+    let mut cluster = TestCluster::start_with_env(3, &env)?;
+    cluster.create_replicated("t", 1)?;
+    publish(cluster.broker(1), "f", 450)?;
+    let home = coordinator(&cluster.brokers, "g")?;
+    let base = create_instance(&cluster.brokers[home], "g", member("m", json!({})))?;
+    let http = Client::new();
+    let reply = http.post_v2(
+        &format!("{base}/assignments"),
+        &json!({"partitions": [{"topic": "t", "partition": 0}]}),
+    )?;
+    assert_eq!(reply.status, 204, "{}", reply.text);
+    let commit = |offset: u64| {
+        http.post_v2(
+            &format!("{base}/offsets"),
+            &json!({"offsets": [{"topic": "t", "partition": 0, "offset": offset}]}),
+        )
+    };
+    let (behind, other) = ((home + 1) % 3, (home + 2) % 3);
+    cluster.brokers[behind].kill9();
+    for offset in 1..=300 {
+        let reply = commit(offset)?;
+        assert_eq!(reply.status, 200, "commit {offset}: {}", reply.text);
+    }
+    cluster.brokers[behind].restart()?;
+    let installed = r#"pubg1_raft_snapshots_installed_total{partition="#;
+    wait_until(Duration::from_secs(30), "a snapshot installed", || {
+        let text = http
+            .get(&cluster.brokers[behind].url("/metrics"))
+            .ok()?
+            .text;
+        text.lines()
+            .any(|l| {
+                l.starts_with(installed) && l.contains("__consumer_offsets") && !l.ends_with(" 0")
+            })
+            .then_some(())
+    })?;
+    cluster.brokers[other].kill9();
+    // Only the leader and the follower that caught up are left: a commit needs both.
+    wait_until(
+        Duration::from_secs(30),
+        "a commit with the caught-up follower",
+        || (commit(301).ok()?.status == 200).then_some(()),
+    )?;
+    // And the follower holds every commit: with the leader gone, it serves them.
+    cluster.brokers[home].kill9();
+    cluster.brokers[other].restart()?;
+    let next = coordinator(&cluster.brokers, "g")?;
+    let reply = http.get(&cluster.brokers[next].url("/consumer-groups/g"))?;
+    assert_eq!(
+        reply.body["partitions"][0]["committed_offset"], 301,
+        "{}",
+        reply.text
+    );
+    Ok(())
+}

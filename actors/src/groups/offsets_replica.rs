@@ -383,6 +383,12 @@ impl RaftDriven for OffsetsReplica {
         &mut self,
         snapshot: SnapshotInstall,
     ) -> ResponseActFuture<Self, Result<Vec<WriteOp>, StorageError>> {
+        let labels = self.label();
+        self.wiring
+            .metrics
+            .raft_snapshots_installed_total
+            .with_label_values(&[labels[0].as_str(), labels[1].as_str()])
+            .inc();
         let installed = self
             .machine
             .restore(snapshot.index, &snapshot.data)
