@@ -29,6 +29,13 @@ pub enum ApiError {
     BadRequest(String),
     #[error("no route for {method} {path}")]
     NoRoute { method: String, path: String },
+    /// 405: the path exists, the method does not; `allow` lists the ones that do.
+    #[error("{method} is not allowed on {path}; allowed: {allow}")]
+    MethodNotAllowed {
+        method: String,
+        path: String,
+        allow: String,
+    },
     #[error("topic '{0}' not found")]
     TopicNotFound(String),
     #[error("partition {partition} of topic '{topic}' not found")]
@@ -94,6 +101,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => 40001,
             ApiError::NoRoute { .. } => 40400,
+            ApiError::MethodNotAllowed { .. } => 40501,
             ApiError::TopicNotFound(_) => 40401,
             ApiError::PartitionNotFound { .. } => 40402,
             ApiError::NotAcceptable(_) => 40601,
@@ -145,6 +153,9 @@ impl ResponseError for ApiError {
         }
         if let ApiError::Redirect { location, .. } = self {
             response.insert_header((header::LOCATION, location.as_str()));
+        }
+        if let ApiError::MethodNotAllowed { allow, .. } = self {
+            response.insert_header((header::ALLOW, allow.as_str()));
         }
         response.json(self.body())
     }

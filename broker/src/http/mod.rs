@@ -7,6 +7,8 @@
 
 mod consumers;
 pub mod error;
+mod lenient;
+mod openapi;
 mod partitions;
 mod produce;
 mod records;
@@ -36,6 +38,50 @@ pub struct AppState {
     pub config: Config,
     /// The OpenAPI document, rendered once by the first worker that builds the app.
     pub openapi: OnceLock<String>,
+    /// Its paths (split into segments) and their methods: a request on a known path with
+    /// another method gets 405 and `Allow`.
+    routes: OnceLock<Vec<(Vec<String>, Vec<String>)>>,
+}
+
+impl AppState {
+    /// The methods the document lists for a path matching `path`, upper case, sorted.
+    fn allowed_methods(&self, path: &str) -> Vec<String> {
+        let routes = self.routes.get_or_init(|| {
+            let doc: serde_json::Value =
+                serde_json::from_str(self.openapi.get().map_or("{}", String::as_str))
+                    .unwrap_or_default();
+            doc["paths"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(template, item)| {
+                    let segments = template.split('/').map(str::to_owned).collect();
+                    let mut methods: Vec<String> = item
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .map(|(m, _)| m.to_uppercase())
+                        .collect();
+                    methods.sort();
+                    (segments, methods)
+                })
+                .collect()
+        });
+        let segments: Vec<&str> = path.split('/').collect();
+        let mut allowed: Vec<String> = routes
+            .iter()
+            .filter(|(template, _)| {
+                template.len() == segments.len()
+                    && template.iter().zip(&segments).all(|(t, s)| {
+                        t == s || (t.starts_with('{') && t.ends_with('}') && !s.is_empty())
+                    })
+            })
+            .flat_map(|(_, methods)| methods.iter().cloned())
+            .collect();
+        allowed.sort();
+        allowed.dedup();
+        allowed
+    }
 }
 
 #[derive(OpenApi)]
@@ -46,7 +92,8 @@ pub struct AppState {
         (name = "records", description = "Produce and consume records"),
         (name = "consumers", description = "Consumer instances and groups (REST Proxy v2)"),
         (name = "system", description = "Health, readiness, metrics, this document")
-    )
+    ),
+    components(schemas(EmbeddedFormat))
 )]
 struct ApiDoc;
 
@@ -94,9 +141,10 @@ pub fn app(
         .service(consumers::list_groups)
         .service(consumers::describe_group)
         .split_for_parts();
+    let limits = openapi::Limits::of(&state.config, state.broker.cluster.brokers.len());
     state
         .openapi
-        .get_or_init(|| openapi.to_pretty_json().unwrap_or_default());
+        .get_or_init(|| openapi::render(&openapi, limits));
     let metrics = state.broker.metrics.clone();
     app.app_data(state)
         .app_data(
@@ -106,10 +154,17 @@ pub fn app(
         .app_data(web::QueryConfig::default().error_handler(|err, _req| {
             ApiError::BadRequest(format!("bad query parameter: {err}")).into()
         }))
-        .default_service(web::to(|req: HttpRequest| async move {
-            Err::<actix_web::HttpResponse, _>(ApiError::NoRoute {
-                method: req.method().to_string(),
-                path: req.path().to_owned(),
+        .default_service(web::to(|req: HttpRequest, state: State| async move {
+            let (method, path) = (req.method().to_string(), req.path().to_owned());
+            let allowed = state.allowed_methods(&path);
+            Err::<actix_web::HttpResponse, _>(if allowed.is_empty() {
+                ApiError::NoRoute { method, path }
+            } else {
+                ApiError::MethodNotAllowed {
+                    method,
+                    path,
+                    allow: allowed.join(", "),
+                }
             })
         }))
         .wrap_fn(move |req, srv| {
@@ -228,9 +283,10 @@ pub async fn read_body(
     Ok(body.freeze())
 }
 
-/// Parse a JSON body, with serde's line/column message on failure.
+/// Parse a JSON object body, with serde's line/column message on failure.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
+    serde_json::from_slice::<lenient::Object<T>>(body)
+        .map(|object| object.0)
         .map_err(|e| ApiError::BadRequest(format!("request body is not valid: {e}")))
 }
 
@@ -242,5 +298,6 @@ pub fn state(broker: Broker, config: Config) -> web::Data<AppState> {
         broker,
         config,
         openapi: OnceLock::new(),
+        routes: OnceLock::new(),
     }))
 }

@@ -102,7 +102,7 @@ pub fn find(state: &State, topic: &str, partition: u32) -> Result<Arc<PartitionS
 /// All partitions of a topic.
 #[utoipa::path(
     tag = "topics",
-    params(("topic" = String, Path, description = "Topic name")),
+    params(("topic" = String, Path, description = "Topic name", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$")),
     responses((status = 200, body = Vec<PartitionInfo>), (status = 404, body = ErrorBody))
 )]
 #[get("/topics/{topic}/partitions")]
@@ -123,7 +123,7 @@ pub async fn list(state: State, topic: web::Path<String>) -> Result<HttpResponse
 /// One partition.
 #[utoipa::path(
     tag = "topics",
-    params(("topic" = String, Path, description = "Topic name"), ("partition" = u32, Path, description = "Partition number")),
+    params(("topic" = String, Path, description = "Topic name", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$"), ("partition" = u32, Path, description = "Partition number")),
     responses((status = 200, body = PartitionInfo), (status = 404, body = ErrorBody))
 )]
 #[get("/topics/{topic}/partitions/{partition}")]

@@ -24,6 +24,7 @@ use super::{body_format, parse_json, read_body, EmbeddedFormat, State};
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProduceRequest {
+    #[serde(deserialize_with = "super::lenient::objects")]
     pub records: Vec<ProduceRecord>,
 }
 
@@ -34,13 +35,13 @@ pub struct ProduceRequest {
 #[serde(deny_unknown_fields)]
 pub struct ProduceRecord {
     #[serde(default)]
-    #[schema(value_type = Object)]
+    #[schema(value_type = Value)]
     pub key: Option<Box<RawValue>>,
     #[serde(default)]
-    #[schema(value_type = Object)]
+    #[schema(value_type = Value)]
     pub value: Option<Box<RawValue>>,
     /// Send this record to this partition instead of choosing by key.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::lenient::opt::u32")]
     pub partition: Option<u32>,
 }
 
@@ -67,7 +68,7 @@ pub struct RecordOffset {
 /// Produce records to a topic; keys pick partitions as Kafka's default partitioner does.
 #[utoipa::path(
     tag = "records",
-    params(("topic" = String, Path, description = "Topic name")),
+    params(("topic" = String, Path, description = "Topic name", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$")),
     request_body(content(
         (ProduceRequest = "application/json"),
         (ProduceRequest = "application/vnd.kafka.json.v2+json"),
@@ -93,7 +94,7 @@ pub async fn to_topic(
 /// Produce records to one partition.
 #[utoipa::path(
     tag = "records",
-    params(("topic" = String, Path, description = "Topic name"), ("partition" = u32, Path, description = "Partition number")),
+    params(("topic" = String, Path, description = "Topic name", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$"), ("partition" = u32, Path, description = "Partition number")),
     request_body(content(
         (ProduceRequest = "application/json"),
         (ProduceRequest = "application/vnd.kafka.json.v2+json"),
@@ -227,9 +228,9 @@ fn route(
         let key = embed(format, record.key, index, "key")?;
         let value = embed(format, record.value, index, "value")?;
         let partition = match (fixed, record.partition, &key) {
-            (Some(fixed), Some(asked), _) if asked != fixed => {
+            (Some(fixed), Some(asked), _) => {
                 return Err(ApiError::Unprocessable(format!(
-                    "records[{index}].partition is {asked} but the request is for partition {fixed}"
+                    "records[{index}].partition ({asked}) is not allowed here: the request is for partition {fixed}, named in its path"
                 )))
             }
             (Some(fixed), _, _) => fixed,

@@ -24,12 +24,16 @@ const BYTES_DEFAULT: usize = 1024 * 1024;
 #[serde(deny_unknown_fields)]
 pub struct FetchParams {
     /// First offset to return; defaults to the log start.
+    #[serde(default, deserialize_with = "super::lenient::query::offset")]
     pub offset: Option<u64>,
     /// Most records to return (default 500).
+    #[serde(default, deserialize_with = "super::lenient::query::usize")]
     pub max_records: Option<usize>,
     /// Soft cap on key+value bytes returned (default 1 MiB); one record is returned even if larger.
+    #[serde(default, deserialize_with = "super::lenient::query::usize")]
     pub max_bytes: Option<usize>,
     /// When caught up, wait this long for new records (default 0).
+    #[serde(default, deserialize_with = "super::lenient::query::u64")]
     pub timeout_ms: Option<u64>,
     /// `json` (default) or `binary` (base64); the Accept header `application/vnd.kafka.binary.v2+json` also selects binary.
     pub format: Option<EmbeddedFormat>,
@@ -43,9 +47,9 @@ pub struct ConsumerRecord {
     /// Broker append time, milliseconds since the epoch.
     pub timestamp: i64,
     /// The key as stored: in the JSON format its exact text as produced.
-    #[schema(value_type = Object)]
+    #[schema(value_type = Value)]
     pub key: Box<RawValue>,
-    #[schema(value_type = Object)]
+    #[schema(value_type = Value)]
     pub value: Box<RawValue>,
 }
 
@@ -64,7 +68,7 @@ pub struct FetchResponse {
 /// Read committed records from an offset.
 #[utoipa::path(
     tag = "records",
-    params(("topic" = String, Path, description = "Topic name"), ("partition" = u32, Path, description = "Partition number"), FetchParams),
+    params(("topic" = String, Path, description = "Topic name", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$"), ("partition" = u32, Path, description = "Partition number"), FetchParams),
     responses(
         (status = 200, body = FetchResponse),
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 406, body = ErrorBody),

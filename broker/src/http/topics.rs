@@ -19,10 +19,10 @@ pub struct CreateTopicRequest {
     /// 1–249 of `[a-zA-Z0-9._-]`, not `.` or `..`.
     pub name: String,
     /// Defaults to 1.
-    #[serde(default = "one")]
+    #[serde(default = "one", deserialize_with = "super::lenient::u32")]
     pub partitions: u32,
     /// Defaults to 1; at most the number of brokers.
-    #[serde(default = "one_u16")]
+    #[serde(default = "one_u16", deserialize_with = "super::lenient::u16")]
     pub replication_factor: u16,
     /// Kafka topic configs: `retention.ms`, `retention.bytes` (numbers or strings; -1 = unbounded).
     #[serde(default)]
@@ -100,7 +100,16 @@ pub async fn create(
         .into_iter()
         .map(|(key, value)| match value {
             serde_json::Value::String(s) => Ok((key, s)),
-            serde_json::Value::Number(n) => Ok((key, n.to_string())),
+            // 1e3 and 1000.0 are the integer 1000, as JSON Schema reads them.
+            serde_json::Value::Number(n) => Ok((
+                key,
+                match n.as_f64() {
+                    Some(f) if n.as_i64().is_none() && f.fract() == 0.0 && f.abs() < 9.2e18 => {
+                        (f as i64).to_string()
+                    }
+                    _ => n.to_string(),
+                },
+            )),
             other => Err(ApiError::Unprocessable(format!(
                 "invalid configs.{key}: {other} is not a number or string"
             ))),
@@ -129,7 +138,7 @@ pub async fn create(
 /// Describe a topic: configs and partitions with their offsets.
 #[utoipa::path(
     tag = "topics",
-    params(("topic" = String, Path, description = "Topic name")),
+    params(("topic" = String, Path, description = "Topic name", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$")),
     responses((status = 200, body = TopicInfo), (status = 404, body = ErrorBody))
 )]
 #[get("/topics/{topic}")]
@@ -145,7 +154,7 @@ pub async fn describe(state: State, topic: web::Path<String>) -> Result<HttpResp
 /// Delete a topic and all of its records.
 #[utoipa::path(
     tag = "topics",
-    params(("topic" = String, Path, description = "Topic name")),
+    params(("topic" = String, Path, description = "Topic name", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$")),
     responses((status = 204, description = "Deleted"), (status = 404, body = ErrorBody))
 )]
 #[delete("/topics/{topic}")]

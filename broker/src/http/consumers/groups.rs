@@ -107,7 +107,7 @@ pub struct GroupInfo {
 /// One group: state, members and their partitions, committed offsets and lag.
 #[utoipa::path(
     tag = "consumers",
-    params(("group" = String, Path)),
+    params(("group" = String, Path, description = "Consumer group", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$")),
     responses((status = 200, body = GroupInfo, content_type = "application/vnd.kafka.v2+json"), (status = 307, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody))
 )]

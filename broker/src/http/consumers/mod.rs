@@ -137,10 +137,12 @@ pub struct CreateConsumerRequest {
     /// Milliseconds without a request after which the instance leaves its group.
     #[serde(rename = "session.timeout.ms")]
     #[schema(minimum = 500, maximum = 300000)]
+    #[serde(default, deserialize_with = "crate::http::lenient::opt::u64")]
     pub session_timeout_ms: Option<u64>,
     /// How long a poll without `timeout` waits for records (default 1000).
     #[serde(rename = "consumer.request.timeout.ms")]
     #[schema(maximum = 30000)]
+    #[serde(default, deserialize_with = "crate::http::lenient::opt::u64")]
     pub consumer_request_timeout_ms: Option<u64>,
 }
 
@@ -166,7 +168,7 @@ fn flag(name: &str, value: Option<&serde_json::Value>, default: bool) -> Result<
 /// Create a consumer instance in a group.
 #[utoipa::path(
     tag = "consumers",
-    params(("group" = String, Path, description = "Consumer group")),
+    params(("group" = String, Path, description = "Consumer group", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$")),
     request_body(content(
         (CreateConsumerRequest = "application/vnd.kafka.v2+json"),
         (CreateConsumerRequest = "application/json")
@@ -176,7 +178,7 @@ fn flag(name: &str, value: Option<&serde_json::Value>, default: bool) -> Result<
         (status = 307, description = "Another broker coordinates the group", body = ErrorBody),
         (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 415, body = ErrorBody),
         (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)
-    )
+    , (status = 413, body = ErrorBody))
 )]
 #[post("/consumers/{group}")]
 pub async fn create(
@@ -185,11 +187,12 @@ pub async fn create(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    super::body_format(&req, false)?;
     let body = read_body(&req, payload, BODY_MAX).await?;
+    // No body: every default (REST Proxy clients send `{}`, curl users often nothing).
     let request: CreateConsumerRequest = if body.iter().all(u8::is_ascii_whitespace) {
         parse_json(b"{}")?
     } else {
+        super::body_format(&req, false)?;
         parse_json(&body)?
     };
     if let Some(name) = &request.name {
@@ -291,8 +294,8 @@ fn stopped() -> ApiError {
 /// Delete a consumer instance: it leaves its group (committing first if auto-commit is on).
 #[utoipa::path(
     tag = "consumers",
-    params(("group" = String, Path), ("instance" = String, Path)),
-    responses((status = 204), (status = 307, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody))
+    params(("group" = String, Path, description = "Consumer group", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$"), ("instance" = String, Path, description = "Consumer instance", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$")),
+    responses((status = 204), (status = 307, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody), (status = 422, body = ErrorBody))
 )]
 #[delete("/consumers/{group}/instances/{instance}")]
 pub async fn delete_instance(
@@ -312,10 +315,12 @@ pub async fn delete_instance(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubscriptionRequest {
-    #[schema(max_items = 10000)]
+    #[schema(max_items = 10000, min_items = 1)]
+    #[serde(default, deserialize_with = "crate::http::lenient::present")]
     pub topics: Option<Vec<String>>,
     /// A regular expression every topic name it matches whole is subscribed to (also topics
     /// created later).
+    #[serde(default, deserialize_with = "crate::http::lenient::present")]
     pub topic_pattern: Option<String>,
 }
 
@@ -329,10 +334,10 @@ pub struct SubscriptionResponse {
 /// Subscribe an instance to topics: the group's coordinator assigns it partitions.
 #[utoipa::path(
     tag = "consumers",
-    params(("group" = String, Path), ("instance" = String, Path)),
+    params(("group" = String, Path, description = "Consumer group", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$"), ("instance" = String, Path, description = "Consumer instance", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$")),
     request_body(content((SubscriptionRequest = "application/vnd.kafka.v2+json"), (SubscriptionRequest = "application/json"))),
     responses((status = 204), (status = 307, body = ErrorBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody), (status = 415, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody))
+        (status = 409, body = ErrorBody), (status = 415, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody), (status = 413, body = ErrorBody))
 )]
 #[post("/consumers/{group}/instances/{instance}/subscription")]
 pub async fn subscribe(
@@ -382,8 +387,8 @@ pub async fn subscribe(
 /// An instance's subscription.
 #[utoipa::path(
     tag = "consumers",
-    params(("group" = String, Path), ("instance" = String, Path)),
-    responses((status = 200, body = SubscriptionResponse, content_type = "application/vnd.kafka.v2+json"), (status = 307, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody))
+    params(("group" = String, Path, description = "Consumer group", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$"), ("instance" = String, Path, description = "Consumer instance", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$")),
+    responses((status = 200, body = SubscriptionResponse, content_type = "application/vnd.kafka.v2+json"), (status = 307, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody), (status = 422, body = ErrorBody))
 )]
 #[get("/consumers/{group}/instances/{instance}/subscription")]
 pub async fn get_subscription(
@@ -425,8 +430,8 @@ pub async fn get_subscription(
 /// Unsubscribe: the instance leaves the group's assignment (it stays, idle).
 #[utoipa::path(
     tag = "consumers",
-    params(("group" = String, Path), ("instance" = String, Path)),
-    responses((status = 204), (status = 307, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody))
+    params(("group" = String, Path, description = "Consumer group", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$"), ("instance" = String, Path, description = "Consumer instance", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$")),
+    responses((status = 204), (status = 307, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody), (status = 422, body = ErrorBody))
 )]
 #[delete("/consumers/{group}/instances/{instance}/subscription")]
 pub async fn unsubscribe(
@@ -447,6 +452,7 @@ pub async fn unsubscribe(
 #[serde(deny_unknown_fields)]
 pub struct PartitionRef {
     pub topic: String,
+    #[serde(deserialize_with = "crate::http::lenient::u32")]
     pub partition: u32,
 }
 
@@ -472,16 +478,32 @@ impl From<TopicPartition> for PartitionRef {
 #[serde(deny_unknown_fields)]
 pub struct PartitionsBody {
     #[schema(max_items = 10000)]
+    #[serde(deserialize_with = "crate::http::lenient::objects")]
     pub partitions: Vec<PartitionRef>,
 }
 
+/// A partition number no topic of this broker can have is refused (the document states the
+/// bound), not looked up.
+pub(crate) fn check_partition(state: &State, partition: u32) -> Result<(), ApiError> {
+    let max = state.config.partitions_per_topic_max;
+    if partition >= max {
+        return Err(ApiError::Unprocessable(format!(
+            "partition {partition} cannot exist: topics have at most {max} partitions"
+        )));
+    }
+    Ok(())
+}
+
 /// Parse a `{"partitions": […]}` body (at most [`PARTITIONS_PER_REQUEST_MAX`]).
-pub(crate) fn partitions_body(body: &[u8]) -> Result<Vec<TopicPartition>, ApiError> {
+pub(crate) fn partitions_body(state: &State, body: &[u8]) -> Result<Vec<TopicPartition>, ApiError> {
     let parsed: PartitionsBody = parse_json(body)?;
     if parsed.partitions.len() > PARTITIONS_PER_REQUEST_MAX {
         return Err(ApiError::Unprocessable(format!(
             "at most {PARTITIONS_PER_REQUEST_MAX} partitions per request"
         )));
+    }
+    for p in &parsed.partitions {
+        check_partition(state, p.partition)?;
     }
     Ok(parsed.partitions.into_iter().map(Into::into).collect())
 }
@@ -489,10 +511,10 @@ pub(crate) fn partitions_body(body: &[u8]) -> Result<Vec<TopicPartition>, ApiErr
 /// Assign partitions by hand (no group management; commits still go to the group).
 #[utoipa::path(
     tag = "consumers",
-    params(("group" = String, Path), ("instance" = String, Path)),
+    params(("group" = String, Path, description = "Consumer group", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$"), ("instance" = String, Path, description = "Consumer instance", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$")),
     request_body(content((PartitionsBody = "application/vnd.kafka.v2+json"), (PartitionsBody = "application/json"))),
     responses((status = 204), (status = 307, body = ErrorBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody), (status = 415, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody))
+        (status = 409, body = ErrorBody), (status = 415, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody), (status = 413, body = ErrorBody))
 )]
 #[post("/consumers/{group}/instances/{instance}/assignments")]
 pub async fn assign(
@@ -503,7 +525,7 @@ pub async fn assign(
 ) -> Result<HttpResponse, ApiError> {
     super::body_format(&req, false)?;
     let body = read_body(&req, payload, BODY_MAX).await?;
-    let partitions = partitions_body(&body)?;
+    let partitions = partitions_body(&state, &body)?;
     let coordinator = instance(&state, &req, &path).await?;
     coordinator
         .send(Assign {
@@ -518,8 +540,8 @@ pub async fn assign(
 /// The partitions an instance reads: those the group assigned it, or its manual assignment.
 #[utoipa::path(
     tag = "consumers",
-    params(("group" = String, Path), ("instance" = String, Path)),
-    responses((status = 200, body = PartitionsBody, content_type = "application/vnd.kafka.v2+json"), (status = 307, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody))
+    params(("group" = String, Path, description = "Consumer group", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$"), ("instance" = String, Path, description = "Consumer instance", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$")),
+    responses((status = 200, body = PartitionsBody, content_type = "application/vnd.kafka.v2+json"), (status = 307, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody), (status = 422, body = ErrorBody))
 )]
 #[get("/consumers/{group}/instances/{instance}/assignments")]
 pub async fn assignments(

@@ -9,16 +9,20 @@ use utoipa::ToSchema;
 
 use super::super::error::{ApiError, ErrorBody};
 use super::super::{body_format, parse_json, read_body, State};
-use super::{instance, partitions_body, stopped, v2, BODY_MAX, PARTITIONS_PER_REQUEST_MAX};
+use super::{
+    check_partition, instance, partitions_body, stopped, v2, BODY_MAX, PARTITIONS_PER_REQUEST_MAX,
+};
 
 /// One partition's offset in a commit or seek.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OffsetRef {
     pub topic: String,
+    #[serde(deserialize_with = "crate::http::lenient::u32")]
     pub partition: u32,
     /// The next offset to consume (as in Kafka: one past the last record processed).
     #[schema(minimum = 0)]
+    #[serde(deserialize_with = "crate::http::lenient::i64")]
     pub offset: i64,
     /// Client metadata kept with the commit.
     #[serde(default)]
@@ -30,6 +34,7 @@ pub struct OffsetRef {
 #[serde(deny_unknown_fields)]
 pub struct OffsetsBody {
     #[schema(max_items = 10000)]
+    #[serde(deserialize_with = "crate::http::lenient::objects")]
     pub offsets: Vec<OffsetRef>,
 }
 
@@ -50,7 +55,10 @@ pub struct CommittedOffsets {
 
 const METADATA_MAX: usize = 4096;
 
-fn offsets_body(body: &[u8]) -> Result<Vec<(TopicPartition, u64, String)>, ApiError> {
+fn offsets_body(
+    state: &State,
+    body: &[u8],
+) -> Result<Vec<(TopicPartition, u64, String)>, ApiError> {
     let parsed: OffsetsBody = parse_json(body)?;
     if parsed.offsets.len() > PARTITIONS_PER_REQUEST_MAX {
         return Err(ApiError::Unprocessable(format!(
@@ -61,6 +69,7 @@ fn offsets_body(body: &[u8]) -> Result<Vec<(TopicPartition, u64, String)>, ApiEr
         .offsets
         .into_iter()
         .map(|o| {
+            check_partition(state, o.partition)?;
             if o.offset < 0 {
                 return Err(ApiError::InvalidOffset(format!(
                     "offset {} of partition {} of topic '{}' is negative",
@@ -89,10 +98,10 @@ fn offsets_body(body: &[u8]) -> Result<Vec<(TopicPartition, u64, String)>, ApiEr
 /// Answered once the commit is committed by its offsets partition's quorum.
 #[utoipa::path(
     tag = "consumers",
-    params(("group" = String, Path), ("instance" = String, Path)),
+    params(("group" = String, Path, description = "Consumer group", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$"), ("instance" = String, Path, description = "Consumer instance", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$")),
     request_body(content((OffsetsBody = "application/vnd.kafka.v2+json"), (OffsetsBody = "application/json"))),
     responses((status = 200, body = CommittedOffsets, content_type = "application/vnd.kafka.v2+json"), (status = 307, body = ErrorBody), (status = 400, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 415, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody))
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 415, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody), (status = 413, body = ErrorBody))
 )]
 #[post("/consumers/{group}/instances/{instance}/offsets")]
 pub async fn commit(
@@ -106,7 +115,7 @@ pub async fn commit(
         None
     } else {
         body_format(&req, false)?;
-        Some(offsets_body(&body)?)
+        Some(offsets_body(&state, &body)?)
     };
     let coordinator = instance(&state, &req, &path).await?;
     let committed = coordinator
@@ -132,10 +141,10 @@ pub async fn commit(
 /// The group's committed offsets for the given partitions (a body on GET, as in REST Proxy v2).
 #[utoipa::path(
     tag = "consumers",
-    params(("group" = String, Path), ("instance" = String, Path)),
+    params(("group" = String, Path, description = "Consumer group", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$"), ("instance" = String, Path, description = "Consumer instance", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$")),
     request_body(content((super::PartitionsBody = "application/vnd.kafka.v2+json"), (super::PartitionsBody = "application/json"))),
     responses((status = 200, body = CommittedOffsets, content_type = "application/vnd.kafka.v2+json"), (status = 307, body = ErrorBody), (status = 400, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 415, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody))
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 415, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody), (status = 413, body = ErrorBody))
 )]
 #[get("/consumers/{group}/instances/{instance}/offsets")]
 pub async fn get_committed(
@@ -154,7 +163,7 @@ pub async fn get_committed(
             .map_err(|_| stopped())??
     } else {
         body_format(&req, false)?;
-        partitions_body(&body)?
+        partitions_body(&state, &body)?
     };
     let committed = coordinator
         .send(GetCommitted {
@@ -196,10 +205,10 @@ async fn seek_to(
 /// Set where the instance's next poll reads, per partition it owns.
 #[utoipa::path(
     tag = "consumers",
-    params(("group" = String, Path), ("instance" = String, Path)),
+    params(("group" = String, Path, description = "Consumer group", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$"), ("instance" = String, Path, description = "Consumer instance", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$")),
     request_body(content((OffsetsBody = "application/vnd.kafka.v2+json"), (OffsetsBody = "application/json"))),
     responses((status = 204), (status = 307, body = ErrorBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody), (status = 415, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody))
+        (status = 409, body = ErrorBody), (status = 415, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody), (status = 413, body = ErrorBody))
 )]
 #[post("/consumers/{group}/instances/{instance}/positions")]
 pub async fn seek(
@@ -210,7 +219,7 @@ pub async fn seek(
 ) -> Result<HttpResponse, ApiError> {
     body_format(&req, false)?;
     let body = read_body(&req, payload, BODY_MAX).await?;
-    let offsets = offsets_body(&body)?
+    let offsets = offsets_body(&state, &body)?
         .into_iter()
         .map(|(tp, offset, _)| (tp, offset))
         .collect();
@@ -220,10 +229,10 @@ pub async fn seek(
 /// Seek to the first retained offset of each partition given.
 #[utoipa::path(
     tag = "consumers",
-    params(("group" = String, Path), ("instance" = String, Path)),
+    params(("group" = String, Path, description = "Consumer group", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$"), ("instance" = String, Path, description = "Consumer instance", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$")),
     request_body(content((super::PartitionsBody = "application/vnd.kafka.v2+json"), (super::PartitionsBody = "application/json"))),
     responses((status = 204), (status = 307, body = ErrorBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody), (status = 415, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody))
+        (status = 409, body = ErrorBody), (status = 415, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody), (status = 413, body = ErrorBody))
 )]
 #[post("/consumers/{group}/instances/{instance}/positions/beginning")]
 pub async fn seek_beginning(
@@ -234,17 +243,17 @@ pub async fn seek_beginning(
 ) -> Result<HttpResponse, ApiError> {
     body_format(&req, false)?;
     let body = read_body(&req, payload, BODY_MAX).await?;
-    let partitions = partitions_body(&body)?;
+    let partitions = partitions_body(&state, &body)?;
     seek_to(state, path, req, SeekTo::Beginning(partitions)).await
 }
 
 /// Seek to the end (the high watermark) of each partition given.
 #[utoipa::path(
     tag = "consumers",
-    params(("group" = String, Path), ("instance" = String, Path)),
+    params(("group" = String, Path, description = "Consumer group", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$"), ("instance" = String, Path, description = "Consumer instance", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$")),
     request_body(content((super::PartitionsBody = "application/vnd.kafka.v2+json"), (super::PartitionsBody = "application/json"))),
     responses((status = 204), (status = 307, body = ErrorBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody), (status = 415, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody))
+        (status = 409, body = ErrorBody), (status = 415, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody), (status = 413, body = ErrorBody))
 )]
 #[post("/consumers/{group}/instances/{instance}/positions/end")]
 pub async fn seek_end(
@@ -255,6 +264,6 @@ pub async fn seek_end(
 ) -> Result<HttpResponse, ApiError> {
     body_format(&req, false)?;
     let body = read_body(&req, payload, BODY_MAX).await?;
-    let partitions = partitions_body(&body)?;
+    let partitions = partitions_body(&state, &body)?;
     seek_to(state, path, req, SeekTo::End(partitions)).await
 }

@@ -38,8 +38,10 @@ const BYTES_DEFAULT: usize = 1024 * 1024;
 pub struct PollParams {
     /// Milliseconds to wait for records when there are none (default: the instance's
     /// `consumer.request.timeout.ms`, 1000 unless set).
+    #[serde(default, deserialize_with = "crate::http::lenient::query::u64")]
     pub timeout: Option<u64>,
     /// Soft cap on key+value bytes returned (default 1 MiB).
+    #[serde(default, deserialize_with = "crate::http::lenient::query::usize")]
     pub max_bytes: Option<usize>,
 }
 
@@ -115,9 +117,12 @@ impl MessageBody for PollBody {
 /// Poll records from every partition the instance owns.
 #[utoipa::path(
     tag = "consumers",
-    params(("group" = String, Path), ("instance" = String, Path), PollParams),
+    params(("group" = String, Path, description = "Consumer group", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$"), ("instance" = String, Path, description = "Consumer instance", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$"), PollParams),
     responses(
-        (status = 200, body = Vec<GroupRecord>, content_type = "application/vnd.kafka.json.v2+json"),
+        (status = 200, description = "Records, keys and values in the instance's format", content(
+            (Vec<GroupRecord> = "application/vnd.kafka.json.v2+json"),
+            (Vec<GroupRecord> = "application/vnd.kafka.binary.v2+json")
+        )),
         (status = 307, body = ErrorBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 406, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)
     )
