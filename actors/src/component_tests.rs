@@ -12,7 +12,7 @@ use crate::error::PartitionError;
 use crate::log_reader::{fetch, FetchRequest};
 use crate::metadata::{CreateTopic, DeleteTopic};
 
-fn settings(dir: &std::path::Path) -> BrokerSettings {
+pub(crate) fn settings(dir: &std::path::Path) -> BrokerSettings {
     BrokerSettings {
         data_dir: dir.to_path_buf(),
         retention_check_interval: Duration::from_millis(20),
@@ -77,7 +77,7 @@ async fn append(
 }
 
 /// Poll `check` until it holds or the deadline passes; returns whether it held.
-async fn eventually<F, Fut>(deadline: Duration, mut check: F) -> bool
+pub(crate) async fn eventually<F, Fut>(deadline: Duration, mut check: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,

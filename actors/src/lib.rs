@@ -17,7 +17,8 @@
 //! - [`raft_group`] (sans-IO Raft: what raft-rs wants done), [`raft_driver`] (its Ready loop for
 //!   actors, panics contained), [`proposals`] (clients waiting for their proposals), [`snapshot`],
 //!   [`state_machine`] (what applying a committed entry does: the seam internal topics use).
-//! - [`groups`]: consumer groups; so far committed offsets as a state machine.
+//! - [`groups`]: consumer groups: committed offsets as Raft state, their coordinators, the
+//!   assignors and the classic (JoinGroup/SyncGroup) protocol.
 //! - [`transport`]: per-peer queues (bounded in messages and bytes) and cluster liveness.
 //! - [`registry`]: the name → partitions map the HTTP layer reads without messaging actors.
 //! - [`log_reader`]: fetch with long poll, off the write path.
@@ -312,3 +313,5 @@ fn watch_liveness(cluster: Cluster, registry: Registry, thread: &actix::ArbiterH
 mod component_tests;
 #[cfg(test)]
 mod fault_tests;
+#[cfg(test)]
+mod group_component_tests;

@@ -2,6 +2,7 @@
 
 use crate::error::StorageError;
 
+use super::classic::ClassicError;
 use super::offsets_machine::GroupRefusal;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -63,6 +64,9 @@ pub enum GroupError {
     Conflict(String),
     #[error("group '{0}' is being shut down on this broker; retry")]
     Stopping(String),
+    /// A classic-protocol refusal (Kafka's error code is [`ClassicError::kafka_code`]).
+    #[error("{0}")]
+    Classic(#[from] ClassicError),
 }
 
 fn coordinator_hint(leader: u64) -> String {

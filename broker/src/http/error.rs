@@ -230,7 +230,7 @@ impl From<GroupError> for ApiError {
                 partition: partition.to_string(),
             },
             GroupError::Invalid(_) => ApiError::Unprocessable(message),
-            GroupError::Conflict(_) => ApiError::Conflict(message),
+            GroupError::Conflict(_) | GroupError::Classic(_) => ApiError::Conflict(message),
         }
     }
 }

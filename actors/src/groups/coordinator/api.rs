@@ -133,6 +133,15 @@ pub struct BeginPoll {
     pub wait: Option<Duration>,
 }
 
+/// Before a poll hands its records over: is it still this coordinator's, and has the
+/// coordinator not stood still meanwhile (a paused broker, whose partitions may have moved)?
+#[derive(Debug, Message)]
+#[rtype(result = "bool")]
+pub struct ConfirmPoll {
+    pub instance: String,
+    pub poll: u64,
+}
+
 /// Poll `poll` ended; `advanced` is the next offset per partition whose records it delivered
 /// (empty when the response never reached the client).
 #[derive(Debug, Message)]

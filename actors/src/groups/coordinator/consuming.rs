@@ -18,6 +18,11 @@ impl Handler<BeginPoll> for GroupCoordinator {
 
     fn handle(&mut self, msg: BeginPoll, ctx: &mut Self::Context) -> Self::Result {
         let now = Instant::now();
+        // After a pause, a poll may be the first thing this coordinator does: it must not
+        // hand out partitions another coordinator may have handed out meanwhile.
+        if self.taken_over {
+            self.stood_still(now, ctx);
+        }
         let id = msg.instance;
         let instance = self.instance(&id, now)?;
         if instance.poll.is_some() {
@@ -76,12 +81,15 @@ impl Handler<BeginPoll> for GroupCoordinator {
             .instances
             .get(&id)
             .map_or(OffsetReset::Latest, |i| i.config.offset_reset);
+        // A partition new to this member starts at its committed offset, so not while a
+        // commit of it is in flight (its previous owner's last): it sits out this poll.
         let starts: Vec<(TopicPartition, u64)> = readable
             .iter()
             .filter(|tp| {
                 self.instances
                     .get(&id)
                     .is_some_and(|i| !i.positions.contains_key(*tp))
+                    && !self.commits_in_flight.contains_key(*tp)
             })
             .map(|tp| (tp.clone(), self.start_position(tp, reset)))
             .collect();
@@ -135,6 +143,20 @@ impl Handler<BeginPoll> for GroupCoordinator {
     }
 }
 
+impl Handler<ConfirmPoll> for GroupCoordinator {
+    type Result = bool;
+
+    fn handle(&mut self, msg: ConfirmPoll, ctx: &mut Self::Context) -> bool {
+        if self.stopping.is_some() || self.stood_still(Instant::now(), ctx) {
+            return false;
+        }
+        self.instances
+            .get(&msg.instance)
+            .and_then(|i| i.poll)
+            .is_some_and(|p| p.id == msg.poll)
+    }
+}
+
 impl Handler<EndPoll> for GroupCoordinator {
     type Result = ();
 
@@ -151,6 +173,18 @@ impl Handler<Commit> for GroupCoordinator {
         let now = Instant::now();
         if let Err(e) = self.instance(&msg.instance, now) {
             return ready(Err(e));
+        }
+        // As in Kafka, a consumer that assigns itself partitions may commit into its group
+        // only while the group has no managed members: theirs would be overwritten.
+        let manual = self
+            .instances
+            .get(&msg.instance)
+            .is_some_and(|i| matches!(i.mode, Mode::Manual(_)));
+        if manual && (!self.membership.members().is_empty() || self.classic_active()) {
+            return ready(Err(GroupError::Conflict(format!(
+                "group '{}' has members that the coordinator assigns partitions to; an instance with a manual assignment cannot commit into it",
+                self.group
+            ))));
         }
         let readable = self.readable(&msg.instance);
         let offsets: Vec<(TopicPartition, u64, String)> = match msg.offsets {
@@ -190,47 +224,7 @@ impl Handler<Commit> for GroupCoordinator {
         if offsets.is_empty() {
             return ready(Ok(Vec::new()));
         }
-        let at = now_ms();
-        let entries: Vec<(TopicPartition, Committed)> = offsets
-            .iter()
-            .map(|(tp, offset, metadata)| {
-                (
-                    tp.clone(),
-                    Committed {
-                        offset: *offset,
-                        metadata: metadata.clone(),
-                        committed_at_ms: at,
-                    },
-                )
-            })
-            .collect();
-        let command = GroupCommand::Commit {
-            group: self.group.clone(),
-            generation: Some(self.epoch),
-            offsets: entries.clone(),
-        };
-        let proposed = Instant::now();
-        self.commit_seq += 1;
-        let seq = self.commit_seq;
-        let _ = ctx;
-        Box::pin(
-            self.offsets
-                .send(ProposeGroup(command))
-                .into_actor(self)
-                .map(move |result, act, _ctx| {
-                    // The offsets replica went away with the proposal: it may have committed.
-                    let result = result
-                        .unwrap_or_else(|_| Err(GroupError::OutcomeUnknown(act.group.clone())));
-                    result?;
-                    act.metrics
-                        .group_commit_latency_seconds
-                        .observe(proposed.elapsed().as_secs_f64());
-                    for (tp, committed) in entries {
-                        act.record_commit(seq, tp, committed);
-                    }
-                    Ok(offsets.into_iter().map(|(tp, o, _)| (tp, o)).collect())
-                }),
-        )
+        self.propose_commit(offsets, ctx)
     }
 }
 
@@ -367,5 +361,83 @@ impl Handler<Describe> for GroupCoordinator {
                 .map(|(tp, (_, c))| (tp.clone(), c.clone()))
                 .collect(),
         })
+    }
+}
+
+impl GroupCoordinator {
+    /// Propose `offsets` as the group's commit under this coordinator's epoch; answered once
+    /// its offsets partition's quorum committed it (or with why not).
+    pub(super) fn propose_commit(
+        &mut self,
+        offsets: Vec<(TopicPartition, u64, String)>,
+        _ctx: &mut Context<Self>,
+    ) -> ResponseActFuture<Self, Result<Vec<(TopicPartition, u64)>, GroupError>> {
+        if offsets.is_empty() {
+            return Box::pin(actix::fut::ready(Ok(Vec::new())));
+        }
+        let at = now_ms();
+        let entries: Vec<(TopicPartition, Committed)> = offsets
+            .iter()
+            .map(|(tp, offset, metadata)| {
+                (
+                    tp.clone(),
+                    Committed {
+                        offset: *offset,
+                        metadata: metadata.clone(),
+                        committed_at_ms: at,
+                    },
+                )
+            })
+            .collect();
+        let command = GroupCommand::Commit {
+            group: self.group.clone(),
+            generation: Some(self.epoch),
+            offsets: entries.clone(),
+        };
+        let proposed = Instant::now();
+        self.commit_seq += 1;
+        let seq = self.commit_seq;
+        // Until it resolves, none of its partitions reaches a new owner (see `BeginPoll`).
+        let partitions: Vec<TopicPartition> = entries.iter().map(|(tp, _)| tp.clone()).collect();
+        for tp in &partitions {
+            *self.commits_in_flight.entry(tp.clone()).or_default() += 1;
+        }
+        Box::pin(
+            self.offsets
+                .send(ProposeGroup(command))
+                .into_actor(self)
+                .map(move |result, act, ctx| {
+                    for tp in &partitions {
+                        if let Some(n) = act.commits_in_flight.get_mut(tp) {
+                            *n -= 1;
+                            if *n == 0 {
+                                act.commits_in_flight.remove(tp);
+                            }
+                        }
+                    }
+                    // Polls waiting for one of these partitions may read it now.
+                    act.notify();
+                    // The offsets replica went away with the proposal: it may have committed.
+                    let result = result
+                        .unwrap_or_else(|_| Err(GroupError::OutcomeUnknown(act.group.clone())));
+                    if let Err(GroupError::OutcomeUnknown(_)) = &result {
+                        // It may still apply, after a new owner started from the older offset:
+                        // this coordinator's view is uncertain, so it goes, and the next one
+                        // starts from the applied state, which settles it (its takeover entry
+                        // follows the commit in the log).
+                        tracing::warn!(group = %act.group, "a commit's outcome is unknown; coordinator stopping");
+                        act.stopping = Some("a commit's outcome is unknown");
+                        ctx.stop();
+                    }
+                    result?;
+                    act.metrics
+                        .group_commit_latency_seconds
+                        .observe(proposed.elapsed().as_secs_f64());
+                    for (tp, committed) in entries {
+                        act.record_commit(seq, tp, committed);
+                    }
+                    Ok(offsets.into_iter().map(|(tp, o, _)| (tp, o)).collect())
+                }),
+        )
     }
 }

@@ -78,6 +78,12 @@ impl Handler<Subscribe> for GroupCoordinator {
 
     fn handle(&mut self, msg: Subscribe, ctx: &mut Self::Context) -> Self::Result {
         let now = Instant::now();
+        if self.classic_active() {
+            return Err(GroupError::Conflict(format!(
+                "group '{}' is managed by Kafka-protocol consumers (JoinGroup); a REST instance cannot subscribe to it",
+                self.group
+            )));
+        }
         let instance = self.instance(&msg.instance, now)?;
         if matches!(instance.mode, Mode::Manual(_)) {
             return Err(GroupError::Conflict(format!(

@@ -22,18 +22,22 @@ use actix::prelude::*;
 use tokio::sync::watch;
 
 mod api;
+mod classic;
 mod consuming;
 mod instances;
 
 pub use api::*;
+pub use classic::{
+    ClassicDescription, CommitOffsets, DescribeClassic, Heartbeat, JoinGroup, LeaveGroup, SyncGroup,
+};
 
 use super::assignor::Assignor;
+use super::classic::ClassicGroup;
 use super::error::GroupError;
 use super::membership::Membership;
 use super::offsets_machine::{Committed, GroupCommand, TopicPartition};
 use super::offsets_replica::{OffsetsReplica, ProposeGroup};
 use crate::metrics::Metrics;
-use crate::partition_replica::now_ms;
 use crate::registry::Registry;
 
 #[derive(Debug)]
@@ -114,6 +118,13 @@ pub struct GroupCoordinator {
     assignment_changed: watch::Sender<u64>,
     stopping: Option<&'static str>,
     next_instance: u64,
+    /// When housekeeping or a poll last ran (see [`GroupCoordinator::stood_still`]).
+    last_awake: Instant,
+    /// Commits proposed and not yet resolved, per partition.
+    commits_in_flight: BTreeMap<TopicPartition, usize>,
+    /// The classic protocol's members, once one joined; and the replies it deferred.
+    classic: Option<ClassicGroup>,
+    pending: classic::Pending,
 }
 
 impl GroupCoordinator {
@@ -151,6 +162,10 @@ impl GroupCoordinator {
             assignment_changed: watch::Sender::new(0),
             stopping: None,
             next_instance: 0,
+            last_awake: Instant::now(),
+            commits_in_flight: BTreeMap::new(),
+            classic: None,
+            pending: classic::Pending::default(),
         }
     }
 
@@ -407,8 +422,8 @@ impl GroupCoordinator {
             instance.auto_committed.remove(tp);
         }
         if !handed.is_empty() {
-            // Taken as committed now, so the next owner starts where this one stopped; the
-            // commit itself is in flight (a crash before it lands means redelivery, never loss).
+            // The next owner starts where this one stopped once the commit lands (a crash
+            // before it does means redelivery, never loss).
             self.commit_in_background(handed, ctx);
         }
     }
@@ -418,40 +433,18 @@ impl GroupCoordinator {
         offsets: Vec<(TopicPartition, u64)>,
         ctx: &mut Context<Self>,
     ) {
-        let at = now_ms();
-        let entries: Vec<(TopicPartition, Committed)> = offsets
+        // Counted as committed only once it is (reads never show an offset that may vanish
+        // with this coordinator); the next owner of a partition waits for it meanwhile.
+        let offsets = offsets
             .into_iter()
-            .map(|(tp, offset)| {
-                (
-                    tp,
-                    Committed {
-                        offset,
-                        metadata: String::new(),
-                        committed_at_ms: at,
-                    },
-                )
-            })
+            .map(|(tp, offset)| (tp, offset, String::new()))
             .collect();
-        self.commit_seq += 1;
-        for (tp, committed) in &entries {
-            self.record_commit(self.commit_seq, tp.clone(), committed.clone());
-        }
-        let command = GroupCommand::Commit {
-            group: self.group.clone(),
-            generation: Some(self.epoch),
-            offsets: entries,
-        };
-        let group = self.group.clone();
-        ctx.spawn(
-            self.offsets
-                .send(ProposeGroup(command))
-                .into_actor(self)
-                .map(move |result, _act, _ctx| {
-                    if let Ok(Err(e)) | Err(e) = result.map_err(|_| GroupError::Stopping(group)) {
-                        tracing::warn!(error = %e, "auto-commit failed");
-                    }
-                }),
-        );
+        let commit = self.propose_commit(offsets, ctx).map(|result, _act, _ctx| {
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "auto-commit failed");
+            }
+        });
+        ctx.spawn(commit);
     }
 
     /// Where a partition an instance starts reading should start: the committed offset (if
@@ -486,11 +479,35 @@ impl GroupCoordinator {
         }
     }
 
+    /// Whether this coordinator's thread stood still longer than an election timeout (its
+    /// broker was paused, or starved): its offsets partition may have a new leader whose
+    /// coordinator serves the group, and nothing here has heard of it yet. It then stops, so
+    /// the next coordinator on this broker must commit its takeover through a quorum first.
+    pub(super) fn stood_still(&mut self, now: Instant, ctx: &mut Context<Self>) -> bool {
+        let gap = now.duration_since(self.last_awake);
+        self.last_awake = now;
+        if gap <= self.pause_bound() || self.stopping.is_some() {
+            return false;
+        }
+        tracing::warn!(group = %self.group, gap_ms = gap.as_millis() as u64, "coordinator stood still; stopping");
+        self.stopping = Some("it stood still longer than an election timeout");
+        ctx.stop();
+        true
+    }
+
+    /// One election timeout at most (half the takeover hold).
+    pub(super) fn pause_bound(&self) -> Duration {
+        self.takeover_hold / 2
+    }
+
     fn housekeeping(&mut self, ctx: &mut Context<Self>) {
         if !self.taken_over || self.stopping.is_some() {
             return;
         }
         let now = Instant::now();
+        if self.stood_still(now, ctx) {
+            return;
+        }
         // Polls whose end never arrived end here, having delivered nothing.
         let stuck: Vec<(String, u64)> = self
             .instances
@@ -505,6 +522,7 @@ impl GroupCoordinator {
             tracing::warn!(group = %self.group, instance = %id, "a poll's end never arrived; ending it");
             self.end_poll(&id, poll, Vec::new(), now, ctx);
         }
+        self.classic_tick(now);
         let topics = self.topics();
         for id in self.membership.expire(topics.clone(), now) {
             tracing::info!(group = %self.group, instance = %id, "consumer session expired; its partitions move");
@@ -555,7 +573,7 @@ impl GroupCoordinator {
             self.report_lag();
         }
         // A coordinator nobody uses goes; the next instance created starts another.
-        if self.instances.is_empty() {
+        if self.instances.is_empty() && !self.classic_active() {
             let since = *self.idle_since.get_or_insert(now);
             if now.duration_since(since) > IDLE_STOP {
                 tracing::info!(group = %self.group, "no consumer instances; coordinator stopping");

@@ -16,7 +16,9 @@ use actix_web::http::StatusCode;
 use actix_web::{get, web, HttpRequest, HttpResponse};
 use bytes::Bytes;
 use futures::future::{select_all, FutureExt};
-use pubg1_actors::groups::coordinator::{BeginPoll, EndPoll, GroupCoordinator, PollPlan};
+use pubg1_actors::groups::coordinator::{
+    BeginPoll, ConfirmPoll, EndPoll, GroupCoordinator, PollPlan,
+};
 use pubg1_actors::groups::offsets_machine::TopicPartition;
 use pubg1_actors::log_reader::{self, FetchRequest};
 use serde::{Deserialize, Serialize};
@@ -169,6 +171,7 @@ pub async fn records(
         } else {
             EmbeddedFormat::Json
         };
+        let plan_id = plan.poll;
         let mut guard = PollGuard {
             coordinator: coordinator.clone(),
             instance: path.1.clone(),
@@ -183,6 +186,20 @@ pub async fn records(
         if out.is_empty() && rebalanced && Instant::now() < deadline {
             drop(guard);
             continue;
+        }
+        if !out.is_empty() {
+            let confirmed = coordinator
+                .send(ConfirmPoll {
+                    instance: path.1.clone(),
+                    poll: plan_id,
+                })
+                .await
+                .unwrap_or(false);
+            if !confirmed {
+                // Nothing of this poll reaches the client: its partitions may have moved.
+                guard.advanced.clear();
+                return Err(stopped());
+            }
         }
         return respond(out, format, guard);
     }
