@@ -26,6 +26,8 @@ pub struct Reply {
     pub status: u16,
     pub body: Value,
     pub text: String,
+    /// The `Location` header of a redirect.
+    pub location: Option<String>,
 }
 
 impl Http {
@@ -34,6 +36,9 @@ impl Http {
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(timeout))
+            // Redirects are answers to act on (a group's coordinator is elsewhere), not to
+            // follow blindly: a POST must not turn into a GET.
+            .max_redirects(0)
             .build();
         Self {
             agent: config.into(),
@@ -61,11 +66,21 @@ impl Http {
 fn read(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<Reply> {
     let mut response = result?;
     let status = response.status().as_u16();
+    let location = response
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let text = response
         .body_mut()
         .with_config()
         .limit(512 * 1024 * 1024)
         .read_to_string()?;
     let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-    Ok(Reply { status, body, text })
+    Ok(Reply {
+        status,
+        body,
+        text,
+        location,
+    })
 }

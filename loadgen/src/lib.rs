@@ -3,6 +3,8 @@
 
 mod clients;
 pub mod cluster;
+pub mod group;
+pub mod group_verify;
 pub mod http;
 pub mod nemesis;
 pub mod ports;

@@ -15,6 +15,7 @@ use serde_json::json;
 
 use crate::clients::{new_histogram, start_consumers, start_producers, Live};
 use crate::cluster::{Cluster, State};
+use crate::group::{Group, GroupResult};
 use crate::http::{describe, Http, SETTLE_DEADLINE};
 use crate::readback::{self, ReplicaCheck};
 use crate::scenario::{Action, Scenario, Target, TopicSpec};
@@ -50,7 +51,7 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    fn of(h: &Histogram<u64>) -> Self {
+    pub fn of(h: &Histogram<u64>) -> Self {
         let ms = |micros: u64| micros as f64 / 1000.0;
         Self {
             count: h.len(),
@@ -102,6 +103,9 @@ pub struct RunResult {
     /// started; sampled every 200 ms from /proc.
     #[serde(default)]
     pub rss_max_bytes: Vec<(u32, u64)>,
+    /// The consumer group's measurements and verdict, when the scenario has a `[group]`.
+    #[serde(default)]
+    pub group: Option<GroupResult>,
 }
 
 impl RunResult {
@@ -109,6 +113,7 @@ impl RunResult {
         self.verdict.is_clean()
             && self.replicas.iter().all(ReplicaCheck::is_clean)
             && !self.checks.iter().any(|c| c.starts_with("violation"))
+            && self.group.as_ref().is_none_or(GroupResult::is_clean)
     }
 }
 
@@ -160,6 +165,10 @@ pub fn run(options: &Options) -> Result<RunResult> {
         Some(spec) => start_consumers(spec.count, partitions, &urls, &topic, &live, start),
         None => Vec::new(),
     };
+    let mut group = scenario
+        .group
+        .as_ref()
+        .map(|spec| Group::start(spec, &topic, &urls, start));
 
     let bar = progress_bar(options.progress, scenario.duration_s);
     let mut faults = Vec::new();
@@ -172,6 +181,16 @@ pub fn run(options: &Options) -> Result<RunResult> {
         let now = Instant::now();
         if let Some(fault) = timeline.next_if(|f| start + Duration::from_secs_f64(f.at_s) <= now) {
             let at_ms = start.elapsed().as_millis() as u64;
+            if fault.action.is_membership() {
+                let group = group.as_mut().ok_or_else(|| anyhow!("no [group]"))?;
+                let member = crate::scenario::member_target(&fault.target)?;
+                let description = match fault.action {
+                    Action::Join => group.join(),
+                    action => group.remove(member, action == Action::KillMember)?,
+                };
+                bar.println(format!("{:>6.1} s  {description}", at_ms as f64 / 1000.0));
+                continue;
+            }
             let (description, affected) =
                 apply_fault(cluster.as_mut(), &http, &urls, scenario, fault, &mut checks)
                     .with_context(|| format!("fault at {} s", fault.at_s))?;
@@ -220,6 +239,16 @@ pub fn run(options: &Options) -> Result<RunResult> {
         .iter()
         .flat_map(|r| r.acks.iter().copied())
         .collect();
+    // The group reads on until it has every acknowledged record, then its members leave.
+    let group = group.map(|mut group| {
+        let mut targets: std::collections::BTreeMap<u32, u64> = Default::default();
+        for ack in &acks {
+            let to = targets.entry(ack.partition).or_default();
+            *to = (*to).max(ack.offset + 1);
+        }
+        let drained = group.drain(&targets);
+        group.finish(&acks, elapsed.as_millis() as u64, drained)
+    });
     save_acks(&options.out.join("acks.csv"), &acks)?;
     let (verdict, replicas) =
         readback::verify_replicas(&http, &urls, &topic, &scenario.topics, &acks)?;
@@ -280,6 +309,7 @@ pub fn run(options: &Options) -> Result<RunResult> {
         replicas,
         seed: options.seed,
         rss_max_bytes: rss_max.into_iter().collect(),
+        group,
     };
     std::fs::write(
         options.out.join("result.json"),
@@ -526,6 +556,7 @@ fn apply_fault(
             Action::Resume => cluster.resume(*id)?,
             Action::Isolate => cluster.isolate(*id)?,
             Action::DeleteTopic | Action::CreateTopic | Action::Heal => {}
+            Action::Join | Action::Leave | Action::KillMember => {}
         }
     }
     let verb = match fault.action {
@@ -534,7 +565,12 @@ fn apply_fault(
         Action::Pause => "pause (SIGSTOP)",
         Action::Resume => "resume (SIGCONT)",
         Action::Isolate => "isolate from the other brokers:",
-        Action::DeleteTopic | Action::CreateTopic | Action::Heal => "",
+        Action::DeleteTopic
+        | Action::CreateTopic
+        | Action::Heal
+        | Action::Join
+        | Action::Leave
+        | Action::KillMember => "",
     };
     Ok((
         format!("{verb} broker {targets:?} ({})", fault.target),

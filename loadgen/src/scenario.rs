@@ -23,6 +23,10 @@ pub struct Scenario {
     /// Consumers tail the producers' topic and measure end-to-end latency (none if absent).
     #[serde(default)]
     pub consumers: Option<ConsumerSpec>,
+    /// A consumer group reading the producers' topic through the REST Proxy v2 consumer API,
+    /// verified for at-least-once delivery across rebalances and faults (none if absent).
+    #[serde(default)]
+    pub group: Option<crate::group::GroupSpec>,
     #[serde(default)]
     pub faults: Vec<Fault>,
 }
@@ -109,7 +113,8 @@ pub struct Fault {
     pub at_s: f64,
     pub action: Action,
     /// `leader:TOPIC/PARTITION`, `follower:TOPIC/PARTITION`, `broker:N`; for `restart` also
-    /// `killed` (every killed broker), for `resume` also `paused`; for topic actions the topic.
+    /// `killed` (every killed broker), for `resume` also `paused`; for topic actions the topic;
+    /// for `leave` and `kill-member` `member:N` (empty: the longest-serving member).
     #[serde(default)]
     pub target: String,
 }
@@ -134,6 +139,31 @@ pub enum Action {
     Isolate,
     /// Reconnect every broker (target ignored).
     Heal,
+    /// A new member joins the `[group]` (target ignored).
+    Join,
+    /// A member of the `[group]` leaves it (deletes its instance).
+    Leave,
+    /// A member of the `[group]` stops polling without leaving or committing its last poll,
+    /// as a killed client does: its partitions move after its session times out.
+    KillMember,
+}
+
+impl Action {
+    /// Whether it acts on the consumer group rather than on brokers or topics.
+    pub fn is_membership(self) -> bool {
+        matches!(self, Action::Join | Action::Leave | Action::KillMember)
+    }
+}
+
+/// The member a `leave` or `kill-member` names: `member:N`, or None for the longest-serving.
+pub fn member_target(text: &str) -> Result<Option<u32>> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.strip_prefix("member:")
+        .and_then(|n| n.parse().ok())
+        .map(Some)
+        .with_context(|| format!("'{text}': expected member:N"))
 }
 
 /// Who a broker fault hits.
@@ -199,6 +229,13 @@ impl Scenario {
         if self.producers.count == 0 || self.producers.batch == 0 {
             bail!("producers.count and producers.batch must be at least 1");
         }
+        if self
+            .group
+            .as_ref()
+            .is_some_and(|g| g.drain_s <= 0.0 || g.poll_timeout_ms == 0)
+        {
+            bail!("group.drain_s and group.poll_timeout_ms must be positive");
+        }
         if self.consumers.as_ref().is_some_and(|c| c.count == 0) {
             bail!("consumers.count must be at least 1 (or leave out [consumers])");
         }
@@ -218,6 +255,12 @@ impl Scenario {
                     }
                 }
                 Action::Heal => {}
+                action if action.is_membership() => {
+                    if self.group.is_none() {
+                        bail!("{action:?} needs a [group]");
+                    }
+                    member_target(&fault.target)?;
+                }
                 Action::Isolate if !self.cluster.proxies => {
                     bail!("isolate needs [cluster] proxies = true");
                 }
@@ -292,6 +335,9 @@ mod tests {
             include_str!("../scenarios/steady.toml"),
             include_str!("../scenarios/leader-kills.toml"),
             include_str!("../scenarios/stalled-follower.toml"),
+            include_str!("../scenarios/groups.toml"),
+            include_str!("../scenarios/groups-1000.toml"),
+            include_str!("../scenarios/group-throughput.toml"),
             CHAOS,
         ] {
             Scenario::parse(text).expect("scenario");
@@ -314,6 +360,10 @@ mod tests {
             (
                 "[[faults]]\nat_s = 1\naction = \"kill\"\ntarget = \"someone\"\n",
                 "unknown fault target",
+            ),
+            (
+                "[[faults]]\nat_s = 1\naction = \"join\"\n",
+                "needs a [group]",
             ),
         ] {
             let error = format!(

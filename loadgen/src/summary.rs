@@ -85,6 +85,9 @@ pub fn render(result: &RunResult) -> String {
         );
     }
     out.push_str(&verdict(&result.verdict));
+    if let Some(group) = &result.group {
+        out.push_str(&group_summary(group));
+    }
     if !result
         .replicas
         .iter()
@@ -112,6 +115,67 @@ pub fn verdict(v: &Verdict) -> String {
             "PASS: every acknowledged record is stored once, where it was acknowledged"
         } else {
             "FAIL: acknowledged records were lost, duplicated or moved"
+        }
+    );
+    out
+}
+
+fn group_summary(g: &crate::group::GroupResult) -> String {
+    let mut out = String::new();
+    let v = &g.verdict;
+    let c = &g.commit_latency_ms;
+    let _ = writeln!(
+        out,
+        "group {:<13} {} members joined, {} instances; {} records delivered, {:.0} records/s during the load; drained {}",
+        g.group,
+        g.members_joined,
+        g.incarnations,
+        v.delivered,
+        g.records_per_second_during_load,
+        match (g.drained_after_ms, g.drain_records_per_second) {
+            (Some(ms), Some(rate)) => format!("{ms} ms after the load ({rate:.0} records/s)"),
+            _ => "NEVER (not every acknowledged record was read)".to_owned(),
+        }
+    );
+    let _ = writeln!(
+        out,
+        "commits             {} ok, refused {:?}; latency p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        g.commits_ok, g.commits_refused, c.p50, c.p99, c.max
+    );
+    for r in &g.rebalances {
+        let _ = writeln!(
+            out,
+            "  {:<40} {:>6.1} s  {} partitions moved, consumption resumed {}",
+            r.event,
+            r.at_ms as f64 / 1000.0,
+            r.partitions_moved,
+            r.resumed_after_ms
+                .map_or_else(|| "-".to_owned(), |ms| format!("after {ms} ms"))
+        );
+    }
+    let _ = writeln!(
+        out,
+        "group verifier      {} undelivered, {} committed then redelivered, {} two owners, {} twice to one member, {} commits seen going back; redelivered {} (member killed {}, instance lost {}, rebalance {})",
+        v.undelivered,
+        v.committed_redelivered,
+        v.two_owners,
+        v.delivered_twice_to_one_member,
+        v.committed_backwards,
+        v.redelivered(),
+        v.redelivered_member_killed,
+        v.redelivered_instance_lost,
+        v.redelivered_rebalance
+    );
+    for example in &v.examples {
+        let _ = writeln!(out, "  {example}");
+    }
+    let _ = writeln!(
+        out,
+        "result              {}",
+        if g.is_clean() {
+            "PASS: the group received every acknowledged record, never two owners at once, commits never went back"
+        } else {
+            "FAIL: the group missed acknowledged records, read a partition twice at once, or saw commits go back"
         }
     );
     out
