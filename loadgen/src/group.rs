@@ -31,7 +31,7 @@ const V2: &str = "application/vnd.kafka.v2+json";
 /// Pause after a failed request (the member then tries the next broker).
 const RETRY: Duration = Duration::from_millis(50);
 /// How often the monitor reads the group's committed offsets.
-const MONITOR_INTERVAL: Duration = Duration::from_millis(250);
+const MONITOR_INTERVAL: Duration = Duration::from_millis(100);
 
 /// `[group]` of a scenario: one consumer group on the producers' topic.
 #[derive(Debug, Clone, Deserialize)]
@@ -86,8 +86,9 @@ pub struct GroupResult {
     pub records_per_second_during_load: f64,
     /// How long the members took, after the load, to read the rest (None: they never did).
     pub drained_after_ms: Option<u64>,
-    /// Records read after the load over that time: the group's read rate on a backlog.
-    pub drain_records_per_second: Option<f64>,
+    /// Records delivered over the time from the first delivery to the last: the group's read
+    /// rate (on a backlog, what it can read; under load, what it was given).
+    pub read_records_per_second: f64,
     pub commit_latency_ms: Percentiles,
     pub commits_ok: u64,
     /// Commits answered with an error, by error code.
@@ -112,6 +113,8 @@ struct Log {
     commits_refused: BTreeMap<String, u64>,
     /// Per partition, one past the highest offset delivered.
     delivered_to: BTreeMap<u32, u64>,
+    /// (asked at, ms since start; whether the coordinator described the group as stable).
+    states: Vec<(u64, bool)>,
 }
 
 /// What a member is told to do.
@@ -197,9 +200,10 @@ impl Group {
         member
             .control
             .store(if kill { KILL } else { LEAVE }, Ordering::Release);
-        let at_ms = self.at_ms();
-        // A leave is done when the member has deleted its instance; a kill at once.
+        // A leave is done when the member has deleted its instance (after the poll it was in),
+        // a kill when its thread stopped: the event counts from then.
         let _ = member.thread.join();
+        let at_ms = self.at_ms();
         let description = if kill {
             format!("member {n} killed")
         } else {
@@ -254,6 +258,7 @@ impl Group {
                             .cloned()
                             .unwrap_or_default();
                         let mut log = lock(&log);
+                        log.states.push((sent_ms, reply.body["state"] == "Stable"));
                         for p in seen {
                             if let (Some(partition), Some(offset)) =
                                 (p["partition"].as_u64(), p["committed_offset"].as_u64())
@@ -320,7 +325,21 @@ impl Group {
         let log = lock(&self.log);
         let verdict =
             group_verify::verify(acks, &log.deliveries, &log.incarnations, &log.observations);
-        let rebalances = group_verify::rebalances(&self.events, &log.deliveries, &log.incarnations);
+        let mut rebalances =
+            group_verify::rebalances(&self.events, &log.deliveries, &log.incarnations);
+        for rebalance in &mut rebalances {
+            // The first description asked after the event that finds the group stable (every
+            // partition with its target owner), after one that did not.
+            let mut unstable_seen = false;
+            for (at, stable) in log.states.iter().filter(|(at, _)| *at >= rebalance.at_ms) {
+                if !stable {
+                    unstable_seen = true;
+                } else if unstable_seen {
+                    rebalance.stable_after_ms = Some(at - rebalance.at_ms);
+                    break;
+                }
+            }
+        }
         let mut per_second: Vec<u64> = Vec::new();
         for d in &log.deliveries {
             let second = (d.received_ms / 1000) as usize;
@@ -335,10 +354,20 @@ impl Group {
             .filter(|d| d.received_ms <= load_ms)
             .map(|d| d.last - d.first + 1)
             .sum();
-        let after_load = log.deliveries.iter().filter(|d| d.received_ms > load_ms);
-        let drained: u64 = after_load.map(|d| d.last - d.first + 1).sum();
-        let drain_records_per_second =
-            drained_after_ms.map(|ms| drained as f64 * 1000.0 / ms.max(1) as f64);
+        let first = log
+            .deliveries
+            .iter()
+            .map(|d| d.received_ms)
+            .min()
+            .unwrap_or(0);
+        let last = log
+            .deliveries
+            .iter()
+            .map(|d| d.received_ms)
+            .max()
+            .unwrap_or(0);
+        let delivered: u64 = log.deliveries.iter().map(|d| d.last - d.first + 1).sum();
+        let read_records_per_second = delivered as f64 * 1000.0 / (last - first).max(1) as f64;
         let latency = log.commit_latency.clone().unwrap_or_else(new_histogram);
         GroupResult {
             group: self.spec.name.clone(),
@@ -348,7 +377,7 @@ impl Group {
             delivered_per_second: per_second,
             records_per_second_during_load: during_load as f64 * 1000.0 / load_ms.max(1) as f64,
             drained_after_ms,
-            drain_records_per_second,
+            read_records_per_second,
             commit_latency_ms: Percentiles::of(&latency),
             commits_ok: log.commits_ok,
             commits_refused: log.commits_refused.clone(),

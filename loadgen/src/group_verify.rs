@@ -78,6 +78,13 @@ pub struct Rebalance {
     pub partitions_moved: usize,
     /// Event → the last of those partitions delivered again (None: none moved, or one never was).
     pub resumed_after_ms: Option<u64>,
+    /// The median of those partitions' times to their first records after the event.
+    #[serde(default)]
+    pub resumed_median_ms: Option<u64>,
+    /// Event → the coordinator first described the group as stable again (every partition with
+    /// its target owner), sampled every 100 ms; None if it was never seen rebalancing.
+    #[serde(default)]
+    pub stable_after_ms: Option<u64>,
 }
 
 /// What the group verifier found. `undelivered`, `committed_redelivered`, `two_owners`,
@@ -325,6 +332,7 @@ pub fn rebalances(
         .map(|event| {
             let mut moved = 0;
             let mut resumed: Option<u64> = Some(0);
+            let mut each: Vec<u64> = Vec::new();
             for list in by_partition.values() {
                 let at = list.partition_point(|d| d.received_ms < event.at_ms);
                 let Some(before) = at.checked_sub(1).map(|i| list[i]) else {
@@ -334,6 +342,7 @@ pub fn rebalances(
                     Some(after) if member(after) != member(before) => {
                         moved += 1;
                         resumed = resumed.map(|r| r.max(after.received_ms - event.at_ms));
+                        each.push(after.received_ms - event.at_ms);
                     }
                     Some(_) => {}
                     None => resumed = None,
@@ -344,6 +353,11 @@ pub fn rebalances(
                 at_ms: event.at_ms,
                 partitions_moved: moved,
                 resumed_after_ms: if moved == 0 { None } else { resumed },
+                resumed_median_ms: {
+                    each.sort_unstable();
+                    each.get(each.len() / 2).copied()
+                },
+                stable_after_ms: None,
             }
         })
         .collect()

@@ -126,16 +126,17 @@ fn group_summary(g: &crate::group::GroupResult) -> String {
     let c = &g.commit_latency_ms;
     let _ = writeln!(
         out,
-        "group {:<13} {} members joined, {} instances; {} records delivered, {:.0} records/s during the load; drained {}",
+        "group {:<13} {} members joined, {} instances; {} records delivered ({:.0}/s from first to last, {:.0}/s during the load); all read {}",
         g.group,
         g.members_joined,
         g.incarnations,
         v.delivered,
+        g.read_records_per_second,
         g.records_per_second_during_load,
-        match (g.drained_after_ms, g.drain_records_per_second) {
-            (Some(ms), Some(rate)) => format!("{ms} ms after the load ({rate:.0} records/s)"),
-            _ => "NEVER (not every acknowledged record was read)".to_owned(),
-        }
+        g.drained_after_ms.map_or_else(
+            || "NEVER (not every acknowledged record was read)".to_owned(),
+            |ms| format!("{ms} ms after the load")
+        )
     );
     let _ = writeln!(
         out,
@@ -145,12 +146,17 @@ fn group_summary(g: &crate::group::GroupResult) -> String {
     for r in &g.rebalances {
         let _ = writeln!(
             out,
-            "  {:<40} {:>6.1} s  {} partitions moved, consumption resumed {}",
+            "  {:<40} {:>6.1} s  {} partitions moved, stable again {}, their reading resumed {}",
             r.event,
             r.at_ms as f64 / 1000.0,
             r.partitions_moved,
-            r.resumed_after_ms
-                .map_or_else(|| "-".to_owned(), |ms| format!("after {ms} ms"))
+            r.stable_after_ms
+                .map_or_else(|| "-".to_owned(), |ms| format!("after {ms} ms")),
+            match (r.resumed_median_ms, r.resumed_after_ms) {
+                (Some(median), Some(last)) =>
+                    format!("after {median} ms (median), {last} ms (last)"),
+                _ => "-".to_owned(),
+            }
         );
     }
     let _ = writeln!(

@@ -436,3 +436,154 @@ fn an_offsets_follower_behind_the_compacted_log_catches_up_by_snapshot_and_keeps
     );
     Ok(())
 }
+
+/// Partitions the coordinator's broker holds no replica of (replication factor 1 on three
+/// brokers) are read from their leaders: every acknowledged record reaches the member.
+#[test]
+fn a_member_reads_partitions_its_coordinator_holds_no_replica_of() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(3)?;
+    let http = Client::new();
+    let created = http.post_json(
+        &cluster.broker(1).url("/topics"),
+        &json!({"name": "t", "partitions": 3, "replication_factor": 1}),
+    )?;
+    assert_eq!(created.status, 201, "{}", created.text);
+    // Each partition's records go to its one replica.
+    let mut acked: Vec<(u32, u64)> = Vec::new();
+    let mut replica_of = BTreeMap::new();
+    for partition in 0..3u32 {
+        let replica = wait_until(Duration::from_secs(20), "a leader", || {
+            let reply = http
+                .get(
+                    &cluster
+                        .broker(1)
+                        .url(&format!("/topics/t/partitions/{partition}")),
+                )
+                .ok()?;
+            reply.body["leader"].as_u64().filter(|l| *l != 0)
+        })?;
+        replica_of.insert(partition, replica);
+        let records: Vec<serde_json::Value> = (0..100)
+            .map(|i| json!({"value": {"p": partition, "i": i}}))
+            .collect();
+        let reply = http.post_json(
+            &cluster
+                .broker(replica)
+                .url(&format!("/topics/t/partitions/{partition}")),
+            &json!({ "records": records }),
+        )?;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+        for at in reply.body["offsets"].as_array().into_iter().flatten() {
+            acked.push((partition, at["offset"].as_u64().unwrap_or(u64::MAX)));
+        }
+    }
+    let home = coordinator(&cluster.brokers, "g")?;
+    let broker = &cluster.brokers[home];
+    let me = home as u64 + 1;
+    assert!(
+        replica_of.values().any(|r| *r != me),
+        "the test needs a partition off the coordinator's broker: {replica_of:?}"
+    );
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let base = create_instance(broker, "g", member("c1", json!({"format": "json"})))?;
+    subscribe(&base, &["t"])?;
+    let mut consumer = Consumer::start("c1", base, log.clone());
+    wait_until(
+        Duration::from_secs(30),
+        "every acked record delivered",
+        || {
+            let seen = delivered(&log.lock().ok()?);
+            acked.iter().all(|a| seen.contains_key(a)).then_some(())
+        },
+    )?;
+    consumer.stop()?;
+    let seen = delivered(&log.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+    assert_eq!(seen.len(), acked.len(), "each acknowledged record once");
+    assert!(seen.values().all(|n| *n == 1));
+    Ok(())
+}
+
+/// A fault sequence: the coordinator's broker is paused (SIGSTOP) long enough for another
+/// broker to take the group over and hand its partitions to a new member; when the paused
+/// broker resumes, its member's next poll must deliver nothing (it answers 503, or the
+/// instance is gone), so no partition is read by two members at once.
+#[test]
+fn a_coordinator_paused_past_a_takeover_hands_out_nothing_when_it_resumes() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(3)?;
+    cluster.create_replicated("t", 3)?;
+    let first = publish(cluster.broker(1), "p", 150)?;
+    let home = coordinator(&cluster.brokers, "g")?;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let old_base = create_instance(&cluster.brokers[home], "g", member("old", json!({})))?;
+    subscribe(&old_base, &["t"])?;
+    let mut old = Consumer::start("old", old_base.clone(), log.clone());
+    wait_delivered(&log, &first)?;
+    old.stop()?;
+    // Records the old member has not read yet, on every replica (the paused broker's too): a
+    // poll of the old member on resume would find them at once.
+    let second = publish(cluster.broker(1), "q", 150)?;
+    let http = Client::new();
+    for partition in 0..3u32 {
+        let end = second
+            .iter()
+            .filter(|a| a.partition == partition)
+            .map(|a| a.offset + 1)
+            .max()
+            .unwrap_or(0);
+        let url = cluster.brokers[home].url(&format!("/topics/t/partitions/{partition}"));
+        wait_until(
+            Duration::from_secs(20),
+            "the records on the coordinator's broker",
+            || {
+                let reply = http.get(&url).ok()?;
+                (reply.body["high_watermark"].as_u64()? >= end).then_some(())
+            },
+        )?;
+    }
+
+    cluster.brokers[home].pause()?;
+    let next = coordinator(&cluster.brokers, "g")?;
+    assert_ne!(
+        next, home,
+        "another broker coordinates the group while this one is paused"
+    );
+    let new_base = create_instance(&cluster.brokers[next], "g", member("new", json!({})))?;
+    subscribe(&new_base, &["t"])?;
+    let mut new = Consumer::start("new", new_base, log.clone());
+    wait_delivered(&log, &second)?;
+
+    // The old member's poll waits in the paused broker's queue, as a client's would whose
+    // request was sent before the pause ended; then it polls on.
+    let waiting = {
+        let url = format!("{old_base}/records?timeout=200");
+        std::thread::spawn(move || Client::new().get(&url))
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    cluster.brokers[home].resume()?;
+    let reply = waiting
+        .join()
+        .map_err(|_| anyhow::anyhow!("poll thread panicked"))??;
+    assert_eq!(
+        reply.body.as_array().map_or(0, Vec::len),
+        0,
+        "the resumed coordinator delivered records of a group another broker coordinates: {} {}",
+        reply.status,
+        reply.text
+    );
+    for _ in 0..5 {
+        let reply = http.get(&format!("{old_base}/records?timeout=200"))?;
+        let records = reply.body.as_array().map_or(0, Vec::len);
+        assert_eq!(
+            records, 0,
+            "the resumed coordinator delivered records of a group another broker coordinates: {} {}",
+            reply.status, reply.text
+        );
+        if reply.status != 200 {
+            break;
+        }
+    }
+    new.stop()?;
+    let log = log.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    assert_never_two_owners(&log);
+    Ok(())
+}

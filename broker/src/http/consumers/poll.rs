@@ -217,12 +217,14 @@ async fn read(
 ) -> Result<(Vec<GroupRecord>, bool), ApiError> {
     let config = &state.config;
     let registry = &state.broker.registry;
+    // Partitions this broker holds no replica of are read from their leader over HTTP; their
+    // high watermark here is what the leader last reported (every 10 ticks while active).
     let readable: Vec<_> = plan
         .partitions
         .iter()
         .filter_map(|(tp, offset)| {
             let shared = registry.get(&tp.topic)?.partition(tp.partition)?.clone();
-            shared.hosted.then_some((tp.clone(), *offset, shared))
+            Some((tp.clone(), *offset, shared))
         })
         .collect();
     let mut out: Vec<GroupRecord> = Vec::new();
@@ -231,30 +233,93 @@ async fn read(
     let mut failed = vec![false; readable.len()];
     plan.assignment_changed.borrow_and_update();
     loop {
+        // Every partition with something new, read in one trip to the blocking pool.
+        let mut asked: Vec<usize> = Vec::new();
+        let mut requests = Vec::new();
+        let mut remote: Vec<(usize, String, u64)> = Vec::new();
         for (i, (tp, offset, shared)) in readable.iter().enumerate() {
-            if failed[i] || bytes >= bytes_max || *offset >= shared.high_watermark() {
-                continue;
-            }
             let next = guard
                 .advanced
                 .iter()
                 .find(|(p, _)| p == tp)
                 .map_or(*offset, |(_, n)| *n);
-            if next >= shared.high_watermark() {
+            if failed[i] || next >= shared.high_watermark() {
                 continue;
             }
-            let fetched = log_reader::fetch(
-                &state.broker.storage,
-                shared,
-                &state.broker.metrics,
+            if !shared.hosted {
+                match state.broker.cluster.http_of(shared.leader()) {
+                    Some(leader) => remote.push((i, leader, next)),
+                    None => failed[i] = true,
+                }
+                continue;
+            }
+            asked.push(i);
+            requests.push((
+                shared.clone(),
                 FetchRequest {
                     offset: next,
                     records_max: config.fetch_records_max,
-                    bytes_max: bytes_max - bytes,
+                    bytes_max: bytes_max.saturating_sub(bytes).max(1),
                     wait: Duration::ZERO,
                 },
-            )
-            .await;
+            ));
+        }
+        let results = if requests.is_empty() {
+            Vec::new()
+        } else {
+            log_reader::fetch_many(&state.broker.storage, &state.broker.metrics, requests).await
+        };
+        let remote_budget = bytes_max.saturating_sub(bytes).max(1);
+        let fetched_remotely = if remote.is_empty() {
+            Vec::new()
+        } else {
+            let asks: Vec<(usize, String, String, u32, u64)> = remote
+                .into_iter()
+                .map(|(i, leader, next)| {
+                    let tp = &readable[i].0;
+                    (i, leader, tp.topic.clone(), tp.partition, next)
+                })
+                .collect();
+            let records_max = config.fetch_records_max;
+            actix_web::rt::task::spawn_blocking(move || {
+                asks.into_iter()
+                    .map(|(i, leader, topic, partition, next)| {
+                        let at = (leader.as_str(), topic.as_str(), partition, next);
+                        (i, fetch_remote(at, remote_budget, records_max, format))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default()
+        };
+        for (i, fetched) in fetched_remotely {
+            let tp = readable[i].0.clone();
+            match fetched {
+                Ok(got) if !got.is_empty() => {
+                    let last = got.last().map(|r| r.offset);
+                    for record in got {
+                        bytes += record.key.get().len() + record.value.get().len();
+                        out.push(GroupRecord {
+                            topic: tp.topic.clone(),
+                            ..record
+                        });
+                    }
+                    if let Some(last) = last {
+                        match guard.advanced.iter_mut().find(|(p, _)| *p == tp) {
+                            Some((_, n)) => *n = last + 1,
+                            None => guard.advanced.push((tp.clone(), last + 1)),
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, topic = %tp.topic, "group fetch from the leader failed");
+                    failed[i] = true;
+                }
+            }
+        }
+        for (i, fetched) in asked.into_iter().zip(results) {
+            let tp = &readable[i].0;
             let fetched = match fetched {
                 Ok(fetched) => fetched,
                 // Retention passed this position (the next poll's plan resets it), or the replica
@@ -265,12 +330,15 @@ async fn read(
                     continue;
                 }
             };
-            let Some(last) = fetched.records.last().map(|r| r.offset) else {
-                continue;
-            };
+            // Soft cap over the whole poll: records past it wait for the next poll.
+            let mut last = None;
             for record in fetched.records {
+                if bytes >= bytes_max && !out.is_empty() {
+                    break;
+                }
                 bytes += record.key.as_ref().map_or(0, |k| k.len())
                     + record.value.as_ref().map_or(0, |v| v.len());
+                let offset = record.offset;
                 let rendered = match render(record, tp.partition, format) {
                     Ok(rendered) => rendered,
                     Err(e) => {
@@ -287,10 +355,13 @@ async fn read(
                     key: rendered.key,
                     value: rendered.value,
                 });
+                last = Some(offset);
             }
-            match guard.advanced.iter_mut().find(|(p, _)| p == tp) {
-                Some((_, n)) => *n = last + 1,
-                None => guard.advanced.push((tp.clone(), last + 1)),
+            if let Some(last) = last {
+                match guard.advanced.iter_mut().find(|(p, _)| p == tp) {
+                    Some((_, n)) => *n = last + 1,
+                    None => guard.advanced.push((tp.clone(), last + 1)),
+                }
             }
         }
         let now = Instant::now();
@@ -343,4 +414,80 @@ fn respond(
             bytes: Some(Bytes::from(bytes)),
             guard: Some(guard),
         }))
+}
+
+/// One record as another broker's fetch answers it (its key and value already in the format
+/// asked for).
+#[derive(Debug, Deserialize)]
+struct RemoteRecord {
+    partition: u32,
+    offset: u64,
+    timestamp: i64,
+    key: Box<RawValue>,
+    value: Box<RawValue>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RemoteFetch {
+    records: Vec<RemoteRecord>,
+}
+
+/// Committed records of a partition this broker holds no replica of, read from its leader's
+/// fetch endpoint as any client would (blocking: run it on the blocking pool).
+fn fetch_remote(
+    (leader, topic, partition, offset): (&str, &str, u32, u64),
+    bytes_max: usize,
+    records_max: usize,
+    format: EmbeddedFormat,
+) -> Result<Vec<GroupRecord>, String> {
+    static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
+    let agent = AGENT.get_or_init(|| {
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(2)))
+            .build()
+            .into()
+    });
+    let format = match format {
+        EmbeddedFormat::Binary => "binary",
+        EmbeddedFormat::Json => "json",
+    };
+    let url = format!(
+        "http://{leader}/topics/{topic}/partitions/{partition}/records?offset={offset}&max_bytes={bytes_max}&max_records={records_max}&timeout_ms=0&format={format}"
+    );
+    let mut response = agent.get(&url).call().map_err(|e| e.to_string())?;
+    if response.status() != 200 {
+        return Err(format!("{url}: status {}", response.status()));
+    }
+    let text = response
+        .body_mut()
+        .with_config()
+        .limit(256 * 1024 * 1024)
+        .read_to_string()
+        .map_err(|e| e.to_string())?;
+    let fetched: RemoteFetch = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    // Dense from the offset asked for, as a local read is checked to be.
+    if let Some((i, r)) = fetched
+        .records
+        .iter()
+        .enumerate()
+        .find(|(i, r)| r.offset != offset + *i as u64 || r.partition != partition)
+    {
+        return Err(format!(
+            "{url}: record {i} is offset {} of partition {}",
+            r.offset, r.partition
+        ));
+    }
+    Ok(fetched
+        .records
+        .into_iter()
+        .map(|r| GroupRecord {
+            topic: String::new(),
+            partition: r.partition,
+            offset: r.offset,
+            timestamp: r.timestamp,
+            key: r.key,
+            value: r.value,
+        })
+        .collect())
 }
