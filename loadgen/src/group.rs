@@ -111,7 +111,7 @@ struct Log {
     commit_latency: Option<Histogram<u64>>,
     commits_ok: u64,
     commits_refused: BTreeMap<String, u64>,
-    /// Per partition, one past the highest offset delivered.
+    /// Per partition, one past the highest offset delivered and committed.
     delivered_to: BTreeMap<u32, u64>,
     /// (asked at, ms since start; whether the coordinator described the group as stable).
     states: Vec<(u64, bool)>,
@@ -327,18 +327,34 @@ impl Group {
             group_verify::verify(acks, &log.deliveries, &log.incarnations, &log.observations);
         let mut rebalances =
             group_verify::rebalances(&self.events, &log.deliveries, &log.incarnations);
-        for rebalance in &mut rebalances {
-            // The first description asked after the event that finds the group stable (every
-            // partition with its target owner), after one that did not.
-            let mut unstable_seen = false;
-            for (at, stable) in log.states.iter().filter(|(at, _)| *at >= rebalance.at_ms) {
-                if !stable {
-                    unstable_seen = true;
-                } else if unstable_seen {
-                    rebalance.stable_after_ms = Some(at - rebalance.at_ms);
-                    break;
-                }
+        rebalances.sort_by_key(|r| r.at_ms);
+        let ends: Vec<u64> = rebalances
+            .iter()
+            .skip(1)
+            .map(|r| r.at_ms)
+            .chain([u64::MAX])
+            .collect();
+        for (rebalance, until) in rebalances.iter_mut().zip(ends) {
+            // Within the event's window (until the next event): the first description that
+            // finds the group stable after the first that did not. A join or leave rebalances
+            // at once (if no description within 1 s saw it unstable, it ended between two: the
+            // first stable one bounds it); a killed member's partitions move only when its
+            // session expires, so any later unstable description counts.
+            let window: Vec<&(u64, bool)> = log
+                .states
+                .iter()
+                .filter(|(at, _)| *at >= rebalance.at_ms && *at < until)
+                .collect();
+            let killed = rebalance.event.ends_with("killed");
+            let unstable = window
+                .iter()
+                .position(|(at, stable)| !stable && (killed || *at < rebalance.at_ms + 1000));
+            rebalance.stable_after_ms = match unstable {
+                Some(i) => window[i..].iter().find(|(_, stable)| *stable),
+                None if !killed => window.iter().find(|(_, stable)| *stable),
+                None => None,
             }
+            .map(|(at, _)| at - rebalance.at_ms);
         }
         let mut per_second: Vec<u64> = Vec::new();
         for d in &log.deliveries {
@@ -473,8 +489,8 @@ impl MemberContext {
                 continue;
             }
             if self.control.load(Ordering::Acquire) == KILL {
-                // Killed with a poll in hand: it is never committed.
-                self.record(current.incarnation, &runs, received_ms, false);
+                // Killed with a poll in hand: it is never processed nor committed.
+                self.record(current.incarnation, &runs, received_ms, false, false);
                 continue;
             }
             let mut next: BTreeMap<u32, u64> = BTreeMap::new();
@@ -495,7 +511,7 @@ impl MemberContext {
             );
             let latency = sent.elapsed();
             let committed = matches!(&commit, Ok(r) if r.status == 200);
-            self.record(current.incarnation, &runs, received_ms, committed);
+            self.record(current.incarnation, &runs, received_ms, committed, true);
             let mut log = lock(&self.log);
             if committed {
                 log.commits_ok += 1;
@@ -530,6 +546,7 @@ impl MemberContext {
         runs: &[(u32, u64, u64)],
         received_ms: u64,
         committed: bool,
+        processed: bool,
     ) {
         let mut log = lock(&self.log);
         for (partition, first, last) in runs {
@@ -540,9 +557,13 @@ impl MemberContext {
                 last: *last,
                 received_ms,
                 committed,
+                processed,
             });
-            let to = log.delivered_to.entry(*partition).or_default();
-            *to = (*to).max(last + 1);
+            // Read through only once processed: a poll a killed member held is read again.
+            if processed {
+                let to = log.delivered_to.entry(*partition).or_default();
+                *to = (*to).max(last + 1);
+            }
         }
     }
 

@@ -25,6 +25,9 @@ pub struct Delivery {
     pub received_ms: u64,
     /// Whether the commit the member sent right after this poll was acknowledged.
     pub committed: bool,
+    /// Whether the member sent that commit at all (it had processed the records), whatever the
+    /// answer; a member killed with the poll in hand did not.
+    pub processed: bool,
 }
 
 /// How an instance of a member ended.
@@ -81,8 +84,8 @@ pub struct Rebalance {
     /// The median of those partitions' times to their first records after the event.
     #[serde(default)]
     pub resumed_median_ms: Option<u64>,
-    /// Event → the coordinator first described the group as stable again (every partition with
-    /// its target owner), sampled every 100 ms; None if it was never seen rebalancing.
+    /// Event → the coordinator described the group as stable again (every partition with its
+    /// target owner), sampled every 100 ms before the next event; None if never seen stable.
     #[serde(default)]
     pub stable_after_ms: Option<u64>,
 }
@@ -93,7 +96,8 @@ pub struct Rebalance {
 pub struct GroupVerdict {
     /// Records returned by polls (every delivery counts).
     pub delivered: u64,
-    /// Acknowledged records no member ever received.
+    /// Acknowledged records no member received and processed (a delivery counts when its
+    /// member sent its commit or lived on).
     pub undelivered: u64,
     /// Records delivered again after their first delivery, by cause.
     pub redelivered_member_killed: u64,
@@ -101,7 +105,8 @@ pub struct GroupVerdict {
     pub redelivered_rebalance: u64,
     /// Delivered again although the commit covering them had been acknowledged.
     pub committed_redelivered: u64,
-    /// Delivered to a member while another, still alive, went on reading the partition after it.
+    /// Delivered again to a member while the member that read them first went on reading
+    /// the partition after that.
     pub two_owners: u64,
     pub delivered_twice_to_one_member: u64,
     /// A committed offset seen lower than one acknowledged or seen before it.
@@ -148,7 +153,25 @@ pub fn verify(
         list.sort_by_key(|d| (d.received_ms, d.first));
         redeliveries(*partition, list, incarnations, &mut verdict);
     }
-    undelivered(acks, &by_partition, &mut verdict);
+    // A record counts as received only by a member that processed it: it sent the commit for
+    // it (a commit whose answer was lost may well have been stored), or lived on.
+    let processed: BTreeMap<u32, Vec<Delivery>> = by_partition
+        .iter()
+        .map(|(p, list)| {
+            let kept = list
+                .iter()
+                .filter(|d| {
+                    d.processed
+                        || incarnations
+                            .get(d.incarnation as usize)
+                            .is_none_or(|i| matches!(i.end, End::Running | End::Left))
+                })
+                .copied()
+                .collect();
+            (*p, kept)
+        })
+        .collect();
+    undelivered(acks, &processed, &mut verdict);
     backwards(observations, &mut verdict);
     verdict
 }
@@ -222,6 +245,14 @@ fn judge(
     if earlier.incarnation == later.incarnation {
         verdict.delivered_twice_to_one_member += count;
         verdict.example(format!("delivered twice to one member: {what}"));
+    } else if list
+        .iter()
+        .any(|d| d.incarnation == earlier.incarnation && d.received_ms > later.received_ms)
+    {
+        // The earlier reader went on reading this partition after it reached the later one,
+        // however the earlier reader ended (a zombie's instance ends lost).
+        verdict.two_owners += count;
+        verdict.example(format!("two owners: {what}"));
     } else if earlier.committed {
         verdict.committed_redelivered += count;
         verdict.example(format!("committed, then redelivered: {what}"));
@@ -229,13 +260,6 @@ fn judge(
         verdict.redelivered_member_killed += count;
     } else if matches!(end, End::Lost) {
         verdict.redelivered_instance_lost += count;
-    } else if list
-        .iter()
-        .any(|d| d.incarnation == earlier.incarnation && d.received_ms > later.received_ms)
-    {
-        // The earlier reader went on reading this partition after it reached the later one.
-        verdict.two_owners += count;
-        verdict.example(format!("two owners: {what}"));
     } else {
         verdict.redelivered_rebalance += count;
     }
@@ -382,6 +406,7 @@ mod tests {
             last,
             received_ms: at,
             committed,
+            processed: committed,
         }
     }
 
@@ -460,6 +485,24 @@ mod tests {
         let verdict = verify(&[], &handed, &incarnations, &[]);
         assert!(verdict.is_clean(), "{verdict:?}");
         assert_eq!(verdict.redelivered_rebalance, 10);
+    }
+
+    #[test]
+    fn a_record_only_a_killed_member_saw_is_undelivered_and_a_zombie_reader_is_two_owners() {
+        let incarnations = [inc(0, End::Killed), inc(1, End::Lost), inc(2, End::Running)];
+        let acks: Vec<Ack> = (0..10).map(|o| ack(0, o)).collect();
+        // 5..=9 reached only the killed member, uncommitted.
+        let killed = [d(0, 0, 0, 9, 10, false), d(2, 0, 0, 4, 20, true)];
+        let verdict = verify(&acks, &killed, &incarnations, &[]);
+        assert_eq!(verdict.undelivered, 5);
+        // A lost instance that went on reading after another member took the partition.
+        let zombie = [
+            d(1, 0, 0, 9, 10, false),
+            d(2, 0, 0, 9, 20, true),
+            d(1, 0, 10, 12, 30, false),
+        ];
+        let verdict = verify(&[], &zombie, &incarnations, &[]);
+        assert_eq!(verdict.two_owners, 10);
     }
 
     #[test]
