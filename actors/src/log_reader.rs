@@ -1,4 +1,5 @@
-//! The read path: fetch committed records of one partition, with a long poll.
+//! The read path: fetch committed records of one partition, with a long poll, or of many at
+//! once without one (group polls).
 //!
 //! Fetches never go through the partition actor's mailbox. They read the high watermark from
 //! [`PartitionShared`], wait on its watch channel when the consumer is caught up, and read RocksDB

@@ -471,7 +471,7 @@ impl MemberContext {
                         || reply.status == 307
                         || reply.body["error_code"].as_u64() == Some(40904) =>
                 {
-                    self.lose(&mut instance);
+                    self.lose(&mut instance, &http);
                     continue;
                 }
                 Ok(_) => {
@@ -480,7 +480,7 @@ impl MemberContext {
                 }
                 Err(_) => {
                     // Its coordinator does not answer: join wherever the group is now.
-                    self.lose(&mut instance);
+                    self.lose(&mut instance, &http);
                     continue;
                 }
             };
@@ -578,8 +578,11 @@ impl MemberContext {
         }
     }
 
-    fn lose(&self, instance: &mut Option<Instance>) {
+    fn lose(&self, instance: &mut Option<Instance>, http: &Http) {
         if let Some(lost) = instance.take() {
+            // Best effort: an instance that still exists would hold its partitions for a
+            // session.
+            let _ = http.delete(&lost.base);
             self.end(&lost, End::Lost);
         }
         std::thread::sleep(RETRY);

@@ -253,7 +253,15 @@ fn judge(
         // however the earlier reader ended (a zombie's instance ends lost).
         verdict.two_owners += count;
         verdict.example(format!("two owners: {what}"));
-    } else if earlier.committed {
+    } else if earlier.committed
+        || list.iter().any(|d| {
+            // A later commit of the first reader covered these offsets before they came again.
+            d.incarnation == earlier.incarnation
+                && d.committed
+                && d.received_ms < later.received_ms
+                && d.last >= later.first.max(earlier.first)
+        })
+    {
         verdict.committed_redelivered += count;
         verdict.example(format!("committed, then redelivered: {what}"));
     } else if matches!(end, End::Killed) {
@@ -459,6 +467,14 @@ mod tests {
         let verdict = verify(&[], &deliveries, &incarnations, &[]);
         assert_eq!(verdict.committed_redelivered, 5);
         assert!(!verdict.is_clean());
+        // An uncommitted poll whose offsets the reader's next commit covered.
+        let covered = [
+            d(0, 0, 0, 9, 10, false),
+            d(0, 0, 10, 19, 15, true),
+            d(1, 0, 0, 19, 20, true),
+        ];
+        let verdict = verify(&[], &covered, &incarnations, &[]);
+        assert_eq!(verdict.committed_redelivered, 20);
     }
 
     #[test]

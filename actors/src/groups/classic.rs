@@ -157,6 +157,8 @@ pub struct ClassicGroup {
     /// Ids handed out in MEMBER_ID_REQUIRED, valid for one session timeout.
     pending_ids: BTreeMap<String, Instant>,
     rebalance_deadline: Option<Instant>,
+    /// The sync phase ends by then: members that did not sync (the leader among them) go.
+    sync_deadline: Option<Instant>,
     /// The first rebalance of an empty group completes no earlier than this.
     delay_until: Option<Instant>,
     next_member: u64,
@@ -175,6 +177,7 @@ impl ClassicGroup {
             members: BTreeMap::new(),
             pending_ids: BTreeMap::new(),
             rebalance_deadline: None,
+            sync_deadline: None,
             delay_until: None,
             next_member: 0,
         }
@@ -445,6 +448,8 @@ impl ClassicGroup {
             self.leader = self.members.keys().next().cloned();
         }
         self.state = State::CompletingRebalance;
+        let timeout = self.members.values().map(|m| m.rebalance_timeout).max();
+        self.sync_deadline = timeout.map(|t| now + t);
         let ids: Vec<String> = self.members.keys().cloned().collect();
         ids.into_iter()
             .map(|id| {
@@ -536,6 +541,7 @@ impl ClassicGroup {
                 }
                 let mut given: BTreeMap<String, Bytes> = assignments.into_iter().collect();
                 self.state = State::Stable;
+                self.sync_deadline = None;
                 let mut replies = Vec::new();
                 for (id, member) in &mut self.members {
                     member.assignment = given.remove(id).unwrap_or_default();
@@ -630,6 +636,20 @@ impl ClassicGroup {
         if !expired.is_empty() {
             tracing::info!(group = %self.group, members = ?expired, "classic members' sessions expired");
             replies.extend(self.leave(&expired, now).1);
+        }
+        // A sync phase past its deadline: whoever did not sync goes, and the rest join again.
+        if self.state == State::CompletingRebalance && self.sync_deadline.is_some_and(|d| now >= d)
+        {
+            self.sync_deadline = None;
+            let silent: Vec<String> = self
+                .members
+                .iter()
+                .filter(|(_, m)| !m.awaiting_sync)
+                .map(|(id, _)| id.clone())
+                .collect();
+            if !silent.is_empty() {
+                replies.extend(self.leave(&silent, now).1);
+            }
         }
         replies.extend(self.try_complete_join(now));
         replies

@@ -164,6 +164,23 @@ impl PartitionShared {
         }
     }
 
+    /// A broker without a replica read the partition from its leader (a group poll): what
+    /// that answer said of the log counts like a status report's, without its term.
+    pub fn observe_remote_read(&self, high_watermark: u64, log_start_offset: u64) {
+        if self.hosted {
+            return;
+        }
+        self.leader_high_watermark
+            .fetch_max(high_watermark, Ordering::AcqRel);
+        self.high_watermark.send_if_modified(|hw| {
+            let moved = high_watermark > *hw;
+            *hw = (*hw).max(high_watermark);
+            moved
+        });
+        self.log_start_offset
+            .fetch_max(log_start_offset, Ordering::AcqRel);
+    }
+
     pub(super) fn set_leadership(&self, term: u64, leader: u64) {
         if let Ok(mut pair) = self.leadership.lock() {
             *pair = (term, leader);

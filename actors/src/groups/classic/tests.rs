@@ -346,3 +346,47 @@ fn a_member_whose_join_reply_was_lost_gets_the_same_generation_again() {
     );
     assert_eq!(next[0].generation, 2);
 }
+
+#[test]
+fn a_leader_that_never_syncs_is_dropped_at_the_rebalance_timeout() {
+    let t0 = Instant::now();
+    let mut group = ClassicGroup::new("g", limits(Duration::ZERO));
+    let a = joined(&group.join(request("", &["range"]), t0).expect("a").1)[0].clone();
+    let _ = group.join(request("", &["range"]), t0).expect("b");
+    let responses = joined(
+        &group
+            .join(request(&a.member_id, &["range"]), t0)
+            .expect("a")
+            .1,
+    );
+    let b = responses
+        .iter()
+        .find(|r| r.member_id != a.member_id)
+        .expect("b")
+        .clone();
+    // b syncs and waits; the leader a never does.
+    assert_eq!(group.sync(&b.member_id, 2, vec![], t0), Ok(vec![]));
+    assert!(group.tick(t0 + 4 * SECOND).is_empty());
+    let replies = group.tick(t0 + 5 * SECOND);
+    assert!(
+        replies.contains(&Reply::Sync(
+            b.member_id.clone(),
+            Err(ClassicError::RebalanceInProgress)
+        )),
+        "b is told to join again: {replies:?}"
+    );
+    assert_eq!(
+        group.heartbeat(&a.member_id, 2, t0),
+        Err(ClassicError::UnknownMemberId)
+    );
+    let again = joined(
+        &group
+            .join(request(&b.member_id, &["range"]), t0 + 5 * SECOND)
+            .expect("b")
+            .1,
+    );
+    assert_eq!(
+        (again[0].generation, again[0].leader.clone()),
+        (3, b.member_id.clone())
+    );
+}

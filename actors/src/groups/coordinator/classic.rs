@@ -149,8 +149,11 @@ fn deferred<T: Send + 'static>(
 impl Handler<JoinGroup> for GroupCoordinator {
     type Result = ResponseFuture<Result<JoinResponse, GroupError>>;
 
-    fn handle(&mut self, msg: JoinGroup, _ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: JoinGroup, ctx: &mut Self::Context) -> Self::Result {
         let group = self.group.clone();
+        if self.taken_over {
+            self.stood_still(Instant::now(), ctx);
+        }
         if let Err(e) = self.check_serving() {
             return deferred(Some(Err(e)), None, group);
         }
@@ -187,8 +190,11 @@ impl Handler<JoinGroup> for GroupCoordinator {
 impl Handler<SyncGroup> for GroupCoordinator {
     type Result = ResponseFuture<Result<Bytes, GroupError>>;
 
-    fn handle(&mut self, msg: SyncGroup, _ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: SyncGroup, ctx: &mut Self::Context) -> Self::Result {
         let group = self.group.clone();
+        if self.taken_over {
+            self.stood_still(Instant::now(), ctx);
+        }
         if let Err(e) = self.check_serving() {
             return deferred(Some(Err(e)), None, group);
         }
@@ -214,7 +220,10 @@ impl Handler<SyncGroup> for GroupCoordinator {
 impl Handler<Heartbeat> for GroupCoordinator {
     type Result = Result<(), GroupError>;
 
-    fn handle(&mut self, msg: Heartbeat, _ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Heartbeat, ctx: &mut Self::Context) -> Self::Result {
+        if self.taken_over {
+            self.stood_still(Instant::now(), ctx);
+        }
         self.check_serving()?;
         let now = Instant::now();
         Ok(self

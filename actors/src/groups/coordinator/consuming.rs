@@ -115,6 +115,7 @@ impl Handler<BeginPoll> for GroupCoordinator {
         instance.poll = Some(ActivePoll {
             id: poll,
             deadline: now + wait,
+            confirmed: false,
         });
         for (tp, start) in starts {
             instance.auto_committed.insert(tp.clone(), start);
@@ -150,10 +151,17 @@ impl Handler<ConfirmPoll> for GroupCoordinator {
         if self.stopping.is_some() || self.stood_still(Instant::now(), ctx) {
             return false;
         }
-        self.instances
-            .get(&msg.instance)
-            .and_then(|i| i.poll)
-            .is_some_and(|p| p.id == msg.poll)
+        // A deleted instance's records would be released (and auto-committed) unread.
+        let Some(instance) = self.instances.get_mut(&msg.instance).filter(|i| !i.leaving) else {
+            return false;
+        };
+        match instance.poll.as_mut() {
+            Some(poll) if poll.id == msg.poll => {
+                poll.confirmed = true;
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -420,7 +428,13 @@ impl GroupCoordinator {
                     // The offsets replica went away with the proposal: it may have committed.
                     let result = result
                         .unwrap_or_else(|_| Err(GroupError::OutcomeUnknown(act.group.clone())));
-                    if let Err(GroupError::OutcomeUnknown(_)) = &result {
+                    // Anything but a refusal at apply or "not written" leaves it unknown
+                    // (a dropped waiter, a storage failure).
+                    let unknown = matches!(
+                        &result,
+                        Err(e) if !matches!(e, GroupError::Refused(_) | GroupError::NotWritten(_))
+                    );
+                    if unknown {
                         // It may still apply, after a new owner started from the older offset:
                         // this coordinator's view is uncertain, so it goes, and the next one
                         // starts from the applied state, which settles it (its takeover entry

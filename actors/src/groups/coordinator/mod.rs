@@ -72,6 +72,9 @@ struct Instance {
 struct ActivePoll {
     id: u64,
     deadline: Instant,
+    /// Confirmed ([`ConfirmPoll`]): its records are on their way to the client, so only its
+    /// own end may end it.
+    confirmed: bool,
 }
 
 /// Removed instances remembered so their clients get "no longer a member", not "unknown".
@@ -514,7 +517,7 @@ impl GroupCoordinator {
             .iter()
             .filter_map(|(id, i)| {
                 i.poll
-                    .filter(|p| now > p.deadline + POLL_GRACE)
+                    .filter(|p| !p.confirmed && now > p.deadline + POLL_GRACE)
                     .map(|p| (id.clone(), p.id))
             })
             .collect();
@@ -648,6 +651,8 @@ impl Actor for GroupCoordinator {
                     Ok(Ok(state)) => {
                         let now = Instant::now();
                         act.taken_over = true;
+                        // Waiting for the takeover to commit is not standing still.
+                        act.last_awake = now;
                         act.committed = state
                             .map(|s| s.offsets)
                             .unwrap_or_default()

@@ -2,9 +2,10 @@
 //!
 //! The coordinator fixes the instance's partitions and positions for the poll (`BeginPoll`);
 //! nothing is revoked from it until the poll ends (`EndPoll`, sent even if the client hangs
-//! up), so no partition is read by two instances at once. A rebalance that wants something
-//! from this instance ends its poll early (with what it has), so hand-overs wait for at most
-//! one read, not a whole long poll.
+//! up), so no partition is read by two instances at once. Any change of the group's assignment
+//! (or a commit resolving that a new owner waits for) ends a waiting poll early, with what it
+//! has, so hand-overs wait for at most one read, not a whole long poll. Before records go out,
+//! the coordinator confirms the poll (`ConfirmPoll`).
 
 use std::time::{Duration, Instant};
 
@@ -231,24 +232,43 @@ async fn read(
     let mut bytes = 0usize;
     // Partitions whose read failed sit out the rest of this poll (waiting on them would spin).
     let mut failed = vec![false; readable.len()];
+    // Remote partitions are asked once per poll even when no report says they have more (a
+    // quiesced leader reports nothing to a broker that started after it quiesced); after that,
+    // only when a report or an answer moved their high watermark here.
+    let mut probed = vec![false; readable.len()];
     plan.assignment_changed.borrow_and_update();
+    // Partitions in a different order each poll, so none is always last under the byte cap.
+    let rotate = (guard.poll as usize) % readable.len().max(1);
+    let order: Vec<usize> = (0..readable.len())
+        .map(|k| (k + rotate) % readable.len())
+        .collect();
+    let alive_window = Duration::from_millis(1500);
     loop {
         // Every partition with something new, read in one trip to the blocking pool.
         let mut asked: Vec<usize> = Vec::new();
         let mut requests = Vec::new();
         let mut remote: Vec<(usize, String, u64)> = Vec::new();
-        for (i, (tp, offset, shared)) in readable.iter().enumerate() {
+        for &i in &order {
+            let (tp, offset, shared) = &readable[i];
             let next = guard
                 .advanced
                 .iter()
                 .find(|(p, _)| p == tp)
                 .map_or(*offset, |(_, n)| *n);
-            if failed[i] || next >= shared.high_watermark() {
+            let probe = !shared.hosted && !probed[i];
+            if failed[i] || (next >= shared.high_watermark() && !probe) {
                 continue;
             }
             if !shared.hosted {
-                match state.broker.cluster.http_of(shared.leader()) {
-                    Some(leader) => remote.push((i, leader, next)),
+                probed[i] = true;
+                // Its leader, else any replica this broker has heard from lately.
+                let cluster = &state.broker.cluster;
+                let source = std::iter::once(shared.leader())
+                    .chain(shared.replicas.iter().copied())
+                    .filter(|id| *id != 0 && cluster.is_alive(*id, alive_window))
+                    .find_map(|id| cluster.http_of(id));
+                match source {
+                    Some(source) => remote.push((i, source, next)),
                     None => failed[i] = true,
                 }
                 continue;
@@ -281,11 +301,18 @@ async fn read(
                 })
                 .collect();
             let records_max = config.fetch_records_max;
+            // No remote read may outlast the poll (a hung leader costs at most what is left).
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .clamp(Duration::from_millis(100), REMOTE_TIMEOUT);
             actix_web::rt::task::spawn_blocking(move || {
                 asks.into_iter()
                     .map(|(i, leader, topic, partition, next)| {
                         let at = (leader.as_str(), topic.as_str(), partition, next);
-                        (i, fetch_remote(at, remote_budget, records_max, format))
+                        (
+                            i,
+                            fetch_remote(at, remote_budget, records_max, format, left),
+                        )
                     })
                     .collect::<Vec<_>>()
             })
@@ -294,6 +321,10 @@ async fn read(
         };
         for (i, fetched) in fetched_remotely {
             let tp = readable[i].0.clone();
+            let fetched = fetched.map(|(got, high_watermark, log_start)| {
+                readable[i].2.observe_remote_read(high_watermark, log_start);
+                got
+            });
             match fetched {
                 Ok(got) if !got.is_empty() => {
                     let last = got.last().map(|r| r.offset);
@@ -311,9 +342,10 @@ async fn read(
                         }
                     }
                 }
+                // Nothing new: it waits for a report or the next poll, not another read now.
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::debug!(error = %e, topic = %tp.topic, "group fetch from the leader failed");
+                    tracing::warn!(error = %e, topic = %tp.topic, partition = tp.partition, "group fetch from the leader failed; the partition sits out this poll");
                     failed[i] = true;
                 }
             }
@@ -430,7 +462,12 @@ struct RemoteRecord {
 #[derive(Debug, Deserialize)]
 struct RemoteFetch {
     records: Vec<RemoteRecord>,
+    high_watermark: u64,
+    log_start_offset: u64,
 }
+
+/// Longest a read from another broker may take.
+const REMOTE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Committed records of a partition this broker holds no replica of, read from its leader's
 /// fetch endpoint as any client would (blocking: run it on the blocking pool).
@@ -439,12 +476,13 @@ fn fetch_remote(
     bytes_max: usize,
     records_max: usize,
     format: EmbeddedFormat,
-) -> Result<Vec<GroupRecord>, String> {
+    timeout: Duration,
+) -> Result<(Vec<GroupRecord>, u64, u64), String> {
     static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
     let agent = AGENT.get_or_init(|| {
         ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(2)))
+            .timeout_global(Some(REMOTE_TIMEOUT))
             .build()
             .into()
     });
@@ -455,7 +493,13 @@ fn fetch_remote(
     let url = format!(
         "http://{leader}/topics/{topic}/partitions/{partition}/records?offset={offset}&max_bytes={bytes_max}&max_records={records_max}&timeout_ms=0&format={format}"
     );
-    let mut response = agent.get(&url).call().map_err(|e| e.to_string())?;
+    let mut response = agent
+        .get(&url)
+        .config()
+        .timeout_global(Some(timeout))
+        .build()
+        .call()
+        .map_err(|e| e.to_string())?;
     if response.status() != 200 {
         return Err(format!("{url}: status {}", response.status()));
     }
@@ -478,7 +522,8 @@ fn fetch_remote(
             r.offset, r.partition
         ));
     }
-    Ok(fetched
+    let (high_watermark, log_start) = (fetched.high_watermark, fetched.log_start_offset);
+    let got: Vec<GroupRecord> = fetched
         .records
         .into_iter()
         .map(|r| GroupRecord {
@@ -489,5 +534,6 @@ fn fetch_remote(
             key: r.key,
             value: r.value,
         })
-        .collect())
+        .collect();
+    Ok((got, high_watermark, log_start))
 }
