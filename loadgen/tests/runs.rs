@@ -135,3 +135,82 @@ fn a_short_nemesis_run_leaves_every_replica_complete_and_identical() {
     }
     assert!(stdout.contains("nemesis seed        20261201"), "{stdout}");
 }
+
+/// A consumer group through joins, a leave, a member killed without leaving and a leader
+/// killed -9: the group verifier finds every acknowledged record delivered, no committed record
+/// delivered again, no partition read by two members at once, and commits never going back.
+#[test]
+fn a_group_reads_everything_once_through_joins_leaves_and_kills() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let scenario = dir.path().join("groups-short.toml");
+    std::fs::write(
+        &scenario,
+        r#"
+duration_s = 14
+[[topics]]
+name = "orders"
+partitions = 6
+replication_factor = 3
+[producers]
+count = 3
+rate = 3000
+batch = 10
+[group]
+members = 3
+session_timeout_ms = 2000
+[[faults]]
+at_s = 3
+action = "join"
+[[faults]]
+at_s = 5
+action = "leave"
+target = "member:0"
+[[faults]]
+at_s = 7
+action = "kill"
+target = "leader:orders/0"
+[[faults]]
+at_s = 9
+action = "restart"
+target = "killed"
+[[faults]]
+at_s = 10
+action = "kill-member"
+target = "member:1"
+"#,
+    )
+    .expect("scenario");
+    let scenario = scenario.to_string_lossy().into_owned();
+    let (code, stdout, result, _report, _dir) = loadgen(&["run", "--scenario", &scenario]);
+    assert_eq!(code, 0, "{stdout}");
+    let group = &result["group"];
+    let verdict = &group["verdict"];
+    for anomaly in [
+        "undelivered",
+        "committed_redelivered",
+        "two_owners",
+        "delivered_twice_to_one_member",
+        "committed_backwards",
+    ] {
+        assert_eq!(verdict[anomaly], 0, "{anomaly}: {verdict}");
+    }
+    let acknowledged = result["verdict"]["acknowledged"].as_u64().unwrap_or(0);
+    assert!(acknowledged > 10_000, "{}", result["verdict"]);
+    assert!(verdict["delivered"].as_u64().unwrap_or(0) >= acknowledged);
+    assert!(
+        group["drained_after_ms"].is_u64(),
+        "every record was read: {group}"
+    );
+    assert!(group["commits_ok"].as_u64().unwrap_or(0) > 100, "{group}");
+    // The join, the leave and the kill each moved partitions, and each was read again.
+    let rebalances = group["rebalances"].as_array().expect("rebalances");
+    assert_eq!(rebalances.len(), 3, "{rebalances:?}");
+    for rebalance in rebalances {
+        assert!(
+            rebalance["partitions_moved"].as_u64().unwrap_or(0) >= 1,
+            "{rebalance}"
+        );
+        assert!(rebalance["resumed_after_ms"].is_u64(), "{rebalance}");
+    }
+    assert!(stdout.contains("PASS: the group received"), "{stdout}");
+}
