@@ -133,6 +133,17 @@ fn a_short_nemesis_run_leaves_every_replica_complete_and_identical() {
         assert_eq!(replica["identical_to_first"], true, "{replica}");
         assert!(replica["stored"].as_u64().unwrap_or(0) > 1_000, "{replica}");
     }
+    // The consumer group read through the same faults.
+    let group = &result["group"]["verdict"];
+    for anomaly in [
+        "undelivered",
+        "committed_redelivered",
+        "two_owners",
+        "delivered_twice_to_one_member",
+        "committed_backwards",
+    ] {
+        assert_eq!(group[anomaly], 0, "{anomaly}: {group}");
+    }
     assert!(stdout.contains("nemesis seed        20261201"), "{stdout}");
 }
 
