@@ -15,6 +15,15 @@ fn manifest_dir() -> PathBuf {
         .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
 }
 
+/// What fails a group's run (see loadgen's `group_verify`).
+const GROUP_ANOMALIES: [&str; 5] = [
+    "undelivered",
+    "committed_redelivered",
+    "two_owners",
+    "delivered_twice_to_one_member",
+    "committed_backwards",
+];
+
 /// Run loadgen with `args` into a temp dir: exit code, stdout, result.json, report.html.
 fn loadgen(args: &[&str]) -> (i32, String, Value, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -135,13 +144,7 @@ fn a_short_nemesis_run_leaves_every_replica_complete_and_identical() {
     }
     // The consumer group read through the same faults.
     let group = &result["group"]["verdict"];
-    for anomaly in [
-        "undelivered",
-        "committed_redelivered",
-        "two_owners",
-        "delivered_twice_to_one_member",
-        "committed_backwards",
-    ] {
+    for anomaly in GROUP_ANOMALIES {
         assert_eq!(group[anomaly], 0, "{anomaly}: {group}");
     }
     assert!(stdout.contains("nemesis seed        20261201"), "{stdout}");
@@ -196,13 +199,7 @@ target = "member:1"
     assert_eq!(code, 0, "{stdout}");
     let group = &result["group"];
     let verdict = &group["verdict"];
-    for anomaly in [
-        "undelivered",
-        "committed_redelivered",
-        "two_owners",
-        "delivered_twice_to_one_member",
-        "committed_backwards",
-    ] {
+    for anomaly in GROUP_ANOMALIES {
         assert_eq!(verdict[anomaly], 0, "{anomaly}: {verdict}");
     }
     let acknowledged = result["verdict"]["acknowledged"].as_u64().unwrap_or(0);

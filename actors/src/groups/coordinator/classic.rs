@@ -91,6 +91,14 @@ impl GroupCoordinator {
         }
     }
 
+    /// Serving, and not standing still (after a pause another coordinator may hold the group).
+    fn classic_serving(&mut self, ctx: &mut Context<Self>) -> Result<(), GroupError> {
+        if self.taken_over {
+            self.stood_still(Instant::now(), ctx);
+        }
+        self.check_serving()
+    }
+
     /// Whether classic members hold the group (REST instances may then not subscribe).
     pub(super) fn classic_active(&self) -> bool {
         self.classic.as_ref().is_some_and(|c| !c.is_empty())
@@ -151,10 +159,7 @@ impl Handler<JoinGroup> for GroupCoordinator {
 
     fn handle(&mut self, msg: JoinGroup, ctx: &mut Self::Context) -> Self::Result {
         let group = self.group.clone();
-        if self.taken_over {
-            self.stood_still(Instant::now(), ctx);
-        }
-        if let Err(e) = self.check_serving() {
+        if let Err(e) = self.classic_serving(ctx) {
             return deferred(Some(Err(e)), None, group);
         }
         if self
@@ -192,10 +197,7 @@ impl Handler<SyncGroup> for GroupCoordinator {
 
     fn handle(&mut self, msg: SyncGroup, ctx: &mut Self::Context) -> Self::Result {
         let group = self.group.clone();
-        if self.taken_over {
-            self.stood_still(Instant::now(), ctx);
-        }
-        if let Err(e) = self.check_serving() {
+        if let Err(e) = self.classic_serving(ctx) {
             return deferred(Some(Err(e)), None, group);
         }
         let now = Instant::now();
@@ -221,10 +223,7 @@ impl Handler<Heartbeat> for GroupCoordinator {
     type Result = Result<(), GroupError>;
 
     fn handle(&mut self, msg: Heartbeat, ctx: &mut Self::Context) -> Self::Result {
-        if self.taken_over {
-            self.stood_still(Instant::now(), ctx);
-        }
-        self.check_serving()?;
+        self.classic_serving(ctx)?;
         let now = Instant::now();
         Ok(self
             .classic_group()
