@@ -96,8 +96,10 @@ pub struct Engine {
     stream_time: Option<i64>,
     /// Every window ending at or before this has closed (None: none yet).
     closed_through: Option<i64>,
-    /// Tumbling/hopping: per key, slice start → aggregate.
+    /// Tumbling/hopping: per key, slice start → aggregate; and per slice start, the keys
+    /// with data in it (so closing a window touches only its own slices).
     slices: BTreeMap<String, BTreeMap<i64, Aggregate>>,
+    slice_keys: BTreeMap<i64, BTreeSet<String>>,
     /// Tumbling/hopping: late records per (key, window start) of open windows.
     late: BTreeMap<(String, i64), u64>,
     /// Sliding: per key, its records in time order.
@@ -120,6 +122,7 @@ impl Engine {
             stream_time: None,
             closed_through: None,
             slices: BTreeMap::new(),
+            slice_keys: BTreeMap::new(),
             late: BTreeMap::new(),
             buffers: BTreeMap::new(),
             sessions: BTreeMap::new(),
@@ -201,26 +204,39 @@ impl Engine {
             return;
         };
         let grace = self.spec.grace_ms;
+        let t = event.time;
+        // The earliest window holding t closes first; with it open (the common case) so are
+        // the rest, and nothing needs listing unless the record is late or updates go out.
+        let earliest_end = (t - size).div_euclid(advance) * advance + advance + size;
+        let late = t < watermark;
         let mut open = Vec::new();
-        for window in aligned_windows(size, advance, event.time) {
-            if watermark >= window.end + grace {
-                self.drop_record(&event.key, window);
-            } else {
-                open.push(window);
+        if watermark >= earliest_end + grace || late || self.spec.emit == EmitMode::Update {
+            for window in aligned_windows(size, advance, t) {
+                if watermark >= window.end + grace {
+                    self.drop_record(&event.key, window);
+                } else {
+                    open.push(window);
+                }
+            }
+            if open.is_empty() {
+                return;
             }
         }
-        if open.is_empty() {
-            return;
-        }
         let slice = gcd(size, advance);
-        let start = event.time.div_euclid(slice) * slice;
-        self.slices
-            .entry(event.key.clone())
-            .or_default()
-            .entry(start)
-            .or_default()
-            .add(event.value);
-        if event.time < watermark {
+        let start = t.div_euclid(slice) * slice;
+        let slices = match self.slices.get_mut(&event.key) {
+            Some(slices) => slices,
+            None => self.slices.entry(event.key.clone()).or_default(),
+        };
+        let fresh = !slices.contains_key(&start);
+        slices.entry(start).or_default().add(event.value);
+        if fresh {
+            self.slice_keys
+                .entry(start)
+                .or_default()
+                .insert(event.key.clone());
+        }
+        if late {
             for window in &open {
                 *self
                     .late
@@ -264,37 +280,66 @@ impl Engine {
         if self.closed_through.is_some_and(|c| c >= through) {
             return;
         }
-        let after = self.closed_through.unwrap_or(i64::MIN);
-        // Windows with data that close now: those of each slice, ending in (after, through].
-        let mut closing: BTreeSet<(Window, String)> = BTreeSet::new();
-        for (key, slices) in &self.slices {
-            for start in slices.keys() {
-                for window in aligned_windows(size, advance, *start) {
-                    if window.end > after && window.end <= through {
-                        closing.insert((window, key.clone()));
+        // The first window end past what closed before that can hold data.
+        let first_end_holding =
+            |slice: i64| (slice - size).div_euclid(advance) * advance + advance + size;
+        let mut end = match self.slice_keys.keys().next() {
+            Some(first) => first_end_holding(*first),
+            None => i64::MAX,
+        };
+        if let Some(after) = self.closed_through {
+            end = end.max((after - size).div_euclid(advance) * advance + advance + size);
+        }
+        let mut finals = Vec::new();
+        while end <= through {
+            let window = Window {
+                start: end - size,
+                end,
+            };
+            if self
+                .slice_keys
+                .range(window.start..window.end)
+                .next()
+                .is_none()
+            {
+                // Nothing until the next slice with data: skip the empty windows between.
+                match self.slice_keys.range(window.end..).next() {
+                    Some((next, _)) => end = (end + advance).max(first_end_holding(*next)),
+                    None => break,
+                }
+                continue;
+            }
+            // Every key with slices at all has them in an open window (closed ones are
+            // pruned): going through them in order beats collecting the window's keys.
+            for (key, slices) in &self.slices {
+                let mut aggregate = Aggregate::default();
+                for (_, slice) in slices.range(window.start..window.end) {
+                    aggregate.merge(slice);
+                }
+                if aggregate.count > 0 {
+                    let late = self.late_of(key, window.start);
+                    finals.push(self.result(key, window, aggregate, late));
+                }
+            }
+            end += advance;
+        }
+        out.extend(finals.into_iter().map(Output::Final));
+        self.closed_through = Some(through);
+        // A slice is needed while a window holding it is open: its last window ends one size
+        // after the last window start at or before it.
+        while let Some((&slice, _)) = self.slice_keys.first_key_value() {
+            if slice.div_euclid(advance) * advance + size > through {
+                break;
+            }
+            for key in self.slice_keys.remove(&slice).unwrap_or_default() {
+                if let Some(slices) = self.slices.get_mut(&key) {
+                    slices.remove(&slice);
+                    if slices.is_empty() {
+                        self.slices.remove(&key);
                     }
                 }
             }
         }
-        let mut finals: Vec<WindowResult> = closing
-            .into_iter()
-            .map(|(window, key)| {
-                let aggregate = self.window_aggregate(&key, window);
-                let late = self.late_of(&key, window.start);
-                self.result(&key, window, aggregate, late)
-            })
-            .collect();
-        finals.sort_by(|a, b| {
-            (a.window.end, a.window.start, &a.key).cmp(&(b.window.end, b.window.start, &b.key))
-        });
-        out.extend(finals.into_iter().map(Output::Final));
-        self.closed_through = Some(through);
-        // A slice is needed while a window holding it is open: its last window ends at most
-        // one size after the last window start at or before it.
-        for slices in self.slices.values_mut() {
-            slices.retain(|start, _| start.div_euclid(advance) * advance + size > through);
-        }
-        self.slices.retain(|_, slices| !slices.is_empty());
         self.late.retain(|(_, start), _| start + size > through);
     }
 

@@ -34,6 +34,7 @@
 
 pub mod aggregate;
 pub mod engine;
+pub mod extract;
 pub mod window;
 
 pub use aggregate::{Aggregate, Aggregation};
