@@ -210,6 +210,37 @@ struct Inner {
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
+impl Inner {
+    /// Stop the writer and flusher after everything queued; false if they were already.
+    fn stop_threads(&self) -> bool {
+        let threads = self
+            .threads
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default();
+        if threads.is_empty() {
+            return false;
+        }
+        // A blocking send: shutdown waits behind queued writes rather than dropping them. The
+        // writer's exit closes the flusher's channel, so both threads end.
+        let _ = self.queue.send(Command::Shutdown);
+        for thread in threads {
+            let _ = thread.join();
+        }
+        true
+    }
+}
+
+/// The last handle gone without a [`Storage::shutdown`] (a test, an aborted start): the
+/// threads still stop before the database closes. Left running, they could still be closing
+/// RocksDB while the process exits and runs its destructors (a heap corruption seen once at
+/// the end of a test binary).
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop_threads();
+    }
+}
+
 impl Storage {
     /// [`Storage::open_with`] the default settings.
     pub fn open(dir: &Path, metrics: Arc<Metrics>) -> Result<Self, StorageError> {
@@ -497,20 +528,8 @@ impl Storage {
 
     /// Finish queued writes, stop the writer and flush memtables. Idempotent.
     pub fn shutdown(&self) {
-        let threads = self
-            .inner
-            .threads
-            .lock()
-            .map(|mut t| std::mem::take(&mut *t))
-            .unwrap_or_default();
-        if threads.is_empty() {
+        if !self.inner.stop_threads() {
             return;
-        }
-        // A blocking send: shutdown waits behind queued writes rather than dropping them. The
-        // writer's exit closes the flusher's channel, so both threads end.
-        let _ = self.inner.queue.send(Command::Shutdown);
-        for thread in threads {
-            let _ = thread.join();
         }
         // Replayable writes live only in memtables until flushed: this makes them durable.
         // Every column family, not only the default one; the logged ones are in the WAL anyway,
