@@ -8,6 +8,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::{Aggregate, Aggregation};
+use crate::panes::{Panes, Slice};
 use crate::window::{aligned_windows, gcd, SpecError, Window, WindowKind, SPAN_MAX_MS};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,10 +99,12 @@ pub struct Engine {
     closed_through: Option<i64>,
     /// Tumbling/hopping: per key, slice start → aggregate; and per slice start, the keys
     /// with data in it (so closing a window touches only its own slices).
-    slices: BTreeMap<String, BTreeMap<i64, Aggregate>>,
+    slices: BTreeMap<String, BTreeMap<i64, Slice>>,
     slice_keys: BTreeMap<i64, BTreeSet<String>>,
-    /// Tumbling/hopping: late records per (key, window start) of open windows.
-    late: BTreeMap<(String, i64), u64>,
+    /// Per key, the slices of its last closed window as a two-stack queue: a cache (results
+    /// are exact whichever way they are summed), so not part of a checkpoint.
+    #[serde(skip)]
+    panes: std::collections::HashMap<String, Panes>,
     /// Sliding: per key, its records in time order.
     buffers: BTreeMap<String, Vec<Buffered>>,
     /// Session: per key, its open sessions in time order, and the closed ones a record could
@@ -123,7 +126,7 @@ impl Engine {
             closed_through: None,
             slices: BTreeMap::new(),
             slice_keys: BTreeMap::new(),
-            late: BTreeMap::new(),
+            panes: std::collections::HashMap::new(),
             buffers: BTreeMap::new(),
             sessions: BTreeMap::new(),
             closed_sessions: BTreeMap::new(),
@@ -229,47 +232,42 @@ impl Engine {
             None => self.slices.entry(event.key.clone()).or_default(),
         };
         let fresh = !slices.contains_key(&start);
-        slices.entry(start).or_default().add(event.value);
+        let entry = slices.entry(start).or_default();
+        entry.aggregate.add(event.value);
+        // Late in every open window holding it: they all hold its slice (closed ones, which
+        // dropped it, were emitted already).
+        entry.late += u64::from(late);
+        // A late record changed a slice a cached window already summed: sum it again.
+        if self.panes.get(&event.key).is_some_and(|p| start < p.to) {
+            self.panes.remove(&event.key);
+        }
         if fresh {
             self.slice_keys
                 .entry(start)
                 .or_default()
                 .insert(event.key.clone());
         }
-        if late {
-            for window in &open {
-                *self
-                    .late
-                    .entry((event.key.clone(), window.start))
-                    .or_default() += 1;
-            }
-        }
         if self.spec.emit == EmitMode::Update {
             for window in open {
-                let aggregate = self.window_aggregate(&event.key, window);
-                let late = self.late_of(&event.key, window.start);
-                out.push(Output::Update(
-                    self.result(&event.key, window, aggregate, late),
-                ));
+                let slice = self.window_slice(&event.key, window);
+                out.push(Output::Update(self.result(
+                    &event.key,
+                    window,
+                    slice.aggregate,
+                    slice.late,
+                )));
             }
         }
     }
 
-    fn late_of(&self, key: &str, start: i64) -> u64 {
-        self.late
-            .get(&(key.to_owned(), start))
-            .copied()
-            .unwrap_or(0)
-    }
-
-    fn window_aggregate(&self, key: &str, window: Window) -> Aggregate {
-        let mut aggregate = Aggregate::default();
+    fn window_slice(&self, key: &str, window: Window) -> Slice {
+        let mut total = Slice::default();
         if let Some(slices) = self.slices.get(key) {
             for (_, slice) in slices.range(window.start..window.end) {
-                aggregate.merge(slice);
+                total.merge(slice);
             }
         }
-        aggregate
+        total
     }
 
     fn close_aligned(&mut self, watermark: i64, out: &mut Vec<Output>) {
@@ -312,13 +310,21 @@ impl Engine {
             // Every key with slices at all has them in an open window (closed ones are
             // pruned): going through them in order beats collecting the window's keys.
             for (key, slices) in &self.slices {
-                let mut aggregate = Aggregate::default();
-                for (_, slice) in slices.range(window.start..window.end) {
-                    aggregate.merge(slice);
+                let panes = match self.panes.get_mut(key) {
+                    Some(panes) => panes,
+                    None => self
+                        .panes
+                        .entry(key.clone())
+                        .or_insert_with(|| Panes::new(window.start)),
+                };
+                for (start, slice) in slices.range(panes.to.max(window.start)..window.end) {
+                    panes.push(*start, slice);
                 }
-                if aggregate.count > 0 {
-                    let late = self.late_of(key, window.start);
-                    finals.push(self.result(key, window, aggregate, late));
+                panes.to = panes.to.max(window.end);
+                panes.pop_before(window.start);
+                let total = panes.total();
+                if total.aggregate.count > 0 {
+                    finals.push(self.result(key, window, total.aggregate, total.late));
                 }
             }
             end += advance;
@@ -336,11 +342,11 @@ impl Engine {
                     slices.remove(&slice);
                     if slices.is_empty() {
                         self.slices.remove(&key);
+                        self.panes.remove(&key);
                     }
                 }
             }
         }
-        self.late.retain(|(_, start), _| start + size > through);
     }
 
     // Sliding: records buffered while a window that may hold them is open.

@@ -35,6 +35,7 @@
 pub mod aggregate;
 pub mod engine;
 pub mod extract;
+mod panes;
 pub mod window;
 
 pub use aggregate::{Aggregate, Aggregation};
