@@ -552,23 +552,40 @@ fn a_coordinator_paused_past_a_takeover_hands_out_nothing_when_it_resumes() -> a
     let mut new = Consumer::start("new", new_base, log.clone());
     wait_delivered(&log, &second)?;
 
-    // The old member's poll waits in the paused broker's queue, as a client's would whose
-    // request was sent before the pause ended; then it polls on.
-    let waiting = {
-        let url = format!("{old_base}/records?timeout=200");
-        std::thread::spawn(move || Client::new().get(&url))
+    // The old member's poll is written to the paused broker's socket before it resumes, as a
+    // client's would be whose request was sent during the pause; then it polls on.
+    let response = {
+        use std::io::{Read, Write};
+        let rest = old_base
+            .strip_prefix("http://")
+            .ok_or_else(|| anyhow::anyhow!("base_uri {old_base}"))?;
+        let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let mut socket = std::net::TcpStream::connect(host)?;
+        socket.set_read_timeout(Some(Duration::from_secs(30)))?;
+        // HTTP/1.0: the broker closes the connection after its answer, so reading to the end
+        // reads exactly one response.
+        write!(
+            socket,
+            "GET /{path}/records?timeout=200 HTTP/1.0\r\nHost: {host}\r\n\r\n"
+        )?;
+        socket.flush()?;
+        cluster.brokers[home].resume()?;
+        let mut response = String::new();
+        socket.read_to_string(&mut response)?;
+        response
     };
-    std::thread::sleep(Duration::from_millis(50));
-    cluster.brokers[home].resume()?;
-    let reply = waiting
-        .join()
-        .map_err(|_| anyhow::anyhow!("poll thread panicked"))??;
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let records = serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|b| b.as_array().map(Vec::len))
+        .unwrap_or(0);
+    assert!(
+        response.starts_with("HTTP/1."),
+        "no answer to the poll sent during the pause: {response}"
+    );
     assert_eq!(
-        reply.body.as_array().map_or(0, Vec::len),
-        0,
-        "the resumed coordinator delivered records of a group another broker coordinates: {} {}",
-        reply.status,
-        reply.text
+        records, 0,
+        "the resumed coordinator delivered records of a group another broker coordinates: {response}"
     );
     for _ in 0..5 {
         let reply = http.get(&format!("{old_base}/records?timeout=200"))?;

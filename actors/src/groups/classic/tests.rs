@@ -29,6 +29,24 @@ fn request(member_id: &str, protocols: &[&str]) -> JoinRequest {
     }
 }
 
+/// a joins alone (generation 1, leader), b joins, a joins again: both at generation 2.
+fn two_members(group: &mut ClassicGroup, now: Instant) -> (JoinResponse, JoinResponse) {
+    let a = joined(&group.join(request("", &["range"]), now).expect("a").1)[0].clone();
+    let _ = group.join(request("", &["range"]), now).expect("b");
+    let responses = joined(
+        &group
+            .join(request(&a.member_id, &["range"]), now)
+            .expect("a")
+            .1,
+    );
+    let b = responses
+        .iter()
+        .find(|r| r.member_id != a.member_id)
+        .expect("b")
+        .clone();
+    (a, b)
+}
+
 /// The JoinGroup responses among `replies`.
 fn joined(replies: &[Reply]) -> Vec<JoinResponse> {
     replies
@@ -178,19 +196,7 @@ fn members_that_do_not_join_again_in_time_are_dropped() {
 fn an_expired_session_or_a_leave_rebalances_the_rest() {
     let t0 = Instant::now();
     let mut group = ClassicGroup::new("g", limits(Duration::ZERO));
-    let a = joined(&group.join(request("", &["range"]), t0).expect("a").1)[0].clone();
-    let _ = group.join(request("", &["range"]), t0).expect("b");
-    let responses = joined(
-        &group
-            .join(request(&a.member_id, &["range"]), t0)
-            .expect("a")
-            .1,
-    );
-    let b = responses
-        .iter()
-        .find(|r| r.member_id != a.member_id)
-        .expect("b")
-        .clone();
+    let (a, b) = two_members(&mut group, t0);
     group.sync(&a.member_id, 2, vec![], t0).expect("sync");
     // b heartbeats, a goes silent past its 10 s session.
     let later = t0 + 8 * SECOND;
@@ -299,19 +305,7 @@ fn the_first_rebalance_waits_the_initial_delay_for_more_members() {
 fn a_rebalance_during_the_sync_phase_answers_waiting_syncs() {
     let now = Instant::now();
     let mut group = ClassicGroup::new("g", limits(Duration::ZERO));
-    let a = joined(&group.join(request("", &["range"]), now).expect("a").1)[0].clone();
-    let _ = group.join(request("", &["range"]), now).expect("b");
-    let responses = joined(
-        &group
-            .join(request(&a.member_id, &["range"]), now)
-            .expect("a")
-            .1,
-    );
-    let b = responses
-        .iter()
-        .find(|r| r.member_id != a.member_id)
-        .expect("b")
-        .clone();
+    let (_, b) = two_members(&mut group, now);
     assert_eq!(group.sync(&b.member_id, 2, vec![], now), Ok(vec![]));
     // A third member joins before the leader synced: b's sync is told to join again.
     let replies = group.join(request("", &["range"]), now).expect("c").1;
@@ -351,19 +345,7 @@ fn a_member_whose_join_reply_was_lost_gets_the_same_generation_again() {
 fn a_leader_that_never_syncs_is_dropped_at_the_rebalance_timeout() {
     let t0 = Instant::now();
     let mut group = ClassicGroup::new("g", limits(Duration::ZERO));
-    let a = joined(&group.join(request("", &["range"]), t0).expect("a").1)[0].clone();
-    let _ = group.join(request("", &["range"]), t0).expect("b");
-    let responses = joined(
-        &group
-            .join(request(&a.member_id, &["range"]), t0)
-            .expect("a")
-            .1,
-    );
-    let b = responses
-        .iter()
-        .find(|r| r.member_id != a.member_id)
-        .expect("b")
-        .clone();
+    let (a, b) = two_members(&mut group, t0);
     // b syncs and waits; the leader a never does.
     assert_eq!(group.sync(&b.member_id, 2, vec![], t0), Ok(vec![]));
     assert!(group.tick(t0 + 4 * SECOND).is_empty());
