@@ -32,6 +32,7 @@ pub(crate) fn settings(dir: &std::path::Path) -> BrokerSettings {
             initial_rebalance_delay: Duration::ZERO,
             instance_idle_timeout: Duration::from_secs(60),
             instances_max: 100,
+            checkpoint_interval: Duration::from_millis(200),
         },
     }
 }

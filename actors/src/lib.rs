@@ -45,6 +45,7 @@ pub mod registry;
 pub mod snapshot;
 pub mod state_machine;
 pub mod storage;
+pub mod streams;
 pub mod topic;
 pub mod transport;
 

@@ -5,8 +5,8 @@
 //! checked by `promtool check metrics` in the test suite.
 
 use prometheus::{
-    exponential_buckets, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry,
+    exponential_buckets, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 /// Every metric the broker exports. Fields are cheap handles; clone the `Arc<Metrics>`.
@@ -66,6 +66,15 @@ pub struct Metrics {
     pub group_lag_records: IntGaugeVec,
     /// From a commit's proposal to its application (quorum-committed and fsync'd here).
     pub group_commit_latency_seconds: Histogram,
+    /// Stream jobs running on this broker (series go when the job stops here).
+    pub stream_records_in_total: IntCounterVec,
+    pub stream_results_out_total: IntCounterVec,
+    pub stream_late_records_total: IntCounterVec,
+    pub stream_dropped_records_total: IntCounterVec,
+    pub stream_skipped_records_total: IntCounterVec,
+    pub stream_checkpoint_seconds: HistogramVec,
+    pub stream_checkpoint_age_seconds: GaugeVec,
+    pub stream_lag_records: IntGaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -293,6 +302,53 @@ impl Metrics {
                 .buckets(latency_buckets()),
             )
             .expect("valid metric"),
+            stream_records_in_total: counter_vec(
+                "pubg1_stream_records_in_total",
+                "Input records a stream job processed (skipped ones included).",
+                &["stream"],
+            ),
+            stream_results_out_total: counter_vec(
+                "pubg1_stream_results_out_total",
+                "Window results a stream job wrote to its output topic.",
+                &["stream"],
+            ),
+            stream_late_records_total: counter_vec(
+                "pubg1_stream_late_records_total",
+                "Records a stream job took after the watermark had passed them (within grace).",
+                &["stream"],
+            ),
+            stream_dropped_records_total: counter_vec(
+                "pubg1_stream_dropped_records_total",
+                "Records a stream job dropped as later than grace (counted per window they missed).",
+                &["stream"],
+            ),
+            stream_skipped_records_total: counter_vec(
+                "pubg1_stream_skipped_records_total",
+                "Records a stream job skipped: not JSON, a field missing, or not a number.",
+                &["stream"],
+            ),
+            stream_checkpoint_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "pubg1_stream_checkpoint_seconds",
+                    "Time to encode a stream job's checkpoint and get it committed and applied.",
+                )
+                .buckets(latency_buckets()),
+                &["stream"],
+            )
+            .expect("valid metric"),
+            stream_checkpoint_age_seconds: GaugeVec::new(
+                Opts::new(
+                    "pubg1_stream_checkpoint_age_seconds",
+                    "Time since a stream job's last checkpoint.",
+                ),
+                &["stream"],
+            )
+            .expect("valid metric"),
+            stream_lag_records: gauge_vec(
+                "pubg1_stream_lag_records",
+                "Input records a stream job has not read yet (high watermark minus its offset).",
+                &["stream"],
+            ),
             actor_restarts_total: counter_vec(
                 "pubg1_actor_restarts_total",
                 "Actors restarted by their supervisor after a crash.",
@@ -352,6 +408,14 @@ impl Metrics {
             Box::new(self.group_committed_offset.clone()),
             Box::new(self.group_lag_records.clone()),
             Box::new(self.group_commit_latency_seconds.clone()),
+            Box::new(self.stream_records_in_total.clone()),
+            Box::new(self.stream_results_out_total.clone()),
+            Box::new(self.stream_late_records_total.clone()),
+            Box::new(self.stream_dropped_records_total.clone()),
+            Box::new(self.stream_skipped_records_total.clone()),
+            Box::new(self.stream_checkpoint_seconds.clone()),
+            Box::new(self.stream_checkpoint_age_seconds.clone()),
+            Box::new(self.stream_lag_records.clone()),
         ];
         for collector in collectors {
             // Names are distinct constants above; a clash is a programming error.
@@ -391,6 +455,25 @@ impl Metrics {
             let _ = self.group_committed_offset.remove_label_values(&labels);
             let _ = self.group_lag_records.remove_label_values(&labels);
         }
+    }
+
+    /// Drop a stream job's series (it stopped running here).
+    pub fn forget_job(&self, job: &str) {
+        let labels = [job];
+        for counter in [
+            &self.stream_records_in_total,
+            &self.stream_results_out_total,
+            &self.stream_late_records_total,
+            &self.stream_dropped_records_total,
+            &self.stream_skipped_records_total,
+        ] {
+            let _ = counter.remove_label_values(&labels);
+        }
+        let _ = self.stream_checkpoint_seconds.remove_label_values(&labels);
+        let _ = self
+            .stream_checkpoint_age_seconds
+            .remove_label_values(&labels);
+        let _ = self.stream_lag_records.remove_label_values(&labels);
     }
 
     /// The Prometheus text exposition of every metric.

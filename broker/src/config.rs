@@ -75,6 +75,9 @@ pub struct Config {
     pub consumer_instance_timeout_ms: u64,
     /// Consumer instances one group may have.
     pub consumer_instances_per_group_max: usize,
+    /// How often a stream job checkpoints while it has new input; its results reach the
+    /// output topic after the checkpoint that decides them.
+    pub stream_checkpoint_interval_ms: u64,
     pub log_format: LogFormat,
     /// A tracing filter such as `info` or `pubg1=debug`; `RUST_LOG` overrides it.
     pub log_filter: String,
@@ -112,6 +115,7 @@ impl Default for Config {
             consumer_session_timeout_ms: 10_000,
             consumer_instance_timeout_ms: 300_000,
             consumer_instances_per_group_max: 1_000,
+            stream_checkpoint_interval_ms: 200,
             log_format: LogFormat::Text,
             log_filter: "info".to_owned(),
         }
@@ -213,6 +217,12 @@ impl Config {
             self.consumer_instances_per_group_max as u64,
             1,
         )?;
+        if !(10..=60_000).contains(&self.stream_checkpoint_interval_ms) {
+            return Err(format!(
+                "stream_checkpoint_interval_ms must be between 10 and 60000 (got {})",
+                self.stream_checkpoint_interval_ms
+            ));
+        }
         let seeds = self.parsed_seeds()?;
         if !seeds.is_empty() && !seeds.iter().any(|(id, _)| u64::from(self.id) == *id) {
             return Err(format!("seeds must include this broker's id {}", self.id));

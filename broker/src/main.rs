@@ -129,6 +129,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             initial_rebalance_delay: Duration::from_millis(config.initial_rebalance_delay_ms),
             instance_idle_timeout: Duration::from_millis(config.consumer_instance_timeout_ms),
             instances_max: config.consumer_instances_per_group_max,
+            checkpoint_interval: Duration::from_millis(config.stream_checkpoint_interval_ms),
         },
     };
     // Both ports are claimed before storage opens (the peer port inside Broker::start): a taken

@@ -161,6 +161,53 @@ impl Engine {
         self.dropped.retain(|(_, w), _| w.end >= end);
     }
 
+    /// The windows of `key` still open (not yet emitted as final), with their aggregates so
+    /// far: what a query of a job's current state answers. Sessions as `[first, last + 1)`.
+    pub fn open_windows(&self, key: &str) -> Vec<WindowResult> {
+        let after = self.closed_through.unwrap_or(i64::MIN);
+        let mut open = Vec::new();
+        match self.spec.window {
+            WindowKind::Tumbling { .. } | WindowKind::Hopping { .. } => {
+                let (Some((size, advance)), Some(slices)) =
+                    (self.spec.window.aligned(), self.slices.get(key))
+                else {
+                    return open;
+                };
+                let windows: BTreeSet<Window> = slices
+                    .keys()
+                    .flat_map(|start| aligned_windows(size, advance, *start))
+                    .filter(|w| w.end > after)
+                    .collect();
+                for window in windows {
+                    let slice = self.window_slice(key, window);
+                    if slice.aggregate.count > 0 {
+                        open.push(self.result(key, window, slice.aggregate, slice.late));
+                    }
+                }
+            }
+            WindowKind::Sliding { difference_ms } => {
+                if let Some(buffer) = self.buffers.get(key) {
+                    for window in sliding_windows(buffer, difference_ms) {
+                        if window.end > after {
+                            let (aggregate, late) = sliding_aggregate(buffer, window);
+                            open.push(self.result(key, window, aggregate, late));
+                        }
+                    }
+                }
+            }
+            WindowKind::Session { .. } => {
+                for session in self.sessions.get(key).into_iter().flatten() {
+                    let window = Window {
+                        start: session.first,
+                        end: session.last + 1,
+                    };
+                    open.push(self.result(key, window, session.aggregate.clone(), session.late));
+                }
+            }
+        }
+        open
+    }
+
     /// Take one event; returns the results it closed or changed, finals in window order.
     pub fn process(&mut self, event: Event) -> Vec<Output> {
         let stream_time = self.stream_time.map_or(event.time, |s| s.max(event.time));

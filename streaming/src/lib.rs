@@ -40,6 +40,7 @@ pub mod window;
 
 pub use aggregate::{Aggregate, Aggregation};
 pub use engine::{EmitMode, Engine, Event, Output, Spec, WindowResult};
+pub use rust_decimal::Decimal;
 pub use window::{SpecError, Window, WindowKind};
 
 #[cfg(test)]

@@ -127,6 +127,40 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// A key's open windows are what it will emit as finals if no more of its records come:
+    /// a query of a job's current state shows what the output will get.
+    #[test]
+    fn open_windows_are_the_finals_still_to_come(spec in specs(), events in events()) {
+        let mut engine = Engine::new(spec).expect("valid spec");
+        for event in &events {
+            engine.process(event.clone());
+        }
+        let open: Vec<Vec<WindowResult>> =
+            ["a", "b", "c"].iter().map(|k| engine.open_windows(k)).collect();
+        // A record of another key far in the future closes every window.
+        let flush = Event { key: "z".into(), time: 1_000_000, value: Some(Decimal::ONE) };
+        let finals: Vec<WindowResult> = engine
+            .process(flush)
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Final(r) => Some(r),
+                Output::Update(_) => None,
+            })
+            .collect();
+        for (k, open) in ["a", "b", "c"].iter().zip(open) {
+            let mut emitted: Vec<WindowResult> =
+                finals.iter().filter(|r| r.key == *k).cloned().collect();
+            let mut open = open;
+            emitted.sort_by_key(|r| (r.window.start, r.window.end));
+            open.sort_by_key(|r| (r.window.start, r.window.end));
+            prop_assert_eq!(open, emitted);
+        }
+    }
+}
+
 fn spec(window: WindowKind, aggregation: Aggregation, grace_ms: i64) -> Spec {
     Spec {
         window,

@@ -10,6 +10,7 @@
 
 pub mod cluster;
 pub mod groups;
+pub mod streams;
 pub mod workload;
 
 use std::net::SocketAddr;

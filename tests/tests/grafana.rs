@@ -119,6 +119,9 @@ fn dashboards_are_well_formed_and_use_the_provisioned_datasource() {
             "pubg1_group_lag_records",
             "pubg1_group_rebalances_total",
             "pubg1_group_commit_latency_seconds_bucket",
+            "pubg1_stream_records_in_total",
+            "pubg1_stream_lag_records",
+            "pubg1_stream_checkpoint_seconds_bucket",
         ] {
             assert!(text.contains(metric), "{path} does not use {metric}");
         }
@@ -194,6 +197,21 @@ fn every_dashboard_expression_returns_data_from_a_real_prometheus() -> anyhow::R
     let load = Load::start(urls(cluster.topic_urls("watched")), "g", 2, 10);
     let targets: Vec<String> = cluster.brokers.iter().map(|b| b.http.to_string()).collect();
     let prometheus = Prometheus::start(&targets)?;
+    // A stream job counts the load's records, so the stream series move too.
+    let out = json!({"name": "watched-counts", "partitions": 1, "replication_factor": 3});
+    assert_eq!(
+        http.post_json(&cluster.broker(1).url("/topics"), &out)?
+            .status,
+        201
+    );
+    let job = json!({"name": "watching", "input": "watched", "output": "watched-counts",
+        "window": {"kind": "tumbling", "size_ms": 1000}, "aggregation": "count"});
+    let created = http.post_json(&cluster.broker(1).url("/streams"), &job)?;
+    let created = match created.location {
+        Some(location) if created.status == 307 => http.post_json(&location, &job)?,
+        _ => created,
+    };
+    assert_eq!(created.status, 201, "{}", created.text);
     // A consumer group member polls and commits, so the group series move too.
     let home = coordinator(&cluster.brokers, "watchers")?;
     let member = create_instance(

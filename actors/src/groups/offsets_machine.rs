@@ -13,6 +13,7 @@ use crate::error::StorageError;
 use crate::state_machine::{Durability, StateMachine};
 use crate::storage::keys::{log_key, Cf, WriteOp};
 use crate::storage::Storage;
+use crate::streams::machine::{JobCommand, JobRecord, JobRefusal, Jobs};
 use crate::topic::LogId;
 
 /// One committed offset: the next offset the group will consume, as in Kafka.
@@ -47,6 +48,8 @@ pub enum GroupCommand {
     },
     /// The group and all its offsets go.
     DeleteGroup { group: String },
+    /// A stream job's command (its spec and checkpoints live here too, in `checkpoints`).
+    Job(JobCommand),
 }
 
 /// Why a command was refused at apply; the proposer's client gets it.
@@ -68,6 +71,8 @@ pub enum GroupRefusal {
     },
     #[error("group '{0}' does not exist")]
     NoSuchGroup(String),
+    #[error(transparent)]
+    Job(#[from] JobRefusal),
 }
 
 /// What applying a command did: a takeover (`Generation`) returns the group's state as of
@@ -87,12 +92,22 @@ pub struct GroupState {
 pub struct OffsetsMachine {
     log: LogId,
     groups: BTreeMap<String, GroupState>,
+    jobs: Jobs,
     applied_index: u64,
+}
+
+/// A partition's whole state, its snapshot.
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    groups: BTreeMap<String, GroupState>,
+    jobs: Jobs,
 }
 
 /// Key tags under a partition's prefix in `group_offsets`.
 const APPLIED_TAG: u8 = 0;
 const GROUP_TAG: u8 = 1;
+/// Under the partition's prefix in `checkpoints`: a job's record, by name.
+const JOB_TAG: u8 = 1;
 
 impl OffsetsMachine {
     /// An empty machine for offsets partition `log`.
@@ -100,6 +115,7 @@ impl OffsetsMachine {
         Self {
             log,
             groups: BTreeMap::new(),
+            jobs: Jobs::default(),
             applied_index: 0,
         }
     }
@@ -132,6 +148,16 @@ impl OffsetsMachine {
                 _ => return Err(corrupt(&key, "unknown tag".into())),
             }
         }
+        for (key, value) in storage.load_prefix(Cf::Checkpoints, &prefix)? {
+            if key.get(prefix.len()) != Some(&JOB_TAG) {
+                return Err(corrupt(&key, "unknown checkpoints tag".into()));
+            }
+            let job = String::from_utf8(key[prefix.len() + 1..].to_vec())
+                .map_err(|e| corrupt(&key, e.to_string()))?;
+            let record: JobRecord =
+                rmp_serde::from_slice(&value).map_err(|e| corrupt(&key, e.to_string()))?;
+            machine.jobs.insert(job, record);
+        }
         Ok(machine)
     }
 
@@ -143,6 +169,33 @@ impl OffsetsMachine {
     /// A group's applied state, if it has one.
     pub fn group(&self, group: &str) -> Option<&GroupState> {
         self.groups.get(group)
+    }
+
+    /// Every stream job of this partition, as applied.
+    pub fn jobs(&self) -> &Jobs {
+        &self.jobs
+    }
+
+    fn job_key(&self, job: &str) -> Vec<u8> {
+        let mut key = log_key(self.log);
+        key.push(JOB_TAG);
+        key.extend_from_slice(job.as_bytes());
+        key
+    }
+
+    fn put_job(&self, job: &str, record: Option<&JobRecord>, ops: &mut Vec<WriteOp>) {
+        let key = self.job_key(job);
+        ops.push(match record {
+            Some(record) => WriteOp::Put {
+                cf: Cf::Checkpoints,
+                key,
+                value: encode(record),
+            },
+            None => WriteOp::Delete {
+                cf: Cf::Checkpoints,
+                key,
+            },
+        });
     }
 
     /// Key of `group`'s state: the partition's prefix, a tag, then the group name (the rest of
@@ -169,8 +222,18 @@ impl OffsetsMachine {
         });
     }
 
-    fn apply_command(&mut self, command: GroupCommand, ops: &mut Vec<WriteOp>) -> GroupApplied {
+    fn apply_command(
+        &mut self,
+        index: u64,
+        command: GroupCommand,
+        ops: &mut Vec<WriteOp>,
+    ) -> GroupApplied {
         match command {
+            GroupCommand::Job(command) => {
+                let (job, record) = self.jobs.apply(index, command)?;
+                self.put_job(&job, record.as_ref(), ops);
+                Ok(None)
+            }
             GroupCommand::Generation { group, generation } => {
                 let state = self.groups.entry(group.clone()).or_default();
                 if generation <= state.generation {
@@ -222,7 +285,7 @@ impl StateMachine for OffsetsMachine {
     const DURABILITY: Durability = Durability::Synced;
 
     fn column_families(&self) -> &'static [Cf] {
-        &[Cf::GroupOffsets]
+        &[Cf::GroupOffsets, Cf::Checkpoints]
     }
 
     fn applied_index(&self) -> u64 {
@@ -233,7 +296,7 @@ impl StateMachine for OffsetsMachine {
     /// own): applying around it would fork the replicas, so the actor stops and restarts.
     fn apply(&mut self, index: u64, data: &[u8], ops: &mut Vec<WriteOp>) -> GroupApplied {
         match rmp_serde::from_slice(data) {
-            Ok(command) => self.apply_command(command, ops),
+            Ok(command) => self.apply_command(index, command, ops),
             Err(e) => panic!(
                 "offsets entry {index} of {:?} does not decode: {e}",
                 self.log
@@ -251,7 +314,10 @@ impl StateMachine for OffsetsMachine {
     }
 
     fn snapshot(&self) -> Bytes {
-        encode(&self.groups)
+        encode(&Snapshot {
+            groups: self.groups.clone(),
+            jobs: self.jobs.clone(),
+        })
     }
 
     fn restore(
@@ -259,7 +325,7 @@ impl StateMachine for OffsetsMachine {
         index: u64,
         data: &[u8],
     ) -> Result<(Vec<WriteOp>, Vec<GroupApplied>), StorageError> {
-        let groups: BTreeMap<String, GroupState> =
+        let snapshot: Snapshot =
             rmp_serde::from_slice(data).map_err(|e| StorageError::Corrupt {
                 what: format!("offsets snapshot of {:?}", self.log),
                 message: e.to_string(),
@@ -267,14 +333,21 @@ impl StateMachine for OffsetsMachine {
         let prefix = log_key(self.log);
         let mut end = prefix.clone();
         end.push(u8::MAX);
-        let mut ops = vec![WriteOp::DeleteRange {
-            cf: Cf::GroupOffsets,
-            from: prefix,
-            to: end,
-        }];
-        self.groups = groups;
+        let mut ops: Vec<WriteOp> = [Cf::GroupOffsets, Cf::Checkpoints]
+            .into_iter()
+            .map(|cf| WriteOp::DeleteRange {
+                cf,
+                from: prefix.clone(),
+                to: end.clone(),
+            })
+            .collect();
+        self.groups = snapshot.groups;
+        self.jobs = snapshot.jobs;
         for group in self.groups.keys() {
             self.put_group(group, &mut ops);
+        }
+        for (job, record) in self.jobs.iter() {
+            self.put_job(job, Some(record), &mut ops);
         }
         ops.push(self.applied_op(index));
         Ok((ops, Vec::new()))

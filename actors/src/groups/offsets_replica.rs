@@ -34,6 +34,8 @@ use crate::storage::{Storage, WriteOp};
 use crate::topic::LogId;
 use crate::transport::{Cluster, RaftInbound, Transport};
 
+mod jobs;
+
 /// The offsets topic's name (in metrics and docs; it is not in the catalog).
 pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
 /// Topic id of the offsets topic's Raft groups: catalog ids count up from 1 and never get here.
@@ -164,6 +166,8 @@ pub struct OffsetsReplica {
     driver: Driver,
     proposals: Proposals<Reply>,
     coordinators: HashMap<String, Addr<GroupCoordinator>>,
+    /// Stream jobs run here (see `jobs`).
+    jobs: HashMap<String, jobs::RunningJob>,
     snapshot_at: Option<(u64, Instant)>,
     crashed: bool,
     restarts: Backoff,
@@ -183,6 +187,7 @@ impl OffsetsReplica {
             driver: Driver::default(),
             proposals: Proposals::new(),
             coordinators: HashMap::new(),
+            jobs: HashMap::new(),
             snapshot_at: None,
             crashed: false,
             restarts: Backoff::default(),
@@ -316,6 +321,7 @@ impl OffsetsReplica {
             .inc();
         if !raft.is_leader() {
             self.stop_coordinators("this broker no longer leads the group's offsets partition");
+            self.stop_jobs();
         } else {
             self.snapshot_at = None;
         }
@@ -345,6 +351,7 @@ fn command_group(command: &GroupCommand) -> &str {
         GroupCommand::Generation { group, .. }
         | GroupCommand::Commit { group, .. }
         | GroupCommand::DeleteGroup { group } => group,
+        GroupCommand::Job(command) => command.job(),
     }
 }
 
@@ -414,12 +421,14 @@ impl RaftDriven for OffsetsReplica {
     fn on_durable(&mut self, applied: Self::Applied) {
         self.announce(applied);
         self.refresh_snapshot(true);
+        self.sync_jobs();
     }
 
     fn on_failure(&mut self, _ctx: &mut Context<Self>, error: StorageError) {
         tracing::error!(error = %error, partition = self.shared.partition, "offsets write failed");
         self.fail_all(&GroupError::Storage(error));
         self.stop_coordinators("the broker's storage failed");
+        self.stop_jobs();
     }
 
     fn on_panic(&mut self, ctx: &mut Context<Self>, panic: Box<dyn std::any::Any + Send>) {
@@ -427,6 +436,7 @@ impl RaftDriven for OffsetsReplica {
         tracing::error!(%message, partition = self.shared.partition, "offsets replica crashed; restarting from durable state");
         self.fail_all(&GroupError::OutcomeUnknown(String::new()));
         self.stop_coordinators("the offsets replica restarted");
+        self.stop_jobs();
         self.wiring
             .metrics
             .actor_restarts_total
@@ -478,11 +488,14 @@ impl Actor for OffsetsReplica {
             }
             act.coordinators.retain(|_, addr| addr.connected());
             act.refresh_snapshot(false);
+            act.sync_jobs();
+            act.refresh_job_gauges();
         });
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         self.stop_coordinators("the broker is shutting down");
+        self.stop_jobs();
     }
 }
 

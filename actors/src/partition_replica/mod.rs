@@ -105,6 +105,9 @@ pub struct ReplicaSettings {
 }
 
 /// How long an append may wait for its entry to commit before the client is told to retry.
+/// A barrier's entry: appends nothing (see [`PartitionShared::barrier`]). A proposed batch
+/// starts with eight zero bytes (its base offset is set at apply), so no batch is this.
+const BARRIER_ENTRY: &[u8] = b"pubg1 barrier";
 const APPEND_COMMIT_WAIT: Duration = Duration::from_secs(5);
 
 /// How long a snapshot fetch may go unanswered before another replica is asked.
@@ -307,7 +310,12 @@ impl PartitionReplica {
         let Some(raft) = self.raft.as_mut() else {
             return Err(self.shared.unavailable());
         };
-        let bytes = batch::encode(0, now_ms(), records)?;
+        // No records: a barrier (see `BARRIER_ENTRY`).
+        let bytes = if records.is_empty() {
+            bytes::Bytes::from_static(BARRIER_ENTRY)
+        } else {
+            batch::encode(0, now_ms(), records)?
+        };
         let (id, context) = self.proposals.next_context();
         raft.propose(context, bytes.to_vec()).map_err(|e| match e {
             ProposeError::NoLeader => PartitionError::NoLeader { topic, partition },
@@ -352,6 +360,17 @@ impl PartitionReplica {
                 continue; // a new leader's empty entry
             }
             let base_offset = self.state.next_offset;
+            if entry.data.as_ref() == BARRIER_ENTRY {
+                if let Some(id) = self.proposals.own(&entry.context) {
+                    let appended = Appended {
+                        base_offset,
+                        record_count: 0,
+                        leader_epoch: entry.term,
+                    };
+                    completed.push((id, appended));
+                }
+                continue;
+            }
             // Every entry was encoded by `batch::encode` on some replica and carried with its
             // CRC: one that does not parse is a bug or corruption, and skipping it would make
             // this replica's offsets differ from the others'. Stop instead (the supervisor
@@ -411,6 +430,10 @@ impl PartitionReplica {
             let Some(pending) = self.proposals.take(id) else {
                 continue;
             };
+            if appended.record_count == 0 {
+                let _ = pending.waiter.reply.send(Ok(appended));
+                continue;
+            }
             let metrics = &self.metrics;
             metrics
                 .produce_records_total

@@ -231,6 +231,16 @@ impl PartitionShared {
         }
     }
 
+    /// A read barrier through the leader: an entry that appends nothing, answered once it is
+    /// applied and durable, with `base_offset` = the log's end at that point. Every entry an
+    /// earlier leader got committed is below it (a leader commits nothing of an earlier term
+    /// before an entry of its own), so a read up to it sees everything that will ever be
+    /// committed before it, which a plain read of the high watermark right after a failover
+    /// does not.
+    pub async fn barrier(&self) -> Result<Appended, PartitionError> {
+        self.append(Vec::new()).await
+    }
+
     /// Append `records` as one batch and wait until it is durable.
     pub async fn append(&self, records: Vec<NewRecord>) -> Result<Appended, PartitionError> {
         let addr = self.addr().ok_or_else(|| self.unavailable())?;

@@ -9,6 +9,7 @@ use actix_web::{HttpResponse, ResponseError};
 use pubg1_actors::error::{PartitionError, StorageError, TopicError};
 use pubg1_actors::groups::error::GroupError;
 use pubg1_actors::groups::offsets_machine::GroupRefusal;
+use pubg1_actors::streams::machine::JobRefusal;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -94,6 +95,10 @@ pub enum ApiError {
     StaleGeneration(String),
     #[error("{0}")]
     InvalidOffset(String),
+    #[error("{0}")]
+    JobNotFound(String),
+    #[error("{0}")]
+    JobExists(String),
 }
 
 impl ApiError {
@@ -126,6 +131,8 @@ impl ApiError {
             ApiError::NotAssigned(_) => 40905,
             ApiError::StaleGeneration(_) => 40906,
             ApiError::InvalidOffset(_) => 42203,
+            ApiError::JobNotFound(_) => 40405,
+            ApiError::JobExists(_) => 40907,
         }
     }
 
@@ -216,6 +223,15 @@ impl From<GroupError> for ApiError {
             GroupError::Refused(GroupRefusal::NoSuchGroup(_)) => ApiError::GroupNotFound(message),
             GroupError::Refused(GroupRefusal::GenerationBackwards { .. }) => {
                 ApiError::Internal(message)
+            }
+            GroupError::Refused(GroupRefusal::Job(JobRefusal::Exists(_))) => {
+                ApiError::JobExists(message)
+            }
+            GroupError::Refused(GroupRefusal::Job(JobRefusal::NoSuchJob(_))) => {
+                ApiError::JobNotFound(message)
+            }
+            GroupError::Refused(GroupRefusal::Job(JobRefusal::Fenced { .. })) => {
+                ApiError::Conflict(message)
             }
             GroupError::Storage(storage) => storage_error(&storage),
             GroupError::UnknownInstance { .. } => ApiError::InstanceNotFound(message),

@@ -12,6 +12,7 @@ mod openapi;
 mod partitions;
 mod produce;
 mod records;
+mod streams;
 mod system;
 mod topics;
 
@@ -91,6 +92,7 @@ impl AppState {
         (name = "topics", description = "Create, list, describe and delete topics"),
         (name = "records", description = "Produce and consume records"),
         (name = "consumers", description = "Consumer instances and groups (REST Proxy v2)"),
+        (name = "streams", description = "Stream jobs: windowed aggregations with exactly-once results"),
         (name = "system", description = "Health, readiness, metrics, this document")
     ),
     components(schemas(EmbeddedFormat))
@@ -140,6 +142,12 @@ pub fn app(
         .service(consumers::seek_end)
         .service(consumers::list_groups)
         .service(consumers::describe_group)
+        .service(partitions::barrier)
+        .service(streams::create)
+        .service(streams::list)
+        .service(streams::describe)
+        .service(streams::delete_job)
+        .service(streams::windows)
         .split_for_parts();
     let limits = openapi::Limits::of(&state.config, state.broker.cluster.brokers.len());
     state

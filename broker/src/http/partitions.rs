@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use actix_web::{get, web, HttpResponse};
+use actix_web::{get, post, web, HttpResponse};
 use pubg1_actors::partition_replica::PartitionShared;
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -134,4 +134,40 @@ pub async fn describe(
     let (topic, partition) = path.into_inner();
     let partition = find(&state, &topic, partition)?;
     Ok(HttpResponse::Ok().json(describe_partition(&partition, state.config.id)))
+}
+
+/// Where a partition's log ends, as its leader answers after a barrier.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BarrierAnswer {
+    /// Every record committed before the barrier is below this offset, and readable.
+    pub log_end_offset: u64,
+    /// The leader epoch (Raft term) the barrier was committed in.
+    pub leader_epoch: u64,
+}
+
+/// A read barrier through the partition's leader: commits an entry that appends nothing and
+/// answers once it is applied. Unlike the high watermark right after a failover, the answer
+/// covers every record an earlier leader got committed (stream jobs use it before they look
+/// for their own results in an output topic).
+#[utoipa::path(
+    tag = "topics",
+    params(("topic" = String, Path, description = "Topic name", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$"), ("partition" = u32, Path, description = "Partition number")),
+    responses((status = 200, body = BarrierAnswer), (status = 404, body = ErrorBody), (status = 421, body = ErrorBody),
+        (status = 429, body = ErrorBody), (status = 503, body = ErrorBody))
+)]
+#[post("/topics/{topic}/partitions/{partition}/barrier")]
+pub async fn barrier(
+    state: State,
+    path: web::Path<(String, u32)>,
+) -> Result<HttpResponse, ApiError> {
+    let (topic, partition) = path.into_inner();
+    let partition = find(&state, &topic, partition)?;
+    if !partition.hosted {
+        return Err(not_replica(&state, &partition));
+    }
+    let appended = partition.barrier().await?;
+    Ok(HttpResponse::Ok().json(BarrierAnswer {
+        log_end_offset: appended.base_offset,
+        leader_epoch: appended.leader_epoch,
+    }))
 }

@@ -20,6 +20,9 @@ pub struct CoordinatorSettings {
     pub instance_idle_timeout: Duration,
     /// Instances per group, at most.
     pub instances_max: usize,
+    /// How often a stream job (which runs where coordinators do) checkpoints while it has
+    /// new input; its results reach the output topic after the checkpoint that decides them.
+    pub checkpoint_interval: Duration,
 }
 
 /// Where a consumer instance starts when its group has no committed offset for a partition.

@@ -1,0 +1,648 @@
+//! `WindowJob`: one stream job's runner, an actor on the leader of the job's offsets partition.
+//!
+//! It takes the job over (moving its epoch on, so a deposed runner's checkpoints are refused),
+//! restores the last checkpoint, waits out a deposed runner, writes the results that checkpoint
+//! decided and the output does not hold yet, then loops: read the input partitions from the
+//! log, feed each partition's window engine (on the blocking pool), and every
+//! `checkpoint_interval` checkpoint and write the results the checkpoint decided. Any failure
+//! ends the runner; its offsets replica starts a new one from the last checkpoint.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use bytes::Bytes;
+use pubg1_streaming::extract::Extraction;
+use pubg1_streaming::Engine;
+
+use super::checkpoint::{result_tag, result_value, Checkpoint, OutputRecord, Task};
+use super::machine::JobCommand;
+use super::spec::JobSpec;
+use super::{remote, JobSettings};
+use crate::batch::{NewRecord, StoredRecord};
+use crate::error::PartitionError;
+use crate::groups::offsets_machine::GroupCommand;
+use crate::groups::offsets_replica::{OffsetsReplica, ProposeGroup};
+use crate::log_reader::{self, FetchRequest};
+use crate::partition_replica::PartitionShared;
+use crate::partitioner::partition_for_key;
+use crate::registry::TopicHandle;
+
+/// Bytes read per input partition per step.
+const READ_BYTES: usize = 1024 * 1024;
+/// Results written per request to the output.
+const PUBLISH_RECORDS: usize = 2000;
+/// A checkpoint is taken early once this many results wait for one.
+const PENDING_MAX: usize = 50_000;
+/// Drop counts per window are kept this long behind the watermark (for queries).
+const DROPPED_HORIZON_MS: i64 = 3_600_000;
+
+/// What a runner shares with its replica (status, queries) across its restarts.
+#[derive(Debug, Default)]
+pub struct Live {
+    /// `taking over`, `writing pending results`, `running`, or why it stopped.
+    pub phase: Mutex<String>,
+    /// The job's state as of its last processed record (a checkpoint in the making).
+    pub state: Mutex<Option<Checkpoint>>,
+    pub last_checkpoint: Mutex<Option<Instant>>,
+    pub epoch: Mutex<u32>,
+}
+
+impl Live {
+    fn set_phase(&self, phase: impl Into<String>) {
+        if let Ok(mut p) = self.phase.lock() {
+            *p = phase.into();
+        }
+    }
+}
+
+pub struct WindowJob {
+    runner: Option<Runner>,
+    live: Arc<Live>,
+}
+
+impl WindowJob {
+    pub fn new(
+        spec: JobSpec,
+        uid: u64,
+        epoch: u32,
+        replica: Addr<OffsetsReplica>,
+        settings: JobSettings,
+        live: Arc<Live>,
+    ) -> Self {
+        let extraction = spec.extraction();
+        Self {
+            runner: Some(Runner {
+                spec,
+                extraction,
+                uid,
+                epoch,
+                replica,
+                settings,
+                live: live.clone(),
+                exact: HashSet::new(),
+                dirty: false,
+                last_checkpoint: Instant::now(),
+            }),
+            live,
+        }
+    }
+}
+
+impl Actor for WindowJob {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let Some(runner) = self.runner.take() else {
+            return;
+        };
+        let live = self.live.clone();
+        let name = runner.spec.name.clone();
+        ctx.spawn(runner.run().into_actor(self).map(move |result, _act, ctx| {
+            let why = match result {
+                Ok(()) => "stopped".to_owned(),
+                Err(e) => e,
+            };
+            tracing::warn!(job = %name, reason = %why, "stream job runner stopped");
+            live.set_phase(format!("stopped: {why}"));
+            ctx.stop();
+        }));
+    }
+}
+
+/// Ask a job's runner to stop (its future is dropped at its next await).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct StopJob;
+
+impl Handler<StopJob> for WindowJob {
+    type Result = ();
+
+    fn handle(&mut self, _msg: StopJob, ctx: &mut Self::Context) {
+        self.live.set_phase("stopped: no longer runs here");
+        ctx.stop();
+    }
+}
+
+struct Runner {
+    spec: JobSpec,
+    extraction: Extraction,
+    uid: u64,
+    epoch: u32,
+    replica: Addr<OffsetsReplica>,
+    settings: JobSettings,
+    live: Arc<Live>,
+    /// Output partitions whose position is exact: nothing of this job's lies after it.
+    exact: HashSet<u32>,
+    /// Input processed since the last checkpoint.
+    dirty: bool,
+    last_checkpoint: Instant,
+}
+
+type Step = Result<(), String>;
+
+impl Runner {
+    fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    async fn propose(&self, command: JobCommand) -> Step {
+        match self
+            .replica
+            .send(ProposeGroup(GroupCommand::Job(command)))
+            .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(format!("offsets replica gone: {e}")),
+        }
+    }
+
+    fn topic(&self, name: &str) -> Result<Arc<TopicHandle>, String> {
+        self.settings
+            .registry
+            .get(name)
+            .ok_or_else(|| format!("topic '{name}' does not exist"))
+    }
+
+    fn with_state<T>(&self, f: impl FnOnce(&mut Checkpoint) -> T) -> Result<T, String> {
+        let mut guard = self.live.state.lock().map_err(|_| "state lock poisoned")?;
+        let state = guard.as_mut().ok_or("no state")?;
+        Ok(f(state))
+    }
+
+    async fn run(mut self) -> Step {
+        self.live.set_phase("taking over");
+        let epoch = self.epoch + 1;
+        let takeover = JobCommand::Takeover {
+            job: self.name().to_owned(),
+            uid: self.uid,
+            epoch,
+        };
+        self.propose(takeover).await?;
+        self.epoch = epoch;
+        if let Ok(mut e) = self.live.epoch.lock() {
+            *e = epoch;
+        }
+        let record = self
+            .replica
+            .send(super::GetJob(self.name().to_owned()))
+            .await
+            .map_err(|e| e.to_string())?
+            .filter(|r| r.uid == self.uid && r.epoch == epoch)
+            .ok_or("the job changed during the takeover")?;
+        let state = match &record.checkpoint {
+            Some(bytes) => Checkpoint::decode(bytes)?,
+            None => Checkpoint {
+                tasks: Vec::new(),
+                next_seq: 0,
+                pending: Vec::new(),
+                positions: BTreeMap::new(),
+                counters: Default::default(),
+            },
+        };
+        if let Ok(mut s) = self.live.state.lock() {
+            *s = Some(state);
+        }
+        // A deposed runner stops within this (its replica steps down by check-quorum and
+        // stops it); only then is the output's tail what it will stay.
+        tokio::time::sleep(self.settings.takeover_hold).await;
+        self.live.set_phase("writing pending results");
+        self.settle().await?;
+        self.live.set_phase("running");
+        self.last_checkpoint = Instant::now();
+        loop {
+            self.step().await?;
+        }
+    }
+
+    /// Read what is new in the input, feed it to the engines, checkpoint when due.
+    async fn step(&mut self) -> Step {
+        let input = self.topic(&self.spec.input)?;
+        let output_partitions = self.topic(&self.spec.output)?.meta.partitions;
+        let partitions = input.meta.partitions;
+        let offsets = self.with_state(|s| {
+            let spec = self.spec.engine_spec();
+            while (s.tasks.len() as u32) < partitions {
+                let partition = s.tasks.len() as u32;
+                let engine = Engine::new(spec).expect("a stored spec was validated");
+                s.tasks.push(Task {
+                    partition,
+                    offset: 0,
+                    engine,
+                });
+            }
+            s.tasks.iter().map(|t| t.offset).collect::<Vec<u64>>()
+        })?;
+        let reads = self.read_inputs(&input, &offsets).await?;
+        let read: usize = reads.iter().map(|(_, r)| r.len()).sum();
+        if read == 0 {
+            if self.dirty {
+                return self.checkpoint().await;
+            }
+            wait_for_input(&input, &offsets).await;
+            return Ok(());
+        }
+        let live = self.live.clone();
+        let (extraction, name) = (self.extraction.clone(), self.spec.name.clone());
+        let metrics = self.settings.metrics.clone();
+        let processed = tokio::task::spawn_blocking(move || {
+            let mut guard = live.state.lock().map_err(|_| "state lock poisoned")?;
+            let state = guard.as_mut().ok_or("no state")?;
+            let (before_in, before_late) = (state.counters.records_in, state.counters.late);
+            let skipped_before: u64 = state.counters.skipped.values().sum();
+            let dropped_before = state.dropped();
+            for (task, records) in reads {
+                process(state, task, records, &extraction, &name, output_partitions);
+            }
+            let labels = [name.as_str()];
+            let c = &state.counters;
+            metrics
+                .stream_records_in_total
+                .with_label_values(&labels)
+                .inc_by(c.records_in - before_in);
+            metrics
+                .stream_late_records_total
+                .with_label_values(&labels)
+                .inc_by(c.late - before_late);
+            metrics
+                .stream_skipped_records_total
+                .with_label_values(&labels)
+                .inc_by(c.skipped.values().sum::<u64>() - skipped_before);
+            metrics
+                .stream_dropped_records_total
+                .with_label_values(&labels)
+                .inc_by(state.dropped() - dropped_before);
+            Ok::<usize, String>(state.pending.len())
+        })
+        .await
+        .map_err(|e| format!("processing failed: {e}"))??;
+        self.dirty = true;
+        if processed >= PENDING_MAX
+            || self.last_checkpoint.elapsed() >= self.settings.checkpoint_interval
+        {
+            self.checkpoint().await?;
+        }
+        Ok(())
+    }
+
+    async fn read_inputs(
+        &self,
+        input: &TopicHandle,
+        offsets: &[u64],
+    ) -> Result<Vec<(usize, Vec<StoredRecord>)>, String> {
+        let storage = &self.settings.storage;
+        let mut local = Vec::new();
+        let mut reads = Vec::new();
+        for (task, offset) in offsets.iter().enumerate() {
+            let shared = &input.partitions[task];
+            if shared.hosted {
+                local.push((task, shared.clone(), *offset));
+            } else if let Some(leader) = self.leader_http(shared) {
+                let (topic, p, offset) = (shared.topic.to_string(), shared.partition, *offset);
+                let fetched = tokio::task::spawn_blocking(move || {
+                    remote::fetch(&leader, &topic, p, offset, READ_BYTES)
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+                // An unreachable leader is waited out like an empty partition.
+                reads.push((task, fetched.unwrap_or_default()));
+            }
+        }
+        let requests = local
+            .iter()
+            .map(|(_, shared, offset)| {
+                let request = FetchRequest {
+                    offset: *offset,
+                    records_max: usize::MAX,
+                    bytes_max: READ_BYTES,
+                    wait: Duration::ZERO,
+                };
+                (shared.clone(), request)
+            })
+            .collect();
+        let fetched = log_reader::fetch_many(storage, &self.settings.metrics, requests).await;
+        for ((task, shared, offset), result) in local.into_iter().zip(fetched) {
+            match result {
+                Ok(fetched) => reads.push((task, fetched.records)),
+                // Retention deleted records before the job read them: go on from the log start.
+                Err(PartitionError::OffsetOutOfRange {
+                    log_start_offset, ..
+                }) if offset < log_start_offset => {
+                    self.with_state(|s| s.tasks[task].offset = log_start_offset)?;
+                    tracing::warn!(job = %self.name(), partition = shared.partition, offset, log_start_offset, "input records were deleted before the job read them");
+                }
+                Err(_) => {}
+            }
+        }
+        Ok(reads)
+    }
+
+    fn leader_http(&self, shared: &PartitionShared) -> Option<String> {
+        match shared.leader() {
+            0 => None,
+            leader => self.settings.cluster.http_of(leader),
+        }
+    }
+
+    /// Checkpoint the state (the results it decided with it), then write those results.
+    async fn checkpoint(&mut self) -> Step {
+        // Every output partition a pending result goes to needs a position first: the
+        // checkpoint must say where to look for them after a crash.
+        let unplaced: Vec<u32> = self.with_state(|s| {
+            let mut unplaced: Vec<u32> = s
+                .pending
+                .iter()
+                .map(|r| r.partition)
+                .filter(|p| !s.positions.contains_key(p))
+                .collect();
+            unplaced.sort_unstable();
+            unplaced.dedup();
+            unplaced
+        })?;
+        for partition in unplaced {
+            let end = self.barrier(partition).await?;
+            self.with_state(|s| s.positions.insert(partition, end))?;
+            self.exact.insert(partition);
+        }
+        let started = Instant::now();
+        let live = self.live.clone();
+        let data = tokio::task::spawn_blocking(move || {
+            let guard = live.state.lock().map_err(|_| "state lock poisoned")?;
+            guard.as_ref().ok_or("no state")?.encode()
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let command = JobCommand::Checkpoint {
+            job: self.name().to_owned(),
+            uid: self.uid,
+            epoch: self.epoch,
+            data,
+            at_ms: now_ms(),
+        };
+        self.propose(command).await?;
+        let labels = [self.spec.name.as_str()];
+        self.settings
+            .metrics
+            .stream_checkpoint_seconds
+            .with_label_values(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        self.dirty = false;
+        self.last_checkpoint = Instant::now();
+        if let Ok(mut at) = self.live.last_checkpoint.lock() {
+            *at = Some(self.last_checkpoint);
+        }
+        self.settle().await
+    }
+
+    /// Write every pending result the output does not hold yet; retried until it succeeds
+    /// (or the runner is stopped).
+    async fn settle(&mut self) -> Step {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match self.try_settle().await {
+                Ok(written) => {
+                    // Counted once settled, whoever wrote them (a deposed runner may have).
+                    self.with_state(|s| {
+                        s.counters.results_out += s.pending.len() as u64;
+                        s.pending.clear();
+                    })?;
+                    self.settings
+                        .metrics
+                        .stream_results_out_total
+                        .with_label_values(&[self.spec.name.as_str()])
+                        .inc_by(written as u64);
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::info!(job = %self.name(), error = %e, "writing results failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    async fn try_settle(&mut self) -> Result<usize, String> {
+        let (pending, positions) = self.with_state(|s| (s.pending.clone(), s.positions.clone()))?;
+        let mut by_partition: BTreeMap<u32, Vec<OutputRecord>> = BTreeMap::new();
+        for record in pending {
+            by_partition
+                .entry(record.partition)
+                .or_default()
+                .push(record);
+        }
+        let mut written = 0;
+        for (partition, records) in by_partition {
+            let mut present = HashSet::new();
+            if !self.exact.contains(&partition) {
+                // Whatever of ours is in the output is below a barrier's end (a leader commits
+                // nothing of an earlier term before an entry of its own).
+                let from = positions.get(&partition).copied().unwrap_or(0);
+                let end = self.barrier(partition).await?;
+                present = self.scan(partition, from, end).await?;
+                self.with_state(|s| s.positions.insert(partition, end))?;
+                self.exact.insert(partition);
+            }
+            let missing: Vec<OutputRecord> = records
+                .into_iter()
+                .filter(|r| !present.contains(&r.seq))
+                .collect();
+            for chunk in missing.chunks(PUBLISH_RECORDS) {
+                match self.publish(partition, chunk).await {
+                    Ok(next) => {
+                        self.with_state(|s| s.positions.insert(partition, next))?;
+                        written += chunk.len();
+                    }
+                    Err(e) => {
+                        // It may have been written: look before writing again.
+                        self.exact.remove(&partition);
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(written)
+    }
+
+    fn output_partition(&self, partition: u32) -> Result<Arc<PartitionShared>, String> {
+        self.topic(&self.spec.output)?
+            .partition(partition)
+            .cloned()
+            .ok_or_else(|| format!("output partition {partition} is gone"))
+    }
+
+    /// The log end of output `partition` after a barrier through its leader.
+    async fn barrier(&self, partition: u32) -> Result<u64, String> {
+        let shared = self.output_partition(partition)?;
+        if shared.is_led_here() {
+            return shared
+                .barrier()
+                .await
+                .map(|a| a.base_offset)
+                .map_err(|e| e.to_string());
+        }
+        let leader = self.leader_http(&shared).ok_or("no leader known")?;
+        let topic = shared.topic.to_string();
+        tokio::task::spawn_blocking(move || remote::barrier(&leader, &topic, partition))
+            .await
+            .map_err(|e| e.to_string())?
+    }
+
+    /// Sequence numbers of this job's results in output `partition` within `[from, end)`.
+    async fn scan(&self, partition: u32, from: u64, end: u64) -> Result<HashSet<u64>, String> {
+        let shared = self.output_partition(partition)?;
+        let mut seqs = HashSet::new();
+        let mut offset = from.max(shared.log_start_offset());
+        while offset < end {
+            let records = if shared.hosted && shared.high_watermark() >= end {
+                let request = FetchRequest {
+                    offset,
+                    records_max: usize::MAX,
+                    bytes_max: READ_BYTES,
+                    wait: Duration::ZERO,
+                };
+                let storage = &self.settings.storage;
+                log_reader::fetch(storage, &shared, &self.settings.metrics, request)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .records
+            } else {
+                let leader = self.leader_http(&shared).ok_or("no leader known")?;
+                let topic = shared.topic.to_string();
+                tokio::task::spawn_blocking(move || {
+                    remote::fetch(&leader, &topic, partition, offset, READ_BYTES)
+                })
+                .await
+                .map_err(|e| e.to_string())??
+            };
+            let Some(last) = records.last() else {
+                return Err(format!("output partition {partition} ends before {end}"));
+            };
+            offset = last.offset + 1;
+            for record in records.iter().filter(|r| r.offset < end) {
+                if let Some((job, seq)) = record.value.as_deref().and_then(result_tag) {
+                    if job == self.spec.name {
+                        seqs.insert(seq);
+                    }
+                }
+            }
+        }
+        Ok(seqs)
+    }
+
+    /// Append `records` to output `partition` through its leader; the offset after them.
+    async fn publish(&self, partition: u32, records: &[OutputRecord]) -> Result<u64, String> {
+        let shared = self.output_partition(partition)?;
+        let count = records.len() as u64;
+        if shared.is_led_here() {
+            let batch = records
+                .iter()
+                .map(|r| NewRecord {
+                    key: Some(r.key.clone()),
+                    value: Some(r.value.clone()),
+                })
+                .collect();
+            return shared
+                .append(batch)
+                .await
+                .map(|a| a.base_offset + count)
+                .map_err(|e| e.to_string());
+        }
+        let leader = self.leader_http(&shared).ok_or("no leader known")?;
+        let topic = shared.topic.to_string();
+        let pairs: Vec<(Bytes, Bytes)> = records
+            .iter()
+            .map(|r| (r.key.clone(), r.value.clone()))
+            .collect();
+        tokio::task::spawn_blocking(move || remote::publish(&leader, &topic, partition, &pairs))
+            .await
+            .map_err(|e| e.to_string())?
+            .map(|first| first + count)
+    }
+}
+
+/// Feed one input partition's records to its engine; results become pending output records.
+fn process(
+    state: &mut Checkpoint,
+    task: usize,
+    records: Vec<StoredRecord>,
+    extraction: &Extraction,
+    job: &str,
+    output_partitions: u32,
+) {
+    let Some(t) = state.tasks.get_mut(task) else {
+        return;
+    };
+    for record in records {
+        if record.offset < t.offset {
+            continue;
+        }
+        t.offset = record.offset + 1;
+        state.counters.records_in += 1;
+        let event = match extraction.event(
+            record.key.as_deref(),
+            record.value.as_deref(),
+            record.timestamp_ms,
+        ) {
+            Ok(event) => event,
+            Err(skip) => {
+                *state.counters.skipped.entry(skip).or_default() += 1;
+                continue;
+            }
+        };
+        let late = t.engine.watermark().is_some_and(|w| event.time < w);
+        let dropped = t.engine.dropped_total();
+        for output in t.engine.process(event) {
+            let result = match &output {
+                pubg1_streaming::Output::Final(r) | pubg1_streaming::Output::Update(r) => r,
+            };
+            let key = Bytes::from(result.key.clone().into_bytes());
+            let seq = state.next_seq;
+            state.next_seq += 1;
+            state.pending.push(OutputRecord {
+                seq,
+                partition: partition_for_key(&key, output_partitions),
+                value: result_value(job, seq, t.partition, &output),
+                key,
+            });
+        }
+        if late && t.engine.dropped_total() == dropped {
+            state.counters.late += 1;
+        }
+    }
+    if let Some(w) = t.engine.watermark() {
+        t.engine
+            .forget_dropped_before(w.saturating_sub(DROPPED_HORIZON_MS));
+    }
+}
+
+/// Until an input partition hosted here moves past where the job stands, or 100 ms (the poll
+/// interval of partitions read from other brokers).
+async fn wait_for_input(input: &TopicHandle, offsets: &[u64]) {
+    let mut watches: Vec<_> = input
+        .partitions
+        .iter()
+        .zip(offsets)
+        .filter(|(p, _)| p.hosted)
+        .map(|(p, offset)| (p.subscribe_high_watermark(), *offset))
+        .collect();
+    if watches.is_empty() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        return;
+    }
+    let moved = futures::future::select_all(watches.iter_mut().map(|(w, offset)| {
+        let offset = *offset;
+        Box::pin(async move {
+            let _ = w.wait_for(|hw| *hw > offset).await;
+        })
+    }));
+    let _ = tokio::time::timeout(Duration::from_millis(100), moved).await;
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
