@@ -28,7 +28,12 @@ pub enum SpecError {
     Negative(&'static str),
     #[error("{0} is larger than a stream job allows (at most {1} ms)")]
     TooLarge(&'static str, i64),
+    #[error("size_ms / advance_ms is {windows}: a record would be in that many windows (at most {WINDOWS_PER_RECORD_MAX})")]
+    TooManyWindows { windows: i64 },
 }
+
+/// Hopping windows a record may be in, at most.
+pub const WINDOWS_PER_RECORD_MAX: i64 = 1000;
 
 /// Longest window, gap, grace or lateness: a year (keeps every sum of times far from overflow).
 pub const SPAN_MAX_MS: i64 = 366 * 24 * 3600 * 1000;
@@ -56,6 +61,13 @@ impl WindowKind {
                     return Err(SpecError::HopLargerThanSize {
                         advance: advance_ms,
                         size: size_ms,
+                    });
+                }
+                // Each record is in size/advance windows: bounded, so one record cannot make
+                // millions of updates, nor a query of a key's windows run for minutes.
+                if size_ms / advance_ms > WINDOWS_PER_RECORD_MAX {
+                    return Err(SpecError::TooManyWindows {
+                        windows: size_ms / advance_ms,
                     });
                 }
                 Ok(())

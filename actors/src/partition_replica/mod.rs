@@ -731,11 +731,19 @@ impl Handler<Append> for PartitionReplica {
                 return Box::pin(async move { Err(error) });
             }
         };
-        let gone = PartitionError::OutcomeUnknown {
-            topic: self.shared.topic.to_string(),
-            partition: self.shared.partition,
-        };
-        Box::pin(async move { receiver.await.unwrap_or(Err(gone)) })
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            receiver.await.unwrap_or_else(|_| {
+                let (topic, partition) = (shared.topic.to_string(), shared.partition);
+                // The actor stopped with the append in flight: because its topic was deleted
+                // (what was written went with it), or it crashed and the outcome is unknown.
+                Err(if shared.is_retired() {
+                    PartitionError::Deleted { topic, partition }
+                } else {
+                    PartitionError::OutcomeUnknown { topic, partition }
+                })
+            })
+        })
     }
 }
 

@@ -44,6 +44,11 @@ pub struct Counters {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Checkpoint {
+    /// The ids of the input and output topics when the job first ran: a topic deleted and
+    /// created again under its name is another log, which the offsets and positions here do
+    /// not describe.
+    #[serde(default)]
+    pub topic_ids: Option<(u32, u32)>,
     pub tasks: Vec<Task>,
     pub next_seq: u64,
     pub pending: Vec<OutputRecord>,
@@ -56,7 +61,8 @@ pub const CHECKPOINT_BYTES_MAX: usize = 16 * 1024 * 1024;
 
 impl Checkpoint {
     pub fn encode(&self) -> Result<Bytes, String> {
-        let bytes = rmp_serde::to_vec(self).map_err(|e| e.to_string())?;
+        // Named fields: a later version can add one (with a default) and still read this.
+        let bytes = rmp_serde::to_vec_named(self).map_err(|e| e.to_string())?;
         if bytes.len() > CHECKPOINT_BYTES_MAX {
             return Err(format!(
                 "the job's state is {} bytes, more than a checkpoint may hold ({CHECKPOINT_BYTES_MAX}); \
@@ -78,10 +84,11 @@ impl Checkpoint {
 }
 
 /// The output record of one result: key = the group key; value = a JSON object naming the job
-/// and the result's sequence number (how a new runner recognizes what is already written),
+/// (name and uid: a job created again under its name is another job) and the result's sequence
+/// number (how a new runner recognizes what is already written),
 /// the input partition, the window, the aggregate and how many late records it took. Numbers
 /// are written as the exact decimals they are.
-pub fn result_value(job: &str, seq: u64, input_partition: u32, output: &Output) -> Bytes {
+pub fn result_value(job: &str, uid: u64, seq: u64, input_partition: u32, output: &Output) -> Bytes {
     let (kind, result): (&str, &WindowResult) = match output {
         Output::Final(r) => ("final", r),
         Output::Update(r) => ("update", r),
@@ -91,7 +98,7 @@ pub fn result_value(job: &str, seq: u64, input_partition: u32, output: &Output) 
         .value
         .map_or_else(|| "null".to_owned(), |v| v.normalize().to_string());
     Bytes::from(format!(
-        r#"{{"job":{},"seq":{seq},"input_partition":{input_partition},"key":{},"window":{{"start":{},"end":{}}},"emit":"{kind}","value":{value},"count":{},"late":{}}}"#,
+        r#"{{"job":{},"uid":{uid},"seq":{seq},"input_partition":{input_partition},"key":{},"window":{{"start":{},"end":{}}},"emit":"{kind}","value":{value},"count":{},"late":{}}}"#,
         text(job),
         text(&result.key),
         result.window.start,
@@ -101,16 +108,17 @@ pub fn result_value(job: &str, seq: u64, input_partition: u32, output: &Output) 
     ))
 }
 
-/// The (job, seq) an output record names, if it is a job's result.
-pub fn result_tag(value: &[u8]) -> Option<(String, u64)> {
+/// The (job, uid, seq) an output record names, if it is a job's result.
+pub fn result_tag(value: &[u8]) -> Option<(String, u64, u64)> {
     #[derive(Deserialize)]
     struct Tag {
         job: String,
+        uid: u64,
         seq: u64,
     }
     serde_json::from_slice::<Tag>(value)
         .ok()
-        .map(|t| (t.job, t.seq))
+        .map(|t| (t.job, t.uid, t.seq))
 }
 
 #[cfg(test)]
@@ -135,13 +143,13 @@ mod tests {
             value: Some(Decimal::new(1050, 2)),
             late: 1,
         };
-        let value = result_value("j", 7, 3, &Output::Final(result));
+        let value = result_value("j", 11, 7, 3, &Output::Final(result));
         let json: serde_json::Value = serde_json::from_slice(&value).expect("json");
         assert_eq!(json["value"].to_string(), "10.5");
         assert_eq!(json["key"], "s\"1");
         assert_eq!(json["window"]["end"], 1000);
         assert_eq!(json["emit"], "final");
-        assert_eq!(result_tag(&value), Some(("j".into(), 7)));
-        assert_eq!(result_tag(b"{\"job\":\"j\"}"), None);
+        assert_eq!(result_tag(&value), Some(("j".into(), 11, 7)));
+        assert_eq!(result_tag(b"{\"job\":\"j\",\"seq\":7}"), None);
     }
 }

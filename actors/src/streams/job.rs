@@ -16,7 +16,7 @@ use bytes::Bytes;
 use pubg1_streaming::extract::Extraction;
 use pubg1_streaming::Engine;
 
-use super::checkpoint::{result_tag, result_value, Checkpoint, OutputRecord, Task};
+use super::checkpoint::{result_tag, result_value, Checkpoint, Counters, OutputRecord, Task};
 use super::machine::JobCommand;
 use super::spec::JobSpec;
 use super::{remote, JobSettings};
@@ -35,24 +35,55 @@ const READ_BYTES: usize = 1024 * 1024;
 const PUBLISH_RECORDS: usize = 2000;
 /// A checkpoint is taken early once this many results wait for one.
 const PENDING_MAX: usize = 50_000;
-/// Drop counts per window are kept this long behind the watermark (for queries).
+/// Drop counts per window are kept this long behind the watermark (for queries), and for at
+/// most this many windows.
 const DROPPED_HORIZON_MS: i64 = 3_600_000;
+const DROPPED_WINDOWS_MAX: usize = 10_000;
 
 /// What a runner shares with its replica (status, queries) across its restarts.
+///
+/// `state` is locked only off the Raft threads (the runner's blocking work, window queries on
+/// the blocking pool); status and gauges read `figures`, which is held only to copy it.
 #[derive(Debug, Default)]
 pub struct Live {
     /// `taking over`, `writing pending results`, `running`, or why it stopped.
     pub phase: Mutex<String>,
     /// The job's state as of its last processed record (a checkpoint in the making).
     pub state: Mutex<Option<Checkpoint>>,
+    pub figures: Mutex<Option<Figures>>,
     pub last_checkpoint: Mutex<Option<Instant>>,
-    pub epoch: Mutex<u32>,
+}
+
+/// The figures of a job's state that its status shows.
+#[derive(Debug, Clone)]
+pub struct Figures {
+    pub offsets: Vec<u64>,
+    pub counters: Counters,
+    pub dropped: u64,
+    pub pending: usize,
+}
+
+impl Figures {
+    pub fn of(state: &Checkpoint) -> Self {
+        Self {
+            offsets: state.tasks.iter().map(|t| t.offset).collect(),
+            counters: state.counters.clone(),
+            dropped: state.dropped(),
+            pending: state.pending.len(),
+        }
+    }
 }
 
 impl Live {
     fn set_phase(&self, phase: impl Into<String>) {
         if let Ok(mut p) = self.phase.lock() {
             *p = phase.into();
+        }
+    }
+
+    fn publish_figures(&self, state: &Checkpoint) {
+        if let Ok(mut f) = self.figures.lock() {
+            *f = Some(Figures::of(state));
         }
     }
 }
@@ -169,7 +200,9 @@ impl Runner {
     fn with_state<T>(&self, f: impl FnOnce(&mut Checkpoint) -> T) -> Result<T, String> {
         let mut guard = self.live.state.lock().map_err(|_| "state lock poisoned")?;
         let state = guard.as_mut().ok_or("no state")?;
-        Ok(f(state))
+        let result = f(state);
+        self.live.publish_figures(state);
+        Ok(result)
     }
 
     async fn run(mut self) -> Step {
@@ -182,9 +215,6 @@ impl Runner {
         };
         self.propose(takeover).await?;
         self.epoch = epoch;
-        if let Ok(mut e) = self.live.epoch.lock() {
-            *e = epoch;
-        }
         let record = self
             .replica
             .send(super::GetJob(self.name().to_owned()))
@@ -195,6 +225,7 @@ impl Runner {
         let state = match &record.checkpoint {
             Some(bytes) => Checkpoint::decode(bytes)?,
             None => Checkpoint {
+                topic_ids: None,
                 tasks: Vec::new(),
                 next_seq: 0,
                 pending: Vec::new(),
@@ -202,6 +233,7 @@ impl Runner {
                 counters: Default::default(),
             },
         };
+        self.live.publish_figures(&state);
         if let Ok(mut s) = self.live.state.lock() {
             *s = Some(state);
         }
@@ -220,9 +252,18 @@ impl Runner {
     /// Read what is new in the input, feed it to the engines, checkpoint when due.
     async fn step(&mut self) -> Step {
         let input = self.topic(&self.spec.input)?;
-        let output_partitions = self.topic(&self.spec.output)?.meta.partitions;
+        let output = self.topic(&self.spec.output)?;
+        let output_partitions = output.meta.partitions;
         let partitions = input.meta.partitions;
+        let ids = (input.meta.topic_id, output.meta.topic_id);
         let offsets = self.with_state(|s| {
+            if *s.topic_ids.get_or_insert(ids) != ids {
+                return Err(format!(
+                    "topic '{}' or '{}' was deleted and created again since the job started; \
+                     delete the job and create it again",
+                    self.spec.input, self.spec.output
+                ));
+            }
             let spec = self.spec.engine_spec();
             while (s.tasks.len() as u32) < partitions {
                 let partition = s.tasks.len() as u32;
@@ -233,8 +274,8 @@ impl Runner {
                     engine,
                 });
             }
-            s.tasks.iter().map(|t| t.offset).collect::<Vec<u64>>()
-        })?;
+            Ok(s.tasks.iter().map(|t| t.offset).collect::<Vec<u64>>())
+        })??;
         let reads = self.read_inputs(&input, &offsets).await?;
         let read: usize = reads.iter().map(|(_, r)| r.len()).sum();
         if read == 0 {
@@ -245,39 +286,53 @@ impl Runner {
             return Ok(());
         }
         let live = self.live.clone();
-        let (extraction, name) = (self.extraction.clone(), self.spec.name.clone());
-        let metrics = self.settings.metrics.clone();
-        let processed = tokio::task::spawn_blocking(move || {
+        let (extraction, name, uid) = (self.extraction.clone(), self.spec.name.clone(), self.uid);
+        let (processed, delta) = tokio::task::spawn_blocking(move || {
             let mut guard = live.state.lock().map_err(|_| "state lock poisoned")?;
             let state = guard.as_mut().ok_or("no state")?;
-            let (before_in, before_late) = (state.counters.records_in, state.counters.late);
-            let skipped_before: u64 = state.counters.skipped.values().sum();
-            let dropped_before = state.dropped();
+            let before = (
+                state.counters.records_in,
+                state.counters.late,
+                state.counters.skipped.values().sum::<u64>(),
+                state.dropped(),
+            );
             for (task, records) in reads {
-                process(state, task, records, &extraction, &name, output_partitions);
+                process(
+                    state,
+                    task,
+                    records,
+                    &extraction,
+                    (&name, uid),
+                    output_partitions,
+                );
             }
-            let labels = [name.as_str()];
+            live.publish_figures(state);
             let c = &state.counters;
-            metrics
-                .stream_records_in_total
-                .with_label_values(&labels)
-                .inc_by(c.records_in - before_in);
-            metrics
-                .stream_late_records_total
-                .with_label_values(&labels)
-                .inc_by(c.late - before_late);
-            metrics
-                .stream_skipped_records_total
-                .with_label_values(&labels)
-                .inc_by(c.skipped.values().sum::<u64>() - skipped_before);
-            metrics
-                .stream_dropped_records_total
-                .with_label_values(&labels)
-                .inc_by(state.dropped() - dropped_before);
-            Ok::<usize, String>(state.pending.len())
+            let delta = [
+                c.records_in - before.0,
+                c.late - before.1,
+                c.skipped.values().sum::<u64>() - before.2,
+                state.dropped() - before.3,
+            ];
+            Ok::<_, String>((state.pending.len(), delta))
         })
         .await
         .map_err(|e| format!("processing failed: {e}"))??;
+        // Counted here, not on the blocking pool: a stopped runner's future is dropped before
+        // this, so it never brings back the series its replica removed.
+        let labels = [self.spec.name.as_str()];
+        let metrics = &self.settings.metrics;
+        for (counter, n) in [
+            &metrics.stream_records_in_total,
+            &metrics.stream_late_records_total,
+            &metrics.stream_skipped_records_total,
+            &metrics.stream_dropped_records_total,
+        ]
+        .into_iter()
+        .zip(delta)
+        {
+            counter.with_label_values(&labels).inc_by(n);
+        }
         self.dirty = true;
         if processed >= PENDING_MAX
             || self.last_checkpoint.elapsed() >= self.settings.checkpoint_interval
@@ -296,7 +351,12 @@ impl Runner {
         let mut local = Vec::new();
         let mut reads = Vec::new();
         for (task, offset) in offsets.iter().enumerate() {
-            let shared = &input.partitions[task];
+            let Some(shared) = input.partitions.get(task) else {
+                return Err(format!(
+                    "input topic '{}' has fewer partitions than the job read",
+                    self.spec.input
+                ));
+            };
             if shared.hosted {
                 local.push((task, shared.clone(), *offset));
             } else if let Some(leader) = self.leader_http(shared) {
@@ -306,8 +366,20 @@ impl Runner {
                 })
                 .await
                 .map_err(|e| e.to_string())?;
-                // An unreachable leader is waited out like an empty partition.
-                reads.push((task, fetched.unwrap_or_default()));
+                match fetched {
+                    Ok(records) => reads.push((task, records)),
+                    // Retention deleted records before the job read them (the leader says
+                    // out of range): go on from the log start it last reported.
+                    Err(remote::Failure::OutOfRange) if offset < shared.log_start_offset() => {
+                        let start = shared.log_start_offset();
+                        self.with_state(|s| s.tasks[task].offset = start)?;
+                        tracing::warn!(job = %self.name(), partition = p, offset, log_start_offset = start, "input records were deleted before the job read them");
+                    }
+                    // An unreachable leader is waited out like an empty partition.
+                    Err(e) => {
+                        tracing::debug!(job = %self.name(), partition = p, error = %e, "reading an input partition from its leader failed");
+                    }
+                }
             }
         }
         let requests = local
@@ -362,7 +434,17 @@ impl Runner {
             unplaced
         })?;
         for partition in unplaced {
-            let end = self.barrier(partition).await?;
+            let mut delay = Duration::from_millis(50);
+            let end = loop {
+                match self.barrier(partition).await {
+                    Ok(end) => break end,
+                    Err(e) => {
+                        tracing::info!(job = %self.name(), partition, error = %e, "output barrier failed; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(1));
+                    }
+                }
+            };
             self.with_state(|s| s.positions.insert(partition, end))?;
             self.exact.insert(partition);
         }
@@ -402,19 +484,7 @@ impl Runner {
         let mut delay = Duration::from_millis(50);
         loop {
             match self.try_settle().await {
-                Ok(written) => {
-                    // Counted once settled, whoever wrote them (a deposed runner may have).
-                    self.with_state(|s| {
-                        s.counters.results_out += s.pending.len() as u64;
-                        s.pending.clear();
-                    })?;
-                    self.settings
-                        .metrics
-                        .stream_results_out_total
-                        .with_label_values(&[self.spec.name.as_str()])
-                        .inc_by(written as u64);
-                    return Ok(());
-                }
+                Ok(()) => return Ok(()),
                 Err(e) => {
                     tracing::info!(job = %self.name(), error = %e, "writing results failed; retrying");
                     tokio::time::sleep(delay).await;
@@ -424,7 +494,10 @@ impl Runner {
         }
     }
 
-    async fn try_settle(&mut self) -> Result<usize, String> {
+    /// Each pending result leaves `pending` as soon as it is known to be in the output (found
+    /// there, or written by this runner), so a retry after a partial failure writes only what
+    /// is still missing; a partition whose last write's outcome is unknown is looked at again.
+    async fn try_settle(&mut self) -> Step {
         let (pending, positions) = self.with_state(|s| (s.pending.clone(), s.positions.clone()))?;
         let mut by_partition: BTreeMap<u32, Vec<OutputRecord>> = BTreeMap::new();
         for record in pending {
@@ -433,7 +506,6 @@ impl Runner {
                 .or_default()
                 .push(record);
         }
-        let mut written = 0;
         for (partition, records) in by_partition {
             let mut present = HashSet::new();
             if !self.exact.contains(&partition) {
@@ -442,7 +514,13 @@ impl Runner {
                 let from = positions.get(&partition).copied().unwrap_or(0);
                 let end = self.barrier(partition).await?;
                 present = self.scan(partition, from, end).await?;
-                self.with_state(|s| s.positions.insert(partition, end))?;
+                self.with_state(|s| {
+                    s.positions.insert(partition, end);
+                    let before = s.pending.len();
+                    s.pending
+                        .retain(|r| r.partition != partition || !present.contains(&r.seq));
+                    s.counters.results_out += (before - s.pending.len()) as u64;
+                })?;
                 self.exact.insert(partition);
             }
             let missing: Vec<OutputRecord> = records
@@ -452,8 +530,19 @@ impl Runner {
             for chunk in missing.chunks(PUBLISH_RECORDS) {
                 match self.publish(partition, chunk).await {
                     Ok(next) => {
-                        self.with_state(|s| s.positions.insert(partition, next))?;
-                        written += chunk.len();
+                        let (first, last) = (chunk[0].seq, chunk[chunk.len() - 1].seq);
+                        self.with_state(|s| {
+                            s.positions.insert(partition, next);
+                            s.pending.retain(|r| {
+                                r.partition != partition || r.seq < first || r.seq > last
+                            });
+                            s.counters.results_out += chunk.len() as u64;
+                        })?;
+                        self.settings
+                            .metrics
+                            .stream_results_out_total
+                            .with_label_values(&[self.spec.name.as_str()])
+                            .inc_by(chunk.len() as u64);
                     }
                     Err(e) => {
                         // It may have been written: look before writing again.
@@ -463,7 +552,7 @@ impl Runner {
                 }
             }
         }
-        Ok(written)
+        Ok(())
     }
 
     fn output_partition(&self, partition: u32) -> Result<Arc<PartitionShared>, String> {
@@ -515,15 +604,16 @@ impl Runner {
                     remote::fetch(&leader, &topic, partition, offset, READ_BYTES)
                 })
                 .await
-                .map_err(|e| e.to_string())??
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?
             };
             let Some(last) = records.last() else {
                 return Err(format!("output partition {partition} ends before {end}"));
             };
             offset = last.offset + 1;
             for record in records.iter().filter(|r| r.offset < end) {
-                if let Some((job, seq)) = record.value.as_deref().and_then(result_tag) {
-                    if job == self.spec.name {
+                if let Some((job, uid, seq)) = record.value.as_deref().and_then(result_tag) {
+                    if job == self.spec.name && uid == self.uid {
                         seqs.insert(seq);
                     }
                 }
@@ -569,7 +659,7 @@ fn process(
     task: usize,
     records: Vec<StoredRecord>,
     extraction: &Extraction,
-    job: &str,
+    (job, uid): (&str, u64),
     output_partitions: u32,
 ) {
     let Some(t) = state.tasks.get_mut(task) else {
@@ -578,6 +668,11 @@ fn process(
     for record in records {
         if record.offset < t.offset {
             continue;
+        }
+        // Enough results wait for a checkpoint: the rest is read again after it (the offset
+        // is exact, so nothing is skipped or taken twice).
+        if state.pending.len() >= PENDING_MAX {
+            break;
         }
         t.offset = record.offset + 1;
         state.counters.records_in += 1;
@@ -604,7 +699,7 @@ fn process(
             state.pending.push(OutputRecord {
                 seq,
                 partition: partition_for_key(&key, output_partitions),
-                value: result_value(job, seq, t.partition, &output),
+                value: result_value(job, uid, seq, t.partition, &output),
                 key,
             });
         }
@@ -615,6 +710,10 @@ fn process(
     if let Some(w) = t.engine.watermark() {
         t.engine
             .forget_dropped_before(w.saturating_sub(DROPPED_HORIZON_MS));
+        // They only serve queries, and they are in every checkpoint: bounded in number too.
+        if t.engine.dropped().len() > DROPPED_WINDOWS_MAX {
+            t.engine.forget_dropped_before(w);
+        }
     }
 }
 

@@ -41,6 +41,23 @@ fn decode(field: Option<String>) -> Result<Option<Bytes>, String> {
         .map_err(|e| e.to_string())
 }
 
+/// Why a read from another broker gave no records.
+#[derive(Debug)]
+pub enum Failure {
+    /// 416: the offset is outside the leader's log (below its start, after retention).
+    OutOfRange,
+    Other(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::OutOfRange => f.write_str("offset out of range"),
+            Failure::Other(e) => f.write_str(e),
+        }
+    }
+}
+
 /// Committed records of `topic`/`partition` from `offset`, read from `leader` (an HTTP
 /// address), at most about `bytes_max`.
 pub fn fetch(
@@ -49,7 +66,23 @@ pub fn fetch(
     partition: u32,
     offset: u64,
     bytes_max: usize,
-) -> Result<Vec<StoredRecord>, String> {
+) -> Result<Vec<StoredRecord>, Failure> {
+    fetch_any(leader, topic, partition, offset, bytes_max).map_err(|(status, e)| {
+        if status == Some(416) {
+            Failure::OutOfRange
+        } else {
+            Failure::Other(e)
+        }
+    })
+}
+
+fn fetch_any(
+    leader: &str,
+    topic: &str,
+    partition: u32,
+    offset: u64,
+    bytes_max: usize,
+) -> Result<Vec<StoredRecord>, (Option<u16>, String)> {
     #[derive(Deserialize)]
     struct Record {
         offset: u64,
@@ -64,22 +97,24 @@ pub fn fetch(
     let url = format!(
         "http://{leader}/topics/{topic}/partitions/{partition}/records?offset={offset}&max_bytes={bytes_max}&timeout_ms=0&format=binary"
     );
-    let mut response = agent().get(&url).call().map_err(|e| e.to_string())?;
-    let text = body(&mut response)?;
-    if response.status() != 200 {
-        return Err(format!("{url}: {} {text}", response.status()));
+    let other = |e: String| (None, e);
+    let mut response = agent().get(&url).call().map_err(|e| other(e.to_string()))?;
+    let text = body(&mut response).map_err(other)?;
+    let status = response.status().as_u16();
+    if status != 200 {
+        return Err((Some(status), format!("{url}: {status} {text}")));
     }
-    let fetched: Fetched = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    let fetched: Fetched = serde_json::from_str(&text).map_err(|e| other(e.to_string()))?;
     let mut records = Vec::with_capacity(fetched.records.len());
     for (i, r) in fetched.records.into_iter().enumerate() {
         if r.offset != offset + i as u64 {
-            return Err(format!("{url}: record {i} is offset {}", r.offset));
+            return Err(other(format!("{url}: record {i} is offset {}", r.offset)));
         }
         records.push(StoredRecord {
             offset: r.offset,
             timestamp_ms: r.timestamp,
-            key: decode(r.key)?,
-            value: decode(r.value)?,
+            key: decode(r.key).map_err(other)?,
+            value: decode(r.value).map_err(other)?,
         });
     }
     Ok(records)

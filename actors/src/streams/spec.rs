@@ -28,16 +28,25 @@ pub struct JobSpec {
     /// JSON pointer to the number aggregated (sum, min, max, avg).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value_field: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_default")]
     pub grace_ms: i64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_default")]
     pub lateness_ms: i64,
-    #[serde(default = "final_emit")]
+    #[serde(default = "final_emit", deserialize_with = "null_is_final")]
     pub emit: EmitMode,
 }
 
 fn final_emit() -> EmitMode {
     EmitMode::Final
+}
+
+/// An explicit `null` means the default, as an absent field does.
+fn null_is_default<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    Ok(Option::<i64>::deserialize(d)?.unwrap_or_default())
+}
+
+fn null_is_final<'de, D: serde::Deserializer<'de>>(d: D) -> Result<EmitMode, D::Error> {
+    Ok(Option::<EmitMode>::deserialize(d)?.unwrap_or(EmitMode::Final))
 }
 
 /// Why a spec is refused; the HTTP layer maps each to its status.
@@ -177,5 +186,11 @@ mod tests {
     fn unknown_fields_are_refused_rather_than_ignored() {
         let text = r#"{"name":"c","input":"in","output":"out","window":{"kind":"tumbling","size_ms":1000},"aggregation":"count","grace":5}"#;
         assert!(serde_json::from_str::<JobSpec>(text).is_err());
+    }
+
+    #[test]
+    fn null_optional_fields_take_their_defaults() {
+        let text = r#"{"name":"c","input":"in","output":"out","window":{"kind":"tumbling","size_ms":1000},"aggregation":"count","grace_ms":null,"emit":null,"time_field":null}"#;
+        assert_eq!(serde_json::from_str::<JobSpec>(text).ok(), Some(spec()));
     }
 }

@@ -87,6 +87,10 @@ pub mod opt {
     pub fn u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
         optional(d)
     }
+
+    pub fn i64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+        optional(d)
+    }
 }
 
 /// Optional integer query parameters (text).

@@ -11,6 +11,7 @@ use pubg1_actors::groups::offsets_replica::{OffsetsReplica, ProposeGroup};
 use pubg1_actors::streams::machine::JobCommand;
 use pubg1_actors::streams::spec::{valid_name, JobSpec, SpecRefusal};
 use pubg1_actors::streams::{job_partition, DescribeJobs, JobView, JobWindows, PartitionWindows};
+use pubg1_streaming::{Aggregation, EmitMode, WindowKind};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -57,11 +58,137 @@ async fn describe_one(addr: &actix::Addr<OffsetsReplica>, job: &str) -> Result<J
         .ok_or_else(|| ApiError::JobNotFound(format!("stream job '{job}' not found")))
 }
 
+/// `POST /streams` body. Numbers are taken as JSON Schema reads them (`1000.0` is 1000).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpecBody {
+    /// 1–249 of `[a-zA-Z0-9._-]`, not `.` or `..`.
+    #[schema(pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$")]
+    pub name: String,
+    /// The topic aggregated (must exist).
+    #[schema(pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$")]
+    pub input: String,
+    /// The topic results go to (must exist, and not be the input).
+    #[schema(pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$")]
+    pub output: String,
+    pub window: WindowBody,
+    pub aggregation: AggregationBody,
+    /// JSON pointer to the event time (integer ms) in the value; absent: the record timestamp.
+    #[serde(default)]
+    #[schema(pattern = r"^(/.*)?$")]
+    pub time_field: Option<String>,
+    /// JSON pointer to the group key in the value; absent: the record key.
+    #[serde(default)]
+    #[schema(pattern = r"^(/.*)?$")]
+    pub key_field: Option<String>,
+    /// JSON pointer to the number aggregated: required for sum, min, max, avg; not for count.
+    #[serde(default)]
+    #[schema(pattern = r"^(/.*)?$")]
+    pub value_field: Option<String>,
+    /// How long after its end a window still takes records (default 0).
+    #[serde(default, deserialize_with = "super::lenient::opt::i64")]
+    #[schema(minimum = 0, maximum = 31_622_400_000_i64)]
+    pub grace_ms: Option<i64>,
+    /// How far the watermark runs behind the largest event time seen (default 0).
+    #[serde(default, deserialize_with = "super::lenient::opt::i64")]
+    #[schema(minimum = 0, maximum = 31_622_400_000_i64)]
+    pub lateness_ms: Option<i64>,
+    /// `final` (default): one result per window when it closes; `update`: also on every change.
+    #[serde(default)]
+    pub emit: Option<EmitBody>,
+}
+
+/// A window: tumbling (`size_ms`), hopping (`size_ms`, `advance_ms` ≤ `size_ms`), sliding
+/// (`difference_ms`) or session (`gap_ms`); every length 1 ms to a year. Other fields are
+/// ignored (as the document allows them); a misspelt length is a missing one.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum WindowBody {
+    Tumbling {
+        #[serde(deserialize_with = "super::lenient::i64")]
+        #[schema(minimum = 1, maximum = 31_622_400_000_i64)]
+        size_ms: i64,
+    },
+    Hopping {
+        #[serde(deserialize_with = "super::lenient::i64")]
+        #[schema(minimum = 1, maximum = 31_622_400_000_i64)]
+        size_ms: i64,
+        #[serde(deserialize_with = "super::lenient::i64")]
+        #[schema(minimum = 1, maximum = 31_622_400_000_i64)]
+        advance_ms: i64,
+    },
+    Sliding {
+        #[serde(deserialize_with = "super::lenient::i64")]
+        #[schema(minimum = 1, maximum = 31_622_400_000_i64)]
+        difference_ms: i64,
+    },
+    Session {
+        #[serde(deserialize_with = "super::lenient::i64")]
+        #[schema(minimum = 1, maximum = 31_622_400_000_i64)]
+        gap_ms: i64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AggregationBody {
+    Count,
+    Sum,
+    Min,
+    Max,
+    Avg,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EmitBody {
+    Final,
+    Update,
+}
+
+impl JobSpecBody {
+    fn into_spec(self) -> JobSpec {
+        JobSpec {
+            name: self.name,
+            input: self.input,
+            output: self.output,
+            window: match self.window {
+                WindowBody::Tumbling { size_ms } => WindowKind::Tumbling { size_ms },
+                WindowBody::Hopping {
+                    size_ms,
+                    advance_ms,
+                } => WindowKind::Hopping {
+                    size_ms,
+                    advance_ms,
+                },
+                WindowBody::Sliding { difference_ms } => WindowKind::Sliding { difference_ms },
+                WindowBody::Session { gap_ms } => WindowKind::Session { gap_ms },
+            },
+            aggregation: match self.aggregation {
+                AggregationBody::Count => Aggregation::Count,
+                AggregationBody::Sum => Aggregation::Sum,
+                AggregationBody::Min => Aggregation::Min,
+                AggregationBody::Max => Aggregation::Max,
+                AggregationBody::Avg => Aggregation::Avg,
+            },
+            time_field: self.time_field,
+            key_field: self.key_field,
+            value_field: self.value_field,
+            grace_ms: self.grace_ms.unwrap_or(0),
+            lateness_ms: self.lateness_ms.unwrap_or(0),
+            emit: match self.emit {
+                Some(EmitBody::Update) => EmitMode::Update,
+                Some(EmitBody::Final) | None => EmitMode::Final,
+            },
+        }
+    }
+}
+
 /// Create a stream job. It runs on the leader of its offsets partition, reads its input
 /// from the beginning and writes each window result to the output topic exactly once.
 #[utoipa::path(
     tag = "streams",
-    request_body(content = Object, content_type = "application/json", description = "A job spec: name, input, output, window ({kind: tumbling|hopping|sliding|session, ...}), aggregation (count|sum|min|max|avg), time_field, key_field, value_field, grace_ms, lateness_ms, emit (final|update)"),
+    request_body(content = JobSpecBody, content_type = "application/json"),
     responses(
         (status = 201, body = Object, description = "The job's status"),
         (status = 307, body = ErrorBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
@@ -77,7 +204,7 @@ pub async fn create(
 ) -> Result<HttpResponse, ApiError> {
     body_format(&req, false)?;
     let body = read_body(&req, payload, state.config.request_body_bytes_max).await?;
-    let spec: JobSpec = parse_json(&body)?;
+    let spec = parse_json::<JobSpecBody>(&body)?.into_spec();
     spec.check(&state.broker.registry).map_err(|e| match e {
         SpecRefusal::UnknownTopic(topic) => ApiError::TopicNotFound(topic),
         other => ApiError::Unprocessable(other.to_string()),

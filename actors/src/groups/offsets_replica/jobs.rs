@@ -10,8 +10,8 @@ use actix::prelude::*;
 
 use super::OffsetsReplica;
 use crate::broker_supervisor::Backoff;
-use crate::streams::checkpoint::{Checkpoint, Counters};
-use crate::streams::job::{Live, StopJob, WindowJob};
+use crate::streams::checkpoint::Checkpoint;
+use crate::streams::job::{Figures, Live, StopJob, WindowJob};
 use crate::streams::machine::JobRecord;
 use crate::streams::{
     DescribeJobs, GetJob, InputProgress, JobSettings, JobView, JobWindows, PartitionWindows,
@@ -119,8 +119,9 @@ impl OffsetsReplica {
                     .with_label_values(&labels)
                     .set(at.elapsed().as_secs_f64());
             }
+            let figures = running.live.figures.lock().ok().and_then(|f| f.clone());
             if let Some(record) = self.machine.jobs().get(name) {
-                let view = self.job_view(record);
+                let view = job_view(&self.view_context(), record, String::new(), figures);
                 self.wiring
                     .metrics
                     .stream_lag_records
@@ -130,114 +131,90 @@ impl OffsetsReplica {
         }
     }
 
-    fn job_view(&self, record: &JobRecord) -> JobView {
-        let running = self
-            .jobs
-            .get(&record.spec.name)
-            .filter(|r| r.uid == record.uid);
-        let stored = || {
-            record
-                .checkpoint
-                .as_ref()
-                .and_then(|b| Checkpoint::decode(b).ok())
-        };
-        // Only the figures are taken from the live state: cloning it would copy every window.
-        let (phase, state) = match running {
-            Some(r) => {
-                let phase = r.live.phase.lock().map(|p| p.clone()).unwrap_or_default();
-                let state = r
-                    .live
-                    .state
-                    .lock()
-                    .ok()
-                    .and_then(|s| s.as_ref().map(Figures::of));
-                (phase, state.or_else(|| stored().as_ref().map(Figures::of)))
-            }
-            None => (
-                "runs on another broker".to_owned(),
-                stored().as_ref().map(Figures::of),
-            ),
-        };
-        let input_topic = self.wiring.registry.get(&record.spec.input);
-        let mut input = Vec::new();
-        let mut view = JobView {
-            spec: record.spec.clone(),
-            uid: record.uid,
-            epoch: record.epoch,
+    fn view_context(&self) -> ViewContext {
+        ViewContext {
+            registry: self.wiring.registry.clone(),
             offsets_partition: self.shared.partition,
             runs_on: self.shared.leader(),
-            phase,
-            created_at_ms: record.created_at_ms,
-            last_checkpoint_at_ms: record.checkpointed_at_ms,
-            input: Vec::new(),
-            lag: 0,
-            records_in: 0,
-            late_records: 0,
-            dropped_records: 0,
-            skipped_records: BTreeMap::new(),
-            results_out: 0,
-            pending_results: 0,
-        };
-        let partitions = input_topic.as_ref().map_or(0, |t| t.meta.partitions);
-        for p in 0..partitions {
-            let offset = state
-                .as_ref()
-                .and_then(|s| s.offsets.get(p as usize).copied())
-                .unwrap_or(0);
-            let high_watermark = input_topic
-                .as_ref()
-                .and_then(|t| t.partition(p))
-                .map_or(0, |s| s.known_log_end());
-            let lag = high_watermark.saturating_sub(offset);
-            view.lag += lag;
-            input.push(InputProgress {
-                partition: p,
-                offset,
-                high_watermark,
-                lag,
-            });
         }
-        view.input = input;
-        if let Some(s) = state {
-            view.records_in = s.counters.records_in;
-            view.late_records = s.counters.late;
-            view.dropped_records = s.dropped;
-            view.results_out = s.counters.results_out;
-            view.pending_results = s.pending;
-            view.skipped_records = s
-                .counters
-                .skipped
-                .iter()
-                .map(|(reason, n)| {
-                    let name = serde_json::to_value(reason)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_owned))
-                        .unwrap_or_default();
-                    (name, *n)
-                })
-                .collect();
-        }
-        view
     }
 }
 
-/// The figures of a job's state that its status shows.
-struct Figures {
-    offsets: Vec<u64>,
-    counters: Counters,
-    dropped: u64,
-    pending: usize,
+/// A running job's phase and figures (none before its state is restored).
+type LiveStatus = (String, Option<Figures>);
+
+/// What a job's status needs besides the job.
+struct ViewContext {
+    registry: crate::registry::Registry,
+    offsets_partition: u32,
+    runs_on: u64,
 }
 
-impl Figures {
-    fn of(state: &Checkpoint) -> Self {
-        Self {
-            offsets: state.tasks.iter().map(|t| t.offset).collect(),
-            counters: state.counters.clone(),
-            dropped: state.dropped(),
-            pending: state.pending.len(),
-        }
+/// A job's status from its figures (the runner's, or its last checkpoint's).
+fn job_view(
+    cx: &ViewContext,
+    record: &JobRecord,
+    phase: String,
+    figures: Option<Figures>,
+) -> JobView {
+    let input_topic = cx.registry.get(&record.spec.input);
+    let mut view = JobView {
+        spec: record.spec.clone(),
+        uid: record.uid,
+        epoch: record.epoch,
+        offsets_partition: cx.offsets_partition,
+        runs_on: cx.runs_on,
+        phase,
+        created_at_ms: record.created_at_ms,
+        last_checkpoint_at_ms: record.checkpointed_at_ms,
+        input: Vec::new(),
+        lag: 0,
+        records_in: 0,
+        late_records: 0,
+        dropped_records: 0,
+        skipped_records: BTreeMap::new(),
+        results_out: 0,
+        pending_results: 0,
+    };
+    let partitions = input_topic.as_ref().map_or(0, |t| t.meta.partitions);
+    for p in 0..partitions {
+        let offset = figures
+            .as_ref()
+            .and_then(|f| f.offsets.get(p as usize).copied())
+            .unwrap_or(0);
+        let high_watermark = input_topic
+            .as_ref()
+            .and_then(|t| t.partition(p))
+            .map_or(0, |s| s.known_log_end());
+        let lag = high_watermark.saturating_sub(offset);
+        view.lag += lag;
+        view.input.push(InputProgress {
+            partition: p,
+            offset,
+            high_watermark,
+            lag,
+        });
     }
+    if let Some(f) = figures {
+        view.records_in = f.counters.records_in;
+        view.late_records = f.counters.late;
+        view.dropped_records = f.dropped;
+        view.results_out = f.counters.results_out;
+        view.pending_results = f.pending;
+        view.skipped_records = f
+            .counters
+            .skipped
+            .iter()
+            .map(|(reason, n)| {
+                let name = serde_json::to_value(reason)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                (name, *n)
+            })
+            .collect();
+    }
+    view
 }
 
 impl Handler<GetJob> for OffsetsReplica {
@@ -249,52 +226,91 @@ impl Handler<GetJob> for OffsetsReplica {
 }
 
 impl Handler<DescribeJobs> for OffsetsReplica {
-    type Result = MessageResult<DescribeJobs>;
+    type Result = ResponseFuture<Vec<JobView>>;
 
+    /// Figures of a job that runs elsewhere come from its checkpoint, decoded on the blocking
+    /// pool (a checkpoint may be megabytes; this is a Raft thread).
     fn handle(&mut self, msg: DescribeJobs, _ctx: &mut Self::Context) -> Self::Result {
-        let views = self
+        let wanted: Vec<(JobRecord, Option<LiveStatus>)> = self
             .machine
             .jobs()
             .iter()
             .filter(|(name, _)| msg.0.as_ref().is_none_or(|n| n == *name))
-            .map(|(_, record)| self.job_view(record))
+            .map(|(name, record)| {
+                let live = self
+                    .jobs
+                    .get(name)
+                    .filter(|r| r.uid == record.uid)
+                    .map(|r| {
+                        let phase = r.live.phase.lock().map(|p| p.clone()).unwrap_or_default();
+                        let figures = r.live.figures.lock().ok().and_then(|f| f.clone());
+                        (phase, figures)
+                    });
+                (record.clone(), live)
+            })
             .collect();
-        MessageResult(views)
+        let cx = self.view_context();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                wanted
+                    .into_iter()
+                    .map(|(record, live)| {
+                        let stored = || {
+                            record
+                                .checkpoint
+                                .as_ref()
+                                .and_then(|b| Checkpoint::decode(b).ok())
+                                .map(|c| Figures::of(&c))
+                        };
+                        let (phase, figures) = match live {
+                            Some((phase, figures)) => (phase, figures.or_else(stored)),
+                            None => ("runs on another broker".to_owned(), stored()),
+                        };
+                        job_view(&cx, &record, phase, figures)
+                    })
+                    .collect()
+            })
+            .await
+            .unwrap_or_default()
+        })
     }
 }
 
 impl Handler<JobWindows> for OffsetsReplica {
-    type Result = Result<Vec<PartitionWindows>, String>;
+    type Result = ResponseFuture<Result<Vec<PartitionWindows>, String>>;
 
+    /// On the blocking pool: the runner holds the state while it processes a step.
     fn handle(&mut self, msg: JobWindows, _ctx: &mut Self::Context) -> Self::Result {
-        let running = self
-            .jobs
-            .get(&msg.job)
-            .ok_or_else(|| format!("stream job '{}' does not run on this broker", msg.job))?;
-        let guard = running
-            .live
-            .state
-            .lock()
-            .map_err(|_| "state lock poisoned")?;
-        let state = guard
-            .as_ref()
-            .ok_or_else(|| format!("stream job '{}' is still starting", msg.job))?;
-        Ok(state
-            .tasks
-            .iter()
-            .map(|task| PartitionWindows {
-                input_partition: task.partition,
-                stream_time: task.engine.stream_time(),
-                watermark: task.engine.watermark(),
-                open: task.engine.open_windows(&msg.key),
-                dropped: task
-                    .engine
-                    .dropped()
+        let Some(live) = self.jobs.get(&msg.job).map(|r| r.live.clone()) else {
+            let error = format!("stream job '{}' does not run on this broker", msg.job);
+            return Box::pin(async move { Err(error) });
+        };
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let guard = live.state.lock().map_err(|_| "state lock poisoned")?;
+                let state = guard
+                    .as_ref()
+                    .ok_or_else(|| format!("stream job '{}' is still starting", msg.job))?;
+                Ok(state
+                    .tasks
                     .iter()
-                    .filter(|((key, _), _)| *key == msg.key)
-                    .map(|((_, window), n)| (*window, *n))
-                    .collect(),
+                    .map(|task| PartitionWindows {
+                        input_partition: task.partition,
+                        stream_time: task.engine.stream_time(),
+                        watermark: task.engine.watermark(),
+                        open: task.engine.open_windows(&msg.key),
+                        dropped: task
+                            .engine
+                            .dropped()
+                            .iter()
+                            .filter(|((key, _), _)| *key == msg.key)
+                            .map(|((_, window), n)| (*window, *n))
+                            .collect(),
+                    })
+                    .collect())
             })
-            .collect())
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()))
+        })
     }
 }
