@@ -105,9 +105,14 @@ impl Extraction {
             Field::Pointer(p) => at(p)?.as_i64().ok_or(Skip::BadTime)?,
         };
         let group = match &self.key {
-            Field::Record => key
-                .map(|k| String::from_utf8_lossy(k).into_owned())
-                .unwrap_or_default(),
+            // A key sent in a JSON format is JSON text: a string key is its content.
+            Field::Record => match key {
+                Some(k) => match serde_json::from_slice::<String>(k) {
+                    Ok(text) => text,
+                    Err(_) => String::from_utf8_lossy(k).into_owned(),
+                },
+                None => String::new(),
+            },
             Field::Pointer(p) => match at(p)? {
                 Value::String(s) => s.clone(),
                 other => other.to_string(),
@@ -172,6 +177,11 @@ mod tests {
             (event.key.as_str(), event.time, event.value),
             ("k", 7, None)
         );
+        // A key produced in a JSON format is JSON text; a string key groups by its content.
+        let json_key = count.event(Some(br#""k""#), None, 7).expect("event");
+        assert_eq!(json_key.key, "k");
+        let number_key = count.event(Some(b"42"), None, 7).expect("event");
+        assert_eq!(number_key.key, "42");
         let numeric_key = spec()
             .event(None, Some(br#"{"ts": 1, "sensor": 42, "reading": 1e2}"#), 0)
             .expect("event");

@@ -18,6 +18,7 @@
 //! storage queue to drain (a barrier) and then recovers its state from RocksDB. Offsets therefore
 //! continue after the last durable batch, with no gap and no reuse.
 
+mod append;
 mod gauges;
 mod install;
 mod quiesce;
@@ -31,15 +32,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
-use crate::batch::{self, NewRecord};
+use crate::batch::NewRecord;
 use crate::error::{PartitionError, StorageError};
 use crate::metrics::Metrics;
-use crate::proposals::{Proposals, Unanswered};
+use crate::proposals::Proposals;
 use crate::raft_driver::{self, Driver, RaftDriven};
-use crate::raft_group::{ProposeError, RaftGroup, RaftSettings, SnapshotInstall};
+use crate::raft_group::{RaftGroup, RaftSettings, SnapshotInstall};
 use crate::snapshot::Install;
 use crate::state_machine::Durability;
-use crate::storage::{leftover_delete, log_state_op, record_key, Cf, LogState, Storage, WriteOp};
+use crate::storage::{leftover_delete, LogState, Storage, WriteOp};
 use crate::topic::{LogId, TopicConfigs};
 use crate::transport::{
     ChunkInbound, Cluster, FetchInbound, Outbound, PartitionStatus, QuiesceNotice, RaftInbound,
@@ -105,9 +106,6 @@ pub struct ReplicaSettings {
 }
 
 /// How long an append may wait for its entry to commit before the client is told to retry.
-/// A barrier's entry: appends nothing (see [`PartitionShared::barrier`]). A proposed batch
-/// starts with eight zero bytes (its base offset is set at apply), so no batch is this.
-const BARRIER_ENTRY: &[u8] = b"pubg1 barrier";
 const APPEND_COMMIT_WAIT: Duration = Duration::from_secs(5);
 
 /// How long a snapshot fetch may go unanswered before another replica is asked.
@@ -287,180 +285,6 @@ impl PartitionReplica {
                 .log_start_offset
                 .set(self.state.log_start_offset as i64);
             gauges.log_size_bytes.set(self.state.size_bytes as i64);
-        }
-    }
-
-    /// Encode the records once, with base offset 0 (the real one is set at apply), and propose;
-    /// the answer comes on the returned channel.
-    fn propose(
-        &mut self,
-        records: &[NewRecord],
-    ) -> Result<oneshot::Receiver<Result<Appended, PartitionError>>, PartitionError> {
-        let (topic, partition) = (self.shared.topic.to_string(), self.shared.partition);
-        if self.storage.is_congested() {
-            return Err(PartitionError::Overloaded {
-                topic,
-                partition,
-                reason: format!(
-                    "the broker's storage queue holds {} writes",
-                    self.storage.queue_depth()
-                ),
-            });
-        }
-        let Some(raft) = self.raft.as_mut() else {
-            return Err(self.shared.unavailable());
-        };
-        // No records: a barrier (see `BARRIER_ENTRY`).
-        let bytes = if records.is_empty() {
-            bytes::Bytes::from_static(BARRIER_ENTRY)
-        } else {
-            batch::encode(0, now_ms(), records)?
-        };
-        let (id, context) = self.proposals.next_context();
-        raft.propose(context, bytes.to_vec()).map_err(|e| match e {
-            ProposeError::NoLeader => PartitionError::NoLeader { topic, partition },
-            ProposeError::Dropped => PartitionError::Overloaded {
-                topic,
-                partition,
-                reason: "too much of its log is uncommitted (a follower is slow or a \
-                             leadership transfer is under way)"
-                    .into(),
-            },
-        })?;
-        let appended_at = raft.is_leader().then(|| raft.last_index());
-        let term = raft.term();
-        let (reply, receiver) = oneshot::channel();
-        let pending = PendingAppend {
-            reply,
-            bytes: bytes.len() as u64,
-        };
-        self.proposals.insert(id, pending, appended_at, term);
-        Ok(receiver)
-    }
-
-    /// Apply committed entries to the log: each non-empty entry is a batch whose base offset is
-    /// set here, from the applied log, so every replica assigns the same offsets. Returns the
-    /// writes (records + log state + hard state, one atomic batch) and the appends it completes.
-    fn apply_entries(
-        &mut self,
-        entries: Vec<raft::prelude::Entry>,
-    ) -> (Vec<WriteOp>, AppliedEntries) {
-        let mut ops = Vec::new();
-        let mut completed = Vec::new();
-        let Some((last, last_term)) = entries.last().map(|e| (e.index, e.term)) else {
-            let applied = AppliedEntries {
-                completed,
-                last: None,
-            };
-            return (ops, applied);
-        };
-        let log = self.shared.log;
-        for entry in entries {
-            if entry.data.is_empty() {
-                continue; // a new leader's empty entry
-            }
-            let base_offset = self.state.next_offset;
-            if entry.data.as_ref() == BARRIER_ENTRY {
-                if let Some(id) = self.proposals.own(&entry.context) {
-                    let appended = Appended {
-                        base_offset,
-                        record_count: 0,
-                        leader_epoch: entry.term,
-                    };
-                    completed.push((id, appended));
-                }
-                continue;
-            }
-            // Every entry was encoded by `batch::encode` on some replica and carried with its
-            // CRC: one that does not parse is a bug or corruption, and skipping it would make
-            // this replica's offsets differ from the others'. Stop instead (the supervisor
-            // restarts the replica from durable state).
-            let stored = match batch::with_base_offset(&entry.data, base_offset) {
-                Ok(stored) => stored,
-                Err(e) => panic!(
-                    "committed entry {} of {}/{} is not a valid batch: {e}",
-                    entry.index, self.shared.topic, self.shared.partition
-                ),
-            };
-            let header = stored.1;
-            ops.push(WriteOp::Put {
-                cf: Cf::Records,
-                key: record_key(log, base_offset),
-                value: stored.0,
-            });
-            self.state.next_offset = header.next_offset();
-            self.state.size_bytes += header.size_bytes;
-            if let Some(id) = self.proposals.own(&entry.context) {
-                completed.push((
-                    id,
-                    Appended {
-                        base_offset,
-                        record_count: header.record_count,
-                        leader_epoch: entry.term,
-                    },
-                ));
-            }
-        }
-        // Offsets and applied indexes only grow: the pair to `recover_log`'s check on restart.
-        assert!(
-            last > self.state.applied_index,
-            "raft applied an entry twice"
-        );
-        self.state.applied_index = last;
-        ops.push(log_state_op(log, &self.state));
-        if let Some(raft) = &self.raft {
-            ops.push(raft.hard_state_op());
-        }
-        self.shared
-            .log_size_bytes
-            .store(self.state.size_bytes, Ordering::Release);
-        let applied = AppliedEntries {
-            completed,
-            last: Some((last, last_term)),
-        };
-        (ops, applied)
-    }
-
-    /// Appends are durable and applied: the high watermark moves and their clients get offsets;
-    /// then the appends those entries decided otherwise are told how.
-    fn complete(&mut self, applied: AppliedEntries) {
-        self.publish_durable(self.state.next_offset);
-        let topic = [self.shared.topic.as_ref()];
-        for (id, appended) in applied.completed {
-            let Some(pending) = self.proposals.take(id) else {
-                continue;
-            };
-            if appended.record_count == 0 {
-                let _ = pending.waiter.reply.send(Ok(appended));
-                continue;
-            }
-            let metrics = &self.metrics;
-            metrics
-                .produce_records_total
-                .with_label_values(&topic)
-                .inc_by(u64::from(appended.record_count));
-            metrics
-                .produce_bytes_total
-                .with_label_values(&topic)
-                .inc_by(pending.waiter.bytes);
-            metrics
-                .produce_latency_seconds
-                .with_label_values(&topic)
-                .observe(pending.proposed_at.elapsed().as_secs_f64());
-            let _ = pending.waiter.reply.send(Ok(appended));
-        }
-        let (index, term) = applied.last.unzip();
-        let index = index.unwrap_or(self.state.applied_index);
-        for (pending, how) in self.proposals.settle(index, term) {
-            let _ = pending.waiter.reply.send(Err(self.unanswered(how)));
-        }
-    }
-
-    fn unanswered(&self, how: Unanswered) -> PartitionError {
-        let (topic, partition) = (self.shared.topic.to_string(), self.shared.partition);
-        match how {
-            Unanswered::NotWritten => PartitionError::NotWritten { topic, partition },
-            Unanswered::Unknown => PartitionError::OutcomeUnknown { topic, partition },
         }
     }
 

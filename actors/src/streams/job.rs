@@ -693,7 +693,8 @@ fn process(
             let result = match &output {
                 pubg1_streaming::Output::Final(r) | pubg1_streaming::Output::Update(r) => r,
             };
-            let key = Bytes::from(result.key.clone().into_bytes());
+            // As a JSON string, like the value: what a JSON-format producer would send.
+            let key = Bytes::from(serde_json::to_vec(&result.key).unwrap_or_default());
             let seq = state.next_seq;
             state.next_seq += 1;
             state.pending.push(OutputRecord {
