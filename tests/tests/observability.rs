@@ -133,6 +133,12 @@ fn openapi_lists_every_route_and_every_listed_route_is_served() -> anyhow::Resul
         "POST /consumers/{group}/instances/{instance}/positions/end",
         "GET /consumer-groups",
         "GET /consumer-groups/{group}",
+        "POST /topics/{topic}/partitions/{partition}/barrier",
+        "POST /streams",
+        "GET /streams",
+        "GET /streams/{job}",
+        "DELETE /streams/{job}",
+        "GET /streams/{job}/windows",
     ];
     served.sort_unstable();
     assert_eq!(documented, served);
@@ -148,7 +154,8 @@ fn openapi_lists_every_route_and_every_listed_route_is_served() -> anyhow::Resul
                 .replace("{topic}", "doc")
                 .replace("{partition}", "0")
                 .replace("{group}", "g")
-                .replace("{instance}", "i"),
+                .replace("{instance}", "i")
+                .replace("{job}", "j"),
         );
         let reply = match method {
             "GET" => http.get(&url)?,

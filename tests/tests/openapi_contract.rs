@@ -57,7 +57,7 @@ fn schemathesis_finds_every_response_as_the_openapi_document_says() -> anyhow::R
     // A run that tested nothing would also exit 0. Its summary: "2614 generated, 2614 passed".
     let summary = stdout
         .lines()
-        .find(|l| l.contains(" generated"))
+        .find(|l| l.contains(" generated,"))
         .unwrap_or_default();
     let cases: u64 = summary
         .split_whitespace()

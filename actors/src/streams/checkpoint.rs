@@ -77,6 +77,14 @@ impl Checkpoint {
         rmp_serde::from_slice(bytes).map_err(|e| e.to_string())
     }
 
+    /// Bytes of the results waiting for a checkpoint.
+    pub fn pending_bytes(&self) -> usize {
+        self.pending
+            .iter()
+            .map(|r| r.key.len() + r.value.len() + 16)
+            .sum()
+    }
+
     /// Records dropped as too late, over all tasks.
     pub fn dropped(&self) -> u64 {
         self.tasks.iter().map(|t| t.engine.dropped_total()).sum()

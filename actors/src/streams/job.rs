@@ -33,8 +33,10 @@ use crate::registry::TopicHandle;
 const READ_BYTES: usize = 1024 * 1024;
 /// Results written per request to the output.
 const PUBLISH_RECORDS: usize = 2000;
-/// A checkpoint is taken early once this many results wait for one.
+/// A checkpoint is taken early once this many results, or this many bytes of them, wait for
+/// one (they are in it, and it is one Raft entry).
 const PENDING_MAX: usize = 50_000;
+const PENDING_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Drop counts per window are kept this long behind the watermark (for queries), and for at
 /// most this many windows.
 const DROPPED_HORIZON_MS: i64 = 3_600_000;
@@ -42,8 +44,9 @@ const DROPPED_WINDOWS_MAX: usize = 10_000;
 
 /// What a runner shares with its replica (status, queries) across its restarts.
 ///
-/// `state` is locked only off the Raft threads (the runner's blocking work, window queries on
-/// the blocking pool); status and gauges read `figures`, which is held only to copy it.
+/// `state` is locked only off the threads that drive Raft groups (the runner has a thread of
+/// its own; window queries run on the blocking pool); status and gauges read `figures`, which
+/// is held only to copy it.
 #[derive(Debug, Default)]
 pub struct Live {
     /// `taking over`, `writing pending results`, `running`, or why it stopped.
@@ -240,6 +243,9 @@ impl Runner {
         // A deposed runner stops within this (its replica steps down by check-quorum and
         // stops it); only then is the output's tail what it will stay.
         tokio::time::sleep(self.settings.takeover_hold).await;
+        if let Some(gone) = self.output_gone() {
+            return Err(gone);
+        }
         self.live.set_phase("writing pending results");
         self.settle().await?;
         self.live.set_phase("running");
@@ -314,7 +320,9 @@ impl Runner {
                 c.skipped.values().sum::<u64>() - before.2,
                 state.dropped() - before.3,
             ];
-            Ok::<_, String>((state.pending.len(), delta))
+            let full =
+                state.pending.len() >= PENDING_MAX || state.pending_bytes() >= PENDING_BYTES_MAX;
+            Ok::<_, String>((full, delta))
         })
         .await
         .map_err(|e| format!("processing failed: {e}"))??;
@@ -334,9 +342,7 @@ impl Runner {
             counter.with_label_values(&labels).inc_by(n);
         }
         self.dirty = true;
-        if processed >= PENDING_MAX
-            || self.last_checkpoint.elapsed() >= self.settings.checkpoint_interval
-        {
+        if processed || self.last_checkpoint.elapsed() >= self.settings.checkpoint_interval {
             self.checkpoint().await?;
         }
         Ok(())
@@ -405,7 +411,9 @@ impl Runner {
                     self.with_state(|s| s.tasks[task].offset = log_start_offset)?;
                     tracing::warn!(job = %self.name(), partition = shared.partition, offset, log_start_offset, "input records were deleted before the job read them");
                 }
-                Err(_) => {}
+                Err(e) => {
+                    tracing::debug!(job = %self.name(), partition = shared.partition, error = %e, "reading an input partition failed");
+                }
             }
         }
         Ok(reads)
@@ -439,6 +447,9 @@ impl Runner {
                 match self.barrier(partition).await {
                     Ok(end) => break end,
                     Err(e) => {
+                        if let Some(gone) = self.output_gone() {
+                            return Err(gone);
+                        }
                         tracing::info!(job = %self.name(), partition, error = %e, "output barrier failed; retrying");
                         tokio::time::sleep(delay).await;
                         delay = (delay * 2).min(Duration::from_secs(1));
@@ -486,6 +497,9 @@ impl Runner {
             match self.try_settle().await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
+                    if let Some(gone) = self.output_gone() {
+                        return Err(gone);
+                    }
                     tracing::info!(job = %self.name(), error = %e, "writing results failed; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(1));
@@ -560,6 +574,20 @@ impl Runner {
             .partition(partition)
             .cloned()
             .ok_or_else(|| format!("output partition {partition} is gone"))
+    }
+
+    /// Why the output cannot take this job's results any more (deleted, or deleted and
+    /// created again: its offsets are not the positions here), if it cannot. Not retried.
+    fn output_gone(&self) -> Option<String> {
+        let expected = self.with_state(|s| s.topic_ids.map(|ids| ids.1)).ok()?;
+        match self.settings.registry.get(&self.spec.output) {
+            None => Some(format!("output topic '{}' was deleted", self.spec.output)),
+            Some(t) if expected.is_some_and(|id| id != t.meta.topic_id) => Some(format!(
+                "output topic '{}' was deleted and created again; delete the job and create it again",
+                self.spec.output
+            )),
+            Some(_) => None,
+        }
     }
 
     /// The log end of output `partition` after a barrier through its leader.
@@ -662,6 +690,7 @@ fn process(
     (job, uid): (&str, u64),
     output_partitions: u32,
 ) {
+    let mut pending_bytes = state.pending_bytes();
     let Some(t) = state.tasks.get_mut(task) else {
         return;
     };
@@ -671,7 +700,7 @@ fn process(
         }
         // Enough results wait for a checkpoint: the rest is read again after it (the offset
         // is exact, so nothing is skipped or taken twice).
-        if state.pending.len() >= PENDING_MAX {
+        if state.pending.len() >= PENDING_MAX || pending_bytes >= PENDING_BYTES_MAX {
             break;
         }
         t.offset = record.offset + 1;
@@ -697,10 +726,12 @@ fn process(
             let key = Bytes::from(serde_json::to_vec(&result.key).unwrap_or_default());
             let seq = state.next_seq;
             state.next_seq += 1;
+            let value = result_value(job, uid, seq, t.partition, &output);
+            pending_bytes += key.len() + value.len() + 16;
             state.pending.push(OutputRecord {
                 seq,
                 partition: partition_for_key(&key, output_partitions),
-                value: result_value(job, uid, seq, t.partition, &output),
+                value,
                 key,
             });
         }
@@ -713,7 +744,10 @@ fn process(
             .forget_dropped_before(w.saturating_sub(DROPPED_HORIZON_MS));
         // They only serve queries, and they are in every checkpoint: bounded in number too.
         if t.engine.dropped().len() > DROPPED_WINDOWS_MAX {
-            t.engine.forget_dropped_before(w);
+            let mut ends: Vec<i64> = t.engine.dropped().keys().map(|(_, w)| w.end).collect();
+            ends.sort_unstable_by(|a, b| b.cmp(a));
+            t.engine
+                .forget_dropped_before(ends[DROPPED_WINDOWS_MAX - 1]);
         }
     }
 }

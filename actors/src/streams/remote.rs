@@ -11,7 +11,9 @@ use serde::Deserialize;
 
 use crate::batch::StoredRecord;
 
-const TIMEOUT: Duration = Duration::from_secs(5);
+/// Longer than a broker waits for an append to commit (5 s), so a write that is not answered
+/// in time was given up by the broker too, not just by this side.
+const TIMEOUT: Duration = Duration::from_secs(8);
 const BINARY: &str = "application/vnd.kafka.binary.v2+json";
 
 fn agent() -> &'static ureq::Agent {

@@ -20,11 +20,22 @@ use crate::streams::{
 /// A job this replica runs (or ran, until its restart is due).
 pub(super) struct RunningJob {
     addr: Addr<WindowJob>,
+    /// The job's own thread: its runner locks its state, encodes and decodes checkpoints there,
+    /// never on a thread that drives Raft groups.
+    arbiter: Arbiter,
     uid: u64,
     live: Arc<Live>,
     backoff: Backoff,
     /// When a stopped runner may start again.
     restart_at: Option<Instant>,
+}
+
+impl RunningJob {
+    /// Stop the runner, then its thread (once the stop is handled).
+    fn stop(&self) {
+        self.addr.do_send(StopJob);
+        self.arbiter.stop();
+    }
 }
 
 impl OffsetsReplica {
@@ -54,7 +65,7 @@ impl OffsetsReplica {
         self.jobs.retain(|name, running| {
             let current = jobs.get(name).is_some_and(|r| r.uid == running.uid);
             if !current {
-                running.addr.do_send(StopJob);
+                running.stop();
                 metrics.forget_job(name);
             }
             current
@@ -75,7 +86,10 @@ impl OffsetsReplica {
         for record in start {
             let previous = self.jobs.remove(&record.spec.name);
             let (live, backoff) = match previous {
-                Some(p) => (p.live, p.backoff),
+                Some(p) => {
+                    p.arbiter.stop();
+                    (p.live, p.backoff)
+                }
                 None => (Arc::new(Live::default()), Backoff::default()),
             };
             let settings = self.job_settings();
@@ -86,12 +100,16 @@ impl OffsetsReplica {
                 me.clone(),
                 live.clone(),
             );
-            let addr = WindowJob::new(spec, uid, epoch, me, settings, job_live).start();
+            let arbiter = Arbiter::new();
+            let addr = WindowJob::start_in_arbiter(&arbiter.handle(), move |_| {
+                WindowJob::new(spec, uid, epoch, me, settings, job_live)
+            });
             tracing::info!(job = %record.spec.name, epoch, "stream job starting here");
             self.jobs.insert(
                 record.spec.name.clone(),
                 RunningJob {
                     addr,
+                    arbiter,
                     uid,
                     live,
                     backoff,
@@ -103,7 +121,7 @@ impl OffsetsReplica {
 
     pub(super) fn stop_jobs(&mut self) {
         for (name, running) in self.jobs.drain() {
-            running.addr.do_send(StopJob);
+            running.stop();
             self.wiring.metrics.forget_job(&name);
         }
     }
