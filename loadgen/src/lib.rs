@@ -13,5 +13,7 @@ pub mod readback;
 pub mod report;
 pub mod run;
 pub mod scenario;
+pub mod stream;
+pub mod stream_verify;
 pub mod summary;
 pub mod verify;

@@ -50,7 +50,12 @@ fn partitions_of(topic: &str, topics: &[TopicSpec]) -> Result<u32> {
 
 /// Wait until every broker that answers reports the same high watermarks for every partition
 /// of `topic`; returns one of them.
-fn wait_converged(http: &Http, urls: &[String], topic: &str, partitions: u32) -> Result<String> {
+pub(crate) fn wait_converged(
+    http: &Http,
+    urls: &[String],
+    topic: &str,
+    partitions: u32,
+) -> Result<String> {
     let deadline = Instant::now() + SETTLE_DEADLINE;
     loop {
         let views: Vec<(String, Vec<u64>)> = urls

@@ -106,6 +106,9 @@ pub struct RunResult {
     /// The consumer group's measurements and verdict, when the scenario has a `[group]`.
     #[serde(default)]
     pub group: Option<GroupResult>,
+    /// The stream job's comparison with its recomputation, when the scenario has a `[stream]`.
+    #[serde(default)]
+    pub stream: Option<crate::stream::StreamResult>,
 }
 
 impl RunResult {
@@ -114,6 +117,10 @@ impl RunResult {
             && self.replicas.iter().all(ReplicaCheck::is_clean)
             && !self.checks.iter().any(|c| c.starts_with("violation"))
             && self.group.as_ref().is_none_or(GroupResult::is_clean)
+            && self
+                .stream
+                .as_ref()
+                .is_none_or(crate::stream::StreamResult::is_clean)
     }
 }
 
@@ -169,6 +176,10 @@ pub fn run(options: &Options) -> Result<RunResult> {
         .group
         .as_ref()
         .map(|spec| Group::start(spec, &topic, &urls, start));
+    let mut stream = match &scenario.stream {
+        Some(spec) => Some(crate::stream::Stream::start(spec, &urls, start)?),
+        None => None,
+    };
 
     let bar = progress_bar(options.progress, scenario.duration_s);
     let mut faults = Vec::new();
@@ -191,9 +202,25 @@ pub fn run(options: &Options) -> Result<RunResult> {
                 bar.println(format!("{:>6.1} s  {description}", at_ms as f64 / 1000.0));
                 continue;
             }
-            let (description, affected) =
-                apply_fault(cluster.as_mut(), &http, &urls, scenario, fault, &mut checks)
-                    .with_context(|| format!("fault at {} s", fault.at_s))?;
+            let stream_victim = match (Target::parse(&fault.target), stream.as_mut()) {
+                (Ok(Target::Stream(_)), Some(stream)) => {
+                    Some(stream.victim(&http, &running_urls(cluster.as_ref(), &urls))?)
+                }
+                _ => None,
+            };
+            let (description, affected) = apply_fault(
+                cluster.as_mut(),
+                &http,
+                &urls,
+                scenario,
+                fault,
+                stream_victim,
+                &mut checks,
+            )
+            .with_context(|| format!("fault at {} s", fault.at_s))?;
+            if let Some(stream) = &stream {
+                stream.set_urls(running_urls(cluster.as_ref(), &urls));
+            }
             bar.println(format!("{:>6.1} s  {description}", at_ms as f64 / 1000.0));
             faults.push(FaultEvent {
                 at_ms,
@@ -249,6 +276,20 @@ pub fn run(options: &Options) -> Result<RunResult> {
         let drained = group.drain(&targets);
         group.finish(&acks, elapsed.as_millis() as u64, drained)
     });
+    let stream = match (stream, &scenario.stream) {
+        (Some(stream), Some(spec)) => {
+            let partitions_of = |name: &str| {
+                scenario
+                    .topics
+                    .iter()
+                    .find(|t| t.name == name)
+                    .map_or(1, |t| t.partitions)
+            };
+            let partitions = (partitions_of(&spec.input), partitions_of(&spec.output));
+            Some(stream.finish(&urls, partitions)?)
+        }
+        _ => None,
+    };
     save_acks(&options.out.join("acks.csv"), &acks)?;
     let (verdict, replicas) =
         readback::verify_replicas(&http, &urls, &topic, &scenario.topics, &acks)?;
@@ -310,6 +351,7 @@ pub fn run(options: &Options) -> Result<RunResult> {
         seed: options.seed,
         rss_max_bytes: rss_max.into_iter().collect(),
         group,
+        stream,
     };
     std::fs::write(
         options.out.join("result.json"),
@@ -423,6 +465,19 @@ fn wait_for_leaders(http: &Http, urls: &[String], topic: &TopicSpec) -> Result<(
 }
 
 /// The partition's leader, once one is known and answering.
+/// The HTTP URLs of the brokers running now (all of `urls` without a cluster loadgen started).
+fn running_urls(cluster: Option<&Cluster>, urls: &[String]) -> Vec<String> {
+    match cluster {
+        Some(cluster) => cluster
+            .brokers
+            .iter()
+            .filter(|b| b.state == State::Running)
+            .map(|b| b.url(""))
+            .collect(),
+        None => urls.to_vec(),
+    }
+}
+
 fn leader_of(http: &Http, urls: &[String], topic: &str, partition: u32) -> Result<u32> {
     let deadline = Instant::now() + SETTLE_DEADLINE;
     loop {
@@ -449,6 +504,7 @@ fn apply_fault(
     urls: &[String],
     scenario: &Scenario,
     fault: &crate::scenario::Fault,
+    stream_victim: Option<u32>,
     checks: &mut Vec<String>,
 ) -> Result<(String, Vec<u32>)> {
     match fault.action {
@@ -508,6 +564,7 @@ fn apply_fault(
         .collect();
     let targets: Vec<u32> = match Target::parse(&fault.target)? {
         Target::Broker(id) => vec![id],
+        Target::Stream(job) => vec![stream_victim.ok_or_else(|| anyhow!("no [stream] job {job}"))?],
         Target::Leader { topic, partition } => vec![leader_of(http, &running, &topic, partition)?],
         Target::Follower { topic, partition } => {
             let leader = leader_of(http, &running, &topic, partition)?;

@@ -27,6 +27,10 @@ pub struct Scenario {
     /// verified for at-least-once delivery across rebalances and faults (none if absent).
     #[serde(default)]
     pub group: Option<crate::group::GroupSpec>,
+    /// A stream job over events of its own, its output compared with an offline
+    /// recomputation at the end (none if absent).
+    #[serde(default)]
+    pub stream: Option<crate::stream::StreamSpec>,
     #[serde(default)]
     pub faults: Vec<Fault>,
 }
@@ -169,9 +173,17 @@ pub fn member_target(text: &str) -> Result<Option<u32>> {
 /// Who a broker fault hits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
-    Leader { topic: String, partition: u32 },
-    Follower { topic: String, partition: u32 },
+    Leader {
+        topic: String,
+        partition: u32,
+    },
+    Follower {
+        topic: String,
+        partition: u32,
+    },
     Broker(u32),
+    /// The broker running a stream job.
+    Stream(String),
     Killed,
     Paused,
 }
@@ -199,9 +211,10 @@ impl Target {
                 Target::Follower { topic, partition }
             }
             Some(("broker", n)) => Target::Broker(n.parse().with_context(|| format!("'{text}': bad broker id"))?),
+            Some(("stream", job)) if !job.is_empty() => Target::Stream(job.to_owned()),
             None if text == "killed" => Target::Killed,
             None if text == "paused" => Target::Paused,
-            _ => bail!("unknown fault target '{text}' (leader:T/P, follower:T/P, broker:N, killed, paused)"),
+            _ => bail!("unknown fault target '{text}' (leader:T/P, follower:T/P, broker:N, stream:JOB, killed, paused)"),
         })
     }
 }
@@ -265,7 +278,11 @@ impl Scenario {
                     bail!("isolate needs [cluster] proxies = true");
                 }
                 _ => {
-                    Target::parse(&fault.target)?;
+                    if let Target::Stream(job) = Target::parse(&fault.target)? {
+                        if self.stream.as_ref().is_none_or(|s| s.job != job) {
+                            bail!("fault target 'stream:{job}' is not the [stream] job");
+                        }
+                    }
                 }
             }
             if fault.at_s < 0.0 || fault.at_s > self.duration_s {
@@ -274,6 +291,21 @@ impl Scenario {
                     fault.at_s,
                     self.duration_s
                 );
+            }
+        }
+        if let Some(stream) = &self.stream {
+            for topic in [&stream.input, &stream.output] {
+                if !self.topics.iter().any(|t| &t.name == topic) {
+                    bail!("stream topic '{topic}' is not among the topics");
+                }
+            }
+            if stream.input == topic || stream.output == topic || stream.input == stream.output {
+                bail!(
+                    "[stream] needs input and output topics of its own (not the producers' topic)"
+                );
+            }
+            if stream.events_per_s == 0 || stream.drain_s <= 0.0 {
+                bail!("stream.events_per_s and stream.drain_s must be positive");
             }
         }
         if self.faults.windows(2).any(|w| w[1].at_s < w[0].at_s) {

@@ -88,6 +88,9 @@ pub fn render(result: &RunResult) -> String {
     if let Some(group) = &result.group {
         out.push_str(&group_summary(group));
     }
+    if let Some(stream) = &result.stream {
+        out.push_str(&stream_summary(stream));
+    }
     if !result
         .replicas
         .iter()
@@ -115,6 +118,47 @@ pub fn verdict(v: &Verdict) -> String {
             "PASS: every acknowledged record is stored once, where it was acknowledged"
         } else {
             "FAIL: acknowledged records were lost, duplicated or moved"
+        }
+    );
+    out
+}
+
+fn stream_summary(s: &crate::stream::StreamResult) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "stream {:<12} {} events acknowledged, {} lost from the input; {} late, {} dropped as later than grace",
+        s.job, s.events_acknowledged, s.events_lost, s.late_records, s.dropped_records
+    );
+    for (at_ms, victim, back) in &s.takeovers {
+        let back = back.map_or_else(|| "never".to_owned(), |ms| format!("{ms} ms"));
+        let _ = writeln!(
+            out,
+            "  kill -9 of its broker {victim} at {:.1} s: running elsewhere after {back}",
+            *at_ms as f64 / 1000.0
+        );
+    }
+    let _ = writeln!(
+        out,
+        "stream verifier     {} windows recomputed, {} written: {} missing, {} duplicated, {} wrong, {} unexpected{}",
+        s.windows_recomputed,
+        s.windows_written,
+        s.missing,
+        s.duplicated,
+        s.wrong,
+        s.unexpected,
+        if s.drained { "" } else { "; the job did not finish within drain_s" }
+    );
+    for example in &s.examples {
+        let _ = writeln!(out, "  {example}");
+    }
+    let _ = writeln!(
+        out,
+        "result              {}",
+        if s.is_clean() {
+            "PASS: the job's output equals the recomputation of its input, every window once"
+        } else {
+            "FAIL: the job's output differs from the recomputation of its input"
         }
     );
     out

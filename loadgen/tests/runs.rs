@@ -222,3 +222,90 @@ target = "member:1"
     }
     assert!(stdout.contains("PASS: the group received"), "{stdout}");
 }
+
+/// A stream job whose broker is killed -9 twice: its output equals, window by window, the
+/// recomputation of its input log, and every acknowledged event is in that log.
+#[test]
+fn a_stream_job_s_output_equals_its_recomputation_through_kills_of_its_broker() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let scenario = dir.path().join("streams-short.toml");
+    std::fs::write(
+        &scenario,
+        r#"
+duration_s = 14
+[[topics]]
+name = "orders"
+partitions = 2
+replication_factor = 3
+[[topics]]
+name = "events"
+partitions = 3
+replication_factor = 3
+[[topics]]
+name = "counts"
+partitions = 2
+replication_factor = 3
+[producers]
+count = 1
+rate = 100
+[stream]
+job = "counts"
+input = "events"
+output = "counts"
+window = { kind = "tumbling", size_ms = 1000 }
+aggregation = "count"
+grace_ms = 500
+events_per_s = 4000
+keys = 40
+skew_ms = 300
+late_every = 50
+late_ms = 3000
+[[faults]]
+at_s = 4
+action = "kill"
+target = "stream:counts"
+[[faults]]
+at_s = 6
+action = "restart"
+target = "killed"
+[[faults]]
+at_s = 9
+action = "kill"
+target = "stream:counts"
+[[faults]]
+at_s = 11
+action = "restart"
+target = "killed"
+"#,
+    )
+    .expect("scenario");
+    let scenario = scenario.to_string_lossy().into_owned();
+    let (code, stdout, result, _report, _dir) = loadgen(&["run", "--scenario", &scenario]);
+    assert_eq!(code, 0, "{stdout}");
+    let stream = &result["stream"];
+    for field in [
+        "events_lost",
+        "missing",
+        "duplicated",
+        "wrong",
+        "unexpected",
+    ] {
+        assert_eq!(stream[field], 0, "{field}: {stream}");
+    }
+    assert!(
+        stream["windows_recomputed"].as_u64().unwrap_or(0) > 300,
+        "{stream}"
+    );
+    assert!(
+        stream["events_acknowledged"].as_u64().unwrap_or(0) > 20_000,
+        "{stream}"
+    );
+    assert!(
+        stream["dropped_records"].as_u64().unwrap_or(0) > 0,
+        "{stream}"
+    );
+    let takeovers = stream["takeovers"].as_array().expect("takeovers");
+    assert_eq!(takeovers.len(), 2, "{stream}");
+    assert!(takeovers.iter().all(|t| t[2].is_u64()), "{stream}");
+    assert!(stdout.contains("PASS: the job's output equals"), "{stdout}");
+}
