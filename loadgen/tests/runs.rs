@@ -25,6 +25,15 @@ const GROUP_ANOMALIES: [&str; 5] = [
 ];
 
 /// Run loadgen with `args` into a temp dir: exit code, stdout, result.json, report.html.
+/// What a stream job's run must have none of.
+const STREAM_ANOMALIES: [&str; 5] = [
+    "events_lost",
+    "missing",
+    "duplicated",
+    "wrong",
+    "unexpected",
+];
+
 fn loadgen(args: &[&str]) -> (i32, String, Value, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("run");
@@ -147,6 +156,15 @@ fn a_short_nemesis_run_leaves_every_replica_complete_and_identical() {
     for anomaly in GROUP_ANOMALIES {
         assert_eq!(group[anomaly], 0, "{anomaly}: {group}");
     }
+    // So did a stream job: its output equals the recomputation of its input.
+    let stream = &result["stream"];
+    for field in STREAM_ANOMALIES {
+        assert_eq!(stream[field], 0, "{field}: {stream}");
+    }
+    assert!(
+        stream["windows_recomputed"].as_u64().unwrap_or(0) > 100,
+        "{stream}"
+    );
     assert!(stdout.contains("nemesis seed        20261201"), "{stdout}");
 }
 
@@ -283,13 +301,7 @@ target = "killed"
     let (code, stdout, result, _report, _dir) = loadgen(&["run", "--scenario", &scenario]);
     assert_eq!(code, 0, "{stdout}");
     let stream = &result["stream"];
-    for field in [
-        "events_lost",
-        "missing",
-        "duplicated",
-        "wrong",
-        "unexpected",
-    ] {
+    for field in STREAM_ANOMALIES {
         assert_eq!(stream[field], 0, "{field}: {stream}");
     }
     assert!(
