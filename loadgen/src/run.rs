@@ -203,9 +203,11 @@ pub fn run(options: &Options) -> Result<RunResult> {
                 continue;
             }
             let stream_victim = match (Target::parse(&fault.target), stream.as_mut()) {
-                (Ok(Target::Stream(_)), Some(stream)) => {
-                    Some(stream.victim(&http, &running_urls(cluster.as_ref(), &urls))?)
-                }
+                (Ok(Target::Stream(_)), Some(stream)) => Some(stream.victim(
+                    &http,
+                    &running_urls(cluster.as_ref(), &urls),
+                    fault.action == Action::Kill,
+                )?),
                 _ => None,
             };
             let (description, affected) = apply_fault(

@@ -307,6 +307,9 @@ impl Scenario {
             if stream.events_per_s == 0 || stream.drain_s <= 0.0 {
                 bail!("stream.events_per_s and stream.drain_s must be positive");
             }
+            if stream.skew_ms < 0 || stream.late_ms < 0 {
+                bail!("stream.skew_ms and stream.late_ms must not be negative");
+            }
         }
         if self.faults.windows(2).any(|w| w[1].at_s < w[0].at_s) {
             bail!("faults must be listed in time order");

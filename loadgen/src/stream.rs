@@ -75,6 +75,8 @@ pub struct StreamResult {
     pub events_lost: u64,
     pub windows_recomputed: u64,
     pub windows_written: u64,
+    /// Records in the output topic (one per window when nothing is duplicated).
+    pub output_records: u64,
     pub missing: u64,
     pub duplicated: u64,
     pub wrong: u64,
@@ -86,11 +88,19 @@ pub struct StreamResult {
     pub takeovers: Vec<(u64, u32, Option<u64>)>,
     /// Whether the job read everything and wrote its results within `drain_s`.
     pub drained: bool,
+    /// Every broker's copy of the output holds the same results.
+    pub copies_identical: bool,
+    /// The job's late and dropped counts equal the recomputation's.
+    pub counts_match: bool,
 }
 
 impl StreamResult {
     pub fn is_clean(&self) -> bool {
         self.drained
+            && self.copies_identical
+            && self.counts_match
+            && self.events_acknowledged > 0
+            && self.windows_written > 0
             && self.events_lost == 0
             && Comparison {
                 missing: self.missing,
@@ -212,11 +222,13 @@ impl Stream {
         })
     }
 
-    /// The broker a `stream:JOB` fault hits now; remembered to time the takeover.
-    pub fn victim(&mut self, http: &Http, urls: &[String]) -> Result<u32> {
+    /// The broker a `stream:JOB` fault hits now; a kill is remembered to time the takeover.
+    pub fn victim(&mut self, http: &Http, urls: &[String], kill: bool) -> Result<u32> {
         let on = runner(http, urls, &self.spec.job)?;
-        self.kills
-            .push((self.start.elapsed().as_millis() as u64, on));
+        if kill {
+            self.kills
+                .push((self.start.elapsed().as_millis() as u64, on));
+        }
         Ok(on)
     }
 
@@ -242,41 +254,48 @@ impl Stream {
             let _ = m.join();
         }
         let http = Http::new(Duration::from_secs(10));
-        // An event far in the future on every input partition: every window with data closes.
-        for p in 0..partitions.0 {
-            let body = json!({"records": [{"key": "flush", "value": {"id": null, "ts": 4_102_444_800_000_i64, "sensor": "flush", "reading": 0}}]}).to_string();
-            let sent = urls.iter().any(|u| {
-                http.post(
-                    &format!("{u}/topics/{}/partitions/{p}", self.spec.input),
-                    "application/json",
-                    &body,
-                )
-                .is_ok_and(|r| r.status == 200)
-            });
-            if !sent {
-                bail!(
-                    "could not write the closing event to {}/{p}",
-                    self.spec.input
-                );
-            }
-        }
         let deadline = Instant::now() + Duration::from_secs_f64(self.spec.drain_s);
-        let mut last = Value::Null;
+        // An event far in the future on every input partition: every window with data closes.
+        let mut flushed = Vec::new();
+        for p in 0..partitions.0 {
+            flushed.push(self.flush(&http, urls, p, deadline)?);
+        }
+        // Read everything, the closing events included, with nothing pending, as two polls
+        // in a row of one runner say.
+        let mut seen: Option<u64> = None;
         let drained = loop {
             if let Some(s) = status(&http, urls, &self.spec.job) {
-                let done = s["phase"] == "running" && s["lag"] == 0 && s["pending_results"] == 0;
-                last = s;
-                if done {
+                let read_all = (0..partitions.0 as usize)
+                    .all(|p| s["input"][p]["offset"].as_u64().unwrap_or(0) > flushed[p]);
+                let done = s["phase"] == "running" && s["pending_results"] == 0 && read_all;
+                let epoch = s["epoch"].as_u64();
+                if done && seen.is_some() && seen == epoch {
                     break true;
                 }
+                seen = if done { epoch } else { None };
             }
             if Instant::now() > deadline {
                 break false;
             }
             std::thread::sleep(Duration::from_millis(100));
         };
-        let input = read_all(&http, urls, &self.spec.input, partitions.0)?;
-        let output = read_all(&http, urls, &self.spec.output, partitions.1)?;
+        // Longer than a deposed runner's write may still be on its way (an 8 s write timeout,
+        // then a takeover hold): a duplicate that arrives late is in the output read below.
+        std::thread::sleep(QUIET);
+        let last = status(&http, urls, &self.spec.job).unwrap_or(Value::Null);
+        let input = read_copies(&http, urls, &self.spec.input, partitions.0)?
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+        let mut copies = Vec::new();
+        let mut output_records = 0;
+        for copy in read_copies(&http, urls, &self.spec.output, partitions.1)? {
+            let records: Vec<Record> = copy.into_iter().flatten().collect();
+            output_records = records.len() as u64;
+            copies.push(stream_verify::written(&records, &self.spec.job)?);
+        }
+        let copies_identical = copies.windows(2).all(|w| w[0] == w[1]);
+        let (got, duplicates) = copies.into_iter().next().unwrap_or_default();
         let ids: std::collections::HashSet<u64> = input
             .iter()
             .flatten()
@@ -284,13 +303,10 @@ impl Stream {
             .filter_map(|v| serde_json::from_slice::<Value>(v).ok()?["id"].as_u64())
             .collect();
         let events_lost = acked.iter().filter(|id| !ids.contains(id)).count() as u64;
-        let expected = stream_verify::recompute(&self.spec.job_spec(), &input)?;
-        let values: Vec<Vec<u8>> = output
-            .into_iter()
-            .flatten()
-            .filter_map(|(_, v)| v)
-            .collect();
-        let (got, duplicates) = stream_verify::written(&values, &self.spec.job)?;
+        let recomputed = stream_verify::recompute(&self.spec.job_spec(), &input)?;
+        let counts_match = last["late_records"].as_u64() == Some(recomputed.late)
+            && last["dropped_records"].as_u64() == Some(recomputed.dropped);
+        let expected = recomputed.results;
         let c = stream_verify::compare(&expected, &got, &duplicates);
         let running = self.running.lock().map(|r| r.clone()).unwrap_or_default();
         let takeovers = self
@@ -310,6 +326,7 @@ impl Stream {
             events_lost,
             windows_recomputed: expected.len() as u64,
             windows_written: got.len() as u64,
+            output_records,
             missing: c.missing,
             duplicated: c.duplicated,
             wrong: c.wrong,
@@ -319,7 +336,42 @@ impl Stream {
             dropped_records: last["dropped_records"].as_u64().unwrap_or(0),
             takeovers,
             drained,
+            copies_identical,
+            counts_match,
         })
+    }
+
+    /// Write the closing event to input partition `p` (retried until `deadline`: right after
+    /// a heal an election may be on); its offset.
+    fn flush(&self, http: &Http, urls: &[String], p: u32, deadline: Instant) -> Result<u64> {
+        let body = json!({"records": [{"key": "flush", "value": {"id": null, "ts": 4_102_444_800_000_i64, "sensor": "flush", "reading": 0}}]}).to_string();
+        loop {
+            for u in urls {
+                let url = format!("{u}/topics/{}/partitions/{p}", self.spec.input);
+                if let Ok(r) = http.post(&url, "application/json", &body) {
+                    if let Some(offset) = r.body["offsets"][0]["offset"].as_u64() {
+                        return Ok(offset);
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "could not write the closing event to {}/{p}",
+                    self.spec.input
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// See [`Stream::finish`].
+const QUIET: Duration = Duration::from_secs(10);
+
+impl Drop for Stream {
+    /// A run that ends early (an error) stops the producer and the monitor too.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
     }
 }
 
@@ -386,16 +438,22 @@ fn produce(spec: &StreamSpec, stop: &AtomicBool, urls: &Mutex<Vec<String>>) -> V
     acked
 }
 
-/// Every partition of `topic` from its log start, as (key, value) bytes.
-fn read_all(
+/// Every broker's copy of every partition of `topic`, from its log start, as (key, value)
+/// bytes, once every broker agrees where each partition ends.
+fn read_copies(
     http: &Http,
     urls: &[String],
     topic: &str,
     partitions: u32,
-) -> Result<Vec<Vec<Record>>> {
-    // One copy, once every broker agrees where each partition ends.
-    let source = crate::readback::wait_converged(http, urls, topic, partitions)?;
-    let urls = std::slice::from_ref(&source);
+) -> Result<Vec<Vec<Vec<Record>>>> {
+    crate::readback::wait_converged(http, urls, topic, partitions)?;
+    urls.iter()
+        .map(|url| read_all(http, url, topic, partitions))
+        .collect()
+}
+
+/// Every partition of `topic` from its log start on the broker at `url`.
+fn read_all(http: &Http, url: &str, topic: &str, partitions: u32) -> Result<Vec<Vec<Record>>> {
     let b64 = |v: &Value| -> Option<Vec<u8>> {
         base64::engine::general_purpose::STANDARD
             .decode(v.as_str()?)
@@ -405,27 +463,27 @@ fn read_all(
     for p in 0..partitions {
         let mut records = Vec::new();
         let mut offset: Option<u64> = None;
-        'read: loop {
+        loop {
             let from = offset.map(|o| format!("&offset={o}")).unwrap_or_default();
-            for url in urls {
-                let reply = http.get(&format!(
-                    "{url}/topics/{topic}/partitions/{p}/records?format=binary&max_records=10000{from}"
-                ))?;
-                if reply.status != 200 {
-                    continue;
-                }
-                for r in reply.body["records"].as_array().into_iter().flatten() {
-                    records.push((b64(&r["key"]), b64(&r["value"])));
-                }
-                let next = reply.body["next_offset"].as_u64().unwrap_or(0);
-                let end = reply.body["high_watermark"].as_u64().unwrap_or(next);
-                if next >= end || Some(next) == offset {
-                    break 'read;
-                }
-                offset = Some(next);
-                continue 'read;
+            let reply = http.get(&format!(
+                "{url}/topics/{topic}/partitions/{p}/records?format=binary&max_records=10000{from}"
+            ))?;
+            if reply.status != 200 {
+                bail!(
+                    "reading {topic}/{p} from {url}: {} {}",
+                    reply.status,
+                    reply.text
+                );
             }
-            bail!("no broker answered a read of {topic}/{p}");
+            for r in reply.body["records"].as_array().into_iter().flatten() {
+                records.push((b64(&r["key"]), b64(&r["value"])));
+            }
+            let next = reply.body["next_offset"].as_u64().unwrap_or(0);
+            let end = reply.body["high_watermark"].as_u64().unwrap_or(next);
+            if next >= end || Some(next) == offset {
+                break;
+            }
+            offset = Some(next);
         }
         all.push(records);
     }

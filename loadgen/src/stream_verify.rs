@@ -45,17 +45,34 @@ pub fn engine_of(spec: &Value) -> Result<(Spec, Extraction)> {
     Ok((engine, extraction))
 }
 
+/// What the recomputation gives: the final results, and the job's late and dropped counts.
+#[derive(Debug, Default)]
+pub struct Recomputed {
+    pub results: Results,
+    /// Records taken after the watermark (within grace), as the job counts them.
+    pub late: u64,
+    /// Records dropped as later than grace, counted per window they missed.
+    pub dropped: u64,
+}
+
 /// The final results of `spec` over `partitions` (each partition's records in offset order).
-pub fn recompute(spec: &Value, partitions: &[Vec<Record>]) -> Result<Results> {
+pub fn recompute(spec: &Value, partitions: &[Vec<Record>]) -> Result<Recomputed> {
     let (engine_spec, extraction) = engine_of(spec)?;
-    let mut results = Results::new();
+    let mut out = Recomputed::default();
+    let results = &mut out.results;
     for (p, records) in partitions.iter().enumerate() {
         let mut engine = Engine::new(engine_spec).map_err(|e| anyhow!("{e}"))?;
         for (key, value) in records {
             let Ok(event) = extraction.event(key.as_deref(), value.as_deref(), 0) else {
                 continue;
             };
-            for output in engine.process(event) {
+            let late = engine.watermark().is_some_and(|w| event.time < w);
+            let dropped = engine.dropped_total();
+            let outputs = engine.process(event);
+            if late && engine.dropped_total() == dropped {
+                out.late += 1;
+            }
+            for output in outputs {
                 let Output::Final(r) = output else { continue };
                 let id = (p as u32, r.key, r.window.start, r.window.end);
                 let value = r.value.map(|v| v.normalize());
@@ -67,8 +84,9 @@ pub fn recompute(spec: &Value, partitions: &[Vec<Record>]) -> Result<Results> {
                 }
             }
         }
+        out.dropped += engine.dropped_total();
     }
-    Ok(results)
+    Ok(out)
 }
 
 /// A result as the job wrote it (the value kept as its exact text).
@@ -80,6 +98,7 @@ struct Written<'a> {
     input_partition: u32,
     key: String,
     window: WrittenWindow,
+    emit: String,
     #[serde(borrow)]
     value: &'a RawValue,
     count: u64,
@@ -92,17 +111,36 @@ struct WrittenWindow {
     end: i64,
 }
 
-/// The results job `job` wrote among the output `values` (other writers' records are
-/// skipped), and every duplicate (one window twice, or one sequence number twice).
-pub fn written(values: &[Vec<u8>], job: &str) -> Result<(Results, Vec<String>)> {
+/// The results job `job` wrote in its output topic's `records`, and every problem with them:
+/// a window twice, a sequence number twice, a record that is not a final result of a job
+/// (no value, not a result, an update), or one whose key is not its group key as JSON.
+pub fn written(records: &[Record], job: &str) -> Result<(Results, Vec<String>)> {
     let mut results = Results::new();
     let mut duplicates = Vec::new();
     let mut seqs = HashSet::new();
-    for bytes in values {
-        let Ok(w) = serde_json::from_slice::<Written>(bytes) else {
+    for (key, value) in records {
+        let Some(w) = value
+            .as_deref()
+            .and_then(|v| serde_json::from_slice::<Written>(v).ok())
+        else {
+            duplicates.push(format!(
+                "malformed: {}",
+                String::from_utf8_lossy(value.as_deref().unwrap_or(b"(no value)"))
+            ));
             continue;
         };
         if w.job != job {
+            continue;
+        }
+        if w.emit != "final"
+            || key.as_deref() != Some(serde_json::to_vec(&w.key).unwrap_or_default().as_slice())
+        {
+            duplicates.push(format!(
+                "malformed: seq {} (emit {}, key {:?})",
+                w.seq,
+                w.emit,
+                key.as_deref().map(String::from_utf8_lossy)
+            ));
             continue;
         }
         if !seqs.insert((w.uid, w.seq)) {
@@ -193,12 +231,12 @@ mod tests {
         )
     }
 
-    fn result(seq: u64, start: i64, value: &str, count: u64) -> Vec<u8> {
-        format!(
+    fn result(seq: u64, start: i64, value: &str, count: u64) -> Record {
+        let value = format!(
             r#"{{"job":"j","uid":1,"seq":{seq},"input_partition":0,"key":"k","window":{{"start":{start},"end":{}}},"emit":"final","value":{value},"count":{count},"late":0}}"#,
             start + 10
-        )
-        .into_bytes()
+        );
+        (Some(br#""k""#.to_vec()), Some(value.into_bytes()))
     }
 
     #[test]
@@ -209,7 +247,7 @@ mod tests {
             event(12, "1"),
             event(25, "0"),
         ]];
-        let expected = recompute(&spec(), &log).expect("recompute");
+        let expected = recompute(&spec(), &log).expect("recompute").results;
         assert_eq!(expected.len(), 2, "{expected:?}");
         let exact = [result(0, 0, "4", 2), result(1, 10, "1", 1)];
         let (got, dups) = written(&exact, "j").expect("written");
@@ -217,11 +255,19 @@ mod tests {
         let bad = [
             result(0, 0, "4.1", 2),
             result(0, 0, "4", 2),
-            b"{\"other\":1}".to_vec(),
+            (None, Some(b"{\"other\":1}".to_vec())),
         ];
         let (got, dups) = written(&bad, "j").expect("written");
         let c = compare(&expected, &got, &dups);
-        assert_eq!((c.missing, c.duplicated, c.wrong), (1, 2, 0), "{c:?}");
+        assert_eq!((c.missing, c.duplicated, c.wrong), (1, 3, 0), "{c:?}");
+        let mut wrong_key = result(1, 10, "1", 1);
+        wrong_key.0 = Some(b"k".to_vec());
+        let (_, dups) = written(&[wrong_key], "j").expect("written");
+        assert_eq!(
+            dups.len(),
+            1,
+            "a key that is not the group key as JSON: {dups:?}"
+        );
         let (got, dups) = written(&[result(0, 0, "4.1", 2)], "j").expect("written");
         assert_eq!(compare(&expected, &got, &dups).wrong, 1);
     }

@@ -140,15 +140,22 @@ fn stream_summary(s: &crate::stream::StreamResult) -> String {
     }
     let _ = writeln!(
         out,
-        "stream verifier     {} windows recomputed, {} written: {} missing, {} duplicated, {} wrong, {} unexpected{}",
+        "stream verifier     {} windows recomputed, {} written ({} output records): {} missing, {} duplicated, {} wrong, {} unexpected{}",
         s.windows_recomputed,
         s.windows_written,
+        s.output_records,
         s.missing,
         s.duplicated,
         s.wrong,
         s.unexpected,
         if s.drained { "" } else { "; the job did not finish within drain_s" }
     );
+    if !s.copies_identical {
+        out.push_str("  the brokers' copies of the output hold different results\n");
+    }
+    if !s.counts_match {
+        out.push_str("  the job's late or dropped count differs from the recomputation's\n");
+    }
     for example in &s.examples {
         let _ = writeln!(out, "  {example}");
     }

@@ -270,7 +270,7 @@ rate = 100
 job = "counts"
 input = "events"
 output = "counts"
-window = { kind = "tumbling", size_ms = 1000 }
+window = { kind = "sliding", difference_ms = 1000 }
 aggregation = "count"
 grace_ms = 500
 events_per_s = 4000

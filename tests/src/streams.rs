@@ -33,17 +33,13 @@ pub fn read_results(
     partitions: u32,
     job: &str,
 ) -> Result<(Results, Vec<String>)> {
-    let mut values = Vec::new();
+    let mut records = Vec::new();
     for p in 0..partitions {
         for record in fetch_partition(http, broker, output, p)? {
-            values.push(
-                record
-                    .value
-                    .ok_or_else(|| anyhow!("an output record has no value"))?,
-            );
+            records.push((record.key, record.value));
         }
     }
-    stream_verify::written(&values, job)
+    stream_verify::written(&records, job)
 }
 
 /// Final results of `spec` over the input log as `broker` holds it: one engine per input
@@ -60,7 +56,7 @@ pub fn recompute(
         let records = fetch_partition(http, broker, input, p)?;
         logs.push(records.into_iter().map(|r| (r.key, r.value)).collect());
     }
-    stream_verify::recompute(spec, &logs)
+    stream_verify::recompute(spec, &logs).map(|r| r.results)
 }
 
 /// Missing, duplicated and wrong results of a job against the recomputation, as lines.
