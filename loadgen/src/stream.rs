@@ -167,17 +167,25 @@ impl Stream {
     pub fn start(spec: &StreamSpec, urls: &[String], start: Instant) -> Result<Self> {
         let http = Http::new(Duration::from_secs(10));
         let body = spec.job_spec().to_string();
-        let mut created = http.post(&format!("{}/streams", urls[0]), "application/json", &body)?;
-        if let (307, Some(location)) = (created.status, created.location.clone()) {
-            created = http.post(&location, "application/json", &body)?;
-        }
-        if created.status != 201 {
-            bail!(
-                "creating stream job {}: {} {}",
-                spec.job,
-                created.status,
-                created.text
-            );
+        // A new cluster may not have elected the job's offsets partition leader yet (503).
+        let deadline = Instant::now() + crate::http::SETTLE_DEADLINE;
+        loop {
+            let mut created =
+                http.post(&format!("{}/streams", urls[0]), "application/json", &body)?;
+            if let (307, Some(location)) = (created.status, created.location.clone()) {
+                created = http.post(&location, "application/json", &body)?;
+            }
+            match created.status {
+                201 => break,
+                503 if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                status => bail!(
+                    "creating stream job {}: {status} {}",
+                    spec.job,
+                    created.text
+                ),
+            }
         }
         let stop = Arc::new(AtomicBool::new(false));
         let urls = Arc::new(Mutex::new(urls.to_vec()));

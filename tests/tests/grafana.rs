@@ -206,12 +206,18 @@ fn every_dashboard_expression_returns_data_from_a_real_prometheus() -> anyhow::R
     );
     let job = json!({"name": "watching", "input": "watched", "output": "watched-counts",
         "window": {"kind": "tumbling", "size_ms": 1000}, "aggregation": "count"});
-    let created = http.post_json(&cluster.broker(1).url("/streams"), &job)?;
-    let created = match created.location {
-        Some(location) if created.status == 307 => http.post_json(&location, &job)?,
-        _ => created,
-    };
-    assert_eq!(created.status, 201, "{}", created.text);
+    // 503 until the job's offsets partition has a leader.
+    wait_until(Duration::from_secs(30), "the stream job created", || {
+        let created = http
+            .post_json(&cluster.broker(1).url("/streams"), &job)
+            .ok()?;
+        let created = match created.location {
+            Some(location) if created.status == 307 => http.post_json(&location, &job).ok()?,
+            _ => created,
+        };
+        assert_ne!(created.status / 100, 4, "{}", created.text);
+        (created.status == 201).then_some(())
+    })?;
     // A consumer group member polls and commits, so the group series move too.
     let home = coordinator(&cluster.brokers, "watchers")?;
     let member = create_instance(

@@ -70,17 +70,18 @@ fn three_jobs_write_every_window_exactly_once_through_three_kills_of_their_broke
     let names = colocated_names("exact", 3);
     let specs = specs(&names);
     for spec in &specs {
-        let reply = http.post_json(&cluster.broker(1).url("/streams"), spec)?;
-        let reply = match reply.location {
-            Some(location) if reply.status == 307 => http.post_json(&location, spec)?,
-            _ => reply,
-        };
-        ensure!(
-            reply.status == 201,
-            "creating a job: {} {}",
-            reply.status,
-            reply.text
-        );
+        // 503 until the job's offsets partition has a leader.
+        wait_until(Duration::from_secs(30), "the job created", || {
+            let reply = http
+                .post_json(&cluster.broker(1).url("/streams"), spec)
+                .ok()?;
+            let reply = match reply.location {
+                Some(location) if reply.status == 307 => http.post_json(&location, spec).ok()?,
+                _ => reply,
+            };
+            assert_ne!(reply.status / 100, 4, "creating a job: {}", reply.text);
+            (reply.status == 201).then_some(())
+        })?;
     }
     let batch = 1000;
     let mut kills = Vec::new();
