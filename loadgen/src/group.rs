@@ -115,6 +115,8 @@ struct Log {
     delivered_to: BTreeMap<u32, u64>,
     /// (asked at, ms since start; whether the coordinator described the group as stable).
     states: Vec<(u64, bool)>,
+    /// Per member, when its first instance was subscribed (ms since start).
+    subscribed_ms: BTreeMap<u32, u64>,
 }
 
 /// What a member is told to do.
@@ -136,6 +138,9 @@ pub struct Group {
     log: Arc<Mutex<Log>>,
     members: Vec<Option<Member>>,
     events: Vec<MembershipEvent>,
+    /// (index in `events`, member) of each join: its rebalance is timed from when the member
+    /// was subscribed, which on a busy machine can be seconds after the join was asked for.
+    joins: Vec<(usize, u32)>,
     monitor: Option<(Arc<AtomicU8>, JoinHandle<()>)>,
     /// Where the coordinator was last found (index into `urls`), shared by the threads.
     coordinator: Arc<AtomicU64>,
@@ -155,6 +160,7 @@ impl Group {
             log: Arc::new(Mutex::new(Log::default())),
             members: Vec::new(),
             events: Vec::new(),
+            joins: Vec::new(),
             monitor: None,
             coordinator: Arc::new(AtomicU64::new(0)),
         };
@@ -173,6 +179,7 @@ impl Group {
     pub fn join(&mut self) -> String {
         let n = self.spawn_member();
         let description = format!("member {n} joins");
+        self.joins.push((self.events.len(), n));
         self.events.push(MembershipEvent {
             at_ms: self.at_ms(),
             description: description.clone(),
@@ -325,8 +332,13 @@ impl Group {
         let log = lock(&self.log);
         let verdict =
             group_verify::verify(acks, &log.deliveries, &log.incarnations, &log.observations);
-        let mut rebalances =
-            group_verify::rebalances(&self.events, &log.deliveries, &log.incarnations);
+        let mut events = self.events.clone();
+        for (i, member) in &self.joins {
+            if let (Some(event), Some(at)) = (events.get_mut(*i), log.subscribed_ms.get(member)) {
+                event.at_ms = event.at_ms.max(*at);
+            }
+        }
+        let mut rebalances = group_verify::rebalances(&events, &log.deliveries, &log.incarnations);
         rebalances.sort_by_key(|r| r.at_ms);
         let ends: Vec<u64> = rebalances
             .iter()
@@ -642,6 +654,8 @@ impl MemberContext {
             self.end(&instance, End::Lost);
             return None;
         }
+        let at = self.start.elapsed().as_millis() as u64;
+        lock(&self.log).subscribed_ms.entry(self.n).or_insert(at);
         Some(instance)
     }
 }
