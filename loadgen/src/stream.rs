@@ -392,6 +392,9 @@ fn produce(spec: &StreamSpec, stop: &AtomicBool, urls: &Mutex<Vec<String>>) -> V
     let mut acked = Vec::new();
     let mut next_id = 0u64;
     let mut turn = 0usize;
+    // Batches on a fixed schedule, so a slow answer does not lower the rate (a batch that
+    // could not be sent on time goes at once).
+    let mut due = Instant::now();
     while !stop.load(Ordering::Acquire) {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -441,7 +444,8 @@ fn produce(spec: &StreamSpec, stop: &AtomicBool, urls: &Mutex<Vec<String>>) -> V
             }
         }
         next_id += per_batch;
-        std::thread::sleep(Duration::from_millis(50));
+        due += Duration::from_millis(50);
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
     }
     acked
 }

@@ -25,7 +25,7 @@ use crate::error::PartitionError;
 use crate::groups::offsets_machine::GroupCommand;
 use crate::groups::offsets_replica::{OffsetsReplica, ProposeGroup};
 use crate::log_reader::{self, FetchRequest};
-use crate::partition_replica::PartitionShared;
+use crate::partition_replica::{now_ms, PartitionShared};
 use crate::partitioner::partition_for_key;
 use crate::registry::TopicHandle;
 
@@ -773,10 +773,4 @@ async fn wait_for_input(input: &TopicHandle, offsets: &[u64]) {
         })
     }));
     let _ = tokio::time::timeout(Duration::from_millis(100), moved).await;
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }

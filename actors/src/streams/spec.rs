@@ -60,17 +60,6 @@ pub enum SpecRefusal {
     Invalid(String),
 }
 
-/// Job names are spelled as topic names are: 1-249 of `[a-zA-Z0-9._-]`, not `.` or `..`.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 249
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
 impl JobSpec {
     pub fn engine_spec(&self) -> Spec {
         Spec {
@@ -93,7 +82,8 @@ impl JobSpec {
 
     /// Everything that can be checked without the cluster.
     pub fn validate(&self) -> Result<(), SpecRefusal> {
-        if !valid_name(&self.name) {
+        // Spelled as topic names are.
+        if crate::topic::validate_name(&self.name).is_err() {
             return Err(SpecRefusal::BadName(self.name.clone()));
         }
         self.engine_spec()

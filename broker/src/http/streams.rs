@@ -9,13 +9,13 @@ use pubg1_actors::groups::error::GroupError;
 use pubg1_actors::groups::offsets_machine::GroupCommand;
 use pubg1_actors::groups::offsets_replica::{OffsetsReplica, ProposeGroup};
 use pubg1_actors::streams::machine::JobCommand;
-use pubg1_actors::streams::spec::{valid_name, JobSpec, SpecRefusal};
+use pubg1_actors::streams::spec::{JobSpec, SpecRefusal};
 use pubg1_actors::streams::{job_partition, DescribeJobs, JobView, JobWindows, PartitionWindows};
 use pubg1_streaming::{Aggregation, EmitMode, WindowKind};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::consumers::redirect;
+use super::consumers::{check_name, redirect};
 use super::error::{ApiError, ErrorBody};
 use super::{body_format, parse_json, read_body, State};
 
@@ -49,10 +49,28 @@ fn home(
     }
 }
 
+fn restarting() -> ApiError {
+    ApiError::Unavailable("the job's offsets partition is restarting".into())
+}
+
+/// Propose a job command on the job's home replica (a redirect if it no longer leads).
+async fn propose(
+    state: &State,
+    req: &HttpRequest,
+    addr: &actix::Addr<OffsetsReplica>,
+    command: GroupCommand,
+) -> Result<(), ApiError> {
+    addr.send(ProposeGroup(command))
+        .await
+        .map_err(|_| restarting())?
+        .map(|_| ())
+        .map_err(|e| redirect(state, req, e))
+}
+
 async fn describe_one(addr: &actix::Addr<OffsetsReplica>, job: &str) -> Result<JobView, ApiError> {
     addr.send(DescribeJobs(Some(job.to_owned())))
         .await
-        .map_err(|_| ApiError::Unavailable("the job's offsets partition is restarting".into()))?
+        .map_err(|_| restarting())?
         .into_iter()
         .next()
         .ok_or_else(|| ApiError::JobNotFound(format!("stream job '{job}' not found")))
@@ -215,10 +233,7 @@ pub async fn create(
         spec,
         created_at_ms: now_ms(),
     });
-    addr.send(ProposeGroup(command))
-        .await
-        .map_err(|_| ApiError::Unavailable("the job's offsets partition is restarting".into()))?
-        .map_err(|e| redirect(&state, &req, e))?;
+    propose(&state, &req, &addr, command).await?;
     let view = describe_one(&addr, &name).await?;
     Ok(HttpResponse::Created().json(view))
 }
@@ -261,7 +276,7 @@ pub async fn describe(
     job: web::Path<String>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    check_job_name(&job)?;
+    check_name("stream job", &job)?;
     let addr = home(&state, &req, &job)?;
     Ok(HttpResponse::Ok().json(describe_one(&addr, &job).await?))
 }
@@ -279,15 +294,12 @@ pub async fn delete_job(
     job: web::Path<String>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    check_job_name(&job)?;
+    check_name("stream job", &job)?;
     let addr = home(&state, &req, &job)?;
     let command = GroupCommand::Job(JobCommand::Delete {
         job: job.into_inner(),
     });
-    addr.send(ProposeGroup(command))
-        .await
-        .map_err(|_| ApiError::Unavailable("the job's offsets partition is restarting".into()))?
-        .map_err(|e| redirect(&state, &req, e))?;
+    propose(&state, &req, &addr, command).await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -321,7 +333,7 @@ pub async fn windows(
     query: web::Query<WindowsQuery>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    check_job_name(&job)?;
+    check_name("stream job", &job)?;
     let addr = home(&state, &req, &job)?;
     describe_one(&addr, &job).await?;
     let partitions = addr
@@ -330,23 +342,13 @@ pub async fn windows(
             key: query.key.clone(),
         })
         .await
-        .map_err(|_| ApiError::Unavailable("the job's offsets partition is restarting".into()))?
+        .map_err(|_| restarting())?
         .map_err(ApiError::Unavailable)?;
     Ok(HttpResponse::Ok().json(WindowsAnswer {
         job: job.into_inner(),
         key: query.into_inner().key,
         partitions,
     }))
-}
-
-fn check_job_name(job: &str) -> Result<(), ApiError> {
-    if valid_name(job) {
-        Ok(())
-    } else {
-        Err(ApiError::Unprocessable(format!(
-            "job name '{job}' must be 1-249 characters of [a-zA-Z0-9._-] and not '.' or '..'"
-        )))
-    }
 }
 
 fn now_ms() -> i64 {

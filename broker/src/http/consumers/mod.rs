@@ -50,7 +50,7 @@ pub(crate) fn v2(status: actix_web::http::StatusCode) -> actix_web::HttpResponse
 }
 
 /// A group or instance name: the rules of topic names.
-fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
+pub(crate) fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
     validate_name(name).map_err(|e| {
         ApiError::Unprocessable(format!(
             "{what} '{name}' is not valid: {}",
