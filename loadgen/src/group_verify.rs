@@ -77,7 +77,8 @@ pub struct MembershipEvent {
 pub struct Rebalance {
     pub event: String,
     pub at_ms: u64,
-    /// Partitions whose first records after the event went to another member than before it.
+    /// Partitions whose first records processed after the event went to another member than
+    /// the last processed before it.
     pub partitions_moved: usize,
     /// Event → the last of those partitions delivered again (None: none moved, or one never was).
     pub resumed_after_ms: Option<u64>,
@@ -352,8 +353,10 @@ pub fn rebalances(
             .get(d.incarnation as usize)
             .map_or(u32::MAX, |i| i.member)
     };
+    // Only processed deliveries say who read a partition: a killed member's poll in hand
+    // arrives after the kill, and counted it would hide its partitions moving.
     let mut by_partition: BTreeMap<u32, Vec<&Delivery>> = BTreeMap::new();
-    for d in deliveries {
+    for d in deliveries.iter().filter(|d| d.processed) {
         by_partition.entry(d.partition).or_default().push(d);
     }
     for list in by_partition.values_mut() {
@@ -562,5 +565,24 @@ mod tests {
         let found = rebalances(&events, &deliveries, &incarnations);
         assert_eq!(found[0].partitions_moved, 1);
         assert_eq!(found[0].resumed_after_ms, Some(250));
+    }
+
+    #[test]
+    fn a_killed_member_s_poll_in_hand_does_not_hide_its_partitions_moving() {
+        // Member 0 is killed at 200 while a poll is out; the poll answers at 210 (recorded,
+        // never processed), and the partition goes to member 1 after its session expires.
+        let incarnations = [inc(0, End::Killed), inc(1, End::Running)];
+        let deliveries = [
+            d(0, 0, 0, 0, 100, true),
+            d(0, 0, 1, 1, 210, false),
+            d(1, 0, 1, 1, 2300, true),
+        ];
+        let events = [MembershipEvent {
+            at_ms: 200,
+            description: "member 0 killed".into(),
+        }];
+        let found = rebalances(&events, &deliveries, &incarnations);
+        assert_eq!(found[0].partitions_moved, 1);
+        assert_eq!(found[0].resumed_after_ms, Some(2100));
     }
 }
