@@ -13,6 +13,7 @@ use kafka_protocol::records::{
 };
 
 use crate::error::BatchError;
+use crate::producers::ProducerBatch;
 
 /// Size of the fixed v2 batch header that precedes the records.
 pub const HEADER_BYTES: usize = 61;
@@ -44,6 +45,8 @@ pub struct BatchHeader {
     pub size_bytes: u64,
     pub record_count: u32,
     pub max_timestamp_ms: i64,
+    /// The idempotent producer that wrote it (`id` -1 if none), read from the header.
+    pub producer: ProducerBatch,
 }
 
 impl BatchHeader {
@@ -63,6 +66,42 @@ pub fn encode(
     timestamp_ms: i64,
     records: &[NewRecord],
 ) -> Result<Bytes, BatchError> {
+    encode_as(base_offset, timestamp_ms, records, None)
+}
+
+/// An idempotent producer's place in its sequence: who, which epoch, and the first record's
+/// sequence number (the batch's records take the following ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProducerSequence {
+    pub id: i64,
+    pub epoch: i16,
+    pub base_sequence: i32,
+}
+
+/// [`encode`], with the producer id, epoch and base sequence of an idempotent producer in the
+/// header (Kafka's layout, so the Kafka listener and the HTTP API write the same batches).
+pub fn encode_as(
+    base_offset: u64,
+    timestamp_ms: i64,
+    records: &[NewRecord],
+    producer: Option<ProducerSequence>,
+) -> Result<Bytes, BatchError> {
+    if let Some(p) = producer {
+        // The encoder starts a new batch where sequences wrap; one request is one batch.
+        if i64::from(p.base_sequence) + records.len() as i64 > i64::from(i32::MAX) + 1
+            || p.id < 0
+            || p.epoch < 0
+            || p.base_sequence < 0
+        {
+            return Err(BatchError::Encode(format!(
+                "producer {} epoch {} cannot write {} records from sequence {}",
+                p.id,
+                p.epoch,
+                records.len(),
+                p.base_sequence
+            )));
+        }
+    }
     if records.is_empty() {
         return Err(BatchError::Empty);
     }
@@ -78,14 +117,17 @@ pub fn encode(
                 control: false,
                 delete_horizon: false,
                 partition_leader_epoch: NO_PARTITION_LEADER_EPOCH,
-                producer_id: NO_PRODUCER_ID,
-                producer_epoch: NO_PRODUCER_EPOCH,
+                producer_id: producer.map_or(NO_PRODUCER_ID, |p| p.id),
+                producer_epoch: producer.map_or(NO_PRODUCER_EPOCH, |p| p.epoch),
                 timestamp_type: TimestampType::Creation,
                 offset: base + delta,
                 // The encoder splits a batch wherever `offset - sequence` changes; with
                 // `sequence = delta - 1` it stays constant and the batch's base sequence is -1,
                 // Kafka's "no sequence" for a non-idempotent producer.
-                sequence: (delta as i32) - 1,
+                sequence: match producer {
+                    Some(p) => p.base_sequence + delta as i32,
+                    None => delta as i32 - 1,
+                },
                 timestamp: timestamp_ms,
                 key: r.key.clone(),
                 value: r.value.clone(),
@@ -180,6 +222,12 @@ pub fn parse_header(bytes: &[u8]) -> Result<BatchHeader, BatchError> {
         size_bytes: size_bytes as u64,
         record_count,
         max_timestamp_ms,
+        producer: ProducerBatch {
+            id: i64::from_be_bytes(array(bytes, 43)),
+            epoch: i16::from_be_bytes(array(bytes, 51)),
+            base_sequence: i32::from_be_bytes(array(bytes, 53)),
+            record_count,
+        },
     })
 }
 
@@ -275,6 +323,38 @@ mod tests {
             Err(BatchError::Magic { magic: 1 })
         ));
         assert!(matches!(encode(0, 0, &[]), Err(BatchError::Empty)));
+    }
+
+    #[test]
+    fn an_idempotent_batch_carries_its_producer_in_the_header() {
+        let producer = ProducerSequence {
+            id: 77,
+            epoch: 2,
+            base_sequence: 40,
+        };
+        let records = [rec(None, "a"), rec(None, "b"), rec(None, "c")];
+        let bytes = encode_as(0, 5, &records, Some(producer)).expect("encode");
+        let header = parse_header(&bytes).expect("header");
+        assert_eq!(
+            header.producer,
+            ProducerBatch {
+                id: 77,
+                epoch: 2,
+                base_sequence: 40,
+                record_count: 3
+            }
+        );
+        assert_eq!(header.producer.last_sequence(), 42);
+        let plain = parse_header(&encode(0, 5, &records).expect("encode")).expect("header");
+        assert!(!plain.producer.is_idempotent());
+        let wraps = ProducerSequence {
+            base_sequence: i32::MAX - 1,
+            ..producer
+        };
+        assert!(matches!(
+            encode_as(0, 5, &records, Some(wraps)),
+            Err(BatchError::Encode(_))
+        ));
     }
 
     proptest! {

@@ -133,6 +133,25 @@ pub enum PartitionError {
         partition: u32,
         waited_ms: u64,
     },
+    /// An idempotent producer's batch does not follow its last one (a gap, or a batch older
+    /// than the ones remembered): nothing was written.
+    #[error("producer {producer_id} sent sequence {got} to partition {partition} of topic '{topic}', which expects {expected}; nothing was written")]
+    OutOfOrderSequence {
+        topic: String,
+        partition: u32,
+        producer_id: i64,
+        expected: i32,
+        got: i32,
+    },
+    /// The producer id has moved on to a newer epoch (another instance took it over).
+    #[error("producer {producer_id} epoch {got} is fenced on partition {partition} of topic '{topic}': its epoch is now {current}; nothing was written")]
+    InvalidProducerEpoch {
+        topic: String,
+        partition: u32,
+        producer_id: i64,
+        current: i16,
+        got: i16,
+    },
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error(transparent)]
@@ -154,6 +173,8 @@ impl PartitionError {
             | Self::Batch(_)
             | Self::OffsetOutOfRange { .. }
             | Self::Deleted { .. }
+            | Self::OutOfOrderSequence { .. }
+            | Self::InvalidProducerEpoch { .. }
             | Self::NotReplica { .. } => false,
         }
     }

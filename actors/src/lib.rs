@@ -38,6 +38,7 @@ pub mod partition_replica;
 pub mod partitioner;
 pub mod peer_link;
 pub mod port;
+pub mod producers;
 pub mod proposals;
 pub mod raft_driver;
 pub mod raft_group;

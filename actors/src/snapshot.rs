@@ -18,19 +18,26 @@ use serde::{Deserialize, Serialize};
 
 use crate::batch;
 use crate::error::StorageError;
-use crate::storage::{log_state_op, record_key, Cf, LogState, WriteOp};
+use crate::producers::{ProducerEntry, ProducerStates};
+use crate::storage::{
+    log_state_op, producer_key, producers_delete, record_key, Cf, LogState, WriteOp,
+};
 use crate::topic::LogId;
 
 /// Bytes of batches one chunk carries at most (the first batch always goes, whatever its size).
 pub const CHUNK_BYTES_MAX: usize = 1024 * 1024;
 
 /// A partition snapshot's payload: the log as the leader had applied it at the snapshot index.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotData {
     pub log_start_offset: u64,
     pub next_offset: u64,
     /// The broker that made the snapshot: the first one asked for the records.
     pub source: u64,
+    /// Every idempotent producer's state at the snapshot index (id, [`ProducerEntry::encode`]):
+    /// it is a function of the whole log, which the follower does not replay, so it comes whole.
+    #[serde(default)]
+    pub producers: Vec<(i64, serde_bytes::ByteBuf)>,
 }
 
 impl SnapshotData {
@@ -131,6 +138,7 @@ impl Install {
                 "{target:?} is behind this replica's log {own:?}"
             )));
         }
+        let start = target.log_start_offset;
         let mut install = Self {
             log,
             index,
@@ -139,10 +147,10 @@ impl Install {
             drop_below: None,
             fetched_bytes: 0,
         };
-        if target.log_start_offset > own.next_offset {
+        if start > own.next_offset {
             // The leader's retention already deleted records this replica lacks: there is no
             // way to fill the gap, so this replica's log restarts where the leader's starts.
-            install.restart_log(target.log_start_offset);
+            install.restart_log(start);
         }
         Ok(install)
     }
@@ -155,8 +163,8 @@ impl Install {
         self.state.size_bytes = 0;
     }
 
-    pub fn target(&self) -> SnapshotData {
-        self.target
+    pub fn target(&self) -> &SnapshotData {
+        &self.target
     }
 
     pub fn fetched_bytes(&self) -> u64 {
@@ -264,7 +272,7 @@ impl Install {
 
     /// The final write of the install (the log's new state, and the records below a restarted
     /// log's start deleted; the caller adds the Raft state), and the log state it leaves.
-    pub fn finish(mut self) -> Result<(Vec<WriteOp>, LogState), StorageError> {
+    pub fn finish(mut self) -> Result<Installed, StorageError> {
         if self.progress() != Progress::Complete {
             return Err(StorageError::Corrupt {
                 what: format!("snapshot of {}/{}", self.log.topic_id, self.log.partition),
@@ -284,15 +292,38 @@ impl Install {
             });
         }
         ops.push(log_state_op(self.log, &self.state));
-        Ok((ops, self.state))
+        // The snapshot's producers replace this replica's, in the same write as the records.
+        ops.push(producers_delete(self.log));
+        let mut producers = ProducerStates::default();
+        for (id, encoded) in &self.target.producers {
+            producers.insert(*id, ProducerEntry::decode(encoded)?);
+            ops.push(WriteOp::Put {
+                cf: Cf::Records,
+                key: producer_key(self.log, *id),
+                value: Bytes::copy_from_slice(encoded),
+            });
+        }
+        Ok(Installed {
+            ops,
+            state: self.state,
+            producers,
+        })
     }
+}
+
+/// What a finished install writes, and the state it leaves.
+#[derive(Debug)]
+pub struct Installed {
+    pub ops: Vec<WriteOp>,
+    pub state: LogState,
+    pub producers: ProducerStates,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::batch::NewRecord;
-    use crate::storage::log_key;
+    use crate::storage::{log_key, producers_prefix};
 
     const LOG: LogId = LogId {
         topic_id: 3,
@@ -323,6 +354,7 @@ mod tests {
             log_start_offset: start,
             next_offset: next,
             source: 1,
+            producers: Vec::new(),
         }
     }
 
@@ -340,10 +372,14 @@ mod tests {
         assert_eq!((second.len(), progress), (2, Progress::Complete));
         // Each chunk's batches are written as they come, at their offsets.
         assert!(matches!(&second[1], WriteOp::Put { key, .. } if *key == record_key(LOG, 25)));
-        let (ops, state) = install.finish().expect("finish");
+        let Installed { ops, state, .. } = install.finish().expect("finish");
         assert_eq!((state.next_offset, state.applied_index), (30, 50));
-        // The final write is the log state alone.
-        assert_eq!(ops.len(), 1);
+        // The final write is the log state, then the (here: no) producers replacing this
+        // replica's.
+        assert_eq!(ops.len(), 2);
+        assert!(
+            matches!(&ops[1], WriteOp::DeleteRange { from, .. } if *from == producers_prefix(LOG))
+        );
         assert!(matches!(
             &ops[0],
             WriteOp::Put {
@@ -385,7 +421,7 @@ mod tests {
             install.offer(&[stored(20, 10)]).map(|(_, p)| p),
             Ok(Progress::Complete)
         );
-        let (ops, state) = install.finish().expect("finish");
+        let Installed { ops, state, .. } = install.finish().expect("finish");
         // What this replica held below the new start goes, and only that.
         assert!(matches!(
             &ops[0],
@@ -417,7 +453,7 @@ mod tests {
             install.offer(&[stored(20, 10)]).map(|(_, p)| p),
             Ok(Progress::Complete)
         );
-        let (ops, state) = install.finish().expect("finish");
+        let Installed { ops, state, .. } = install.finish().expect("finish");
         assert_eq!(
             (
                 state.log_start_offset,
@@ -427,12 +463,38 @@ mod tests {
             (20, 30, 50)
         );
         // Everything below the new start is dropped (this replica's records and the chunk
-        // fetched before the restart), then the state.
+        // fetched before the restart), then the state and the producers.
         assert!(matches!(
             &ops[0],
             WriteOp::DeleteRange { cf: Cf::Records, to, .. } if *to == record_key(LOG, 20)
         ));
-        assert_eq!(ops.len(), 2);
+        assert_eq!(ops.len(), 3);
+    }
+
+    #[test]
+    fn an_install_replaces_the_producers_with_the_snapshot_s() {
+        use crate::producers::{ProducerBatch, ProducerStates};
+        let mut leader = ProducerStates::default();
+        let batch = ProducerBatch {
+            id: 42,
+            epoch: 1,
+            base_sequence: 0,
+            record_count: 3,
+        };
+        leader.record(&batch, 27, 1_000);
+        let mut data = target(0, 30);
+        data.producers = leader
+            .iter()
+            .map(|(id, e)| (id, serde_bytes::ByteBuf::from(e.encode().to_vec())))
+            .collect();
+        let data = SnapshotData::decode(&data.encode()).expect("decode");
+        let install = Install::new(LOG, own(30, 7), 50, data).expect("install");
+        let Installed { ops, producers, .. } = install.finish().expect("finish");
+        assert_eq!(producers, leader);
+        assert!(
+            matches!(&ops[1], WriteOp::DeleteRange { from, .. } if *from == producers_prefix(LOG))
+        );
+        assert!(matches!(&ops[2], WriteOp::Put { key, .. } if *key == producer_key(LOG, 42)));
     }
 
     #[test]

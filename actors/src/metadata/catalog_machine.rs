@@ -12,7 +12,7 @@ use crate::error::{StorageError, TopicError};
 use crate::state_machine::{Durability, StateMachine};
 use crate::storage::{
     topic_delete_ops, topic_meta_key, Catalog, Cf, WriteOp, METADATA_APPLIED_KEY,
-    NEXT_TOPIC_ID_KEY, TOPIC_META_PREFIX,
+    NEXT_PRODUCER_ID_KEY, NEXT_TOPIC_ID_KEY, TOPIC_META_PREFIX,
 };
 use crate::topic::{TopicConfigs, TopicMeta};
 
@@ -30,6 +30,11 @@ pub(super) enum Command {
     DeleteTopic {
         name: String,
     },
+    /// Hand out `count` producer ids (a broker takes a block and serves InitProducerId from
+    /// it, as Kafka's brokers do).
+    AllocateProducerIds {
+        count: u32,
+    },
 }
 
 /// The outcome of applying a command, sent to the proposer's client.
@@ -37,6 +42,11 @@ pub(super) enum Command {
 pub(crate) enum Outcome {
     Created(Arc<TopicMeta>),
     Deleted,
+    /// Producer ids `first .. first + count` are this proposer's.
+    ProducerIds {
+        first: i64,
+        count: u32,
+    },
 }
 
 /// What to do once an applied batch is durable.
@@ -55,6 +65,8 @@ pub(super) type Applied = (Result<Outcome, TopicError>, Effect);
 struct CatalogSnapshot {
     topics: Vec<TopicMeta>,
     next_topic_id: u32,
+    #[serde(default)]
+    next_producer_id: i64,
 }
 
 /// The applied catalog (including applies whose write is in flight).
@@ -63,6 +75,8 @@ pub(super) struct CatalogMachine {
     pub(super) topics: BTreeMap<String, Arc<TopicMeta>>,
     /// The id the next created topic gets; ids are never reused (ids start at 1, 0 = metadata).
     pub(super) next_topic_id: u32,
+    /// The first producer id not handed out yet.
+    pub(super) next_producer_id: i64,
     applied_index: u64,
 }
 
@@ -76,6 +90,7 @@ impl CatalogMachine {
                 .map(|t| (t.name.clone(), Arc::new(t)))
                 .collect(),
             next_topic_id: catalog.next_topic_id.max(1),
+            next_producer_id: catalog.next_producer_id,
             applied_index: catalog.applied_index,
         }
     }
@@ -158,6 +173,12 @@ impl StateMachine for CatalogMachine {
                 tracing::info!(topic = %name, "topic deleted");
                 (Ok(Outcome::Deleted), Effect::Retire(name))
             }
+            Command::AllocateProducerIds { count } => {
+                let first = self.next_producer_id;
+                self.next_producer_id = first.saturating_add(i64::from(count));
+                ops.push(next_producer_id_op(self.next_producer_id));
+                (Ok(Outcome::ProducerIds { first, count }), Effect::Nothing)
+            }
         }
     }
 
@@ -170,6 +191,7 @@ impl StateMachine for CatalogMachine {
         let snapshot = CatalogSnapshot {
             topics: self.topics.values().map(|t| t.as_ref().clone()).collect(),
             next_topic_id: self.next_topic_id,
+            next_producer_id: self.next_producer_id,
         };
         match rmp_serde::to_vec_named(&snapshot) {
             Ok(encoded) => Bytes::from(encoded),
@@ -231,6 +253,8 @@ impl StateMachine for CatalogMachine {
         self.topics = incoming;
         self.next_topic_id = snapshot.next_topic_id.max(self.next_topic_id);
         ops.push(next_topic_id_op(self.next_topic_id));
+        self.next_producer_id = snapshot.next_producer_id.max(self.next_producer_id);
+        ops.push(next_producer_id_op(self.next_producer_id));
         ops.push(self.applied_op(index));
         Ok((ops, effects))
     }
@@ -240,6 +264,14 @@ fn next_topic_id_op(next: u32) -> WriteOp {
     WriteOp::Put {
         cf: Cf::Metadata,
         key: NEXT_TOPIC_ID_KEY.to_vec(),
+        value: Bytes::copy_from_slice(&next.to_be_bytes()),
+    }
+}
+
+fn next_producer_id_op(next: i64) -> WriteOp {
+    WriteOp::Put {
+        cf: Cf::Metadata,
+        key: NEXT_PRODUCER_ID_KEY.to_vec(),
         value: Bytes::copy_from_slice(&next.to_be_bytes()),
     }
 }

@@ -73,6 +73,18 @@ impl Message for DeleteTopic {
     type Result = Result<(), TopicError>;
 }
 
+/// A new idempotent producer id (Kafka's InitProducerId without a transactional id): a fresh
+/// id at epoch 0, unique across the cluster.
+#[derive(Debug, Clone, Copy)]
+pub struct InitProducerId;
+
+impl Message for InitProducerId {
+    type Result = Result<i64, TopicError>;
+}
+
+/// Producer ids a broker takes from the metadata group at a time.
+const PRODUCER_ID_BLOCK: u32 = 1000;
+
 /// Host every topic of the catalog (sent once, at start-up).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
@@ -106,6 +118,9 @@ pub struct Metadata {
     /// reloads the catalog from storage (memory may be half-changed).
     crashed: bool,
     restarts: crate::broker_supervisor::Backoff,
+    /// Producer ids allocated to this broker and not yet handed out: `[next, end)`. Lost on
+    /// restart (ids are never reused, so a few go unused).
+    producer_ids: (i64, i64),
 }
 
 /// The broker-wide handles the metadata actor works with.
@@ -151,6 +166,7 @@ impl Metadata {
             proposals: Proposals::new(),
             crashed: false,
             restarts: Default::default(),
+            producer_ids: (0, 0),
         }
     }
 
@@ -569,7 +585,7 @@ impl Handler<CreateTopic> for Metadata {
         Box::pin(async move {
             match receiver.await.unwrap_or(Err(TopicError::ShuttingDown))? {
                 Outcome::Created(meta) => Ok(meta),
-                Outcome::Deleted => Err(TopicError::ShuttingDown),
+                Outcome::Deleted | Outcome::ProducerIds { .. } => Err(TopicError::ShuttingDown),
             }
         })
     }
@@ -589,5 +605,33 @@ impl Handler<DeleteTopic> for Metadata {
                 .unwrap_or(Err(TopicError::ShuttingDown))
                 .map(|_| ())
         })
+    }
+}
+
+impl Handler<InitProducerId> for Metadata {
+    type Result = ResponseActFuture<Self, Result<i64, TopicError>>;
+
+    fn handle(&mut self, _msg: InitProducerId, ctx: &mut Self::Context) -> Self::Result {
+        let (next, end) = self.producer_ids;
+        if next < end {
+            self.producer_ids.0 += 1;
+            return Box::pin(actix::fut::ready(Ok(next)));
+        }
+        let command = Command::AllocateProducerIds {
+            count: PRODUCER_ID_BLOCK,
+        };
+        let receiver = self.propose(&command, ctx);
+        let allocated = async move { receiver.await.unwrap_or(Err(TopicError::ShuttingDown)) };
+        Box::pin(allocated.into_actor(self).map(|outcome, act, _ctx| {
+            let Outcome::ProducerIds { first, count } = outcome? else {
+                return Err(TopicError::ShuttingDown);
+            };
+            // Requests that raced for a block each got one: keep the one with more left.
+            let rest = (first + 1, first + i64::from(count));
+            if rest.1 - rest.0 > act.producer_ids.1 - act.producer_ids.0 {
+                act.producer_ids = rest;
+            }
+            Ok(first)
+        }))
     }
 }

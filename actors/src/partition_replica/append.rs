@@ -6,11 +6,12 @@ use std::sync::atomic::Ordering;
 use tokio::sync::oneshot;
 
 use super::{now_ms, Appended, AppliedEntries, PartitionReplica, PendingAppend};
-use crate::batch::{self, NewRecord};
+use crate::batch::{self, NewRecord, ProducerSequence};
 use crate::error::PartitionError;
+use crate::producers::{Check, EXPIRY_CHECK_EVERY};
 use crate::proposals::Unanswered;
 use crate::raft_group::ProposeError;
-use crate::storage::{log_state_op, record_key, Cf, WriteOp};
+use crate::storage::{log_state_op, producer_key, record_key, Cf, WriteOp};
 
 /// A barrier's entry: appends nothing (see [`PartitionShared::barrier`]). A proposed batch
 /// starts with eight zero bytes (its base offset is set at apply), so no batch is this.
@@ -21,6 +22,7 @@ impl PartitionReplica {
     pub(super) fn propose(
         &mut self,
         records: &[NewRecord],
+        producer: Option<ProducerSequence>,
     ) -> Result<oneshot::Receiver<Result<Appended, PartitionError>>, PartitionError> {
         let (topic, partition) = (self.shared.topic.to_string(), self.shared.partition);
         if self.storage.is_congested() {
@@ -40,7 +42,7 @@ impl PartitionReplica {
         let bytes = if records.is_empty() {
             bytes::Bytes::from_static(BARRIER_ENTRY)
         } else {
-            batch::encode(0, now_ms(), records)?
+            batch::encode_as(0, now_ms(), records, producer)?
         };
         let (id, context) = self.proposals.next_context();
         raft.propose(context, bytes.to_vec()).map_err(|e| match e {
@@ -86,14 +88,16 @@ impl PartitionReplica {
                 continue; // a new leader's empty entry
             }
             let base_offset = self.state.next_offset;
+            let own = self.proposals.own(&entry.context);
             if entry.data.as_ref() == BARRIER_ENTRY {
-                if let Some(id) = self.proposals.own(&entry.context) {
+                if let Some(id) = own {
                     let appended = Appended {
                         base_offset,
                         record_count: 0,
                         leader_epoch: entry.term,
+                        duplicate: false,
                     };
-                    completed.push((id, appended));
+                    completed.push((id, Ok(appended)));
                 }
                 continue;
             }
@@ -101,6 +105,51 @@ impl PartitionReplica {
             // CRC: one that does not parse is a bug or corruption, and skipping it would make
             // this replica's offsets differ from the others'. Stop instead (the supervisor
             // restarts the replica from durable state).
+            let proposed = match batch::parse_header(&entry.data) {
+                Ok(header) => header,
+                Err(e) => panic!(
+                    "committed entry {} of {}/{} is not a valid batch: {e}",
+                    entry.index, self.shared.topic, self.shared.partition
+                ),
+            };
+            let producer = proposed.producer;
+            if producer.is_idempotent() {
+                // Decided here, at apply, from replicated state: every replica decides alike,
+                // and a retry that reaches a new leader finds the batch it retries.
+                let refused = match self.producers.check(&producer) {
+                    Check::Append => None,
+                    Check::Duplicate(original) => Some(Ok(Appended {
+                        base_offset: original.base_offset,
+                        record_count: original.record_count,
+                        leader_epoch: entry.term,
+                        duplicate: true,
+                    })),
+                    Check::OutOfOrder { expected, got } => {
+                        Some(Err(PartitionError::OutOfOrderSequence {
+                            topic: self.shared.topic.to_string(),
+                            partition: self.shared.partition,
+                            producer_id: producer.id,
+                            expected,
+                            got,
+                        }))
+                    }
+                    Check::StaleEpoch { current, got } => {
+                        Some(Err(PartitionError::InvalidProducerEpoch {
+                            topic: self.shared.topic.to_string(),
+                            partition: self.shared.partition,
+                            producer_id: producer.id,
+                            current,
+                            got,
+                        }))
+                    }
+                };
+                if let Some(outcome) = refused {
+                    if let Some(id) = own {
+                        completed.push((id, outcome));
+                    }
+                    continue;
+                }
+            }
             let stored = match batch::with_base_offset(&entry.data, base_offset) {
                 Ok(stored) => stored,
                 Err(e) => panic!(
@@ -114,16 +163,35 @@ impl PartitionReplica {
                 key: record_key(log, base_offset),
                 value: stored.0,
             });
+            if producer.is_idempotent() {
+                let state = self
+                    .producers
+                    .record(&producer, base_offset, header.max_timestamp_ms);
+                ops.push(WriteOp::Put {
+                    cf: Cf::Records,
+                    key: producer_key(log, producer.id),
+                    value: state.encode(),
+                });
+            }
+            if entry.index % EXPIRY_CHECK_EVERY == 0 {
+                for id in self.producers.expire(header.max_timestamp_ms) {
+                    ops.push(WriteOp::Delete {
+                        cf: Cf::Records,
+                        key: producer_key(log, id),
+                    });
+                }
+            }
             self.state.next_offset = header.next_offset();
             self.state.size_bytes += header.size_bytes;
-            if let Some(id) = self.proposals.own(&entry.context) {
+            if let Some(id) = own {
                 completed.push((
                     id,
-                    Appended {
+                    Ok(Appended {
                         base_offset,
                         record_count: header.record_count,
                         leader_epoch: entry.term,
-                    },
+                        duplicate: false,
+                    }),
                 ));
             }
         }
@@ -152,14 +220,18 @@ impl PartitionReplica {
     pub(super) fn complete(&mut self, applied: AppliedEntries) {
         self.publish_durable(self.state.next_offset);
         let topic = [self.shared.topic.as_ref()];
-        for (id, appended) in applied.completed {
+        for (id, outcome) in applied.completed {
             let Some(pending) = self.proposals.take(id) else {
                 continue;
             };
-            if appended.record_count == 0 {
-                let _ = pending.waiter.reply.send(Ok(appended));
-                continue;
-            }
+            let appended = match outcome {
+                Ok(appended) if appended.record_count > 0 && !appended.duplicate => appended,
+                // A barrier, a producer's retry or a refusal: nothing was appended.
+                other => {
+                    let _ = pending.waiter.reply.send(other);
+                    continue;
+                }
+            };
             let metrics = &self.metrics;
             metrics
                 .produce_records_total

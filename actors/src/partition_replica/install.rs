@@ -1,7 +1,7 @@
 //! A snapshot install's side on the follower: flush, then fetch the records it lacks from the
 //! other replicas (see [`crate::snapshot`]), and serve such fetches for others.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use tokio::sync::oneshot;
@@ -10,7 +10,12 @@ use super::{Installing, PartitionReplica, SNAPSHOT_FETCH_RETRY, SNAPSHOT_FETCH_T
 use crate::error::StorageError;
 use crate::proposals::Unanswered;
 use crate::raft_group::SnapshotInstall;
-use crate::snapshot::{Install, SnapshotChunk, SnapshotData, CHUNK_BYTES_MAX};
+use crate::snapshot::{Install, Installed, SnapshotChunk, SnapshotData, CHUNK_BYTES_MAX};
+
+/// Producers a snapshot point may carry before it is refreshed on a timer instead of on every
+/// write (see `offer_snapshot_point`).
+const PRODUCERS_OFFERED_EVERY_WRITE: usize = 64;
+const PRODUCERS_OFFER_INTERVAL: Duration = Duration::from_millis(250);
 use crate::storage::WriteOp;
 use crate::transport::Outbound;
 
@@ -65,8 +70,13 @@ impl PartitionReplica {
         self.fetch_next(source);
         let wait = async move { receiver.await.unwrap_or(Err(StorageError::ShutDown)) };
         Box::pin(wait.into_actor(self).map(move |result, act, _ctx| {
-            let (ops, state) = result?;
+            let Installed {
+                ops,
+                state,
+                producers,
+            } = result?;
             act.adopt_state(state);
+            act.producers = producers;
             // Entries up to the snapshot were not applied here one by one: whether a waiting
             // append is among them cannot be told.
             for pending in act.proposals.skip_to(snapshot.index) {
@@ -84,14 +94,35 @@ impl PartitionReplica {
     }
 
     /// A leader offers its applied state as the snapshot for followers behind its log.
+    ///
+    /// The point carries every producer's state, so with many producers it is refreshed at
+    /// most every [`PRODUCERS_OFFER_INTERVAL`] rather than on every write: an older point is
+    /// still a consistent one, and a follower it leaves behind the compacted log is sent the
+    /// next.
     pub(super) fn offer_snapshot_point(&mut self) {
+        if !self.raft.as_ref().is_some_and(|raft| raft.is_leader()) {
+            return;
+        }
+        if self.producers.len() > PRODUCERS_OFFERED_EVERY_WRITE
+            && self
+                .producers_offered_at
+                .is_some_and(|at| at.elapsed() < PRODUCERS_OFFER_INTERVAL)
+        {
+            return;
+        }
+        self.producers_offered_at = Some(Instant::now());
         let data = SnapshotData {
             log_start_offset: self.state.log_start_offset,
             next_offset: self.state.next_offset,
             source: self.settings.broker_id,
+            producers: self
+                .producers
+                .iter()
+                .map(|(id, entry)| (id, serde_bytes::ByteBuf::from(entry.encode().to_vec())))
+                .collect(),
         };
         let applied_index = self.state.applied_index;
-        if let Some(raft) = self.raft.as_mut().filter(|raft| raft.is_leader()) {
+        if let Some(raft) = self.raft.as_mut() {
             raft.set_snapshot_point(applied_index, data.encode());
         }
     }

@@ -32,13 +32,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
-use crate::batch::NewRecord;
+use crate::batch::{NewRecord, ProducerSequence};
 use crate::error::{PartitionError, StorageError};
 use crate::metrics::Metrics;
+use crate::producers::ProducerStates;
 use crate::proposals::Proposals;
 use crate::raft_driver::{self, Driver, RaftDriven};
 use crate::raft_group::{RaftGroup, RaftSettings, SnapshotInstall};
-use crate::snapshot::Install;
+use crate::snapshot::{Install, Installed};
 use crate::state_machine::Durability;
 use crate::storage::{leftover_delete, LogState, Storage, WriteOp};
 use crate::topic::{LogId, TopicConfigs};
@@ -61,12 +62,18 @@ pub struct Appended {
     /// Raft term of the committed entry: the term of the leader that appended it (Kafka's
     /// leader epoch). Never decreases along a log.
     pub leader_epoch: u64,
+    /// An idempotent producer's retry of a batch already in the log: nothing was appended, and
+    /// the offsets are the original batch's.
+    pub duplicate: bool,
 }
 
 /// Append records to the partition; replies once they are durable.
 #[derive(Debug)]
 pub struct Append {
     pub records: Vec<NewRecord>,
+    /// The idempotent producer sending them, if any: checked against the producer's state when
+    /// the entry is applied (a retry is answered with the original offsets).
+    pub producer: Option<ProducerSequence>,
 }
 
 impl Message for Append {
@@ -116,7 +123,7 @@ const SNAPSHOT_FETCH_RETRY: Duration = Duration::from_millis(200);
 /// A snapshot install in progress: the records it needs are being fetched.
 struct Installing {
     install: Install,
-    done: oneshot::Sender<Result<(Vec<WriteOp>, LogState), StorageError>>,
+    done: oneshot::Sender<Result<Installed, StorageError>>,
     /// Id of the outstanding fetch (0: none; ask again after [`SNAPSHOT_FETCH_RETRY`]).
     request: u64,
     /// The replica asked last, and when.
@@ -132,8 +139,9 @@ struct PendingAppend {
 
 /// What an apply hands on to be answered once it is durable.
 pub struct AppliedEntries {
-    /// Appends of this incarnation that the entries committed, by proposal id.
-    completed: Vec<(u64, Appended)>,
+    /// Appends of this incarnation that the entries decided, by proposal id: appended (or found
+    /// to be a retry), or refused by the producer checks.
+    completed: Vec<(u64, Result<Appended, PartitionError>)>,
     /// The last applied entry's index and term (None if nothing was applied).
     last: Option<(u64, u64)>,
 }
@@ -153,6 +161,10 @@ pub struct PartitionReplica {
     /// assigned from `next_offset` at apply, identically on every replica.
     /// Invariant: `state.next_offset >= shared.high_watermark`.
     state: LogState,
+    /// Idempotent producers' state as of `state.applied_index` (see [`crate::producers`]).
+    producers: ProducerStates,
+    /// When a snapshot point last carried the producers (see `offer_snapshot_point`).
+    producers_offered_at: Option<Instant>,
     /// `None` until recovered from storage; nothing is proposed or applied before.
     raft: Option<RaftGroup>,
     driver: Driver,
@@ -202,6 +214,8 @@ impl PartitionReplica {
             voters,
             supervisor,
             state: LogState::default(),
+            producers: ProducerStates::default(),
+            producers_offered_at: None,
             raft: None,
             driver: Driver::default(),
             proposals: Proposals::new(),
@@ -238,7 +252,14 @@ impl PartitionReplica {
         self.publish_log_gauges();
     }
 
-    fn recovered(&mut self, state: LogState, raft: RaftGroup, ctx: &mut Context<Self>) {
+    fn recovered(
+        &mut self,
+        state: LogState,
+        producers: ProducerStates,
+        raft: RaftGroup,
+        ctx: &mut Context<Self>,
+    ) {
+        self.producers = producers;
         self.gauges = Some(gauges::ReplicaGauges::new(
             &self.metrics,
             &self.shared.topic,
@@ -478,8 +499,9 @@ impl Actor for PartitionReplica {
         let recover = async move {
             storage.barrier_patiently().await?;
             let reader = storage.clone();
-            let (recovered, raft) = tokio::task::spawn_blocking(move || {
+            let (recovered, producers, raft) = tokio::task::spawn_blocking(move || {
                 let recovered = reader.recover_log(log)?;
+                let producers = reader.load_producers(log)?;
                 let applied = recovered.state.applied_index;
                 let persisted = reader.load_raft(log)?;
                 let raft = RaftGroup::restore(log, id, &voters, persisted, applied, timing)
@@ -487,7 +509,7 @@ impl Actor for PartitionReplica {
                         what: format!("raft group {}/{}", log.topic_id, log.partition),
                         message: e.to_string(),
                     })?;
-                Ok::<_, StorageError>((recovered, raft))
+                Ok::<_, StorageError>((recovered, producers, raft))
             })
             .await
             .unwrap_or(Err(StorageError::ShutDown))?;
@@ -503,11 +525,13 @@ impl Actor for PartitionReplica {
                 storage.write(vec![leftover_delete(log, &state)]).await?;
             }
             storage.note_recovered(log, state.applied_index);
-            Ok::<_, StorageError>((state, raft))
+            Ok::<_, StorageError>((state, producers, raft))
         };
         ctx.wait(recover.into_actor(self).map(|result, act, ctx| match result {
-            Ok((state, raft)) => {
-                raft_driver::guarded(act, ctx, |act, ctx| act.recovered(state, raft, ctx));
+            Ok((state, producers, raft)) => {
+                raft_driver::guarded(act, ctx, |act, ctx| {
+                    act.recovered(state, producers, raft, ctx)
+                });
             }
             Err(e) => {
                 tracing::error!(topic = %act.shared.topic, partition = act.shared.partition, error = %e, "partition recovery failed");
@@ -540,7 +564,7 @@ impl Handler<Append> for PartitionReplica {
         let proposed = raft_driver::guarded(self, ctx, |act, ctx| {
             act.wake(ctx);
             act.last_active = Instant::now();
-            let receiver = act.propose(&msg.records)?;
+            let receiver = act.propose(&msg.records, msg.producer)?;
             raft_driver::drive(act, ctx);
             Ok(receiver)
         });

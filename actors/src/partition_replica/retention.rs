@@ -236,20 +236,29 @@ mod tests {
             size_bytes: 100,
             record_count: 10,
             max_timestamp_ms: 1_000,
+            producer: NONE,
         },
         BatchHeader {
             base_offset: 10,
             size_bytes: 100,
             record_count: 5,
             max_timestamp_ms: 2_000,
+            producer: NONE,
         },
         BatchHeader {
             base_offset: 15,
             size_bytes: 100,
             record_count: 5,
             max_timestamp_ms: 3_000,
+            producer: NONE,
         },
     ];
+    const NONE: crate::producers::ProducerBatch = crate::producers::ProducerBatch {
+        id: -1,
+        epoch: -1,
+        base_sequence: -1,
+        record_count: 0,
+    };
 
     #[test]
     fn time_retention_deletes_batches_older_than_the_cutoff() {

@@ -9,7 +9,7 @@ use actix::Addr;
 use tokio::sync::watch;
 
 use super::{Append, Appended, PartitionReplica};
-use crate::batch::NewRecord;
+use crate::batch::{NewRecord, ProducerSequence};
 use crate::error::PartitionError;
 use crate::topic::LogId;
 use crate::transport::PartitionStatus;
@@ -243,8 +243,18 @@ impl PartitionShared {
 
     /// Append `records` as one batch and wait until it is durable.
     pub async fn append(&self, records: Vec<NewRecord>) -> Result<Appended, PartitionError> {
+        self.append_as(records, None).await
+    }
+
+    /// [`PartitionShared::append`] for an idempotent producer: a retry of a batch the log
+    /// already holds is answered with its original offsets and appends nothing.
+    pub async fn append_as(
+        &self,
+        records: Vec<NewRecord>,
+        producer: Option<ProducerSequence>,
+    ) -> Result<Appended, PartitionError> {
         let addr = self.addr().ok_or_else(|| self.unavailable())?;
-        addr.send(Append { records })
+        addr.send(Append { records, producer })
             .await
             .map_err(|_| self.unavailable())?
     }

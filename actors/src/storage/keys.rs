@@ -168,6 +168,44 @@ pub fn log_key(log: LogId) -> Vec<u8> {
     key
 }
 
+/// Set in the partition half of a log's key to make the key prefix of its producers' state:
+/// inside the topic's key range (deleted with the topic), never a log's own prefix (so batch
+/// scans, retention and install ranges never meet it).
+const PRODUCERS_BIT: u32 = 1 << 31;
+
+/// Prefix of `log`'s idempotent producers' state in `records`. It lives next to the batches it
+/// describes, in the same column family, because a flush of `records` is the only thing that
+/// makes an apply durable: a flush then holds the records and the producer state as of one
+/// moment, and Raft's replay after a crash rebuilds both from there. (State made durable apart
+/// from its records, say through the WAL, would outlive them after a crash, and the replay would
+/// take the lost batches for duplicates.)
+pub fn producers_prefix(log: LogId) -> Vec<u8> {
+    assert!(log.partition < PRODUCERS_BIT, "partition number too large");
+    log_key(LogId {
+        topic_id: log.topic_id,
+        partition: log.partition | PRODUCERS_BIT,
+    })
+}
+
+/// Key of producer `id`'s state on `log`.
+pub fn producer_key(log: LogId, id: i64) -> Vec<u8> {
+    let mut key = producers_prefix(log);
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}
+
+/// The write that removes every producer's state on `log` (a snapshot install replaces them).
+pub fn producers_delete(log: LogId) -> WriteOp {
+    let prefix = producers_prefix(log);
+    let mut to = prefix.clone();
+    to.extend_from_slice(&[0xff; 9]);
+    WriteOp::DeleteRange {
+        cf: Cf::Records,
+        from: prefix,
+        to,
+    }
+}
+
 /// The `[from, to)` key range holding every log of a topic (batches and states) in `records`.
 pub fn topic_key_range(topic_id: u32) -> (Vec<u8>, Vec<u8>) {
     (
@@ -194,6 +232,8 @@ pub fn topic_meta_key(name: &str) -> Vec<u8> {
     format!("topic/{name}").into_bytes()
 }
 pub const NEXT_TOPIC_ID_KEY: &[u8] = b"next_topic_id";
+/// The first producer id not yet handed out (ids are never reused).
+pub const NEXT_PRODUCER_ID_KEY: &[u8] = b"next_producer_id";
 /// Index of the last metadata-group entry applied to the catalog.
 pub const METADATA_APPLIED_KEY: &[u8] = b"applied_index";
 
@@ -202,6 +242,7 @@ pub const METADATA_APPLIED_KEY: &[u8] = b"applied_index";
 pub struct Catalog {
     pub topics: Vec<TopicMeta>,
     pub next_topic_id: u32,
+    pub next_producer_id: i64,
     pub applied_index: u64,
 }
 pub const TOPIC_META_PREFIX: &[u8] = b"topic/";

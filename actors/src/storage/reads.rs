@@ -5,12 +5,14 @@
 use rocksdb::{Direction, IteratorMode};
 
 use super::keys::{
-    compacted_key, decode, decode_compacted, hard_state_key, is_batch_key, log_key, raft_entry_key,
-    record_key, PersistedRaft, METADATA_APPLIED_KEY, NEXT_TOPIC_ID_KEY, TOPIC_META_PREFIX,
+    compacted_key, decode, decode_compacted, hard_state_key, is_batch_key, log_key,
+    producers_prefix, raft_entry_key, record_key, PersistedRaft, METADATA_APPLIED_KEY,
+    NEXT_PRODUCER_ID_KEY, NEXT_TOPIC_ID_KEY, TOPIC_META_PREFIX,
 };
 use super::{corrupt, Catalog, Cf, LogState, Storage, WriteOp};
 use crate::batch::{self, BatchHeader};
 use crate::error::StorageError;
+use crate::producers::{ProducerEntry, ProducerStates};
 use crate::topic::{LogId, TopicMeta};
 use bytes::Bytes;
 
@@ -82,6 +84,23 @@ impl Storage {
             state.size_bytes = size;
         }
         Ok(Recovered { state, leftovers })
+    }
+
+    /// The idempotent producers' state of `log`, as stored next to its records. Blocking.
+    pub fn load_producers(&self, log: LogId) -> Result<ProducerStates, StorageError> {
+        let mut states = ProducerStates::default();
+        for (key, value) in self.load_prefix(Cf::Records, &producers_prefix(log))? {
+            let id = key
+                .get(8..16)
+                .and_then(|b| b.try_into().ok())
+                .map(i64::from_be_bytes)
+                .ok_or_else(|| StorageError::Corrupt {
+                    what: format!("producer state of {}/{}", log.topic_id, log.partition),
+                    message: format!("key of {} bytes", key.len()),
+                })?;
+            states.insert(id, ProducerEntry::decode(&value)?);
+        }
+        Ok(states)
     }
 
     /// `log`'s stored state as it is, unchecked. Blocking.
@@ -314,6 +333,14 @@ impl Storage {
             ),
             None => 1,
         };
+        let next_producer_id = match word(NEXT_PRODUCER_ID_KEY)? {
+            Some(b) => i64::from_be_bytes(
+                b.as_slice()
+                    .try_into()
+                    .map_err(|_| corrupt("next_producer_id", b.len()))?,
+            ),
+            None => 0,
+        };
         let applied_index = match word(METADATA_APPLIED_KEY)? {
             Some(b) => u64::from_be_bytes(
                 b.as_slice()
@@ -325,6 +352,7 @@ impl Storage {
         Ok(Catalog {
             topics,
             next_topic_id,
+            next_producer_id,
             applied_index,
         })
     }

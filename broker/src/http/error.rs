@@ -99,6 +99,12 @@ pub enum ApiError {
     JobNotFound(String),
     #[error("{0}")]
     JobExists(String),
+    /// 409: an idempotent producer's sequence does not follow its last batch; nothing written.
+    #[error("{0}")]
+    OutOfOrderSequence(String),
+    /// 409: the producer id has a newer epoch; this producer is fenced.
+    #[error("{0}")]
+    ProducerFenced(String),
 }
 
 impl ApiError {
@@ -133,6 +139,8 @@ impl ApiError {
             ApiError::InvalidOffset(_) => 42203,
             ApiError::JobNotFound(_) => 40405,
             ApiError::JobExists(_) => 40907,
+            ApiError::OutOfOrderSequence(_) => 40908,
+            ApiError::ProducerFenced(_) => 40909,
         }
     }
 
@@ -185,6 +193,12 @@ impl From<PartitionError> for ApiError {
             PartitionError::NotReplica { .. } => ApiError::Misdirected(error.to_string()),
             PartitionError::Storage(storage) => storage_error(storage),
             PartitionError::Batch(_) => ApiError::Internal(error.to_string()),
+            PartitionError::OutOfOrderSequence { .. } => {
+                ApiError::OutOfOrderSequence(error.to_string())
+            }
+            PartitionError::InvalidProducerEpoch { .. } => {
+                ApiError::ProducerFenced(error.to_string())
+            }
         }
     }
 }

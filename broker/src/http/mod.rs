@@ -11,6 +11,7 @@ mod lenient;
 mod openapi;
 mod partitions;
 mod produce;
+mod producers;
 mod records;
 mod streams;
 mod system;
@@ -124,6 +125,7 @@ pub fn app(
         .service(topics::delete)
         .service(produce::to_topic)
         .service(produce::to_partition)
+        .service(producers::init)
         .service(partitions::list)
         .service(partitions::describe)
         .service(records::fetch)

@@ -251,6 +251,16 @@ fn apply(doc: &mut Value, limits: Limits) {
             }
         }
     }
+    // Idempotent produce needs the partition path (sequences are per partition).
+    for request in ["ProduceRequest", "BinaryProduceRequest"] {
+        if let Some(Value::Object(properties)) =
+            doc.pointer_mut(&format!("{schemas}/{request}/properties"))
+        {
+            for field in ["producer_id", "producer_epoch", "sequence"] {
+                properties.remove(field);
+            }
+        }
+    }
     let fetch = "/topics/{topic}/partitions/{partition}/records";
     query(
         doc,

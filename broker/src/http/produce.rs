@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use actix_web::{post, web, HttpRequest, HttpResponse};
 use base64::Engine;
 use bytes::Bytes;
-use pubg1_actors::batch::NewRecord;
+use pubg1_actors::batch::{NewRecord, ProducerSequence};
 use pubg1_actors::partitioner::partition_for_key;
 use pubg1_actors::registry::TopicHandle;
 use serde::{Deserialize, Serialize};
@@ -21,11 +21,27 @@ use super::partitions::not_replica;
 use super::{body_format, parse_json, read_body, EmbeddedFormat, State};
 
 /// A produce request body.
+///
+/// With `producer_id`, `producer_epoch` and `sequence` (all three, on the one-partition path)
+/// the request is idempotent, with Kafka's rules: its records take sequence numbers `sequence`,
+/// `sequence + 1`, …; a retry of one of the producer's last five requests is answered with the
+/// original offsets and stores nothing; a gap in the sequence is 409 (40908); an epoch older
+/// than the producer's is 409 (40909). Get an id from `POST /producers`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProduceRequest {
     #[serde(deserialize_with = "super::lenient::objects")]
     pub records: Vec<ProduceRecord>,
+    #[serde(default)]
+    #[schema(minimum = 0)]
+    pub producer_id: Option<i64>,
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 32767)]
+    pub producer_epoch: Option<i16>,
+    /// Sequence number of the first record.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 2147483647)]
+    pub sequence: Option<i32>,
 }
 
 /// One record to produce. With the JSON formats `key` and `value` are any JSON, stored as the
@@ -59,6 +75,10 @@ pub struct RecordOffset {
     /// Raft term of the leader that appended the record (Kafka's leader epoch); absent on error.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub leader_epoch: Option<u64>,
+    /// True when an idempotent producer's retry found its records already stored: the offsets
+    /// are the original ones and nothing was stored again.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error_code: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -102,7 +122,7 @@ pub async fn to_topic(
     )),
     responses(
         (status = 200, body = ProduceResponse),
-        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
         (status = 415, body = ErrorBody), (status = 422, body = ErrorBody), (status = 429, body = ErrorBody),
         (status = 503, body = ErrorBody)
     )
@@ -150,6 +170,7 @@ async fn produce(
             request.records.len()
         )));
     }
+    let producer = producer_of(&request, partition)?;
     let groups = route(&handle, partition, format, request.records)?;
     // All-or-nothing across the request when a partition lives elsewhere: refuse before writing.
     if let Some(elsewhere) = groups
@@ -164,7 +185,7 @@ async fn produce(
         let shared = handle.partitions[p as usize].clone();
         async move {
             let (indexes, records): (Vec<usize>, Vec<NewRecord>) = records.into_iter().unzip();
-            (p, indexes, shared.append(records).await)
+            (p, indexes, shared.append_as(records, producer).await)
         }
     });
     let mut first_error = None;
@@ -175,6 +196,7 @@ async fn produce(
                     partition: p,
                     offset: Some(appended.base_offset + position as u64),
                     leader_epoch: Some(appended.leader_epoch),
+                    duplicate: appended.duplicate,
                     error_code: None,
                     error: None,
                 },
@@ -184,6 +206,7 @@ async fn produce(
                         partition: p,
                         offset: None,
                         leader_epoch: None,
+                        duplicate: false,
                         error_code: Some(api.error_code()),
                         error: Some(api.to_string()),
                     }
@@ -201,6 +224,52 @@ async fn produce(
         // Some partitions took their records: REST Proxy reports per record, with 200.
         _ => Ok(HttpResponse::Ok().json(ProduceResponse { offsets })),
     }
+}
+
+/// The idempotent producer a request names, if any: all three fields or none, and only where
+/// the path names the partition (sequences are per partition).
+fn producer_of(
+    request: &ProduceRequest,
+    partition: Option<u32>,
+) -> Result<Option<ProducerSequence>, ApiError> {
+    let fields = (
+        request.producer_id,
+        request.producer_epoch,
+        request.sequence,
+    );
+    let (id, epoch, base_sequence) = match fields {
+        (None, None, None) => return Ok(None),
+        (Some(id), Some(epoch), Some(sequence)) => (id, epoch, sequence),
+        _ => {
+            return Err(ApiError::Unprocessable(
+                "producer_id, producer_epoch and sequence go together: give all three or none"
+                    .into(),
+            ))
+        }
+    };
+    if partition.is_none() {
+        return Err(ApiError::Unprocessable(
+            "an idempotent produce names its partition (sequences are per partition): POST /topics/{topic}/partitions/{partition}".into(),
+        ));
+    }
+    if id < 0 || epoch < 0 || base_sequence < 0 {
+        return Err(ApiError::Unprocessable(format!(
+            "producer_id ({id}), producer_epoch ({epoch}) and sequence ({base_sequence}) must not be negative"
+        )));
+    }
+    let last = i64::from(base_sequence) + request.records.len() as i64 - 1;
+    if last > i64::from(i32::MAX) {
+        return Err(ApiError::Unprocessable(format!(
+            "sequence {base_sequence} + {} records passes {}; start again from 0 after it",
+            request.records.len(),
+            i32::MAX
+        )));
+    }
+    Ok(Some(ProducerSequence {
+        id,
+        epoch,
+        base_sequence,
+    }))
 }
 
 type Routed = BTreeMap<u32, Vec<(usize, NewRecord)>>;

@@ -36,6 +36,7 @@ fn fresh() -> CatalogMachine {
     CatalogMachine::from_durable(Catalog {
         topics: Vec::new(),
         next_topic_id: 0,
+        next_producer_id: 0,
         applied_index: 0,
     })
 }
@@ -170,4 +171,36 @@ fn a_snapshot_that_does_not_decode_is_refused_and_changes_nothing() {
     assert!(matches!(refused, Err(StorageError::Corrupt { .. })));
     assert_eq!(names(&machine), vec![("a".to_string(), 1)]);
     assert_eq!(machine.applied_index(), 1);
+}
+
+#[test]
+fn producer_ids_are_handed_out_in_disjoint_blocks_that_survive_a_snapshot() {
+    let allocate =
+        |count| rmp_serde::to_vec_named(&Command::AllocateProducerIds { count }).expect("encode");
+    let mut leader = fresh();
+    let applied = apply_committed(
+        &mut leader,
+        vec![entry(1, allocate(1000)), entry(2, allocate(1000))],
+        |_| None,
+    );
+    let blocks: Vec<(i64, u32)> = applied
+        .effects
+        .iter()
+        .map(|(_, (result, _))| match result {
+            Ok(Outcome::ProducerIds { first, count }) => (*first, *count),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(blocks, vec![(0, 1000), (1000, 1000)]);
+    // A broker restored from the leader's snapshot never hands out an id already given.
+    let mut behind = fresh();
+    behind.restore(2, &leader.snapshot()).expect("restore");
+    let next = apply_committed(&mut behind, vec![entry(3, allocate(10))], |_| None);
+    assert!(matches!(
+        next.effects[0].1 .0,
+        Ok(Outcome::ProducerIds {
+            first: 2000,
+            count: 10
+        })
+    ));
 }
