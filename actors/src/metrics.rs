@@ -13,6 +13,7 @@ use prometheus::{
 pub struct Metrics {
     pub registry: Registry,
     pub produce_records_total: IntCounterVec,
+    pub produce_duplicates_total: IntCounterVec,
     pub produce_bytes_total: IntCounterVec,
     pub produce_latency_seconds: HistogramVec,
     pub fetch_records_total: IntCounterVec,
@@ -103,6 +104,11 @@ impl Metrics {
             produce_records_total: counter_vec(
                 "pubg1_produce_records_total",
                 "Records acknowledged to producers.",
+                topic,
+            ),
+            produce_duplicates_total: counter_vec(
+                "pubg1_produce_duplicate_batches_total",
+                "Idempotent producers' resends of batches already stored: answered with the original offsets, not stored again.",
                 topic,
             ),
             produce_bytes_total: counter_vec(
@@ -372,6 +378,7 @@ impl Metrics {
     fn register_all(&self) {
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(self.produce_records_total.clone()),
+            Box::new(self.produce_duplicates_total.clone()),
             Box::new(self.produce_bytes_total.clone()),
             Box::new(self.produce_latency_seconds.clone()),
             Box::new(self.fetch_records_total.clone()),

@@ -83,7 +83,10 @@ pub(crate) fn start_producers(
         (spec.rate > 0).then(|| Duration::from_secs_f64(spec.batch as f64 / per_producer_rate));
     let mut threads = Vec::new();
     for producer in 0..spec.count {
-        let keys = scenario.key_space(producer)?;
+        let keys = scenario
+            .key_space(producer)?
+            .map(|n| keys_by_partition(n, partitions));
+        let bases = urls.to_vec();
         let urls: Vec<String> = urls.iter().map(|u| format!("{u}/topics/{topic}")).collect();
         let (live, spec) = (live.clone(), spec.clone());
         threads.push(std::thread::spawn(move || {
@@ -94,6 +97,13 @@ pub(crate) fn start_producers(
                 latencies: Vec::new(),
                 failed: 0,
             };
+            // An idempotent producer resends a failed request, same records and sequence, until
+            // it is answered: the broker stores it once whatever happened to the first try.
+            let idempotent = spec
+                .idempotent
+                .then(|| producer_id(&http, &bases, &live))
+                .flatten();
+            let mut sequences = vec![0i64; partitions as usize];
             let mut next_sequence = 0u64;
             let mut requests = 0u32;
             let mut target = producer as usize;
@@ -113,39 +123,50 @@ pub(crate) fn start_producers(
                     .duration_since(UNIX_EPOCH)
                     .map(|d| d.as_micros())
                     .unwrap_or_default();
+                // Each request names one partition, in turn, so its outcome concerns one
+                // partition and its sequence is that partition's; keyed records take keys
+                // Kafka's partitioner sends there.
+                let mut partition = (producer + requests) % partitions;
+                requests = requests.wrapping_add(1);
+                if let Some(keys) = &keys {
+                    while keys[partition as usize].is_empty() {
+                        partition = (partition + 1) % partitions;
+                    }
+                }
                 let records: Vec<Value> = (first..next_sequence)
                     .map(|sequence| {
                         let value = record_value(producer, sequence, sent_unix, spec.record_bytes);
-                        match keys {
-                            Some(n) => {
+                        match &keys {
+                            Some(keys) => {
                                 rng ^= rng << 13;
                                 rng ^= rng >> 7;
                                 rng ^= rng << 17;
-                                json!({"key": format!("k{}", rng % n), "value": value})
+                                let own = &keys[partition as usize];
+                                let key = own[(rng % own.len() as u64) as usize];
+                                json!({"key": format!("k{key}"), "value": value})
                             }
                             None => json!({"value": value}),
                         }
                     })
                     .collect();
-                let body = json!({ "records": records }).to_string();
+                let mut body = json!({ "records": records });
+                if let Some(id) = idempotent {
+                    body["producer_id"] = json!(id);
+                    body["producer_epoch"] = json!(0);
+                    body["sequence"] = json!(sequences[partition as usize]);
+                }
+                let body = body.to_string();
                 let sent = Instant::now();
-                // Keyless requests go to partitions in turn, named in the URL, so each outcome
-                // is known to concern one partition; keyed ones let the broker hash the keys.
-                let partition = keys.is_none().then(|| (producer + requests) % partitions);
-                requests = requests.wrapping_add(1);
-                let base = &urls[target % urls.len()];
-                let url = match partition {
-                    Some(p) => format!("{base}/partitions/{p}"),
-                    None => base.clone(),
-                };
-                let acked = http
-                    .post(&url, JSON_V2, &body)
-                    .ok()
-                    .filter(|r| r.status == 200)
-                    .and_then(|r| acks_of(&r.body, producer, first));
-                let at_ms = start.elapsed().as_millis() as u64;
-                match acked {
-                    Some(acks) => {
+                loop {
+                    let url = format!("{}/partitions/{partition}", &urls[target % urls.len()]);
+                    let acked = http
+                        .post(&url, JSON_V2, &body)
+                        .ok()
+                        .filter(|r| r.status == 200)
+                        .and_then(|r| acks_of(&r.body, producer, first));
+                    let at_ms = start.elapsed().as_millis() as u64;
+                    let partition = Some(partition);
+                    if let Some(acks) = acked {
                         live.acked.fetch_add(acks.len() as u64, Ordering::Relaxed);
                         report.acks.extend(acks);
                         report.outcomes.push(Outcome {
@@ -156,19 +177,25 @@ pub(crate) fn start_producers(
                         report
                             .latencies
                             .push((at_ms, sent.elapsed().as_micros() as u64));
+                        if let Some(p) = partition {
+                            sequences[p as usize] += spec.batch as i64;
+                        }
+                        break;
                     }
-                    None => {
-                        // Its sequences are abandoned, never resent: a sequence stored twice
-                        // is then a real duplicate.
-                        live.failed.fetch_add(1, Ordering::Relaxed);
-                        report.failed += 1;
-                        report.outcomes.push(Outcome {
-                            at_ms,
-                            ok: false,
-                            partition,
-                        });
-                        target += 1;
-                        std::thread::sleep(FAILURE_BACKOFF);
+                    live.failed.fetch_add(1, Ordering::Relaxed);
+                    report.failed += 1;
+                    report.outcomes.push(Outcome {
+                        at_ms,
+                        ok: false,
+                        partition,
+                    });
+                    target += 1;
+                    std::thread::sleep(FAILURE_BACKOFF);
+                    // Without a producer id its sequences are abandoned, never resent: a
+                    // sequence stored twice is then a real duplicate. With one, it is resent
+                    // until answered (or the run ends with it unanswered).
+                    if idempotent.is_none() || live.stop.load(Ordering::Acquire) {
+                        break;
                     }
                 }
             }
@@ -177,6 +204,36 @@ pub(crate) fn start_producers(
     }
     Ok(threads)
 }
+
+/// A producer id from the cluster (`POST /producers`), asked of each broker in turn until one
+/// answers; None if the run stops first or the brokers have no such endpoint.
+fn producer_id(http: &Http, bases: &[String], live: &Live) -> Option<i64> {
+    for attempt in 0usize.. {
+        if live.stop.load(Ordering::Acquire) {
+            return None;
+        }
+        let url = format!("{}/producers", bases[attempt % bases.len()]);
+        match http.post(&url, JSON_V2, "{}") {
+            Ok(reply) if reply.status == 200 => return reply.body["producer_id"].as_i64(),
+            Ok(reply) if reply.status == 404 || reply.status == 405 => return None,
+            _ => std::thread::sleep(FAILURE_BACKOFF),
+        }
+    }
+    None
+}
+
+/// Key numbers `0..n` by the partition Kafka's default partitioner sends `k{number}` to.
+fn keys_by_partition(n: u64, partitions: u32) -> Vec<Vec<u64>> {
+    let mut by = vec![Vec::new(); partitions as usize];
+    for key in 0..n {
+        let hash = murmur2::murmur2(format!("k{key}").as_bytes(), KAFKA_MURMUR2_SEED) as i32;
+        by[((hash & 0x7fff_ffff) as u32 % partitions) as usize].push(key);
+    }
+    by
+}
+
+/// Seed of Kafka's `Utils.murmur2`, which its default partitioner hashes keys with.
+const KAFKA_MURMUR2_SEED: u32 = 0x9747_b28c;
 
 /// Consumers share the partitions out and tail them with long polls from the start, timing each
 /// record from its send time (in its value) to now.
@@ -294,5 +351,17 @@ mod tests {
         assert_eq!(parse_value(&value), Some((7, 12_345)));
         assert_eq!(sent_time(&value), Some(1_764_000_000_000_000));
         assert_eq!(parse_value("something else"), None);
+    }
+
+    #[test]
+    fn keys_go_where_kafkas_partitioner_sends_them() {
+        let by = keys_by_partition(1000, 6);
+        assert_eq!(by.iter().map(Vec::len).sum::<usize>(), 1000);
+        assert!(by.iter().all(|keys| keys.len() > 100), "spread: {by:?}");
+        // Kafka's own vector (UtilsTest): murmur2("21") = -973932308.
+        assert_eq!(
+            murmur2::murmur2(b"21", KAFKA_MURMUR2_SEED) as i32,
+            -973_932_308
+        );
     }
 }

@@ -90,13 +90,23 @@ pub struct ProducerSpec {
     /// Records per produce request.
     #[serde(default = "default_batch")]
     pub batch: usize,
-    /// `none` (keyless: each request names one partition, in turn), `uniform:N` (N distinct
-    /// keys, partitioned by the broker) or `mixed:N` (even producers keyed, odd ones keyless).
+    /// `none` (keyless), `uniform:N` (N distinct keys) or `mixed:N` (even producers keyed, odd
+    /// ones keyless). Each request names one partition, in turn; keyed records take keys that
+    /// Kafka's default partitioner sends to that partition.
     #[serde(default = "default_keys")]
     pub keys: String,
     /// The topic they write to (default: the first).
     #[serde(default)]
     pub topic: Option<String>,
+    /// Produce as idempotent producers (a producer id from `POST /producers`, a sequence per
+    /// partition) and resend a failed request until it is answered: after a failover the
+    /// broker stores it once. Off: a failed request is abandoned.
+    #[serde(default = "default_idempotent")]
+    pub idempotent: bool,
+}
+
+fn default_idempotent() -> bool {
+    true
 }
 
 fn default_record_bytes() -> usize {

@@ -94,6 +94,11 @@ fn retries_get_the_original_offsets_and_gaps_and_fenced_epochs_are_refused_acros
         "{}",
         retried.text
     );
+    let counted = metric(
+        cluster.broker(cluster.leader_of("idem", 0)?),
+        r#"pubg1_produce_duplicate_batches_total{topic="idem"}"#,
+    )?;
+    assert_eq!(counted, 1.0, "the resend is counted where it was answered");
     produce(&cluster, &http, a, 0, 9, 1)?.assert_error(409, 40908, "a gap in the sequence");
     produce(&cluster, &http, a, 0, 1, 2)?.assert_error(409, 40908, "not one of the batches");
     // Producer b moves to epoch 1 (from sequence 0); its epoch 0 is then fenced.

@@ -117,6 +117,7 @@ fn openapi_lists_every_route_and_every_listed_route_is_served() -> anyhow::Resul
         "GET /topics/{topic}/partitions",
         "GET /topics/{topic}/partitions/{partition}",
         "POST /topics/{topic}/partitions/{partition}",
+        "POST /producers",
         "GET /topics/{topic}/partitions/{partition}/records",
         "POST /consumers/{group}",
         "DELETE /consumers/{group}/instances/{instance}",

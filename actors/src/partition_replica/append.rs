@@ -224,6 +224,12 @@ impl PartitionReplica {
             let Some(pending) = self.proposals.take(id) else {
                 continue;
             };
+            if matches!(&outcome, Ok(a) if a.duplicate) {
+                self.metrics
+                    .produce_duplicates_total
+                    .with_label_values(&topic)
+                    .inc();
+            }
             let appended = match outcome {
                 Ok(appended) if appended.record_count > 0 && !appended.duplicate => appended,
                 // A barrier, a producer's retry or a refusal: nothing was appended.

@@ -26,12 +26,14 @@
 //! - `records`: (topic_id u32, partition u32, base_offset u64) → Kafka v2 record batch, and
 //!   (topic_id, partition) → [`LogState`], written in the same batch as each append. The two share
 //!   a column family so that a flush (the only thing that makes replayable writes durable) always
-//!   holds a log's records and its state as of one moment.
+//!   holds a log's records and its state as of one moment. Idempotent producers' state is in
+//!   `records` too, under [`producers_prefix`], for the same reason (see there).
 //! - `log_state`: where [`LogState`] lived before; emptied into `records` at open.
-//! - `metadata`: `topic/{name}` → [`TopicMeta`] (msgpack), `next_topic_id` → u32
+//! - `metadata`: `topic/{name}` → [`TopicMeta`] (msgpack), `next_topic_id` → u32,
+//!   `next_producer_id` → i64
 //! - `raft_log`, `raft_state`: Raft entries and hard states (see [`keys`]); `group_offsets`,
-//!   `checkpoints`, `producer_state`: reserved for consumer groups, stream jobs and idempotent
-//!   producers.
+//!   `checkpoints`: consumer groups' offsets, stream jobs' checkpoints; `producer_state`: created,
+//!   unused (producer state lives with the records).
 //!
 //! Modules: [`keys`] (column families, keys, the values stored: no I/O), `writer` (the
 //! group-commit thread), `flusher` (flushes of `records`), `wal_pages` (WAL page-cache
