@@ -27,10 +27,6 @@ pub const RETAINED_BATCHES: usize = 5;
 /// `producer.id.expiration.ms` default: one day).
 pub const PRODUCER_EXPIRATION_MS: i64 = 24 * 60 * 60 * 1000;
 
-/// Expiry is checked on every entry whose Raft index is a multiple of this (deterministic, and
-/// cheap: a scan per this many entries).
-pub const EXPIRY_CHECK_EVERY: u64 = 4096;
-
 /// What a batch says about its producer (from its header); `id < 0` means not idempotent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProducerBatch {
@@ -88,10 +84,21 @@ pub enum Check {
 }
 
 /// Every producer's state on one partition.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct ProducerStates {
     producers: HashMap<i64, ProducerEntry>,
+    /// At most the oldest `last_timestamp_ms` of all producers (None: no producers), so the
+    /// expiry check on every append is one comparison until something may expire.
+    oldest_ms: Option<i64>,
 }
+
+impl PartialEq for ProducerStates {
+    fn eq(&self, other: &Self) -> bool {
+        self.producers == other.producers
+    }
+}
+
+impl Eq for ProducerStates {}
 
 impl ProducerStates {
     pub fn len(&self) -> usize {
@@ -111,7 +118,12 @@ impl ProducerStates {
     }
 
     pub fn insert(&mut self, id: i64, entry: ProducerEntry) {
+        self.note_timestamp(entry.last_timestamp_ms);
         self.producers.insert(id, entry);
+    }
+
+    fn note_timestamp(&mut self, timestamp_ms: i64) {
+        self.oldest_ms = Some(self.oldest_ms.map_or(timestamp_ms, |t| t.min(timestamp_ms)));
     }
 
     /// Decide what to do with `batch` (an idempotent one).
@@ -179,14 +191,49 @@ impl ProducerStates {
             base_offset,
             record_count: batch.record_count,
         });
-        entry.last_timestamp_ms = entry.last_timestamp_ms.max(timestamp_ms);
-        entry
+        // The latest batch's time, as Kafka keeps it: one batch stamped far ahead does not
+        // keep its producer forever.
+        entry.last_timestamp_ms = timestamp_ms;
+        self.oldest_ms = Some(self.oldest_ms.map_or(timestamp_ms, |t| t.min(timestamp_ms)));
+        self.producers
+            .get(&batch.id)
+            .unwrap_or_else(|| unreachable!("inserted above"))
+    }
+
+    /// Fence producer `id` at `epoch` (a stream job's runner does this before it looks at its
+    /// output): from then on its batches of any older epoch are refused. A newer epoch starts
+    /// with no batches remembered; the same epoch again changes nothing. An older epoch than
+    /// the producer's is refused with the producer's epoch: the caller is itself fenced.
+    pub fn fence(&mut self, id: i64, epoch: i16, at_ms: i64) -> Result<&ProducerEntry, i16> {
+        let entry = self.producers.entry(id).or_insert_with(|| ProducerEntry {
+            epoch: -1,
+            batches: VecDeque::new(),
+            last_timestamp_ms: at_ms,
+        });
+        if epoch < entry.epoch {
+            return Err(entry.epoch);
+        }
+        if epoch > entry.epoch {
+            entry.epoch = epoch;
+            entry.batches.clear();
+            entry.last_timestamp_ms = at_ms;
+        }
+        let last = entry.last_timestamp_ms;
+        self.oldest_ms = Some(self.oldest_ms.map_or(last, |t| t.min(last)));
+        Ok(self
+            .producers
+            .get(&id)
+            .unwrap_or_else(|| unreachable!("inserted above")))
     }
 
     /// Forget producers last heard of more than [`PRODUCER_EXPIRATION_MS`] before `now_ms`;
-    /// returns their ids (to delete from storage).
+    /// returns their ids (to delete from storage). Called on every append, with the time in the
+    /// appended batch: the same decision on every replica, at the same entry.
     pub fn expire(&mut self, now_ms: i64) -> Vec<i64> {
         let horizon = now_ms.saturating_sub(PRODUCER_EXPIRATION_MS);
+        if self.oldest_ms.is_none_or(|oldest| oldest >= horizon) {
+            return Vec::new();
+        }
         let expired: Vec<i64> = self
             .producers
             .iter()
@@ -196,6 +243,7 @@ impl ProducerStates {
         for id in &expired {
             self.producers.remove(id);
         }
+        self.oldest_ms = self.producers.values().map(|e| e.last_timestamp_ms).min();
         expired
     }
 }
@@ -330,6 +378,30 @@ mod tests {
     }
 
     #[test]
+    fn a_fence_refuses_older_epochs_from_then_on() {
+        let mut states = ProducerStates::default();
+        // A runner of epoch 3 writes; its successor (epoch 4) fences the partition.
+        states.record(&batch(9, 3, 0, 2), 0, 1);
+        assert_eq!(states.fence(9, 4, 2).map(|e| e.epoch), Ok(4));
+        assert_eq!(
+            states.check(&batch(9, 3, 2, 1)),
+            Check::StaleEpoch { current: 4, got: 3 }
+        );
+        assert_eq!(states.check(&batch(9, 4, 0, 1)), Check::Append);
+        states.record(&batch(9, 4, 0, 1), 2, 3);
+        // The same epoch again keeps the batches (a retry of the last one is still known).
+        states.fence(9, 4, 4).expect("same epoch");
+        assert!(matches!(
+            states.check(&batch(9, 4, 0, 1)),
+            Check::Duplicate(_)
+        ));
+        // The deposed runner's own fence is refused.
+        assert_eq!(states.fence(9, 3, 5).map(|e| e.epoch), Err(4));
+        // A fence is what makes a producer known: a first fence at any epoch is taken.
+        assert_eq!(states.fence(10, 0, 6).map(|e| e.epoch), Ok(0));
+    }
+
+    #[test]
     fn an_unknown_producer_starts_anywhere_and_sequences_wrap() {
         let mut states = ProducerStates::default();
         let b = batch(9, 0, i32::MAX - 1, 2);
@@ -346,8 +418,14 @@ mod tests {
         let mut states = ProducerStates::default();
         states.record(&batch(1, 0, 0, 1), 0, 1_000);
         states.record(&batch(2, 0, 0, 1), 1, 1_000 + PRODUCER_EXPIRATION_MS);
+        assert!(states.expire(1_000 + PRODUCER_EXPIRATION_MS).is_empty());
         assert_eq!(states.expire(2_000 + PRODUCER_EXPIRATION_MS), vec![1]);
         assert!(states.get(1).is_none() && states.get(2).is_some());
+        // A batch stamped far ahead is forgotten by the next one's time.
+        states.record(&batch(2, 0, 1, 1), 2, i64::MAX / 2);
+        states.record(&batch(2, 0, 2, 1), 3, 5_000 + PRODUCER_EXPIRATION_MS);
+        assert_eq!(states.expire(6_000 + 2 * PRODUCER_EXPIRATION_MS), vec![2]);
+        assert!(states.is_empty());
     }
 
     proptest! {

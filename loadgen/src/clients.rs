@@ -103,6 +103,11 @@ pub(crate) fn start_producers(
                 .idempotent
                 .then(|| producer_id(&http, &bases, &live))
                 .flatten();
+            if spec.idempotent && idempotent.is_none() && !live.stop.load(Ordering::Acquire) {
+                eprintln!(
+                    "loadgen: producer {producer} got no producer id (POST /producers); it publishes without idempotence"
+                );
+            }
             let mut sequences = vec![0i64; partitions as usize];
             let mut next_sequence = 0u64;
             let mut requests = 0u32;
@@ -159,8 +164,9 @@ pub(crate) fn start_producers(
                 let sent = Instant::now();
                 loop {
                     let url = format!("{}/partitions/{partition}", &urls[target % urls.len()]);
-                    let acked = http
-                        .post(&url, JSON_V2, &body)
+                    let reply = http.post(&url, JSON_V2, &body);
+                    let acked = reply
+                        .as_ref()
                         .ok()
                         .filter(|r| r.status == 200)
                         .and_then(|r| acks_of(&r.body, producer, first));
@@ -178,7 +184,14 @@ pub(crate) fn start_producers(
                             .latencies
                             .push((at_ms, sent.elapsed().as_micros() as u64));
                         if let Some(p) = partition {
-                            sequences[p as usize] += spec.batch as i64;
+                            // Kafka's sequences wrap after i32::MAX; a request never spans it.
+                            let next = sequences[p as usize] + spec.batch as i64;
+                            sequences[p as usize] =
+                                if next + spec.batch as i64 > i64::from(i32::MAX) + 1 {
+                                    0
+                                } else {
+                                    next
+                                };
                         }
                         break;
                     }
@@ -192,9 +205,15 @@ pub(crate) fn start_producers(
                     target += 1;
                     std::thread::sleep(FAILURE_BACKOFF);
                     // Without a producer id its sequences are abandoned, never resent: a
-                    // sequence stored twice is then a real duplicate. With one, it is resent
-                    // until answered (or the run ends with it unanswered).
-                    if idempotent.is_none() || live.stop.load(Ordering::Acquire) {
+                    // sequence stored twice is then a real duplicate. With one, a request
+                    // whose outcome may be unknown is resent until answered (or the run ends
+                    // with it unanswered); one refused for good (a 4xx but 421/429) stored
+                    // nothing, so its sequence is the next request's.
+                    let resend = match &reply {
+                        Ok(r) => r.status >= 500 || matches!(r.status, 307 | 421 | 429),
+                        Err(_) => true,
+                    };
+                    if idempotent.is_none() || !resend || live.stop.load(Ordering::Acquire) {
                         break;
                     }
                 }
@@ -222,11 +241,14 @@ fn producer_id(http: &Http, bases: &[String], live: &Live) -> Option<i64> {
     None
 }
 
-/// Key numbers `0..n` by the partition Kafka's default partitioner sends `k{number}` to.
-fn keys_by_partition(n: u64, partitions: u32) -> Vec<Vec<u64>> {
+/// Key numbers `0..n` by the partition Kafka's default partitioner sends the stored key
+/// `"k{number}"` (JSON text) to.
+pub fn keys_by_partition(n: u64, partitions: u32) -> Vec<Vec<u64>> {
     let mut by = vec![Vec::new(); partitions as usize];
     for key in 0..n {
-        let hash = murmur2::murmur2(format!("k{key}").as_bytes(), KAFKA_MURMUR2_SEED) as i32;
+        // The JSON format stores a key as the JSON text sent, quotes included: that is what
+        // the broker (and any Kafka client reading it) hashes.
+        let hash = murmur2::murmur2(format!("\"k{key}\"").as_bytes(), KAFKA_MURMUR2_SEED) as i32;
         by[((hash & 0x7fff_ffff) as u32 % partitions) as usize].push(key);
     }
     by

@@ -2,6 +2,7 @@
 //! a timeline, and proves what survived. See `loadgen --help` and `loadgen/scenarios/`.
 
 mod clients;
+pub use clients::keys_by_partition;
 pub mod cluster;
 pub mod group;
 pub mod group_verify;

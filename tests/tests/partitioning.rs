@@ -102,3 +102,33 @@ fn same_key_same_partition_and_keyless_requests_spread() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// loadgen names the partition of each keyed request itself (idempotent producers write to one
+/// partition per request); the keys it picks for a partition are ones the broker would send
+/// there too, in the JSON format it uses.
+#[test]
+fn loadgen_s_keys_go_where_the_broker_sends_them() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let broker = BrokerProcess::start(&dir.path().join("broker"), &[])?;
+    let http = Client::new();
+    create_topic(&http, &broker, "keyed", 6)?;
+    let by_partition = loadgen::keys_by_partition(60, 6);
+    for (partition, keys) in by_partition.iter().enumerate() {
+        for key in keys {
+            let reply = http.post(
+                &broker.url("/topics/keyed"),
+                Some("application/vnd.kafka.json.v2+json"),
+                json!({"records": [{"key": format!("k{key}"), "value": 1}]})
+                    .to_string()
+                    .as_bytes(),
+            )?;
+            assert_eq!(reply.status, 200, "{}", reply.text);
+            assert_eq!(
+                reply.body["offsets"][0]["partition"].as_u64(),
+                Some(partition as u64),
+                "key k{key}"
+            );
+        }
+    }
+    Ok(())
+}

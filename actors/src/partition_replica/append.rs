@@ -5,10 +5,10 @@ use std::sync::atomic::Ordering;
 
 use tokio::sync::oneshot;
 
-use super::{now_ms, Appended, AppliedEntries, PartitionReplica, PendingAppend};
-use crate::batch::{self, NewRecord, ProducerSequence};
+use super::{now_ms, Appended, AppliedEntries, PartitionReplica, Payload, PendingAppend};
+use crate::batch;
 use crate::error::PartitionError;
-use crate::producers::{Check, EXPIRY_CHECK_EVERY};
+use crate::producers::Check;
 use crate::proposals::Unanswered;
 use crate::raft_group::ProposeError;
 use crate::storage::{log_state_op, producer_key, record_key, Cf, WriteOp};
@@ -16,13 +16,39 @@ use crate::storage::{log_state_op, producer_key, record_key, Cf, WriteOp};
 /// A barrier's entry: appends nothing (see [`PartitionShared::barrier`]). A proposed batch
 /// starts with eight zero bytes (its base offset is set at apply), so no batch is this.
 const BARRIER_ENTRY: &[u8] = b"pubg1 barrier";
+/// A fence's entry: [`FENCE_PREFIX`], producer id, epoch and the proposer's clock (for the
+/// producer's expiry), big-endian. No batch starts with the prefix (a proposed batch starts with
+/// eight zero bytes).
+const FENCE_PREFIX: &[u8] = b"pubg1 fence ";
+const FENCE_ENTRY_BYTES: usize = 12 + 8 + 2 + 8;
+
+fn fence_entry(id: i64, epoch: i16, at_ms: i64) -> bytes::Bytes {
+    let mut out = Vec::with_capacity(FENCE_ENTRY_BYTES);
+    out.extend_from_slice(FENCE_PREFIX);
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(&epoch.to_be_bytes());
+    out.extend_from_slice(&at_ms.to_be_bytes());
+    bytes::Bytes::from(out)
+}
+
+fn parse_fence(data: &[u8]) -> Option<(i64, i16, i64)> {
+    let rest = data.strip_prefix(FENCE_PREFIX)?;
+    if data.len() != FENCE_ENTRY_BYTES {
+        return None;
+    }
+    Some((
+        i64::from_be_bytes(rest[0..8].try_into().ok()?),
+        i16::from_be_bytes(rest[8..10].try_into().ok()?),
+        i64::from_be_bytes(rest[10..18].try_into().ok()?),
+    ))
+}
+
 impl PartitionReplica {
     /// Encode the records once, with base offset 0 (the real one is set at apply), and propose;
     /// the answer comes on the returned channel.
     pub(super) fn propose(
         &mut self,
-        records: &[NewRecord],
-        producer: Option<ProducerSequence>,
+        payload: Payload,
     ) -> Result<oneshot::Receiver<Result<Appended, PartitionError>>, PartitionError> {
         let (topic, partition) = (self.shared.topic.to_string(), self.shared.partition);
         if self.storage.is_congested() {
@@ -38,11 +64,15 @@ impl PartitionReplica {
         let Some(raft) = self.raft.as_mut() else {
             return Err(self.shared.unavailable());
         };
-        // No records: a barrier (see `BARRIER_ENTRY`).
-        let bytes = if records.is_empty() {
-            bytes::Bytes::from_static(BARRIER_ENTRY)
-        } else {
-            batch::encode_as(0, now_ms(), records, producer)?
+        let bytes = match payload {
+            // No records: a barrier (see `BARRIER_ENTRY`).
+            Payload::Records { records, .. } if records.is_empty() => {
+                bytes::Bytes::from_static(BARRIER_ENTRY)
+            }
+            Payload::Records { records, producer } => {
+                batch::encode_as(0, now_ms(), &records, producer)?
+            }
+            Payload::Fence { id, epoch } => fence_entry(id, epoch, now_ms()),
         };
         let (id, context) = self.proposals.next_context();
         raft.propose(context, bytes.to_vec()).map_err(|e| match e {
@@ -98,6 +128,34 @@ impl PartitionReplica {
                         duplicate: false,
                     };
                     completed.push((id, Ok(appended)));
+                }
+                continue;
+            }
+            if let Some((producer_id, epoch, at_ms)) = parse_fence(&entry.data) {
+                let outcome = match self.producers.fence(producer_id, epoch, at_ms) {
+                    Ok(state) => {
+                        ops.push(WriteOp::Put {
+                            cf: Cf::Records,
+                            key: producer_key(log, producer_id),
+                            value: state.encode(),
+                        });
+                        Ok(Appended {
+                            base_offset,
+                            record_count: 0,
+                            leader_epoch: entry.term,
+                            duplicate: false,
+                        })
+                    }
+                    Err(current) => Err(PartitionError::InvalidProducerEpoch {
+                        topic: self.shared.topic.to_string(),
+                        partition: self.shared.partition,
+                        producer_id,
+                        current,
+                        got: epoch,
+                    }),
+                };
+                if let Some(id) = own {
+                    completed.push((id, outcome));
                 }
                 continue;
             }
@@ -173,13 +231,11 @@ impl PartitionReplica {
                     value: state.encode(),
                 });
             }
-            if entry.index % EXPIRY_CHECK_EVERY == 0 {
-                for id in self.producers.expire(header.max_timestamp_ms) {
-                    ops.push(WriteOp::Delete {
-                        cf: Cf::Records,
-                        key: producer_key(log, id),
-                    });
-                }
+            for id in self.producers.expire(header.max_timestamp_ms) {
+                ops.push(WriteOp::Delete {
+                    cf: Cf::Records,
+                    key: producer_key(log, id),
+                });
             }
             self.state.next_offset = header.next_offset();
             self.state.size_bytes += header.size_bytes;
@@ -266,5 +322,28 @@ impl PartitionReplica {
             Unanswered::NotWritten => PartitionError::NotWritten { topic, partition },
             Unanswered::Unknown => PartitionError::OutcomeUnknown { topic, partition },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fence_entries_round_trip_and_are_never_batches() {
+        let entry = fence_entry(1 << 62, 7, 1_796_000_000_000);
+        assert_eq!(parse_fence(&entry), Some((1 << 62, 7, 1_796_000_000_000)));
+        assert_eq!(parse_fence(BARRIER_ENTRY), None);
+        assert_eq!(parse_fence(&entry[..entry.len() - 1]), None);
+        let batch = batch::encode(
+            0,
+            1,
+            &[batch::NewRecord {
+                key: None,
+                value: None,
+            }],
+        )
+        .expect("encode");
+        assert_eq!(parse_fence(&batch), None);
     }
 }

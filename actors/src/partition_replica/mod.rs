@@ -67,13 +67,24 @@ pub struct Appended {
     pub duplicate: bool,
 }
 
-/// Append records to the partition; replies once they are durable.
+/// Append to the partition; replies once it is durable.
 #[derive(Debug)]
 pub struct Append {
-    pub records: Vec<NewRecord>,
-    /// The idempotent producer sending them, if any: checked against the producer's state when
-    /// the entry is applied (a retry is answered with the original offsets).
-    pub producer: Option<ProducerSequence>,
+    pub payload: Payload,
+}
+
+/// What an append carries.
+#[derive(Debug)]
+pub enum Payload {
+    /// Records to encode as one batch (none: a barrier), from an idempotent producer if
+    /// `producer` is set (checked against the producer's state when the entry is applied).
+    Records {
+        records: Vec<NewRecord>,
+        producer: Option<ProducerSequence>,
+    },
+    /// A barrier that also fences producer `id` at `epoch` (see
+    /// [`crate::producers::ProducerStates::fence`]): appends nothing.
+    Fence { id: i64, epoch: i16 },
 }
 
 impl Message for Append {
@@ -564,7 +575,7 @@ impl Handler<Append> for PartitionReplica {
         let proposed = raft_driver::guarded(self, ctx, |act, ctx| {
             act.wake(ctx);
             act.last_active = Instant::now();
-            let receiver = act.propose(&msg.records, msg.producer)?;
+            let receiver = act.propose(msg.payload)?;
             raft_driver::drive(act, ctx);
             Ok(receiver)
         });

@@ -117,7 +117,9 @@ impl PartitionReplica {
                     .log_size_bytes
                     .store(next.size_bytes, Ordering::Release);
                 self.publish_log_gauges();
-                // A snapshot offered from now on says where the log starts now.
+                // A snapshot offered from now on says where the log starts now (with many
+                // producers the point may be refreshed a little later; an install that asks
+                // for deleted records is told where the log starts, `deleted_below`).
                 self.offer_snapshot_point();
                 tracing::info!(topic = %self.shared.topic, partition = self.shared.partition, from = old_start, to = plan.new_start, freed_bytes = plan.freed_bytes, "retention deleted old batches");
                 let storage = self.storage.clone();

@@ -8,7 +8,7 @@ use std::time::Instant;
 use actix::Addr;
 use tokio::sync::watch;
 
-use super::{Append, Appended, PartitionReplica};
+use super::{Append, Appended, PartitionReplica, Payload};
 use crate::batch::{NewRecord, ProducerSequence};
 use crate::error::PartitionError;
 use crate::topic::LogId;
@@ -253,8 +253,20 @@ impl PartitionShared {
         records: Vec<NewRecord>,
         producer: Option<ProducerSequence>,
     ) -> Result<Appended, PartitionError> {
+        self.append_payload(Payload::Records { records, producer })
+            .await
+    }
+
+    /// A barrier ([`PartitionShared::barrier`]) that also fences producer `id` at `epoch`:
+    /// once it is answered, no batch of an older epoch of that producer is appended any more.
+    /// Refused with [`PartitionError::InvalidProducerEpoch`] if the producer has a newer epoch.
+    pub async fn fence(&self, id: i64, epoch: i16) -> Result<Appended, PartitionError> {
+        self.append_payload(Payload::Fence { id, epoch }).await
+    }
+
+    async fn append_payload(&self, payload: Payload) -> Result<Appended, PartitionError> {
         let addr = self.addr().ok_or_else(|| self.unavailable())?;
-        addr.send(Append { records, producer })
+        addr.send(Append { payload })
             .await
             .map_err(|_| self.unavailable())?
     }

@@ -7,7 +7,7 @@
 //! `checkpoint_interval` checkpoint and write the results the checkpoint decided. Any failure
 //! ends the runner; its offsets replica starts a new one from the last checkpoint.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,9 +18,10 @@ use pubg1_streaming::Engine;
 
 use super::checkpoint::{result_tag, result_value, Checkpoint, Counters, OutputRecord, Task};
 use super::machine::JobCommand;
+use super::remote::{self, FENCED};
 use super::spec::JobSpec;
-use super::{remote, JobSettings};
-use crate::batch::{NewRecord, StoredRecord};
+use super::JobSettings;
+use crate::batch::{NewRecord, ProducerSequence, StoredRecord};
 use crate::error::PartitionError;
 use crate::groups::offsets_machine::GroupCommand;
 use crate::groups::offsets_replica::{OffsetsReplica, ProposeGroup};
@@ -116,6 +117,7 @@ impl WindowJob {
                 settings,
                 live: live.clone(),
                 exact: HashSet::new(),
+                sequences: HashMap::new(),
                 dirty: false,
                 last_checkpoint: Instant::now(),
             }),
@@ -159,6 +161,9 @@ impl Handler<StopJob> for WindowJob {
     }
 }
 
+/// Producer ids of stream jobs start here: far above any `POST /producers` hands out.
+const JOB_PRODUCER_IDS: i64 = 1 << 62;
+
 struct Runner {
     spec: JobSpec,
     extraction: Extraction,
@@ -169,6 +174,9 @@ struct Runner {
     live: Arc<Live>,
     /// Output partitions whose position is exact: nothing of this job's lies after it.
     exact: HashSet<u32>,
+    /// Per output partition fenced by this runner, the sequence number its next write starts
+    /// at (this runner writes as an idempotent producer: see [`Runner::producer`]).
+    sequences: HashMap<u32, i32>,
     /// Input processed since the last checkpoint.
     dirty: bool,
     last_checkpoint: Instant,
@@ -179,6 +187,25 @@ type Step = Result<(), String>;
 impl Runner {
     fn name(&self) -> &str {
         &self.spec.name
+    }
+
+    /// The job writes its output as an idempotent producer of its own: the id is unique to
+    /// this incarnation of the job (its offsets partition and the index that created it, in a
+    /// range `POST /producers` never reaches), the epoch is the runner's. A new runner fences
+    /// each output partition at its epoch before it looks at it, so nothing a deposed runner
+    /// still has on its way (a paused process, a write in a socket, a forwarded proposal) can
+    /// land after that look; and its own resends are recognised as duplicates.
+    fn producer(&self) -> Result<(i64, i16), String> {
+        let partitions = self.settings.registry.offsets().len().max(1) as u32;
+        let home = i64::from(super::job_partition(&self.spec.name, partitions));
+        let id = JOB_PRODUCER_IDS | (home << 48) | (self.uid as i64 & ((1 << 48) - 1));
+        let epoch = i16::try_from(self.epoch).map_err(|_| {
+            format!(
+                "{FENCED}: the job has been taken over {} times, more than a producer epoch counts; delete it and create it again",
+                self.epoch
+            )
+        })?;
+        Ok((id, epoch))
     }
 
     async fn propose(&self, command: JobCommand) -> Step {
@@ -450,6 +477,9 @@ impl Runner {
                         if let Some(gone) = self.output_gone() {
                             return Err(gone);
                         }
+                        if e.starts_with(FENCED) {
+                            return Err(e);
+                        }
                         tracing::info!(job = %self.name(), partition, error = %e, "output barrier failed; retrying");
                         tokio::time::sleep(delay).await;
                         delay = (delay * 2).min(Duration::from_secs(1));
@@ -499,6 +529,9 @@ impl Runner {
                 Err(e) => {
                     if let Some(gone) = self.output_gone() {
                         return Err(gone);
+                    }
+                    if e.starts_with(FENCED) {
+                        return Err(e);
                     }
                     tracing::info!(job = %self.name(), error = %e, "writing results failed; retrying");
                     tokio::time::sleep(delay).await;
@@ -558,11 +591,10 @@ impl Runner {
                             .with_label_values(&[self.spec.name.as_str()])
                             .inc_by(chunk.len() as u64);
                     }
-                    Err(e) => {
-                        // It may have been written: look before writing again.
-                        self.exact.remove(&partition);
-                        return Err(e);
-                    }
+                    // It may have been written: the retry sends the same records with the same
+                    // sequence numbers (they stay pending), and the partition answers the
+                    // second copy to land as a duplicate.
+                    Err(e) => return Err(e),
                 }
             }
         }
@@ -590,21 +622,31 @@ impl Runner {
         }
     }
 
-    /// The log end of output `partition` after a barrier through its leader.
-    async fn barrier(&self, partition: u32) -> Result<u64, String> {
+    /// The log end of output `partition` after a barrier through its leader that fences this
+    /// job's producer at this runner's epoch (see [`Runner::producer`]).
+    async fn barrier(&mut self, partition: u32) -> Result<u64, String> {
         let shared = self.output_partition(partition)?;
-        if shared.is_led_here() {
-            return shared
-                .barrier()
+        let (id, epoch) = self.producer()?;
+        let end = if shared.is_led_here() {
+            shared
+                .fence(id, epoch)
                 .await
                 .map(|a| a.base_offset)
-                .map_err(|e| e.to_string());
-        }
-        let leader = self.leader_http(&shared).ok_or("no leader known")?;
-        let topic = shared.topic.to_string();
-        tokio::task::spawn_blocking(move || remote::barrier(&leader, &topic, partition))
+                .map_err(|e| match e {
+                    PartitionError::InvalidProducerEpoch { .. } => format!("{FENCED}: {e}"),
+                    e => e.to_string(),
+                })?
+        } else {
+            let leader = self.leader_http(&shared).ok_or("no leader known")?;
+            let topic = shared.topic.to_string();
+            tokio::task::spawn_blocking(move || {
+                remote::barrier(&leader, &topic, partition, Some((id, epoch)))
+            })
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())??
+        };
+        self.sequences.entry(partition).or_insert(0);
+        Ok(end)
     }
 
     /// Sequence numbers of this job's results in output `partition` within `[from, end)`.
@@ -650,10 +692,45 @@ impl Runner {
         Ok(seqs)
     }
 
-    /// Append `records` to output `partition` through its leader; the offset after them.
-    async fn publish(&self, partition: u32, records: &[OutputRecord]) -> Result<u64, String> {
+    /// Append `records` to output `partition` through its leader, as the job's producer with
+    /// the partition's next sequence numbers; the offset after them. A failed write is sent
+    /// again with the same records and numbers (the caller keeps them pending), so whichever
+    /// copy lands second is recognised as a duplicate.
+    async fn publish(&mut self, partition: u32, records: &[OutputRecord]) -> Result<u64, String> {
         let shared = self.output_partition(partition)?;
         let count = records.len() as u64;
+        let (id, epoch) = self.producer()?;
+        let base_sequence = *self
+            .sequences
+            .get(&partition)
+            .ok_or_else(|| format!("output partition {partition} was not fenced"))?;
+        if i64::from(base_sequence) + records.len() as i64 > i64::from(i32::MAX) {
+            // A new runner (a new epoch) starts its sequences again.
+            return Err(format!(
+                "{FENCED}: this runner's sequence numbers on output partition {partition} are used up"
+            ));
+        }
+        let producer = ProducerSequence {
+            id,
+            epoch,
+            base_sequence,
+        };
+        let written = self.write(&shared, partition, records, producer).await;
+        if written.is_ok() {
+            self.sequences
+                .insert(partition, base_sequence + records.len() as i32);
+        }
+        written.map(|first| first + count)
+    }
+
+    /// One write of [`Runner::publish`]: the first record's offset.
+    async fn write(
+        &self,
+        shared: &Arc<PartitionShared>,
+        partition: u32,
+        records: &[OutputRecord],
+        producer: ProducerSequence,
+    ) -> Result<u64, String> {
         if shared.is_led_here() {
             let batch = records
                 .iter()
@@ -663,21 +740,27 @@ impl Runner {
                 })
                 .collect();
             return shared
-                .append(batch)
+                .append_as(batch, Some(producer))
                 .await
-                .map(|a| a.base_offset + count)
-                .map_err(|e| e.to_string());
+                .map(|a| a.base_offset)
+                .map_err(|e| match e {
+                    // Deposed, or out of step with the partition: a new runner starts over.
+                    PartitionError::InvalidProducerEpoch { .. }
+                    | PartitionError::OutOfOrderSequence { .. } => format!("{FENCED}: {e}"),
+                    e => e.to_string(),
+                });
         }
-        let leader = self.leader_http(&shared).ok_or("no leader known")?;
+        let leader = self.leader_http(shared).ok_or("no leader known")?;
         let topic = shared.topic.to_string();
         let pairs: Vec<(Bytes, Bytes)> = records
             .iter()
             .map(|r| (r.key.clone(), r.value.clone()))
             .collect();
-        tokio::task::spawn_blocking(move || remote::publish(&leader, &topic, partition, &pairs))
-            .await
-            .map_err(|e| e.to_string())?
-            .map(|first| first + count)
+        tokio::task::spawn_blocking(move || {
+            remote::publish(&leader, &topic, partition, &pairs, producer)
+        })
+        .await
+        .map_err(|e| e.to_string())?
     }
 }
 

@@ -9,12 +9,15 @@ use base64::Engine as _;
 use bytes::Bytes;
 use serde::Deserialize;
 
-use crate::batch::StoredRecord;
+use crate::batch::{ProducerSequence, StoredRecord};
 
 /// Longer than a broker waits for an append to commit (5 s), so a write that is not answered
 /// in time was given up by the broker too, not just by this side.
 const TIMEOUT: Duration = Duration::from_secs(8);
 const BINARY: &str = "application/vnd.kafka.binary.v2+json";
+
+/// How an error from a fenced (deposed) writer starts: the runner stops instead of retrying.
+pub const FENCED: &str = "fenced";
 
 fn agent() -> &'static ureq::Agent {
     static AGENT: OnceLock<ureq::Agent> = OnceLock::new();
@@ -129,12 +132,19 @@ pub fn publish(
     topic: &str,
     partition: u32,
     records: &[(Bytes, Bytes)],
+    producer: ProducerSequence,
 ) -> Result<u64, String> {
     let body_records: Vec<serde_json::Value> = records
         .iter()
         .map(|(k, v)| serde_json::json!({"key": BASE64.encode(k), "value": BASE64.encode(v)}))
         .collect();
-    let request = serde_json::json!({ "records": body_records }).to_string();
+    let request = serde_json::json!({
+        "records": body_records,
+        "producer_id": producer.id,
+        "producer_epoch": producer.epoch,
+        "sequence": producer.base_sequence,
+    })
+    .to_string();
     let url = format!("http://{leader}/topics/{topic}/partitions/{partition}");
     let mut response = agent()
         .post(&url)
@@ -142,6 +152,10 @@ pub fn publish(
         .send(request.as_bytes())
         .map_err(|e| e.to_string())?;
     let text = body(&mut response)?;
+    // Deposed (40909), or out of step with the partition (40908): a new runner starts over.
+    if response.status() == 409 && (text.contains("40909") || text.contains("40908")) {
+        return Err(format!("{FENCED}: {url}: {text}"));
+    }
     if response.status() != 200 {
         return Err(format!("{url}: {} {text}", response.status()));
     }
@@ -162,10 +176,30 @@ pub fn publish(
 
 /// A read barrier through `leader` (see `PartitionShared::barrier`): the log's end once
 /// everything committed before it is readable.
-pub fn barrier(leader: &str, topic: &str, partition: u32) -> Result<u64, String> {
+///
+/// With `fence` (producer id, epoch), the barrier also fences that producer (see
+/// `PartitionShared::fence`).
+pub fn barrier(
+    leader: &str,
+    topic: &str,
+    partition: u32,
+    fence: Option<(i64, i16)>,
+) -> Result<u64, String> {
     let url = format!("http://{leader}/topics/{topic}/partitions/{partition}/barrier");
-    let mut response = agent().post(&url).send_empty().map_err(|e| e.to_string())?;
+    let request = agent().post(&url);
+    let sent = match fence {
+        Some((id, epoch)) => request.header("content-type", "application/json").send(
+            serde_json::json!({"producer_id": id, "producer_epoch": epoch})
+                .to_string()
+                .as_bytes(),
+        ),
+        None => request.send_empty(),
+    };
+    let mut response = sent.map_err(|e| e.to_string())?;
     let text = body(&mut response)?;
+    if response.status() == 409 && text.contains("40909") {
+        return Err(format!("{FENCED}: {url}: {text}"));
+    }
     if response.status() != 200 {
         return Err(format!("{url}: {} {text}", response.status()));
     }

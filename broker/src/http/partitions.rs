@@ -4,11 +4,11 @@ use std::sync::Arc;
 
 use actix_web::{get, post, web, HttpResponse};
 use pubg1_actors::partition_replica::PartitionShared;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
-use super::State;
+use super::{parse_json, State};
 
 /// One replica of a partition.
 #[derive(Debug, Serialize, ToSchema)]
@@ -145,27 +145,59 @@ pub struct BarrierAnswer {
     pub leader_epoch: u64,
 }
 
+/// An optional barrier body: fence this idempotent producer at this epoch.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FenceRequest {
+    #[schema(minimum = 0)]
+    pub producer_id: i64,
+    #[schema(minimum = 0, maximum = 32767)]
+    pub producer_epoch: i16,
+}
+
 /// A read barrier through the partition's leader: commits an entry that appends nothing and
 /// answers once it is applied. Unlike the high watermark right after a failover, the answer
 /// covers every record an earlier leader got committed (stream jobs use it before they look
-/// for their own results in an output topic).
+/// for their own results in an output topic). With a body it also *fences* the producer: from
+/// then on, its batches of an older epoch are refused (409, 40909), so nothing of a deposed
+/// writer can land after the barrier; a fence of an epoch older than the producer's is itself
+/// refused (409, 40909).
 #[utoipa::path(
     tag = "topics",
     params(("topic" = String, Path, description = "Topic name", pattern = r"^(?!\.\.?$)[a-zA-Z0-9._-]{1,249}$"), ("partition" = u32, Path, description = "Partition number")),
-    responses((status = 200, body = BarrierAnswer), (status = 404, body = ErrorBody), (status = 421, body = ErrorBody),
+    request_body(content = Option<FenceRequest>, content_type = "application/json"),
+    responses((status = 200, body = BarrierAnswer), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 421, body = ErrorBody), (status = 422, body = ErrorBody),
         (status = 429, body = ErrorBody), (status = 503, body = ErrorBody))
 )]
 #[post("/topics/{topic}/partitions/{partition}/barrier")]
 pub async fn barrier(
     state: State,
     path: web::Path<(String, u32)>,
+    body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
     let (topic, partition) = path.into_inner();
+    let fence: Option<FenceRequest> = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        Some(parse_json(&body)?)
+    };
+    if let Some(f) = &fence {
+        if f.producer_id < 0 || f.producer_epoch < 0 {
+            return Err(ApiError::Unprocessable(format!(
+                "producer_id ({}) and producer_epoch ({}) must not be negative",
+                f.producer_id, f.producer_epoch
+            )));
+        }
+    }
     let partition = find(&state, &topic, partition)?;
     if !partition.hosted {
         return Err(not_replica(&state, &partition));
     }
-    let appended = partition.barrier().await?;
+    let appended = match fence {
+        Some(f) => partition.fence(f.producer_id, f.producer_epoch).await?,
+        None => partition.barrier().await?,
+    };
     Ok(HttpResponse::Ok().json(BarrierAnswer {
         log_end_offset: appended.base_offset,
         leader_epoch: appended.leader_epoch,

@@ -72,7 +72,8 @@ pub struct RecordOffset {
     pub partition: u32,
     /// Null when this record's partition failed (see `error_code`).
     pub offset: Option<u64>,
-    /// Raft term of the leader that appended the record (Kafka's leader epoch); absent on error.
+    /// Raft term of the leader that appended the record (Kafka's leader epoch); absent on error
+    /// and on a duplicate.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub leader_epoch: Option<u64>,
     /// True when an idempotent producer's retry found its records already stored: the offsets
@@ -195,7 +196,8 @@ async fn produce(
                 Ok(appended) => RecordOffset {
                     partition: p,
                     offset: Some(appended.base_offset + position as u64),
-                    leader_epoch: Some(appended.leader_epoch),
+                    // A duplicate's original term is not kept; the resend's would mislead.
+                    leader_epoch: (!appended.duplicate).then_some(appended.leader_epoch),
                     duplicate: appended.duplicate,
                     error_code: None,
                     error: None,
