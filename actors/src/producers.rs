@@ -27,6 +27,11 @@ pub const RETAINED_BATCHES: usize = 5;
 /// `producer.id.expiration.ms` default: one day).
 pub const PRODUCER_EXPIRATION_MS: i64 = 24 * 60 * 60 * 1000;
 
+/// Producer ids from here up are the cluster's own (stream jobs: see `streams::job`); `POST
+/// /producers` and InitProducerId never hand them out, and they never expire (a job's fence
+/// must outlive any quiet spell; they go when their topic does).
+pub const RESERVED_PRODUCER_IDS: i64 = 1 << 62;
+
 /// What a batch says about its producer (from its header); `id < 0` means not idempotent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProducerBatch {
@@ -123,6 +128,7 @@ impl ProducerStates {
     }
 
     fn note_timestamp(&mut self, timestamp_ms: i64) {
+        // (A reserved producer's time lowers the bound too: harmless, it only costs a scan.)
         self.oldest_ms = Some(self.oldest_ms.map_or(timestamp_ms, |t| t.min(timestamp_ms)));
     }
 
@@ -237,13 +243,18 @@ impl ProducerStates {
         let expired: Vec<i64> = self
             .producers
             .iter()
-            .filter(|(_, e)| e.last_timestamp_ms < horizon)
+            .filter(|(id, e)| **id < RESERVED_PRODUCER_IDS && e.last_timestamp_ms < horizon)
             .map(|(id, _)| *id)
             .collect();
         for id in &expired {
             self.producers.remove(id);
         }
-        self.oldest_ms = self.producers.values().map(|e| e.last_timestamp_ms).min();
+        self.oldest_ms = self
+            .producers
+            .iter()
+            .filter(|(id, _)| **id < RESERVED_PRODUCER_IDS)
+            .map(|(_, e)| e.last_timestamp_ms)
+            .min();
         expired
     }
 }
@@ -426,6 +437,12 @@ mod tests {
         states.record(&batch(2, 0, 2, 1), 3, 5_000 + PRODUCER_EXPIRATION_MS);
         assert_eq!(states.expire(6_000 + 2 * PRODUCER_EXPIRATION_MS), vec![2]);
         assert!(states.is_empty());
+        // A stream job's producer (a reserved id) is never expired: its fence must hold.
+        states
+            .fence(RESERVED_PRODUCER_IDS + 5, 3, 1)
+            .expect("fence");
+        assert!(states.expire(i64::MAX / 2).is_empty());
+        assert_eq!(states.len(), 1);
     }
 
     proptest! {

@@ -210,7 +210,8 @@ pub(crate) fn start_producers(
                     // with it unanswered); one refused for good (a 4xx but 421/429) stored
                     // nothing, so its sequence is the next request's.
                     let resend = match &reply {
-                        Ok(r) => r.status >= 500 || matches!(r.status, 307 | 421 | 429),
+                        // 200 without every offset: what was stored is not known.
+                        Ok(r) => r.status >= 500 || matches!(r.status, 200 | 307 | 421 | 429),
                         Err(_) => true,
                     };
                     if idempotent.is_none() || !resend || live.stop.load(Ordering::Acquire) {

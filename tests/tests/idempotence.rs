@@ -213,7 +213,7 @@ fn a_replica_restored_by_snapshot_knows_the_producers_when_it_leads() -> Result<
     let producer = new_producer(&cluster, &http)?;
     let (early, _) = offsets(&produce(&cluster, &http, producer, 0, 0, 2)?)?;
     // More producers than a snapshot point carries on every write (64): the leader refreshes
-    // its point on a timer then, and the install must still bring every one of them.
+    // its point at most every 250 ms then, and the install must still bring every one.
     let mut many = Vec::new();
     for _ in 0..70 {
         let id = new_producer(&cluster, &http)?;

@@ -1,5 +1,6 @@
 //! Stream jobs on a real 3-broker cluster: their output equals an offline recomputation of
-//! the input log exactly, through kill -9 of the broker running them; bad specs get 4xx.
+//! the input log exactly, through kill -9 and a pause of the broker running them; bad specs
+//! get 4xx.
 
 use std::time::{Duration, Instant};
 
@@ -85,14 +86,15 @@ fn three_jobs_write_every_window_exactly_once_through_three_kills_of_their_broke
     }
     let batch = 1000;
     let mut kills = Vec::new();
+    let mut pauses = Vec::new();
     for (round, chunk) in (0..EVENTS)
         .collect::<Vec<_>>()
-        .chunks(EVENTS / 4)
+        .chunks(EVENTS / 5)
         .enumerate()
     {
         // Last round: kill an output partition's leader on a broker the jobs do not run on,
         // so their writes fail part-way and are retried (some results written, some not).
-        let output_victim = if round == 3 {
+        let output_victim = if round == 4 {
             let (on, _) = wait_until(Duration::from_secs(60), "the jobs running", || {
                 runner(&http, &cluster.brokers, &names[0])
             })?;
@@ -116,12 +118,12 @@ fn three_jobs_write_every_window_exactly_once_through_three_kills_of_their_broke
             let records: Vec<Value> = part.iter().map(|i| event(*i)).collect();
             produce(&http, &cluster.brokers, &records)?;
         }
-        if round == 3 {
+        if round == 4 {
             if let Some(v) = output_victim {
                 // The jobs went on reading meanwhile; their writes to that partition waited.
                 wait_until(Duration::from_secs(60), "the jobs reading on", || {
                     let (_, status) = runner(&http, &cluster.brokers, &names[2])?;
-                    (status["records_in"].as_u64()? >= (3 * EVENTS / 4) as u64).then_some(())
+                    (status["records_in"].as_u64()? >= (4 * EVENTS / 5) as u64).then_some(())
                 })?;
                 cluster.broker_mut(v).restart()?;
                 kills.push((v, 0, Duration::ZERO));
@@ -129,11 +131,24 @@ fn three_jobs_write_every_window_exactly_once_through_three_kills_of_their_broke
             break;
         }
         // Kill the broker running the jobs once it has read into this round's events.
-        let floor = (round * EVENTS / 4) as u64;
+        let floor = (round * EVENTS / 5) as u64;
         let (victim, _) = wait_until(Duration::from_secs(60), "the jobs running", || {
             let (on, status) = runner(&http, &cluster.brokers, &names[0])?;
             (status["records_in"].as_u64()? > floor).then_some((on, status))
         })?;
+        if round == 3 {
+            // Round 3 pauses it instead, mid-work, until the jobs run elsewhere, and resumes
+            // it: its runners wake with writes on their way to a successor's output, which the
+            // successor's fences must refuse (a kill -9 leaves nothing in flight).
+            cluster.broker_mut(victim).pause()?;
+            let paused_at = Instant::now();
+            let (successor, _) = wait_until(Duration::from_secs(60), "a job taken over", || {
+                runner(&http, &cluster.brokers, &names[0]).filter(|(on, _)| *on != victim)
+            })?;
+            pauses.push((victim, successor, paused_at.elapsed()));
+            cluster.broker_mut(victim).resume()?;
+            continue;
+        }
         cluster.broker_mut(victim).kill9();
         let killed_at = Instant::now();
         let (successor, _) = wait_until(Duration::from_secs(60), "a job taken over", || {
@@ -175,7 +190,7 @@ fn three_jobs_write_every_window_exactly_once_through_three_kills_of_their_broke
         let (got, duplicates) = read_results(&http, reader, output, OUTPUT_PARTITIONS, name)?;
         let problems = compare(&expected, &got, &duplicates);
         eprintln!(
-            "{name} ({}): {} results recomputed, {} written, late {}, dropped {}; kills (victim, successor, kill to running; successor 0: an output leader killed): {kills:?}",
+            "{name} ({}): {} results recomputed, {} written, late {}, dropped {}; kills (victim, successor, kill to running; successor 0: an output leader killed): {kills:?}; pauses (victim, successor, pause to running): {pauses:?}",
             spec["window"]["kind"],
             expected.len(),
             got.len(),
@@ -203,6 +218,7 @@ fn three_jobs_write_every_window_exactly_once_through_three_kills_of_their_broke
         kills.len() >= 3,
         "three kills of the jobs' broker: {kills:?}"
     );
+    ensure!(pauses.len() == 1, "a pause of the jobs' broker: {pauses:?}");
     Ok(())
 }
 

@@ -97,8 +97,9 @@ impl PartitionReplica {
     ///
     /// The point carries every producer's state, so with many producers it is refreshed at
     /// most every [`PRODUCERS_OFFER_INTERVAL`] rather than on every write: an older point is
-    /// still a consistent one, and a follower it leaves behind the compacted log is sent the
-    /// next.
+    /// still a consistent one. A refresh skipped is owed, and made by the next Raft tick after
+    /// the interval (a partition with a follower behind does not quiesce), so a follower left
+    /// behind the compacted log gets a newer point even if nothing more is written.
     pub(super) fn offer_snapshot_point(&mut self) {
         if !self.raft.as_ref().is_some_and(|raft| raft.is_leader()) {
             return;
@@ -108,8 +109,10 @@ impl PartitionReplica {
                 .producers_offered_at
                 .is_some_and(|at| at.elapsed() < PRODUCERS_OFFER_INTERVAL)
         {
+            self.snapshot_offer_owed = true;
             return;
         }
+        self.snapshot_offer_owed = false;
         self.producers_offered_at = Some(Instant::now());
         let data = SnapshotData {
             log_start_offset: self.state.log_start_offset,
@@ -160,6 +163,17 @@ impl PartitionReplica {
         match at {
             Some(i) => others[(i + 1) % others.len()],
             None => others.first().copied().unwrap_or(current),
+        }
+    }
+
+    /// On every tick: a snapshot point skipped for being too soon, once it is due.
+    pub(super) fn offer_owed_snapshot_point(&mut self) {
+        if self.snapshot_offer_owed
+            && self
+                .producers_offered_at
+                .is_none_or(|at| at.elapsed() >= PRODUCERS_OFFER_INTERVAL)
+        {
+            self.offer_snapshot_point();
         }
     }
 

@@ -174,8 +174,10 @@ pub struct PartitionReplica {
     state: LogState,
     /// Idempotent producers' state as of `state.applied_index` (see [`crate::producers`]).
     producers: ProducerStates,
-    /// When a snapshot point last carried the producers (see `offer_snapshot_point`).
+    /// When a snapshot point last carried the producers, and whether a refresh was skipped
+    /// since (see `offer_snapshot_point`).
     producers_offered_at: Option<Instant>,
+    snapshot_offer_owed: bool,
     /// `None` until recovered from storage; nothing is proposed or applied before.
     raft: Option<RaftGroup>,
     driver: Driver,
@@ -227,6 +229,7 @@ impl PartitionReplica {
             state: LogState::default(),
             producers: ProducerStates::default(),
             producers_offered_at: None,
+            snapshot_offer_owed: false,
             raft: None,
             driver: Driver::default(),
             proposals: Proposals::new(),

@@ -61,6 +61,7 @@ impl PartitionReplica {
             self.expire_pending();
         }
         self.retry_install();
+        self.offer_owed_snapshot_point();
         raft_driver::drive(self, ctx);
         if let Some((notice, since)) = self.quiesce_notice {
             // A notice is good for one election window: a follower still not caught up by then,

@@ -28,6 +28,7 @@ use crate::groups::offsets_replica::{OffsetsReplica, ProposeGroup};
 use crate::log_reader::{self, FetchRequest};
 use crate::partition_replica::{now_ms, PartitionShared};
 use crate::partitioner::partition_for_key;
+use crate::producers::RESERVED_PRODUCER_IDS;
 use crate::registry::TopicHandle;
 
 /// Bytes read per input partition per step.
@@ -118,6 +119,7 @@ impl WindowJob {
                 live: live.clone(),
                 exact: HashSet::new(),
                 sequences: HashMap::new(),
+                unanswered: None,
                 dirty: false,
                 last_checkpoint: Instant::now(),
             }),
@@ -161,9 +163,6 @@ impl Handler<StopJob> for WindowJob {
     }
 }
 
-/// Producer ids of stream jobs start here: far above any `POST /producers` hands out.
-const JOB_PRODUCER_IDS: i64 = 1 << 62;
-
 struct Runner {
     spec: JobSpec,
     extraction: Extraction,
@@ -177,6 +176,9 @@ struct Runner {
     /// Per output partition fenced by this runner, the sequence number its next write starts
     /// at (this runner writes as an idempotent producer: see [`Runner::producer`]).
     sequences: HashMap<u32, i32>,
+    /// The last write that failed: (partition, base sequence, first and last result seq). Its
+    /// retry must be the same records, or the partition would take other records for it.
+    unanswered: Option<(u32, i32, u64, u64)>,
     /// Input processed since the last checkpoint.
     dirty: bool,
     last_checkpoint: Instant,
@@ -198,7 +200,7 @@ impl Runner {
     fn producer(&self) -> Result<(i64, i16), String> {
         let partitions = self.settings.registry.offsets().len().max(1) as u32;
         let home = i64::from(super::job_partition(&self.spec.name, partitions));
-        let id = JOB_PRODUCER_IDS | (home << 48) | (self.uid as i64 & ((1 << 48) - 1));
+        let id = RESERVED_PRODUCER_IDS | (home << 48) | (self.uid as i64 & ((1 << 48) - 1));
         let epoch = i16::try_from(self.epoch).map_err(|_| {
             format!(
                 "{FENCED}: the job has been taken over {} times, more than a producer epoch counts; delete it and create it again",
@@ -715,10 +717,24 @@ impl Runner {
             epoch,
             base_sequence,
         };
+        let (first, last) = (records[0].seq, records[records.len() - 1].seq);
+        if let Some(unanswered) = self.unanswered {
+            if unanswered.0 == partition && unanswered != (partition, base_sequence, first, last) {
+                // Never expected (settle resends the same chunk), and unsafe to go on: a new
+                // runner starts over.
+                return Err(format!(
+                    "{FENCED}: the resend to output partition {partition} is not the write that failed"
+                ));
+            }
+        }
         let written = self.write(&shared, partition, records, producer).await;
-        if written.is_ok() {
-            self.sequences
-                .insert(partition, base_sequence + records.len() as i32);
+        match &written {
+            Ok(_) => {
+                self.unanswered = None;
+                self.sequences
+                    .insert(partition, base_sequence + records.len() as i32);
+            }
+            Err(_) => self.unanswered = Some((partition, base_sequence, first, last)),
         }
         written.map(|first| first + count)
     }

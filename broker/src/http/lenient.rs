@@ -65,6 +65,10 @@ pub fn i64<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
     integer(d)
 }
 
+pub fn i16<'de, D: Deserializer<'de>>(d: D) -> Result<i16, D::Error> {
+    integer(d)
+}
+
 /// An optional integer: absent or null is None.
 pub mod opt {
     use serde::de::{Deserialize, Deserializer};
@@ -89,6 +93,14 @@ pub mod opt {
     }
 
     pub fn i64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+        optional(d)
+    }
+
+    pub fn i32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i32>, D::Error> {
+        optional(d)
+    }
+
+    pub fn i16<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i16>, D::Error> {
         optional(d)
     }
 }

@@ -149,8 +149,10 @@ pub struct BarrierAnswer {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FenceRequest {
+    #[serde(deserialize_with = "super::lenient::i64")]
     #[schema(minimum = 0)]
     pub producer_id: i64,
+    #[serde(deserialize_with = "super::lenient::i16")]
     #[schema(minimum = 0, maximum = 32767)]
     pub producer_epoch: i16,
 }
@@ -177,10 +179,14 @@ pub async fn barrier(
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
     let (topic, partition) = path.into_inner();
+    // No body, or null: a plain barrier.
     let fence: Option<FenceRequest> = if body.iter().all(u8::is_ascii_whitespace) {
         None
     } else {
-        Some(parse_json(&body)?)
+        serde_json::from_slice::<Option<serde_json::Value>>(&body)
+            .map_err(|e| ApiError::BadRequest(format!("request body is not valid: {e}")))?
+            .map(|_| parse_json(&body))
+            .transpose()?
     };
     if let Some(f) = &fence {
         if f.producer_id < 0 || f.producer_epoch < 0 {

@@ -32,14 +32,14 @@ use super::{body_format, parse_json, read_body, EmbeddedFormat, State};
 pub struct ProduceRequest {
     #[serde(deserialize_with = "super::lenient::objects")]
     pub records: Vec<ProduceRecord>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::lenient::opt::i64")]
     #[schema(minimum = 0)]
     pub producer_id: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::lenient::opt::i16")]
     #[schema(minimum = 0, maximum = 32767)]
     pub producer_epoch: Option<i16>,
     /// Sequence number of the first record.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::lenient::opt::i32")]
     #[schema(minimum = 0, maximum = 2147483647)]
     pub sequence: Option<i32>,
 }
