@@ -18,6 +18,7 @@ use crate::producers::ProducerBatch;
 /// Size of the fixed v2 batch header that precedes the records.
 pub const HEADER_BYTES: usize = 61;
 const MAGIC_V2: i8 = 2;
+const PARTITION_LEADER_EPOCH_OFFSET: usize = 12;
 const CRC_OFFSET: usize = 17;
 const ATTRIBUTES_OFFSET: usize = 21;
 
@@ -162,22 +163,69 @@ pub fn encode_as(
     Ok(bytes)
 }
 
-/// A copy of the batch `bytes` (encoded with any base offset) that starts at `base_offset`.
+/// A copy of the batch `bytes` (encoded with any base offset) that starts at `base_offset`,
+/// with `leader_epoch` (the Raft term that committed it) as its partition leader epoch.
 ///
-/// The base offset sits before the CRC'd part of a v2 batch, so it is rewritten without touching
-/// the records or the CRC; the header is validated on the way (CRC included).
-pub fn with_base_offset(
+/// Both sit before the CRC'd part of a v2 batch, so they are written without touching the
+/// records or the CRC; the header is validated on the way (CRC included).
+pub fn with_base_offset_and_epoch(
     bytes: &[u8],
     base_offset: u64,
+    leader_epoch: u64,
 ) -> Result<(Bytes, BatchHeader), BatchError> {
     let base =
         i64::try_from(base_offset).map_err(|_| BatchError::OffsetOverflow { base_offset })?;
     parse_header(bytes)?;
     let mut out = BytesMut::from(bytes);
     out[0..8].copy_from_slice(&base.to_be_bytes());
+    let epoch = i32::try_from(leader_epoch).unwrap_or(i32::MAX);
+    out[PARTITION_LEADER_EPOCH_OFFSET..PARTITION_LEADER_EPOCH_OFFSET + 4]
+        .copy_from_slice(&epoch.to_be_bytes());
     let out = out.freeze();
     let header = parse_header(&out)?;
     Ok((out, header))
+}
+
+/// Attribute bits a client batch may not carry here: transactional (0x10) and control (0x20)
+/// batches belong to transactions, which PubG1 does not implement.
+const TRANSACTIONAL_OR_CONTROL: i16 = 0x30;
+
+/// Why a batch a Kafka client sent cannot be stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientBatchError {
+    /// Not a whole, intact v2 batch (length, magic, CRC, offsets not dense).
+    Corrupt(String),
+    /// A transactional or control batch.
+    Transactional,
+}
+
+/// Split the `records` field of a Kafka produce request into its batches, each checked as
+/// stored as-is: whole, magic 2, CRC intact, dense offset deltas, at least one record, not part
+/// of a transaction. Each is returned with base offset 0, ready to propose (the real base
+/// offset is set at apply).
+pub fn check_client_batches(records: &Bytes) -> Result<Vec<Bytes>, ClientBatchError> {
+    let mut batches = Vec::new();
+    let mut at = 0usize;
+    while at < records.len() {
+        let rest = &records[at..];
+        let header = parse_header(rest).map_err(|e| ClientBatchError::Corrupt(e.to_string()))?;
+        if header.record_count == 0 {
+            return Err(ClientBatchError::Corrupt("a batch without records".into()));
+        }
+        let attributes = i16::from_be_bytes(array(rest, ATTRIBUTES_OFFSET));
+        if attributes & TRANSACTIONAL_OR_CONTROL != 0 {
+            return Err(ClientBatchError::Transactional);
+        }
+        let size = header.size_bytes as usize;
+        let mut batch = BytesMut::from(&rest[..size]);
+        batch[0..8].copy_from_slice(&0i64.to_be_bytes());
+        batches.push(batch.freeze());
+        at += size;
+    }
+    if batches.is_empty() {
+        return Err(ClientBatchError::Corrupt("no record batch".into()));
+    }
+    Ok(batches)
 }
 
 /// Read and validate the fixed header of the batch at the start of `bytes`, CRC included.
@@ -323,6 +371,40 @@ mod tests {
             Err(BatchError::Magic { magic: 1 })
         ));
         assert!(matches!(encode(0, 0, &[]), Err(BatchError::Empty)));
+    }
+
+    #[test]
+    fn client_batches_are_split_checked_and_stored_as_sent() {
+        let one = encode(7, 5, &[rec(None, "a"), rec(None, "b")]).expect("encode");
+        let two = encode(9, 5, &[rec(Some("k"), "c")]).expect("encode");
+        let mut both = one.to_vec();
+        both.extend_from_slice(&two);
+        let split = check_client_batches(&Bytes::from(both)).expect("valid");
+        assert_eq!(split.len(), 2);
+        // Base offsets are reset; the rest is byte for byte what was sent.
+        assert_eq!(parse_header(&split[0]).expect("header").base_offset, 0);
+        assert_eq!(split[0][8..], one[8..]);
+        assert_eq!(split[1][8..], two[8..]);
+        let (stored, header) = with_base_offset_and_epoch(&split[1], 40, 3).expect("stored");
+        assert_eq!((header.base_offset, header.record_count), (40, 1));
+        assert_eq!(i32::from_be_bytes(array(&stored, 12)), 3);
+        assert_eq!(decode(&stored).expect("decode")[0].offset, 40);
+
+        let mut truncated = one.to_vec();
+        truncated.pop();
+        assert!(matches!(
+            check_client_batches(&Bytes::from(truncated)),
+            Err(ClientBatchError::Corrupt(_))
+        ));
+        assert!(check_client_batches(&Bytes::new()).is_err());
+        let mut transactional = one.to_vec();
+        transactional[22] |= 0x10;
+        let crc = crc32c::crc32c(&transactional[ATTRIBUTES_OFFSET..]);
+        transactional[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_be_bytes());
+        assert_eq!(
+            check_client_batches(&Bytes::from(transactional)),
+            Err(ClientBatchError::Transactional)
+        );
     }
 
     #[test]

@@ -31,6 +31,7 @@ fn settings(dir: &std::path::Path) -> BrokerSettings {
         peer_listen: None,
         seeds: Vec::new(),
         http_advertised: "127.0.0.1:0".into(),
+        kafka_advertised: None,
         offsets_partitions: 2,
         coordinator: crate::groups::coordinator::CoordinatorSettings {
             initial_rebalance_delay: Duration::ZERO,

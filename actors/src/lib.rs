@@ -90,6 +90,9 @@ pub struct BrokerSettings {
     pub seeds: Vec<(u64, std::net::SocketAddr)>,
     /// This broker's HTTP address as other brokers should advertise it to clients.
     pub http_advertised: String,
+    /// This broker's Kafka listener address (host:port) as clients should reach it; None when
+    /// it has no Kafka listener.
+    pub kafka_advertised: Option<String>,
     /// Partitions of the offsets topic; the same on every broker of a cluster.
     pub offsets_partitions: u32,
     pub coordinator: CoordinatorSettings,
@@ -143,6 +146,9 @@ impl Broker {
         let mut brokers: Vec<u64> = settings.seeds.iter().map(|(id, _)| *id).collect();
         brokers.push(me);
         let cluster = Cluster::new(me, brokers, settings.http_advertised.clone());
+        if let Some(kafka) = &settings.kafka_advertised {
+            cluster.set_kafka(me, kafka.clone());
+        }
         let transport = Transport::default();
         let arbiters: Vec<Arbiter> = (0..settings.partition_threads.max(1))
             .map(|_| Arbiter::new())

@@ -152,6 +152,152 @@ pub async fn fetch_many(
         .collect()
 }
 
+/// Stored batches as they are, from the one holding an offset (Kafka's fetch returns whole
+/// batches; the client skips the records before the offset it asked for).
+#[derive(Debug, Clone)]
+pub struct FetchedBatches {
+    pub batches: Vec<bytes::Bytes>,
+    pub high_watermark: u64,
+    pub log_start_offset: u64,
+}
+
+/// Committed batches of `partition` from the one holding `offset`, up to `bytes_max` (the
+/// first batch always, however large), without waiting: the Kafka fetch waits across all its
+/// partitions itself. Out of range only outside the log: below its start, or past the end the
+/// leader knows (a lagging replica answers with nothing, as [`fetch`] does).
+pub async fn fetch_batches(
+    storage: &Storage,
+    partition: &Arc<PartitionShared>,
+    metrics: &Metrics,
+    offset: u64,
+    bytes_max: usize,
+) -> Result<FetchedBatches, PartitionError> {
+    if offset < partition.log_start_offset()
+        || (offset > partition.high_watermark()
+            && (partition.is_led_here() || partition.is_quiesced()))
+    {
+        return Err(out_of_range(offset, partition));
+    }
+    let high_watermark = partition.high_watermark();
+    let batches = if offset < high_watermark {
+        let (reader, log) = (storage.clone(), partition.log);
+        tokio::task::spawn_blocking(move || {
+            reader.read_batches(log, offset, high_watermark, bytes_max)
+        })
+        .await
+        .map_err(|_| StorageError::ShutDown)??
+    } else {
+        Vec::new()
+    };
+    if offset < partition.log_start_offset() {
+        return Err(out_of_range(offset, partition));
+    }
+    // The first batch must hold `offset` and the rest follow it without a gap: a hole would
+    // hand a Kafka client a silent gap, so it is checked here as `assemble` checks records.
+    let mut expected = offset;
+    for stored in &batches {
+        let header = batch::parse_header(stored)?;
+        if header.base_offset > expected || header.next_offset() <= expected {
+            return Err(PartitionError::Storage(StorageError::Corrupt {
+                what: format!("log of {}/{}", partition.topic, partition.partition),
+                message: format!(
+                    "the read from {offset} expected offset {expected} and found a batch at {}..{}",
+                    header.base_offset,
+                    header.next_offset()
+                ),
+            }));
+        }
+        let topic = [partition.topic.as_ref()];
+        metrics
+            .fetch_records_total
+            .with_label_values(&topic)
+            .inc_by(header.next_offset() - expected);
+        metrics
+            .fetch_bytes_total
+            .with_label_values(&topic)
+            .inc_by(header.size_bytes);
+        expected = header.next_offset();
+    }
+    Ok(FetchedBatches {
+        batches,
+        high_watermark,
+        log_start_offset: partition.log_start_offset(),
+    })
+}
+
+/// The first offset at or after `timestamp_ms` (by each record's timestamp, as Kafka's
+/// ListOffsets finds it), with that record's timestamp; None if no record is that late.
+/// Blocking work on the blocking pool: headers are scanned, one batch decoded.
+pub async fn offset_for_timestamp(
+    storage: &Storage,
+    partition: &Arc<PartitionShared>,
+    timestamp_ms: i64,
+) -> Result<Option<(u64, i64)>, PartitionError> {
+    let (reader, log) = (storage.clone(), partition.log);
+    let (start, end) = (partition.log_start_offset(), partition.high_watermark());
+    tokio::task::spawn_blocking(move || {
+        let mut found = None;
+        reader.scan_headers(log, start, |header| {
+            if header.base_offset >= end {
+                return false;
+            }
+            if header.max_timestamp_ms >= timestamp_ms {
+                found = Some(header.base_offset);
+                return false;
+            }
+            true
+        })?;
+        let Some(base) = found else {
+            return Ok(None);
+        };
+        for stored in reader.read_batches(log, base, end, 1)? {
+            for record in batch::decode(&stored)? {
+                if record.offset >= start && record.timestamp_ms >= timestamp_ms {
+                    return Ok(Some((record.offset, record.timestamp_ms)));
+                }
+            }
+        }
+        Ok(None)
+    })
+    .await
+    .map_err(|_| PartitionError::Storage(StorageError::ShutDown))?
+}
+
+/// The offset and timestamp of the record with the largest timestamp (the first such if
+/// several), Kafka's ListOffsets `-3`; None for an empty log.
+pub async fn offset_of_max_timestamp(
+    storage: &Storage,
+    partition: &Arc<PartitionShared>,
+) -> Result<Option<(u64, i64)>, PartitionError> {
+    let (reader, log) = (storage.clone(), partition.log);
+    let (start, end) = (partition.log_start_offset(), partition.high_watermark());
+    tokio::task::spawn_blocking(move || {
+        let mut best: Option<(u64, i64)> = None;
+        reader.scan_headers(log, start, |header| {
+            if header.base_offset >= end {
+                return false;
+            }
+            if best.is_none_or(|(_, ts)| header.max_timestamp_ms > ts) {
+                best = Some((header.base_offset, header.max_timestamp_ms));
+            }
+            true
+        })?;
+        let Some((base, max)) = best else {
+            return Ok(None);
+        };
+        for stored in reader.read_batches(log, base, end, 1)? {
+            for record in batch::decode(&stored)? {
+                if record.offset >= start && record.timestamp_ms == max {
+                    return Ok(Some((record.offset, record.timestamp_ms)));
+                }
+            }
+        }
+        Ok(None)
+    })
+    .await
+    .map_err(|_| PartitionError::Storage(StorageError::ShutDown))?
+}
+
 /// The records of `batches` from `request.offset` below `high_watermark`, within the request's
 /// bounds, checked dense and still above the log start.
 fn assemble(

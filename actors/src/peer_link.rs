@@ -49,8 +49,14 @@ const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(1);
 /// What travels between brokers. Decoded borrowing from the received frame.
 #[derive(Debug, Serialize, Deserialize)]
 enum Frame<'a> {
-    /// First frame on a connection: who is calling, and where its HTTP API is.
-    Hello { from: u64, http: String },
+    /// First frame on a connection: who is calling, and where its HTTP API and its Kafka
+    /// listener (if it has one) are.
+    Hello {
+        from: u64,
+        http: String,
+        #[serde(default)]
+        kafka: Option<String>,
+    },
     /// Raft messages, each for one group, in raft-rs's protobuf encoding (as MessagePack
     /// binary: a `Vec<u8>` would be an array of numbers, a byte at a time both ways).
     Raft {
@@ -196,6 +202,7 @@ impl Actor for PeerLink {
                 .cluster
                 .http_of(self.cluster.self_id)
                 .unwrap_or_default(),
+            kafka: self.cluster.kafka_of(self.cluster.self_id),
         };
         let mut encoded = Vec::new();
         put_frame(&mut encoded, &hello);
@@ -364,10 +371,13 @@ async fn serve_inbound(stream: TcpStream, registry: Registry, cluster: Cluster) 
         }
         let frame = frame.freeze();
         match rmp_serde::from_slice::<Frame<'_>>(&frame) {
-            Ok(Frame::Hello { from, http }) => {
+            Ok(Frame::Hello { from, http, kafka }) => {
                 peer = Some(from);
                 cluster.heard_from(from);
                 cluster.set_http(from, http);
+                if let Some(kafka) = kafka {
+                    cluster.set_kafka(from, kafka);
+                }
             }
             Ok(Frame::Raft { messages }) => {
                 for (group, encoded) in messages {
@@ -502,6 +512,7 @@ mod tests {
             &Frame::Hello {
                 from: 3,
                 http: "127.0.0.1:8083".into(),
+                kafka: Some("127.0.0.1:9093".into()),
             },
         );
         assert!(
@@ -536,8 +547,9 @@ mod tests {
             );
         }
         match rmp_serde::from_slice::<Frame<'_>>(&frames[1]) {
-            Ok(Frame::Hello { from, http }) => {
-                assert_eq!((from, http.as_str()), (3, "127.0.0.1:8083"))
+            Ok(Frame::Hello { from, http, kafka }) => {
+                assert_eq!((from, http.as_str()), (3, "127.0.0.1:8083"));
+                assert_eq!(kafka.as_deref(), Some("127.0.0.1:9093"));
             }
             other => panic!("second frame is the hello: {other:?}"),
         }
@@ -641,6 +653,7 @@ mod tests {
             &Frame::Hello {
                 from: 1,
                 http: "x".repeat(FRAME_BYTES_MAX + 1),
+                kafka: None,
             },
         );
         assert!(out.is_empty());
@@ -649,6 +662,7 @@ mod tests {
             &Frame::Hello {
                 from: 1,
                 http: "ok".into(),
+                kafka: None,
             },
         );
         assert_eq!(read_frames(&out).len(), 1);

@@ -249,6 +249,8 @@ pub struct Cluster {
     pub self_id: u64,
     /// Broker id → its HTTP address, learned from peer handshakes. A std RwLock: tiny, no awaits.
     http: Arc<RwLock<HashMap<u64, String>>>,
+    /// Broker id → the Kafka listener address it advertises (host:port), for Metadata answers.
+    kafka: Arc<RwLock<HashMap<u64, String>>>,
     /// Leader of the metadata group as last seen; 0 = unknown (then the broker is not ready).
     metadata_leader: Arc<std::sync::atomic::AtomicU64>,
     /// When a frame last arrived from each broker: liveness for "in sync".
@@ -272,6 +274,17 @@ impl Cluster {
         if let Ok(mut map) = self.http.write() {
             map.insert(id, http);
         }
+    }
+
+    pub fn set_kafka(&self, id: u64, kafka: String) {
+        if let Ok(mut map) = self.kafka.write() {
+            map.insert(id, kafka);
+        }
+    }
+
+    /// The Kafka address broker `id` advertises, if it has a listener and it is known.
+    pub fn kafka_of(&self, id: u64) -> Option<String> {
+        self.kafka.read().ok().and_then(|m| m.get(&id).cloned())
     }
 
     /// The HTTP address of broker `id`, if known.

@@ -78,6 +78,22 @@ pub struct Config {
     /// How often a stream job checkpoints while it has new input; its results reach the
     /// output topic after the checkpoint that decides them.
     pub stream_checkpoint_interval_ms: u64,
+    /// Kafka protocol listen address, e.g. 127.0.0.1:9092; absent: no Kafka listener.
+    pub kafka: Option<SocketAddr>,
+    /// host:port Kafka clients are told to connect to (Metadata answers); default: `kafka`.
+    pub kafka_advertised: Option<String>,
+    /// Largest Kafka request frame accepted (Kafka's `socket.request.max.bytes`); a larger
+    /// one closes its connection.
+    pub kafka_frame_bytes_max: usize,
+    /// Kafka requests one connection may have in progress at once (clients pipeline; the
+    /// answers go back in request order); further ones wait to be read.
+    pub kafka_in_flight_max: usize,
+    /// Create a topic a Kafka client asks Metadata about (Kafka's `auto.create.topics.enable`).
+    pub auto_create_topics: bool,
+    /// Partitions of a topic created without a count (auto-created, or `num_partitions` -1).
+    pub default_partitions: u32,
+    /// Replication factor of such a topic, at most the brokers in the cluster.
+    pub default_replication_factor: u16,
     pub log_format: LogFormat,
     /// A tracing filter such as `info` or `pubg1=debug`; `RUST_LOG` overrides it.
     pub log_filter: String,
@@ -116,6 +132,13 @@ impl Default for Config {
             consumer_instance_timeout_ms: 300_000,
             consumer_instances_per_group_max: 1_000,
             stream_checkpoint_interval_ms: 200,
+            kafka: None,
+            kafka_advertised: None,
+            kafka_frame_bytes_max: 100 * 1024 * 1024,
+            kafka_in_flight_max: 64,
+            auto_create_topics: true,
+            default_partitions: 1,
+            default_replication_factor: 3,
             log_format: LogFormat::Text,
             log_filter: "info".to_owned(),
         }
@@ -222,6 +245,34 @@ impl Config {
                 "stream_checkpoint_interval_ms must be between 10 and 60000 (got {})",
                 self.stream_checkpoint_interval_ms
             ));
+        }
+        at_least(
+            "kafka_frame_bytes_max",
+            self.kafka_frame_bytes_max as u64,
+            64 * 1024,
+        )?;
+        if !(1..=1024).contains(&self.kafka_in_flight_max) {
+            return Err(format!(
+                "kafka_in_flight_max must be between 1 and 1024 (got {})",
+                self.kafka_in_flight_max
+            ));
+        }
+        if self.default_partitions == 0 || self.default_partitions > self.partitions_per_topic_max
+        {
+            return Err(format!(
+                "default_partitions must be between 1 and partitions_per_topic_max ({})",
+                self.partitions_per_topic_max
+            ));
+        }
+        at_least(
+            "default_replication_factor",
+            u64::from(self.default_replication_factor),
+            1,
+        )?;
+        if let Some(advertised) = &self.kafka_advertised {
+            crate::kafka::split_host_port(advertised).ok_or_else(|| {
+                format!("kafka_advertised must be host:port (got '{advertised}')")
+            })?;
         }
         let seeds = self.parsed_seeds()?;
         if !seeds.is_empty() && !seeds.iter().any(|(id, _)| u64::from(self.id) == *id) {

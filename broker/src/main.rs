@@ -6,6 +6,7 @@
 
 mod config;
 mod http;
+mod kafka;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -64,6 +65,14 @@ struct Cli {
     #[arg(long, value_delimiter = ',')]
     #[serde(skip_serializing_if = "Option::is_none")]
     seeds: Option<Vec<String>>,
+    /// Kafka protocol listen address, e.g. 127.0.0.1:9092 (none by default).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kafka: Option<SocketAddr>,
+    /// host:port Kafka clients are told to connect to (default: the --kafka address).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kafka_advertised: Option<String>,
     /// How often partitions check retention, in milliseconds.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -124,6 +133,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         peer_listen: (!seeds.is_empty()).then_some(config.peer),
         seeds,
         http_advertised: config.http.to_string(),
+        kafka_advertised: config
+            .kafka
+            .map(|kafka| config.kafka_advertised.clone().unwrap_or(kafka.to_string())),
         offsets_partitions: config.offsets_topic_partitions,
         coordinator: CoordinatorSettings {
             initial_rebalance_delay: Duration::from_millis(config.initial_rebalance_delay_ms),
@@ -136,10 +148,26 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // port stops start-up with nothing written, and clients are refused until the broker serves.
     let port = ClaimedPort::claim(config.http)
         .with_context(|| format!("binding HTTP to {}", config.http))?;
+    let kafka_port = config
+        .kafka
+        .map(|address| {
+            ClaimedPort::claim(address).with_context(|| format!("binding Kafka to {address}"))
+        })
+        .transpose()?;
     let broker = Broker::start(settings)
         .await
         .with_context(|| format!("starting broker in {}", config.data_dir.display()))?;
+    let kafka = match kafka_port {
+        Some(port) => Some(
+            kafka::start(broker.clone(), &config, port)
+                .with_context(|| format!("serving Kafka on {:?}", config.kafka))?,
+        ),
+        None => None,
+    };
     let served = serve(broker.clone(), &config, port).await;
+    if let Some(kafka) = kafka {
+        kafka.stop();
+    }
     // Also when serving failed: storage closes with its threads joined before the process exits.
     tracing::info!("HTTP stopped; draining writes and closing storage");
     broker.shutdown().await;

@@ -32,6 +32,21 @@ impl TestCluster {
         StartError::retry_port_races(|| Self::start_once(n, env))
     }
 
+    /// [`TestCluster::start`] with a Kafka listener on every broker.
+    pub fn start_with_kafka(n: usize) -> Result<Self> {
+        StartError::retry_port_races(|| Self::start_once_with(n, &[], &|_, _| Ok(()), true))
+    }
+
+    /// Every running broker's Kafka address, comma-separated (a client's bootstrap list).
+    pub fn bootstrap(&self) -> String {
+        self.brokers
+            .iter()
+            .filter(|b| b.is_running())
+            .filter_map(|b| b.kafka.map(|a| a.to_string()))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     /// [`TestCluster::start_with_env`], calling `prepare(id, data_dir)` for every broker before
     /// it is spawned (to put a data dir on a filesystem of its own, say).
     pub fn start_prepared(
@@ -50,6 +65,15 @@ impl TestCluster {
         n: usize,
         env: &[(&str, &str)],
         prepare: &dyn Fn(u64, &std::path::Path) -> Result<()>,
+    ) -> Result<Self> {
+        Self::start_once_with(n, env, prepare, false)
+    }
+
+    fn start_once_with(
+        n: usize,
+        env: &[(&str, &str)],
+        prepare: &dyn Fn(u64, &std::path::Path) -> Result<()>,
+        kafka: bool,
     ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let peers: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_>>()?;
@@ -70,7 +94,9 @@ impl TestCluster {
             ];
             let data_dir = dir.path().join(format!("broker-{}", i + 1));
             prepare(i as u64 + 1, &data_dir)?;
-            brokers.push(BrokerProcess::spawn_with(&data_dir, args, env)?);
+            brokers.push(BrokerProcess::spawn_configured(
+                &data_dir, args, env, kafka,
+            )?);
         }
         for broker in &mut brokers {
             broker.wait_ready()?;

@@ -136,6 +136,10 @@ pub struct BrokerProcess {
     args: Vec<String>,
     /// SIGSTOPped: alive but not answering.
     paused: bool,
+    /// The Kafka listener's address, when the broker runs one (a new port at every start).
+    pub kafka: Option<SocketAddr>,
+    /// Whether to start it with a Kafka listener.
+    with_kafka: bool,
 }
 
 impl BrokerProcess {
@@ -156,6 +160,8 @@ impl BrokerProcess {
             env,
             args: Vec::new(),
             paused: false,
+            kafka: None,
+            with_kafka: false,
         };
         broker.restart()?;
         Ok(broker)
@@ -169,6 +175,16 @@ impl BrokerProcess {
 
     /// [`BrokerProcess::spawn_with_args`] with extra `PUBG1_*` environment settings too.
     pub fn spawn_with(data_dir: &Path, args: Vec<String>, env: &[(&str, &str)]) -> Result<Self> {
+        Self::spawn_configured(data_dir, args, env, false)
+    }
+
+    /// [`BrokerProcess::spawn_with`], with a Kafka listener if `kafka`.
+    pub fn spawn_configured(
+        data_dir: &Path,
+        args: Vec<String>,
+        env: &[(&str, &str)],
+        kafka: bool,
+    ) -> Result<Self> {
         let mut broker = Self {
             child: None,
             http: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -181,6 +197,8 @@ impl BrokerProcess {
                 .collect(),
             args,
             paused: false,
+            kafka: None,
+            with_kafka: kafka,
         };
         broker.spawn()?;
         Ok(broker)
@@ -206,6 +224,16 @@ impl BrokerProcess {
         }
         let port = free_port()?;
         self.http = SocketAddr::from(([127, 0, 0, 1], port));
+        self.kafka = if self.with_kafka {
+            Some(SocketAddr::from(([127, 0, 0, 1], free_port()?)))
+        } else {
+            None
+        };
+        let kafka: Vec<String> = self
+            .kafka
+            .iter()
+            .flat_map(|address| ["--kafka".to_owned(), address.to_string()])
+            .collect();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -217,6 +245,7 @@ impl BrokerProcess {
             .arg("--http")
             .arg(self.http.to_string())
             .args(&self.args)
+            .args(&kafka)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             // The harness's own setting, not the broker's (which reads every PUBG1_* variable).
             .env_remove("PUBG1_BROKER_BIN")

@@ -73,6 +73,7 @@ impl PartitionReplica {
                 batch::encode_as(0, now_ms(), &records, producer)?
             }
             Payload::Fence { id, epoch } => fence_entry(id, epoch, now_ms()),
+            Payload::Encoded(batch) => batch,
         };
         let (id, context) = self.proposals.next_context();
         raft.propose(context, bytes.to_vec()).map_err(|e| match e {
@@ -208,7 +209,7 @@ impl PartitionReplica {
                     continue;
                 }
             }
-            let stored = match batch::with_base_offset(&entry.data, base_offset) {
+            let stored = match batch::with_base_offset_and_epoch(&entry.data, base_offset, entry.term) {
                 Ok(stored) => stored,
                 Err(e) => panic!(
                     "committed entry {} of {}/{} is not a valid batch: {e}",

@@ -264,6 +264,11 @@ impl PartitionShared {
         self.append_payload(Payload::Fence { id, epoch }).await
     }
 
+    /// Append a batch a Kafka client encoded (checked with [`crate::batch::check_client_batches`]).
+    pub async fn append_encoded(&self, batch: bytes::Bytes) -> Result<Appended, PartitionError> {
+        self.append_payload(Payload::Encoded(batch)).await
+    }
+
     async fn append_payload(&self, payload: Payload) -> Result<Appended, PartitionError> {
         let addr = self.addr().ok_or_else(|| self.unavailable())?;
         addr.send(Append { payload })

@@ -1,0 +1,264 @@
+//! The Kafka wire protocol listener: real Kafka clients (kcat, librdkafka, kafka-python, the Java
+//! client) produce to and fetch from the same partitions as the HTTP API.
+//!
+//! One task per connection. Frames are length-prefixed (`LengthDelimitedCodec`, bounded by
+//! `kafka_frame_bytes_max`); each is decoded with the `kafka-protocol` codec and handled by the
+//! module of its API. Clients pipeline requests, so a connection runs up to
+//! `kafka_in_flight_max` of them at once and writes the answers in request order
+//! (`StreamExt::buffered`). A frame that cannot be decoded, an unknown API or an unsupported
+//! version of an API other than ApiVersions closes that connection (Kafka does the same), with
+//! a log line; it never touches another connection or the broker. ApiVersions of a version we
+//! do not know is answered in version 0 with UNSUPPORTED_VERSION and our versions (KIP-511), so
+//! a newer client can pick one.
+//!
+//! Connections are spread over a few arbiters of their own, so the protocol's decoding and
+//! encoding never run on a partition's or the HTTP server's threads.
+
+mod apis;
+mod errors;
+mod fetch;
+mod metadata;
+mod offsets;
+mod produce;
+mod topics;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use actix_rt::Arbiter;
+use bytes::{Buf, Bytes, BytesMut};
+use futures::{SinkExt, StreamExt};
+use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseHeader, ResponseKind};
+use kafka_protocol::protocol::{Decodable, Encodable};
+use pubg1_actors::port::ClaimedPort;
+use pubg1_actors::Broker;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+use crate::config::Config;
+
+/// What every connection's handlers share.
+pub struct Context {
+    pub broker: Broker,
+    pub config: Config,
+    /// This broker's id as Kafka clients see it.
+    pub node_id: i32,
+}
+
+/// The running listener; [`Listener::stop`] stops accepting.
+pub struct Listener {
+    accept: actix_rt::task::JoinHandle<()>,
+    arbiters: Vec<Arbiter>,
+}
+
+impl Listener {
+    pub fn stop(self) {
+        self.accept.abort();
+        for arbiter in self.arbiters {
+            arbiter.stop();
+        }
+    }
+}
+
+/// Listen on `port` and serve every connection until [`Listener::stop`].
+pub fn start(broker: Broker, config: &Config, port: ClaimedPort) -> std::io::Result<Listener> {
+    let listener = tokio::net::TcpListener::from_std(port.listen()?)?;
+    let node_id = i32::try_from(config.id).unwrap_or(i32::MAX);
+    let context = Arc::new(Context {
+        broker,
+        config: config.clone(),
+        node_id,
+    });
+    let arbiters: Vec<Arbiter> = (0..config.http_workers().clamp(1, 4))
+        .map(|_| Arbiter::new())
+        .collect();
+    let handles: Vec<_> = arbiters.iter().map(Arbiter::handle).collect();
+    tracing::info!(kafka = ?listener.local_addr().ok(), "Kafka listener started");
+    let next = AtomicUsize::new(0);
+    let accept = actix_rt::spawn(async move {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a Kafka connection failed");
+                    continue;
+                }
+            };
+            let Ok(stream) = stream.into_std() else {
+                continue;
+            };
+            let context = context.clone();
+            let arbiter = &handles[next.fetch_add(1, Ordering::Relaxed) % handles.len()];
+            arbiter.spawn_fn(move || {
+                let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
+                    return;
+                };
+                actix_rt::spawn(serve_connection(stream, peer, context));
+            });
+        }
+    });
+    Ok(Listener { accept, arbiters })
+}
+
+/// Why a connection is closed.
+#[derive(Debug, thiserror::Error)]
+pub enum Closed {
+    #[error("{0}")]
+    Malformed(String),
+    #[error("reading: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+async fn serve_connection(stream: tokio::net::TcpStream, peer: SocketAddr, context: Arc<Context>) {
+    let _ = stream.set_nodelay(true);
+    let codec = LengthDelimitedCodec::builder()
+        .length_field_length(4)
+        .max_frame_length(context.config.kafka_frame_bytes_max)
+        .new_codec();
+    let (mut sink, frames) = Framed::new(stream, codec).split();
+    let in_flight = context.config.kafka_in_flight_max;
+    let mut answers = frames
+        .map(|frame| {
+            let context = context.clone();
+            async move {
+                let frame = frame?.freeze();
+                handle(&context, frame).await
+            }
+        })
+        .buffered(in_flight);
+    while let Some(answer) = answers.next().await {
+        match answer {
+            Ok(Some(response)) => {
+                if let Err(e) = sink.send(response.freeze()).await {
+                    tracing::debug!(%peer, error = %e, "Kafka connection closed while answering");
+                    return;
+                }
+            }
+            Ok(None) => {} // acks=0: no answer
+            Err(Closed::Io(e)) => {
+                tracing::debug!(%peer, error = %e, "Kafka connection closed");
+                return;
+            }
+            Err(Closed::Malformed(why)) => {
+                tracing::warn!(%peer, %why, "closing a Kafka connection after a malformed request");
+                return;
+            }
+        }
+    }
+}
+
+/// Decode one request frame, handle it, and encode its answer (None: no answer is due).
+pub async fn handle(context: &Context, frame: Bytes) -> Result<Option<BytesMut>, Closed> {
+    let (key, version, correlation_id) = peek_header(&frame)?;
+    let Ok(api) = ApiKey::try_from(key) else {
+        return Err(Closed::Malformed(format!("unknown API key {key}")));
+    };
+    if !apis::supports(api, version) {
+        if api == ApiKey::ApiVersions {
+            // KIP-511: answer in version 0, which every client reads, with our versions.
+            let response = apis::unsupported_version();
+            return encode(api, 0, correlation_id, &ResponseKind::ApiVersions(response)).map(Some);
+        }
+        return Err(Closed::Malformed(format!(
+            "{api:?} version {version} is not supported (see ApiVersions)"
+        )));
+    }
+    let (header, request) = decode(api, version, frame)?;
+    let response = match request {
+        RequestKind::ApiVersions(_) => Some(ResponseKind::ApiVersions(apis::versions())),
+        RequestKind::Metadata(request) => Some(ResponseKind::Metadata(
+            metadata::handle(context, request, version).await,
+        )),
+        RequestKind::Produce(request) => produce::handle(context, request)
+            .await
+            .map(ResponseKind::Produce),
+        RequestKind::Fetch(request) => Some(ResponseKind::Fetch(
+            fetch::handle(context, request).await,
+        )),
+        RequestKind::ListOffsets(request) => Some(ResponseKind::ListOffsets(
+            offsets::handle(context, request).await,
+        )),
+        RequestKind::InitProducerId(request) => Some(ResponseKind::InitProducerId(
+            topics::init_producer_id(context, request).await,
+        )),
+        RequestKind::CreateTopics(request) => Some(ResponseKind::CreateTopics(
+            topics::create(context, request).await,
+        )),
+        RequestKind::DeleteTopics(request) => Some(ResponseKind::DeleteTopics(
+            topics::delete(context, request).await,
+        )),
+        other => {
+            return Err(Closed::Malformed(format!(
+                "{:?} is not served",
+                std::mem::discriminant(&other)
+            )))
+        }
+    };
+    let Some(response) = response else {
+        return Ok(None);
+    };
+    encode(api, version, header.correlation_id, &response).map(Some)
+}
+
+/// API key, version and correlation id, read before anything is decoded (a frame too short to
+/// hold them is malformed).
+fn peek_header(frame: &Bytes) -> Result<(i16, i16, i32), Closed> {
+    if frame.len() < 8 {
+        return Err(Closed::Malformed(format!(
+            "a {}-byte frame holds no request header",
+            frame.len()
+        )));
+    }
+    let mut peek = &frame[..8];
+    Ok((peek.get_i16(), peek.get_i16(), peek.get_i32()))
+}
+
+/// Decode the header and body. The codec is generated code; a panic inside it on some input
+/// is turned into a malformed request rather than trusted never to happen (the fuzz target
+/// `kafka_request` looks for such inputs).
+fn decode(api: ApiKey, version: i16, frame: Bytes) -> Result<(RequestHeader, RequestKind), Closed> {
+    let decoded = std::panic::catch_unwind(move || {
+        let mut buf = frame;
+        let header = RequestHeader::decode(&mut buf, api.request_header_version(version))?;
+        let request = RequestKind::decode(api, &mut buf, version)?;
+        anyhow::Ok((header, request, buf.remaining()))
+    });
+    match decoded {
+        Ok(Ok((header, request, 0))) => Ok((header, request)),
+        Ok(Ok((_, _, left))) => Err(Closed::Malformed(format!(
+            "{api:?} v{version}: {left} bytes after the request"
+        ))),
+        Ok(Err(e)) => Err(Closed::Malformed(format!("{api:?} v{version}: {e:#}"))),
+        Err(_) => Err(Closed::Malformed(format!(
+            "{api:?} v{version}: the decoder panicked"
+        ))),
+    }
+}
+
+fn encode(
+    api: ApiKey,
+    version: i16,
+    correlation_id: i32,
+    response: &ResponseKind,
+) -> Result<BytesMut, Closed> {
+    let mut out = BytesMut::new();
+    let header = ResponseHeader::default().with_correlation_id(correlation_id);
+    let encoded = header
+        .encode(&mut out, api.response_header_version(version))
+        .and_then(|()| response.encode(&mut out, version));
+    match encoded {
+        Ok(()) => Ok(out),
+        // Our own answer does not fit the version (a value out of its range): a bug, but this
+        // client's connection is the only thing it should cost.
+        Err(e) => Err(Closed::Malformed(format!(
+            "encoding the {api:?} v{version} answer: {e:#}"
+        ))),
+    }
+}
+
+/// `host:port` split, the port a valid one.
+pub fn split_host_port(address: &str) -> Option<(String, i32)> {
+    let (host, port) = address.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    (!host.is_empty()).then(|| (host.trim_matches(['[', ']']).to_owned(), i32::from(port)))
+}

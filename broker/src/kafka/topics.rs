@@ -1,0 +1,152 @@
+//! Admin over the Kafka protocol: CreateTopics and DeleteTopics through the metadata group
+//! (the same commands as `POST /topics` and `DELETE /topics/{topic}`), and InitProducerId,
+//! which hands an idempotent producer a new id at epoch 0 (as Kafka does for producers without
+//! a transactional id, whatever id they had).
+
+use std::collections::BTreeMap;
+
+use kafka_protocol::messages::create_topics_response::CreatableTopicResult;
+use kafka_protocol::messages::delete_topics_response::DeletableTopicResult;
+use kafka_protocol::messages::{
+    CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsRequest, DeleteTopicsResponse,
+    InitProducerIdRequest, InitProducerIdResponse, ProducerId, TopicName,
+};
+use kafka_protocol::protocol::StrBytes;
+use kafka_protocol::ResponseError;
+use pubg1_actors::error::TopicError;
+use pubg1_actors::metadata::{CreateTopic, DeleteTopic, InitProducerId};
+use pubg1_actors::topic::validate_name;
+
+use super::errors::topic_error;
+use super::metadata::topic_uuid;
+use super::Context;
+
+pub async fn init_producer_id(
+    context: &Context,
+    request: InitProducerIdRequest,
+) -> InitProducerIdResponse {
+    let response = InitProducerIdResponse::default()
+        .with_producer_id(ProducerId(-1))
+        .with_producer_epoch(-1);
+    if request.transactional_id.is_some() {
+        return response.with_error_code(ResponseError::TransactionalIdAuthorizationFailed.code());
+    }
+    match context.broker.metadata.send(InitProducerId).await {
+        Ok(Ok(id)) => response
+            .with_producer_id(ProducerId(id))
+            .with_producer_epoch(0),
+        Ok(Err(e)) => response.with_error_code(topic_error(&e).code()),
+        Err(_) => response.with_error_code(ResponseError::CoordinatorNotAvailable.code()),
+    }
+}
+
+pub async fn create(context: &Context, request: CreateTopicsRequest) -> CreateTopicsResponse {
+    let brokers = u16::try_from(context.broker.cluster.brokers.len().max(1)).unwrap_or(u16::MAX);
+    let mut results = Vec::new();
+    for topic in request.topics {
+        let name = topic.name.0.to_string();
+        let result = CreatableTopicResult::default().with_name(topic.name.clone());
+        let fail = |error: ResponseError, message: String| {
+            result
+                .clone()
+                .with_error_code(error.code())
+                .with_error_message(Some(StrBytes::from_string(message)))
+        };
+        if !topic.assignments.is_empty() {
+            results.push(fail(
+                ResponseError::InvalidReplicaAssignment,
+                "replica assignments are chosen by the cluster".into(),
+            ));
+            continue;
+        }
+        let partitions = match topic.num_partitions {
+            -1 => context.config.default_partitions,
+            n => match u32::try_from(n) {
+                Ok(n) if n > 0 => n,
+                _ => {
+                    results.push(fail(
+                        ResponseError::InvalidPartitions,
+                        format!("{n} partitions"),
+                    ));
+                    continue;
+                }
+            },
+        };
+        let replication_factor = match topic.replication_factor {
+            -1 => context.config.default_replication_factor.min(brokers),
+            n => match u16::try_from(n) {
+                Ok(n) if n > 0 => n,
+                _ => {
+                    results.push(fail(
+                        ResponseError::InvalidReplicationFactor,
+                        format!("replication factor {n}"),
+                    ));
+                    continue;
+                }
+            },
+        };
+        let configs: BTreeMap<String, String> = topic
+            .configs
+            .iter()
+            .filter_map(|c| Some((c.name.to_string(), c.value.as_ref()?.to_string())))
+            .collect();
+        if request.validate_only {
+            let checked = validate_name(&name).and_then(|()| {
+                pubg1_actors::topic::TopicConfigs::from_kafka(&configs).map(|_| ())
+            });
+            results.push(match checked {
+                Ok(()) => result
+                    .with_num_partitions(partitions as i32)
+                    .with_replication_factor(replication_factor as i16),
+                Err(e) => fail(topic_error(&e), e.to_string()),
+            });
+            continue;
+        }
+        let create = CreateTopic {
+            name,
+            partitions,
+            replication_factor,
+            configs,
+        };
+        results.push(match context.broker.metadata.send(create).await {
+            Ok(Ok(meta)) => result
+                .with_topic_id(topic_uuid(meta.topic_id))
+                .with_num_partitions(meta.partitions as i32)
+                .with_replication_factor(meta.replication_factor as i16),
+            Ok(Err(e)) => fail(topic_error(&e), e.to_string()),
+            Err(_) => fail(
+                ResponseError::RequestTimedOut,
+                "the metadata actor is restarting; retry".into(),
+            ),
+        });
+    }
+    CreateTopicsResponse::default().with_topics(results)
+}
+
+pub async fn delete(context: &Context, request: DeleteTopicsRequest) -> DeleteTopicsResponse {
+    // v0–5 name topics in `topic_names`, v6 in `topics`.
+    let names: Vec<TopicName> = request
+        .topic_names
+        .into_iter()
+        .chain(request.topics.into_iter().filter_map(|t| t.name))
+        .collect();
+    let mut results = Vec::new();
+    for name in names {
+        let result = DeletableTopicResult::default().with_name(Some(name.clone()));
+        let deleted = context
+            .broker
+            .metadata
+            .send(DeleteTopic {
+                name: name.0.to_string(),
+            })
+            .await;
+        results.push(match deleted {
+            Ok(Ok(())) => result,
+            Ok(Err(e)) => result
+                .with_error_code(topic_error(&e).code())
+                .with_error_message(Some(StrBytes::from_string(e.to_string()))),
+            Err(_) => result.with_error_code(topic_error(&TopicError::ShuttingDown).code()),
+        });
+    }
+    DeleteTopicsResponse::default().with_responses(results)
+}
