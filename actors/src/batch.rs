@@ -186,6 +186,14 @@ pub fn with_base_offset_and_epoch(
     Ok((out, header))
 }
 
+/// A copy of the proposed batch `bytes` with `at_ms` in its base offset field, which is outside
+/// the CRC and is overwritten with the real base offset at apply (see the partition's apply).
+pub fn stamp_proposal(bytes: &Bytes, at_ms: i64) -> Bytes {
+    let mut out = BytesMut::from(&bytes[..]);
+    out[0..8].copy_from_slice(&at_ms.max(1).to_be_bytes());
+    out.freeze()
+}
+
 /// Attribute bits a client batch may not carry here: transactional (0x10) and control (0x20)
 /// batches belong to transactions, which PubG1 does not implement.
 const TRANSACTIONAL_OR_CONTROL: i16 = 0x30;

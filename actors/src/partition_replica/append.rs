@@ -13,12 +13,12 @@ use crate::proposals::Unanswered;
 use crate::raft_group::ProposeError;
 use crate::storage::{log_state_op, producer_key, record_key, Cf, WriteOp};
 
-/// A barrier's entry: appends nothing (see [`PartitionShared::barrier`]). A proposed batch
-/// starts with eight zero bytes (its base offset is set at apply), so no batch is this.
+/// A barrier's entry: appends nothing (see [`PartitionShared::barrier`]). No batch is this: a
+/// batch is at least 61 bytes, and a proposed one starts with a clock reading (see `propose`),
+/// whose first byte is 0 for the next eight thousand years.
 const BARRIER_ENTRY: &[u8] = b"pubg1 barrier";
 /// A fence's entry: [`FENCE_PREFIX`], producer id, epoch and the proposer's clock (for the
-/// producer's expiry), big-endian. No batch starts with the prefix (a proposed batch starts with
-/// eight zero bytes).
+/// producer's expiry), big-endian. No batch starts with the prefix (see [`BARRIER_ENTRY`]).
 const FENCE_PREFIX: &[u8] = b"pubg1 fence ";
 const FENCE_ENTRY_BYTES: usize = 12 + 8 + 2 + 8;
 
@@ -44,8 +44,10 @@ fn parse_fence(data: &[u8]) -> Option<(i64, i16, i64)> {
 }
 
 impl PartitionReplica {
-    /// Encode the records once, with base offset 0 (the real one is set at apply), and propose;
-    /// the answer comes on the returned channel.
+    /// Encode the records once and propose; the answer comes on the returned channel. A batch's
+    /// base offset is set at apply; until then that field (outside the CRC) carries the
+    /// proposing leader's clock, the time producer expiry is measured by (a Kafka client's own
+    /// timestamps are its clock, not ours).
     pub(super) fn propose(
         &mut self,
         payload: Payload,
@@ -70,10 +72,11 @@ impl PartitionReplica {
                 bytes::Bytes::from_static(BARRIER_ENTRY)
             }
             Payload::Records { records, producer } => {
-                batch::encode_as(0, now_ms(), &records, producer)?
+                let now = now_ms();
+                batch::stamp_proposal(&batch::encode_as(0, now, &records, producer)?, now)
             }
             Payload::Fence { id, epoch } => fence_entry(id, epoch, now_ms()),
-            Payload::Encoded(batch) => batch,
+            Payload::Encoded(batch) => batch::stamp_proposal(&batch, now_ms()),
         };
         let (id, context) = self.proposals.next_context();
         raft.propose(context, bytes.to_vec()).map_err(|e| match e {
@@ -217,22 +220,26 @@ impl PartitionReplica {
                 ),
             };
             let header = stored.1;
+            // The proposer's clock (see `propose`); entries proposed before it was stamped
+            // carry 0 there, and their own time instead.
+            let proposed_at = match proposed.base_offset as i64 {
+                0 => header.max_timestamp_ms,
+                at => at,
+            };
             ops.push(WriteOp::Put {
                 cf: Cf::Records,
                 key: record_key(log, base_offset),
                 value: stored.0,
             });
             if producer.is_idempotent() {
-                let state = self
-                    .producers
-                    .record(&producer, base_offset, header.max_timestamp_ms);
+                let state = self.producers.record(&producer, base_offset, proposed_at);
                 ops.push(WriteOp::Put {
                     cf: Cf::Records,
                     key: producer_key(log, producer.id),
                     value: state.encode(),
                 });
             }
-            for id in self.producers.expire(header.max_timestamp_ms) {
+            for id in self.producers.expire(proposed_at) {
                 ops.push(WriteOp::Delete {
                     cf: Cf::Records,
                     key: producer_key(log, id),

@@ -15,6 +15,15 @@ pub const SERVED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::CreateTopics, 2, 5),
     (ApiKey::DeleteTopics, 1, 4),
     (ApiKey::InitProducerId, 0, 4),
+    (ApiKey::FindCoordinator, 0, 4),
+    (ApiKey::JoinGroup, 0, 7),
+    (ApiKey::SyncGroup, 0, 5),
+    (ApiKey::Heartbeat, 0, 4),
+    (ApiKey::LeaveGroup, 0, 4),
+    (ApiKey::OffsetCommit, 2, 8),
+    (ApiKey::OffsetFetch, 1, 7),
+    (ApiKey::ListGroups, 0, 4),
+    (ApiKey::DescribeGroups, 0, 5),
 ];
 
 pub fn supports(api: ApiKey, version: i16) -> bool {
@@ -57,6 +66,7 @@ mod tests {
             );
         }
         assert!(supports(ApiKey::Fetch, 12) && !supports(ApiKey::Fetch, 13));
-        assert!(!supports(ApiKey::JoinGroup, 0));
+        assert!(supports(ApiKey::JoinGroup, 0) && !supports(ApiKey::JoinGroup, 8));
+        assert!(!supports(ApiKey::ConsumerGroupHeartbeat, 0));
     }
 }

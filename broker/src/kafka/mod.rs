@@ -17,6 +17,7 @@
 mod apis;
 mod errors;
 mod fetch;
+mod groups;
 mod metadata;
 mod offsets;
 mod produce;
@@ -186,6 +187,40 @@ pub async fn handle(context: &Context, frame: Bytes) -> Result<Option<BytesMut>,
         )),
         RequestKind::DeleteTopics(request) => Some(ResponseKind::DeleteTopics(
             topics::delete(context, request).await,
+        )),
+        RequestKind::FindCoordinator(request) => Some(ResponseKind::FindCoordinator(
+            groups::find_coordinator(context, request, version).await,
+        )),
+        RequestKind::JoinGroup(request) => {
+            let client_id = header
+                .client_id
+                .as_ref()
+                .map(|c| c.to_string())
+                .unwrap_or_default();
+            Some(ResponseKind::JoinGroup(
+                groups::join_group(context, request, version, client_id).await,
+            ))
+        }
+        RequestKind::SyncGroup(request) => Some(ResponseKind::SyncGroup(
+            groups::sync_group(context, request).await,
+        )),
+        RequestKind::Heartbeat(request) => Some(ResponseKind::Heartbeat(
+            groups::heartbeat(context, request).await,
+        )),
+        RequestKind::LeaveGroup(request) => Some(ResponseKind::LeaveGroup(
+            groups::leave_group(context, request, version).await,
+        )),
+        RequestKind::OffsetCommit(request) => Some(ResponseKind::OffsetCommit(
+            groups::offset_commit(context, request).await,
+        )),
+        RequestKind::OffsetFetch(request) => Some(ResponseKind::OffsetFetch(
+            groups::offset_fetch(context, request, version).await,
+        )),
+        RequestKind::ListGroups(request) => Some(ResponseKind::ListGroups(
+            groups::list_groups(context, request).await,
+        )),
+        RequestKind::DescribeGroups(request) => Some(ResponseKind::DescribeGroups(
+            groups::describe_groups(context, request).await,
         )),
         other => {
             return Err(Closed::Malformed(format!(
