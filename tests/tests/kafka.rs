@@ -117,6 +117,20 @@ fn kcat_sees_the_cluster_produces_in_every_codec_and_reads_back_what_http_reads(
     }
     assert_eq!(got, sent, "every record once, with its key");
 
+    // As a consumer group (kcat -G): everything once, then the group's commits are visible.
+    let grouped = kcat(
+        &[
+            "-b", &bootstrap, "-G", "kcat-group", "k", "-q", "-e", "-f", "%s\n", "-X",
+            "auto.offset.reset=earliest",
+        ],
+        None,
+    )?;
+    let mut in_group: Vec<&str> = grouped.lines().collect();
+    in_group.sort_unstable();
+    let mut all: Vec<&str> = sent.keys().map(String::as_str).collect();
+    all.sort_unstable();
+    assert_eq!(in_group, all, "the group read every record once");
+
     // The HTTP API reads the same records at the same offsets (compressed batches decoded).
     let http = Client::new();
     let broker = cluster.broker(1);

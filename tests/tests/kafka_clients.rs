@@ -148,3 +148,100 @@ fn an_idempotent_confluent_kafka_producer_loses_and_duplicates_nothing_through_a
     }
     Ok(())
 }
+
+/// The group's committed offsets as the HTTP API shows them (partition → offset).
+fn committed_over_http(cluster: &TestCluster, group: &str) -> Result<BTreeMap<u64, u64>> {
+    let http = Client::new();
+    for broker in cluster.brokers.iter().filter(|b| b.is_running()) {
+        let reply = http.get(&broker.url(&format!("/consumer-groups/{group}")))?;
+        if reply.status != 200 {
+            continue;
+        }
+        let mut committed = BTreeMap::new();
+        for p in reply.body["partitions"].as_array().into_iter().flatten() {
+            if let (Some(partition), Some(offset)) =
+                (p["partition"].as_u64(), p["committed_offset"].as_u64())
+            {
+                committed.insert(partition, offset);
+            }
+        }
+        return Ok(committed);
+    }
+    bail!("no broker described group {group}")
+}
+
+#[test]
+fn confluent_kafka_consumers_split_a_group_a_third_rebalances_and_http_sees_the_commits(
+) -> Result<()> {
+    let cluster = TestCluster::start_with_kafka(3)?;
+    cluster.create_replicated("g", 6)?;
+    let count = 6_000;
+    let run = Script::start(
+        "group_consume.py",
+        &[&cluster.bootstrap(), "g", "split", &count.to_string()],
+    )?;
+    let out = run.finish(Duration::from_secs(300))?;
+    let result = out.last().cloned().unwrap_or_default();
+    for (phase, members) in [("two", 2), ("three", 3)] {
+        let parts = result["assignments"][phase]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(parts.len(), members, "{phase}: {parts:?}");
+        let mut all: Vec<u64> = parts
+            .iter()
+            .flat_map(|p| p.as_array().cloned().unwrap_or_default())
+            .filter_map(|p| p.as_u64())
+            .collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..6).collect::<Vec<_>>(), "{phase}: each partition once");
+    }
+    let received = result["received"].as_object().cloned().unwrap_or_default();
+    assert_eq!(received.len(), count, "every record received");
+    // Everything was committed: the committed offsets are the partitions' ends, and the HTTP
+    // consumer API sees the same group.
+    let http = Client::new();
+    let ends = high_watermarks(&http, cluster.broker(1), "g")?;
+    let over_kafka: BTreeMap<u64, u64> = result["committed"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(p, o)| Some((p.parse().ok()?, o.as_u64()?)))
+        .collect();
+    let expected: BTreeMap<u64, u64> = ends
+        .iter()
+        .enumerate()
+        .map(|(p, end)| (p as u64, *end))
+        .collect();
+    assert_eq!(over_kafka, expected);
+    assert_eq!(committed_over_http(&cluster, "split")?, expected);
+    Ok(())
+}
+
+#[test]
+fn kafka_python_produces_idempotently_and_reads_back_in_a_group() -> Result<()> {
+    let cluster = TestCluster::start_with_kafka(3)?;
+    cluster.create_replicated("kp", 3)?;
+    let count = 2_000;
+    let run = Script::start(
+        "kafka_python_group.py",
+        &[&cluster.bootstrap(), "kp", "kpg", &count.to_string()],
+    )?;
+    let out = run.finish(Duration::from_secs(300))?;
+    let result = out.last().cloned().unwrap_or_default();
+    assert_eq!(result["idempotent"], true, "kafka-python 3 is idempotent by default");
+    let read = result["read"].as_array().cloned().unwrap_or_default();
+    let mut values: Vec<String> = read
+        .iter()
+        .filter_map(|r| r[2].as_str().map(str::to_owned))
+        .collect();
+    values.sort();
+    let mut expected: Vec<String> = (0..count).map(|i| format!("p{i}")).collect();
+    expected.sort();
+    assert_eq!(values, expected, "each record once");
+    let ends = high_watermarks(&Client::new(), cluster.broker(1), "kp")?;
+    for (p, end) in ends.iter().enumerate() {
+        assert_eq!(result["committed"][p.to_string()].as_u64(), Some(*end), "{result}");
+    }
+    Ok(())
+}
