@@ -15,6 +15,7 @@
 //! encoding never run on a partition's or the HTTP server's threads.
 
 mod apis;
+pub mod codec;
 mod errors;
 mod fetch;
 mod groups;
@@ -28,10 +29,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use actix_rt::Arbiter;
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
-use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseHeader, ResponseKind};
-use kafka_protocol::protocol::{Decodable, Encodable};
+use kafka_protocol::messages::{ApiKey, RequestKind, ResponseKind};
 use pubg1_actors::port::ClaimedPort;
 use pubg1_actors::Broker;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
@@ -110,6 +110,12 @@ pub enum Closed {
     Io(#[from] std::io::Error),
 }
 
+impl From<codec::Malformed> for Closed {
+    fn from(why: codec::Malformed) -> Self {
+        Closed::Malformed(why.0)
+    }
+}
+
 async fn serve_connection(stream: tokio::net::TcpStream, peer: SocketAddr, context: Arc<Context>) {
     let _ = stream.set_nodelay(true);
     let codec = LengthDelimitedCodec::builder()
@@ -150,7 +156,7 @@ async fn serve_connection(stream: tokio::net::TcpStream, peer: SocketAddr, conte
 
 /// Decode one request frame, handle it, and encode its answer (None: no answer is due).
 pub async fn handle(context: &Context, frame: Bytes) -> Result<Option<BytesMut>, Closed> {
-    let (key, version, correlation_id) = peek_header(&frame)?;
+    let (key, version, correlation_id) = codec::peek_header(&frame)?;
     let Ok(api) = ApiKey::try_from(key) else {
         return Err(Closed::Malformed(format!("unknown API key {key}")));
     };
@@ -158,13 +164,18 @@ pub async fn handle(context: &Context, frame: Bytes) -> Result<Option<BytesMut>,
         if api == ApiKey::ApiVersions {
             // KIP-511: answer in version 0, which every client reads, with our versions.
             let response = apis::unsupported_version();
-            return encode(api, 0, correlation_id, &ResponseKind::ApiVersions(response)).map(Some);
+            return Ok(Some(codec::encode(
+                api,
+                0,
+                correlation_id,
+                &ResponseKind::ApiVersions(response),
+            )?));
         }
         return Err(Closed::Malformed(format!(
             "{api:?} version {version} is not supported (see ApiVersions)"
         )));
     }
-    let (header, request) = decode(api, version, frame)?;
+    let (header, request) = codec::decode(api, version, frame)?;
     let response = match request {
         RequestKind::ApiVersions(_) => Some(ResponseKind::ApiVersions(apis::versions())),
         RequestKind::Metadata(request) => Some(ResponseKind::Metadata(
@@ -232,63 +243,7 @@ pub async fn handle(context: &Context, frame: Bytes) -> Result<Option<BytesMut>,
     let Some(response) = response else {
         return Ok(None);
     };
-    encode(api, version, header.correlation_id, &response).map(Some)
-}
-
-/// API key, version and correlation id, read before anything is decoded (a frame too short to
-/// hold them is malformed).
-fn peek_header(frame: &Bytes) -> Result<(i16, i16, i32), Closed> {
-    if frame.len() < 8 {
-        return Err(Closed::Malformed(format!(
-            "a {}-byte frame holds no request header",
-            frame.len()
-        )));
-    }
-    let mut peek = &frame[..8];
-    Ok((peek.get_i16(), peek.get_i16(), peek.get_i32()))
-}
-
-/// Decode the header and body. The codec is generated code; a panic inside it on some input
-/// is turned into a malformed request rather than trusted never to happen (the fuzz target
-/// `kafka_request` looks for such inputs).
-fn decode(api: ApiKey, version: i16, frame: Bytes) -> Result<(RequestHeader, RequestKind), Closed> {
-    let decoded = std::panic::catch_unwind(move || {
-        let mut buf = frame;
-        let header = RequestHeader::decode(&mut buf, api.request_header_version(version))?;
-        let request = RequestKind::decode(api, &mut buf, version)?;
-        anyhow::Ok((header, request, buf.remaining()))
-    });
-    match decoded {
-        Ok(Ok((header, request, 0))) => Ok((header, request)),
-        Ok(Ok((_, _, left))) => Err(Closed::Malformed(format!(
-            "{api:?} v{version}: {left} bytes after the request"
-        ))),
-        Ok(Err(e)) => Err(Closed::Malformed(format!("{api:?} v{version}: {e:#}"))),
-        Err(_) => Err(Closed::Malformed(format!(
-            "{api:?} v{version}: the decoder panicked"
-        ))),
-    }
-}
-
-fn encode(
-    api: ApiKey,
-    version: i16,
-    correlation_id: i32,
-    response: &ResponseKind,
-) -> Result<BytesMut, Closed> {
-    let mut out = BytesMut::new();
-    let header = ResponseHeader::default().with_correlation_id(correlation_id);
-    let encoded = header
-        .encode(&mut out, api.response_header_version(version))
-        .and_then(|()| response.encode(&mut out, version));
-    match encoded {
-        Ok(()) => Ok(out),
-        // Our own answer does not fit the version (a value out of its range): a bug, but this
-        // client's connection is the only thing it should cost.
-        Err(e) => Err(Closed::Malformed(format!(
-            "encoding the {api:?} v{version} answer: {e:#}"
-        ))),
-    }
+    Ok(Some(codec::encode(api, version, header.correlation_id, &response)?))
 }
 
 /// `host:port` split, the port a valid one.
