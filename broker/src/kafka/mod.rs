@@ -233,6 +233,12 @@ pub async fn handle(context: &Context, frame: Bytes) -> Result<Option<BytesMut>,
         RequestKind::DescribeGroups(request) => Some(ResponseKind::DescribeGroups(
             groups::describe_groups(context, request).await,
         )),
+        RequestKind::DescribeConfigs(request) => Some(ResponseKind::DescribeConfigs(
+            topics::describe_configs(context, request),
+        )),
+        RequestKind::DescribeCluster(_) => Some(ResponseKind::DescribeCluster(
+            topics::describe_cluster(context),
+        )),
         other => {
             return Err(Closed::Malformed(format!(
                 "{:?} is not served",

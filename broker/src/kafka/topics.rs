@@ -150,3 +150,82 @@ pub async fn delete(context: &Context, request: DeleteTopicsRequest) -> DeleteTo
     }
     DeleteTopicsResponse::default().with_responses(results)
 }
+
+/// Kafka's resource type of a topic in DescribeConfigs.
+const TOPIC_RESOURCE: i8 = 2;
+/// Config source: a topic's own setting, or the broker's default (Kafka's DescribeConfigs).
+const TOPIC_CONFIG: i8 = 1;
+
+/// A topic's configs (`retention.ms`, `retention.bytes`, as `POST /topics` takes them); other
+/// resource types (brokers, groups) are not described.
+pub fn describe_configs(
+    context: &Context,
+    request: kafka_protocol::messages::DescribeConfigsRequest,
+) -> kafka_protocol::messages::DescribeConfigsResponse {
+    use kafka_protocol::messages::describe_configs_response::{
+        DescribeConfigsResourceResult, DescribeConfigsResult,
+    };
+    let results = request
+        .resources
+        .into_iter()
+        .map(|resource| {
+            let result = DescribeConfigsResult::default()
+                .with_resource_type(resource.resource_type)
+                .with_resource_name(resource.resource_name.clone());
+            if resource.resource_type != TOPIC_RESOURCE {
+                return result
+                    .with_error_code(ResponseError::InvalidRequest.code())
+                    .with_error_message(Some(StrBytes::from_static_str(
+                        "only topic configs are described",
+                    )));
+            }
+            let Some(handle) = context.broker.registry.get(resource.resource_name.as_str())
+            else {
+                return result.with_error_code(ResponseError::UnknownTopicOrPartition.code());
+            };
+            let wanted: Option<Vec<String>> = resource
+                .configuration_keys
+                .map(|keys| keys.iter().map(|k| k.to_string()).collect());
+            let configs = handle
+                .meta
+                .configs
+                .to_kafka()
+                .into_iter()
+                .filter(|(name, _)| wanted.as_ref().is_none_or(|w| w.contains(name)))
+                .map(|(name, value)| {
+                    DescribeConfigsResourceResult::default()
+                        .with_name(StrBytes::from_string(name))
+                        .with_value(Some(StrBytes::from_string(value)))
+                        .with_read_only(true)
+                        .with_config_source(TOPIC_CONFIG)
+                })
+                .collect();
+            result.with_configs(configs)
+        })
+        .collect();
+    kafka_protocol::messages::DescribeConfigsResponse::default().with_results(results)
+}
+
+/// The cluster: its id, the metadata group's leader as controller, every broker's Kafka
+/// address.
+pub fn describe_cluster(
+    context: &Context,
+) -> kafka_protocol::messages::DescribeClusterResponse {
+    use kafka_protocol::messages::describe_cluster_response::DescribeClusterBroker;
+    let brokers = super::metadata::brokers(context)
+        .into_iter()
+        .map(|b| {
+            DescribeClusterBroker::default()
+                .with_broker_id(b.node_id)
+                .with_host(b.host)
+                .with_port(b.port)
+        })
+        .collect();
+    kafka_protocol::messages::DescribeClusterResponse::default()
+        .with_endpoint_type(1)
+        .with_cluster_id(StrBytes::from_static_str(super::metadata::CLUSTER_ID))
+        .with_controller_id(kafka_protocol::messages::BrokerId(
+            i32::try_from(context.broker.cluster.metadata_leader()).unwrap_or(-1),
+        ))
+        .with_brokers(brokers)
+}
