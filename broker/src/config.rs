@@ -257,8 +257,7 @@ impl Config {
                 self.kafka_in_flight_max
             ));
         }
-        if self.default_partitions == 0 || self.default_partitions > self.partitions_per_topic_max
-        {
+        if self.default_partitions == 0 || self.default_partitions > self.partitions_per_topic_max {
             return Err(format!(
                 "default_partitions must be between 1 and partitions_per_topic_max ({})",
                 self.partitions_per_topic_max

@@ -97,7 +97,16 @@ fn kcat_sees_the_cluster_produces_in_every_codec_and_reads_back_what_http_reads(
     }
     let consumed = kcat(
         &[
-            "-C", "-b", &bootstrap, "-t", "k", "-o", "beginning", "-e", "-q", "-f",
+            "-C",
+            "-b",
+            &bootstrap,
+            "-t",
+            "k",
+            "-o",
+            "beginning",
+            "-e",
+            "-q",
+            "-f",
             "%p %o %k %s\n",
         ],
         None,
@@ -120,7 +129,16 @@ fn kcat_sees_the_cluster_produces_in_every_codec_and_reads_back_what_http_reads(
     // As a consumer group (kcat -G): everything once, then the group's commits are visible.
     let grouped = kcat(
         &[
-            "-b", &bootstrap, "-G", "kcat-group", "k", "-q", "-e", "-f", "%s\n", "-X",
+            "-b",
+            &bootstrap,
+            "-G",
+            "kcat-group",
+            "k",
+            "-q",
+            "-e",
+            "-f",
+            "%s\n",
+            "-X",
             "auto.offset.reset=earliest",
         ],
         None,
@@ -197,7 +215,10 @@ fn closed(stream: &mut TcpStream) -> bool {
 #[test]
 fn random_and_truncated_frames_close_only_their_connection() -> Result<()> {
     let cluster = TestCluster::start_with_kafka(1)?;
-    let address = cluster.broker(1).kafka.ok_or_else(|| anyhow!("no Kafka listener"))?;
+    let address = cluster
+        .broker(1)
+        .kafka
+        .ok_or_else(|| anyhow!("no Kafka listener"))?;
     let mut good = connect(address)?;
     assert_eq!(ask(&mut good, &api_versions_frame(1))?, (1, 0));
     // ApiVersions of a version from the future: answered in v0 with UNSUPPORTED_VERSION (35).

@@ -97,9 +97,11 @@ fn an_idempotent_confluent_kafka_producer_loses_and_duplicates_nothing_through_a
         (producer.count() > count / 3).then_some(())
     })?;
     cluster.broker_mut(leader).kill9();
-    wait_until(Duration::from_secs(60), "two thirds of the deliveries", || {
-        (producer.count() > 2 * count / 3).then_some(())
-    })?;
+    wait_until(
+        Duration::from_secs(60),
+        "two thirds of the deliveries",
+        || (producer.count() > 2 * count / 3).then_some(()),
+    )?;
     cluster.broker_mut(leader).restart()?;
     let reports = producer.finish(Duration::from_secs(180))?;
     let done = reports.last().cloned().unwrap_or_default();
@@ -112,7 +114,10 @@ fn an_idempotent_confluent_kafka_producer_loses_and_duplicates_nothing_through_a
             report["partition"].as_u64().unwrap_or(99),
             report["offset"].as_u64().unwrap_or(u64::MAX),
         );
-        assert!(delivered.insert(value, at).is_none(), "{report} reported twice");
+        assert!(
+            delivered.insert(value, at).is_none(),
+            "{report} reported twice"
+        );
     }
     assert_eq!(delivered.len(), count);
 
@@ -127,7 +132,10 @@ fn an_idempotent_confluent_kafka_producer_loses_and_duplicates_nothing_through_a
                 let reply = http.get(&broker.url(&format!(
                     "/topics/idem/partitions/{partition}/records?offset={offset}&max_records=10000&format=binary"
                 )))?;
-                let records = reply.body["records"].as_array().cloned().unwrap_or_default();
+                let records = reply.body["records"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
                 if records.is_empty() {
                     bail!("{}: no records at {partition}/{offset}", reply.text);
                 }
@@ -144,7 +152,10 @@ fn an_idempotent_confluent_kafka_producer_loses_and_duplicates_nothing_through_a
                 }
             }
         }
-        assert_eq!(stored, delivered, "every delivered record, once, where reported");
+        assert_eq!(
+            stored, delivered,
+            "every delivered record, once, where reported"
+        );
     }
     Ok(())
 }
@@ -194,7 +205,11 @@ fn confluent_kafka_consumers_split_a_group_a_third_rebalances_and_http_sees_the_
             .filter_map(|p| p.as_u64())
             .collect();
         all.sort_unstable();
-        assert_eq!(all, (0..6).collect::<Vec<_>>(), "{phase}: each partition once");
+        assert_eq!(
+            all,
+            (0..6).collect::<Vec<_>>(),
+            "{phase}: each partition once"
+        );
     }
     let received = result["received"].as_object().cloned().unwrap_or_default();
     assert_eq!(received.len(), count, "every record received");
@@ -229,7 +244,10 @@ fn kafka_python_produces_idempotently_and_reads_back_in_a_group() -> Result<()> 
     )?;
     let out = run.finish(Duration::from_secs(300))?;
     let result = out.last().cloned().unwrap_or_default();
-    assert_eq!(result["idempotent"], true, "kafka-python 3 is idempotent by default");
+    assert_eq!(
+        result["idempotent"], true,
+        "kafka-python 3 is idempotent by default"
+    );
     let read = result["read"].as_array().cloned().unwrap_or_default();
     let mut values: Vec<String> = read
         .iter()
@@ -241,7 +259,11 @@ fn kafka_python_produces_idempotently_and_reads_back_in_a_group() -> Result<()> 
     assert_eq!(values, expected, "each record once");
     let ends = high_watermarks(&Client::new(), cluster.broker(1), "kp")?;
     for (p, end) in ends.iter().enumerate() {
-        assert_eq!(result["committed"][p.to_string()].as_u64(), Some(*end), "{result}");
+        assert_eq!(
+            result["committed"][p.to_string()].as_u64(),
+            Some(*end),
+            "{result}"
+        );
     }
     Ok(())
 }

@@ -212,13 +212,14 @@ impl PartitionReplica {
                     continue;
                 }
             }
-            let stored = match batch::with_base_offset_and_epoch(&entry.data, base_offset, entry.term) {
-                Ok(stored) => stored,
-                Err(e) => panic!(
-                    "committed entry {} of {}/{} is not a valid batch: {e}",
-                    entry.index, self.shared.topic, self.shared.partition
-                ),
-            };
+            let stored =
+                match batch::with_base_offset_and_epoch(&entry.data, base_offset, entry.term) {
+                    Ok(stored) => stored,
+                    Err(e) => panic!(
+                        "committed entry {} of {}/{} is not a valid batch: {e}",
+                        entry.index, self.shared.topic, self.shared.partition
+                    ),
+                };
             let header = stored.1;
             // The proposer's clock (see `propose`); entries proposed before it was stamped
             // carry 0 there, and their own time instead.

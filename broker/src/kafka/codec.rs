@@ -82,7 +82,6 @@ pub fn encode(
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

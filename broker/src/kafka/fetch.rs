@@ -28,7 +28,7 @@ struct Wanted {
     max_bytes: usize,
 }
 
-pub async fn handle(context: &Context, request: FetchRequest) -> FetchResponse {
+pub async fn handle(context: &Context, request: FetchRequest, version: i16) -> FetchResponse {
     let registry = &context.broker.registry;
     let mut wanted = Vec::new();
     for topic in &request.topics {
@@ -66,7 +66,7 @@ pub async fn handle(context: &Context, request: FetchRequest) -> FetchResponse {
             .filter_map(|w| w.partition.as_ref())
             .map(|p| p.subscribe_high_watermark())
             .collect();
-        let (answer, bytes) = read(context, &wanted, max_bytes).await;
+        let (answer, bytes) = read(context, &wanted, max_bytes, version).await;
         let now = Instant::now();
         if bytes >= min_bytes || now >= deadline || watches.is_empty() {
             return answer.with_session_id(0);
@@ -77,7 +77,12 @@ pub async fn handle(context: &Context, request: FetchRequest) -> FetchResponse {
 }
 
 /// One pass over the partitions: their batches and how many bytes in all.
-async fn read(context: &Context, wanted: &[Wanted], max_bytes: usize) -> (FetchResponse, usize) {
+async fn read(
+    context: &Context,
+    wanted: &[Wanted],
+    max_bytes: usize,
+    version: i16,
+) -> (FetchResponse, usize) {
     let storage = &context.broker.storage;
     let metrics = &context.broker.metrics;
     let mut total = 0usize;
@@ -143,6 +148,10 @@ async fn read(context: &Context, wanted: &[Wanted], max_bytes: usize) -> (FetchR
                     }
                 }
             }
+        }
+        // The log start offset came with v5.
+        if version < 5 {
+            data.log_start_offset = -1;
         }
         match topics.last_mut() {
             Some(last) if last.topic.0.as_str() == w.topic => last.partitions.push(data),

@@ -97,7 +97,11 @@ pub async fn find_coordinator(
     version: i16,
 ) -> FindCoordinatorResponse {
     let keys: Vec<String> = if version >= 4 {
-        request.coordinator_keys.iter().map(|k| k.to_string()).collect()
+        request
+            .coordinator_keys
+            .iter()
+            .map(|k| k.to_string())
+            .collect()
     } else {
         vec![request.key.to_string()]
     };
@@ -115,9 +119,10 @@ pub async fn find_coordinator(
                     .with_error_code(ResponseError::InvalidRequest.code())
                     .with_error_message(Some(str("transactions are not supported")));
             }
-            let leader = (!partitions.is_empty())
-                .then(|| partitions[group_partition(&key, partitions.len() as u32) as usize].leader())
-                .unwrap_or(0);
+            let leader = match partitions.len() {
+                0 => 0,
+                n => partitions[group_partition(&key, n as u32) as usize].leader(),
+            };
             match cluster.kafka_of(leader).and_then(|a| split_host_port(&a)) {
                 Some((host, port)) if leader != 0 => answer
                     .with_node_id(BrokerId(leader as i32))
@@ -132,12 +137,17 @@ pub async fn find_coordinator(
     if version >= 4 {
         response.with_coordinators(coordinators)
     } else {
-        response
+        let response = response
             .with_error_code(first.error_code)
-            .with_error_message(first.error_message)
             .with_node_id(first.node_id)
             .with_host(first.host)
-            .with_port(first.port)
+            .with_port(first.port);
+        // Error messages came with v1.
+        if version >= 1 {
+            response.with_error_message(first.error_message)
+        } else {
+            response
+        }
     }
 }
 
@@ -183,7 +193,7 @@ pub async fn join_group(
     match coordinator.send(JoinGroup(join)).await {
         Ok(Ok(joined)) => JoinGroupResponse::default()
             .with_generation_id(joined.generation)
-            .with_protocol_type(Some(str(joined.protocol_type)))
+            .with_protocol_type((version >= 7).then(|| str(joined.protocol_type)))
             .with_protocol_name(Some(str(joined.protocol_name)))
             .with_leader(str(joined.leader))
             .with_member_id(str(joined.member_id))
@@ -199,7 +209,8 @@ pub async fn join_group(
                     .collect(),
             ),
         Ok(Err(GroupError::Classic(ClassicError::MemberIdRequired(id)))) => {
-            failed(ClassicError::MemberIdRequired(String::new()).kafka_code()).with_member_id(str(id))
+            failed(ClassicError::MemberIdRequired(String::new()).kafka_code())
+                .with_member_id(str(id))
         }
         Ok(Err(e)) => failed(group_code(&e)),
         Err(_) => failed(ResponseError::CoordinatorNotAvailable.code()),
@@ -256,7 +267,11 @@ pub async fn leave_group(
     version: i16,
 ) -> LeaveGroupResponse {
     let members: Vec<String> = if version >= 3 {
-        request.members.iter().map(|m| m.member_id.to_string()).collect()
+        request
+            .members
+            .iter()
+            .map(|m| m.member_id.to_string())
+            .collect()
     } else {
         vec![request.member_id.to_string()]
     };
@@ -286,9 +301,13 @@ pub async fn leave_group(
             } else {
                 0
             };
-            LeaveGroupResponse::default()
-                .with_error_code(top)
-                .with_members(answers)
+            let response = LeaveGroupResponse::default().with_error_code(top);
+            // Per-member answers came with v3.
+            if version >= 3 {
+                response.with_members(answers)
+            } else {
+                response
+            }
         }
         Ok(Err(e)) => LeaveGroupResponse::default().with_error_code(group_code(&e)),
         Err(_) => LeaveGroupResponse::default()
@@ -296,13 +315,19 @@ pub async fn leave_group(
     }
 }
 
-pub async fn offset_commit(context: &Context, request: OffsetCommitRequest) -> OffsetCommitResponse {
+pub async fn offset_commit(
+    context: &Context,
+    request: OffsetCommitRequest,
+) -> OffsetCommitResponse {
     let group = request.group_id.0.to_string();
     let mut offsets = Vec::new();
     let mut invalid = Vec::new();
     for topic in &request.topics {
         for p in &topic.partitions {
-            match (u32::try_from(p.partition_index), u64::try_from(p.committed_offset)) {
+            match (
+                u32::try_from(p.partition_index),
+                u64::try_from(p.committed_offset),
+            ) {
                 (Ok(partition), Ok(offset)) => offsets.push((
                     TopicPartition {
                         topic: topic.name.0.to_string(),
@@ -378,8 +403,7 @@ async fn committed(
     };
     match addr.send(coordinate).await {
         Ok(Ok(Coordinated::Running(coordinator))) => match coordinator.send(Describe).await {
-            Ok(Ok(description)) => Ok(description.committed),
-            Ok(Err(e)) => Err(group_code(&e)),
+            Ok(description) => Ok(description.committed),
             Err(_) => Err(ResponseError::CoordinatorNotAvailable.code()),
         },
         Ok(Ok(Coordinated::Stored(state))) => Ok(state.offsets),
@@ -399,27 +423,29 @@ pub async fn offset_fetch(
     let committed = match committed(context, &group).await {
         Ok(committed) => committed,
         Err(code) => {
-            let response = OffsetFetchResponse::default().with_error_code(code);
             if version >= 2 {
-                return response;
+                return OffsetFetchResponse::default().with_error_code(code);
             }
+            let response = OffsetFetchResponse::default();
             // v1 has no top-level error: each asked partition carries it.
             let topics = request
                 .topics
                 .unwrap_or_default()
                 .into_iter()
                 .map(|t| {
-                    OffsetFetchResponseTopic::default().with_name(t.name).with_partitions(
-                        t.partition_indexes
-                            .into_iter()
-                            .map(|p| {
-                                OffsetFetchResponsePartition::default()
-                                    .with_partition_index(p)
-                                    .with_committed_offset(-1)
-                                    .with_error_code(code)
-                            })
-                            .collect(),
-                    )
+                    OffsetFetchResponseTopic::default()
+                        .with_name(t.name)
+                        .with_partitions(
+                            t.partition_indexes
+                                .into_iter()
+                                .map(|p| {
+                                    OffsetFetchResponsePartition::default()
+                                        .with_partition_index(p)
+                                        .with_committed_offset(-1)
+                                        .with_error_code(code)
+                                })
+                                .collect(),
+                        )
                 })
                 .collect();
             return response.with_topics(topics);
@@ -435,20 +461,23 @@ pub async fn offset_fetch(
         OffsetFetchResponsePartition::default()
             .with_partition_index(partition)
             .with_committed_offset(found.map_or(-1, |c| c.offset as i64))
-            .with_committed_leader_epoch(-1)
-            .with_metadata(Some(str(found.map(|c| c.metadata.clone()).unwrap_or_default())))
+            .with_metadata(Some(str(found
+                .map(|c| c.metadata.clone())
+                .unwrap_or_default())))
     };
     let topics = match request.topics {
         Some(asked) => asked
             .into_iter()
             .map(|t| {
                 let name = t.name.0.to_string();
-                OffsetFetchResponseTopic::default().with_name(t.name).with_partitions(
-                    t.partition_indexes
-                        .into_iter()
-                        .map(|p| partition_answer(&name, p))
-                        .collect(),
-                )
+                OffsetFetchResponseTopic::default()
+                    .with_name(t.name)
+                    .with_partitions(
+                        t.partition_indexes
+                            .into_iter()
+                            .map(|p| partition_answer(&name, p))
+                            .collect(),
+                    )
             })
             .collect(),
         // Every partition the group committed.
@@ -466,7 +495,10 @@ pub async fn offset_fetch(
                     OffsetFetchResponseTopic::default()
                         .with_name(TopicName(str(name.clone())))
                         .with_partitions(
-                            partitions.into_iter().map(|p| partition_answer(&name, p)).collect(),
+                            partitions
+                                .into_iter()
+                                .map(|p| partition_answer(&name, p))
+                                .collect(),
                         )
                 })
                 .collect()
@@ -477,7 +509,11 @@ pub async fn offset_fetch(
 
 /// Groups whose offsets partition this broker leads (Kafka's ListGroups is per coordinator;
 /// admin tools ask every broker).
-pub async fn list_groups(context: &Context, _request: ListGroupsRequest) -> ListGroupsResponse {
+pub async fn list_groups(
+    context: &Context,
+    _request: ListGroupsRequest,
+    version: i16,
+) -> ListGroupsResponse {
     let me = context.broker.cluster.self_id;
     let mut groups = Vec::new();
     for partition in context.broker.registry.offsets() {
@@ -491,13 +527,15 @@ pub async fn list_groups(context: &Context, _request: ListGroupsRequest) -> List
             continue;
         };
         for (group, _) in listed {
-            groups.push(
-                ListedGroup::default()
-                    .with_group_id(GroupId(str(group)))
-                    .with_protocol_type(str("consumer"))
-                    .with_group_state(str("Stable"))
-                    .with_group_type(str("classic")),
-            );
+            let listed = ListedGroup::default()
+                .with_group_id(GroupId(str(group)))
+                .with_protocol_type(str("consumer"));
+            // States came with v4 (types with v5, beyond what is served).
+            groups.push(if version >= 4 {
+                listed.with_group_state(str("Stable"))
+            } else {
+                listed
+            });
         }
     }
     ListGroupsResponse::default().with_groups(groups)
@@ -543,7 +581,7 @@ pub async fn describe_groups(
         // A group of REST Proxy instances (or none): its state and members, without the
         // classic protocol's metadata.
         match coordinator.send(Describe).await {
-            Ok(Ok(description)) => described.push(
+            Ok(description) => described.push(
                 answer
                     .with_group_state(str(description.state))
                     .with_protocol_type(str("consumer"))
@@ -562,7 +600,6 @@ pub async fn describe_groups(
                             .collect(),
                     ),
             ),
-            Ok(Err(e)) => described.push(answer.with_error_code(group_code(&e))),
             Err(_) => described
                 .push(answer.with_error_code(ResponseError::CoordinatorNotAvailable.code())),
         }

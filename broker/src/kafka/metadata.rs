@@ -39,25 +39,30 @@ pub async fn handle(context: &Context, request: MetadataRequest, version: i16) -
     match wanted {
         None => {
             for handle in registry.list() {
-                topics.push(describe(&handle));
+                topics.push(describe(&handle, version));
             }
         }
         Some(names) => {
             for name in names {
                 match registry.get(&name) {
-                    Some(handle) => topics.push(describe(&handle)),
+                    Some(handle) => topics.push(describe(&handle, version)),
                     None => topics.push(missing(context, &name, allow_create).await),
                 }
             }
         }
     }
-    MetadataResponse::default()
+    // Fields a version lacks stay at their defaults (the codec refuses to encode them).
+    let mut response = MetadataResponse::default()
         .with_brokers(brokers(context))
-        .with_cluster_id(Some(StrBytes::from_static_str(CLUSTER_ID)))
-        .with_controller_id(BrokerId(
-            i32::try_from(context.broker.cluster.metadata_leader()).unwrap_or(-1),
-        ))
-        .with_topics(topics)
+        .with_topics(topics);
+    if version >= 1 {
+        response.controller_id =
+            BrokerId(i32::try_from(context.broker.cluster.metadata_leader()).unwrap_or(-1));
+    }
+    if version >= 2 {
+        response.cluster_id = Some(StrBytes::from_static_str(CLUSTER_ID));
+    }
+    response
 }
 
 /// Every broker whose Kafka address is known (learned from peer handshakes).
@@ -81,7 +86,7 @@ pub fn brokers(context: &Context) -> Vec<MetadataResponseBroker> {
         .collect()
 }
 
-fn describe(handle: &TopicHandle) -> MetadataResponseTopic {
+fn describe(handle: &TopicHandle, version: i16) -> MetadataResponseTopic {
     let partitions = handle
         .partitions
         .iter()
@@ -101,21 +106,29 @@ fn describe(handle: &TopicHandle) -> MetadataResponseTopic {
             } else {
                 0
             };
-            MetadataResponsePartition::default()
+            let answer = MetadataResponsePartition::default()
                 .with_error_code(error)
                 .with_partition_index(shared.partition as i32)
                 .with_leader_id(BrokerId(if leader == 0 { -1 } else { leader as i32 }))
-                .with_leader_epoch(i32::try_from(term).unwrap_or(i32::MAX))
                 .with_replica_nodes(replicas)
-                .with_isr_nodes(in_sync)
+                .with_isr_nodes(in_sync);
+            if version >= 7 {
+                answer.with_leader_epoch(i32::try_from(term).unwrap_or(i32::MAX))
+            } else {
+                answer
+            }
         })
         .collect();
-    MetadataResponseTopic::default()
+    let topic = MetadataResponseTopic::default()
         .with_name(Some(TopicName(StrBytes::from_string(
             handle.meta.name.clone(),
         ))))
-        .with_topic_id(topic_uuid(handle.meta.topic_id))
-        .with_partitions(partitions)
+        .with_partitions(partitions);
+    if version >= 10 {
+        topic.with_topic_id(topic_uuid(handle.meta.topic_id))
+    } else {
+        topic
+    }
 }
 
 /// A topic id as the UUID Kafka clients expect: the catalog's id, never reused, in the low

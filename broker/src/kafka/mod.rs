@@ -42,8 +42,6 @@ use crate::config::Config;
 pub struct Context {
     pub broker: Broker,
     pub config: Config,
-    /// This broker's id as Kafka clients see it.
-    pub node_id: i32,
 }
 
 /// The running listener; [`Listener::stop`] stops accepting.
@@ -64,11 +62,9 @@ impl Listener {
 /// Listen on `port` and serve every connection until [`Listener::stop`].
 pub fn start(broker: Broker, config: &Config, port: ClaimedPort) -> std::io::Result<Listener> {
     let listener = tokio::net::TcpListener::from_std(port.listen()?)?;
-    let node_id = i32::try_from(config.id).unwrap_or(i32::MAX);
     let context = Arc::new(Context {
         broker,
         config: config.clone(),
-        node_id,
     });
     let arbiters: Vec<Arbiter> = (0..config.http_workers().clamp(1, 4))
         .map(|_| Arbiter::new())
@@ -181,23 +177,23 @@ pub async fn handle(context: &Context, frame: Bytes) -> Result<Option<BytesMut>,
         RequestKind::Metadata(request) => Some(ResponseKind::Metadata(
             metadata::handle(context, request, version).await,
         )),
-        RequestKind::Produce(request) => produce::handle(context, request)
+        RequestKind::Produce(request) => produce::handle(context, request, version)
             .await
             .map(ResponseKind::Produce),
         RequestKind::Fetch(request) => Some(ResponseKind::Fetch(
-            fetch::handle(context, request).await,
+            fetch::handle(context, request, version).await,
         )),
         RequestKind::ListOffsets(request) => Some(ResponseKind::ListOffsets(
-            offsets::handle(context, request).await,
+            offsets::handle(context, request, version).await,
         )),
         RequestKind::InitProducerId(request) => Some(ResponseKind::InitProducerId(
             topics::init_producer_id(context, request).await,
         )),
         RequestKind::CreateTopics(request) => Some(ResponseKind::CreateTopics(
-            topics::create(context, request).await,
+            topics::create(context, request, version).await,
         )),
         RequestKind::DeleteTopics(request) => Some(ResponseKind::DeleteTopics(
-            topics::delete(context, request).await,
+            topics::delete(context, request, version).await,
         )),
         RequestKind::FindCoordinator(request) => Some(ResponseKind::FindCoordinator(
             groups::find_coordinator(context, request, version).await,
@@ -228,7 +224,7 @@ pub async fn handle(context: &Context, frame: Bytes) -> Result<Option<BytesMut>,
             groups::offset_fetch(context, request, version).await,
         )),
         RequestKind::ListGroups(request) => Some(ResponseKind::ListGroups(
-            groups::list_groups(context, request).await,
+            groups::list_groups(context, request, version).await,
         )),
         RequestKind::DescribeGroups(request) => Some(ResponseKind::DescribeGroups(
             groups::describe_groups(context, request).await,
@@ -237,7 +233,7 @@ pub async fn handle(context: &Context, frame: Bytes) -> Result<Option<BytesMut>,
             topics::describe_configs(context, request),
         )),
         RequestKind::DescribeCluster(_) => Some(ResponseKind::DescribeCluster(
-            topics::describe_cluster(context),
+            topics::describe_cluster(context, version),
         )),
         other => {
             return Err(Closed::Malformed(format!(
@@ -249,7 +245,12 @@ pub async fn handle(context: &Context, frame: Bytes) -> Result<Option<BytesMut>,
     let Some(response) = response else {
         return Ok(None);
     };
-    Ok(Some(codec::encode(api, version, header.correlation_id, &response)?))
+    Ok(Some(codec::encode(
+        api,
+        version,
+        header.correlation_id,
+        &response,
+    )?))
 }
 
 /// `host:port` split, the port a valid one.

@@ -16,7 +16,11 @@ const LATEST: i64 = -1;
 const EARLIEST: i64 = -2;
 const MAX_TIMESTAMP: i64 = -3;
 
-pub async fn handle(context: &Context, request: ListOffsetsRequest) -> ListOffsetsResponse {
+pub async fn handle(
+    context: &Context,
+    request: ListOffsetsRequest,
+    version: i16,
+) -> ListOffsetsResponse {
     let storage = &context.broker.storage;
     let mut topics = Vec::new();
     for topic in request.topics {
@@ -33,14 +37,20 @@ pub async fn handle(context: &Context, request: ListOffsetsRequest) -> ListOffse
                     .and_then(|p| h.partition(p))
             });
             let Some(shared) = shared else {
-                partitions.push(answer.with_error_code(ResponseError::UnknownTopicOrPartition.code()));
+                partitions
+                    .push(answer.with_error_code(ResponseError::UnknownTopicOrPartition.code()));
                 continue;
             };
             if !shared.is_led_here() {
                 partitions.push(answer.with_error_code(ResponseError::NotLeaderOrFollower.code()));
                 continue;
             }
-            let epoch = i32::try_from(shared.leadership().0).unwrap_or(i32::MAX);
+            // Leader epochs came with v4.
+            let epoch = if version >= 4 {
+                i32::try_from(shared.leadership().0).unwrap_or(i32::MAX)
+            } else {
+                -1
+            };
             let found = match asked.timestamp {
                 LATEST => Ok(Some((shared.high_watermark(), -1))),
                 EARLIEST => Ok(Some((shared.log_start_offset(), -1))),

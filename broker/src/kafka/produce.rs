@@ -19,10 +19,17 @@ use super::errors::partition_error;
 use super::Context;
 
 /// None when no answer is due (acks=0).
-pub async fn handle(context: &Context, request: ProduceRequest) -> Option<ProduceResponse> {
+pub async fn handle(
+    context: &Context,
+    request: ProduceRequest,
+    version: i16,
+) -> Option<ProduceResponse> {
     let acks = request.acks;
     let refuse_all = if !matches!(acks, -1..=1) {
-        Some((ResponseError::InvalidRequiredAcks, "acks must be -1, 0 or 1"))
+        Some((
+            ResponseError::InvalidRequiredAcks,
+            "acks must be -1, 0 or 1",
+        ))
     } else if request.transactional_id.is_some() {
         Some((
             ResponseError::TransactionalIdAuthorizationFailed,
@@ -42,11 +49,16 @@ pub async fn handle(context: &Context, request: ProduceRequest) -> Option<Produc
                 let index = data.index;
                 let answer = PartitionProduceResponse::default().with_index(index);
                 let fail = |error: ResponseError, message: Option<String>| {
-                    answer
+                    let failed = answer
                         .clone()
                         .with_error_code(error.code())
-                        .with_base_offset(-1)
-                        .with_error_message(message.map(StrBytes::from_string))
+                        .with_base_offset(-1);
+                    // Error messages came with v8.
+                    if version >= 8 {
+                        failed.with_error_message(message.map(StrBytes::from_string))
+                    } else {
+                        failed
+                    }
                 };
                 if let Some((error, why)) = refuse_all {
                     return (name, fail(error, Some(why.to_owned())));
@@ -96,10 +108,12 @@ pub async fn handle(context: &Context, request: ProduceRequest) -> Option<Produc
                         }
                     }
                 }
-                let answer = answer
+                let mut answer = answer
                     .with_base_offset(base_offset.unwrap_or(-1))
-                    .with_log_append_time_ms(-1)
-                    .with_log_start_offset(shared.log_start_offset() as i64);
+                    .with_log_append_time_ms(-1);
+                if version >= 5 {
+                    answer.log_start_offset = shared.log_start_offset() as i64;
+                }
                 (name, answer)
             });
         }

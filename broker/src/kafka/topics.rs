@@ -18,7 +18,6 @@ use pubg1_actors::metadata::{CreateTopic, DeleteTopic, InitProducerId};
 use pubg1_actors::topic::validate_name;
 
 use super::errors::topic_error;
-use super::metadata::topic_uuid;
 use super::Context;
 
 pub async fn init_producer_id(
@@ -40,7 +39,11 @@ pub async fn init_producer_id(
     }
 }
 
-pub async fn create(context: &Context, request: CreateTopicsRequest) -> CreateTopicsResponse {
+pub async fn create(
+    context: &Context,
+    request: CreateTopicsRequest,
+    version: i16,
+) -> CreateTopicsResponse {
     let brokers = u16::try_from(context.broker.cluster.brokers.len().max(1)).unwrap_or(u16::MAX);
     let mut results = Vec::new();
     for topic in request.topics {
@@ -91,13 +94,14 @@ pub async fn create(context: &Context, request: CreateTopicsRequest) -> CreateTo
             .filter_map(|c| Some((c.name.to_string(), c.value.as_ref()?.to_string())))
             .collect();
         if request.validate_only {
-            let checked = validate_name(&name).and_then(|()| {
-                pubg1_actors::topic::TopicConfigs::from_kafka(&configs).map(|_| ())
-            });
+            let checked = validate_name(&name)
+                .and_then(|()| pubg1_actors::topic::TopicConfigs::from_kafka(&configs).map(|_| ()));
             results.push(match checked {
-                Ok(()) => result
+                // Sizes came with v5.
+                Ok(()) if version >= 5 => result
                     .with_num_partitions(partitions as i32)
                     .with_replication_factor(replication_factor as i16),
+                Ok(()) => result,
                 Err(e) => fail(topic_error(&e), e.to_string()),
             });
             continue;
@@ -109,10 +113,11 @@ pub async fn create(context: &Context, request: CreateTopicsRequest) -> CreateTo
             configs,
         };
         results.push(match context.broker.metadata.send(create).await {
-            Ok(Ok(meta)) => result
-                .with_topic_id(topic_uuid(meta.topic_id))
+            // Sizes came with v5, topic ids with v7 (beyond what is served).
+            Ok(Ok(meta)) if version >= 5 => result
                 .with_num_partitions(meta.partitions as i32)
                 .with_replication_factor(meta.replication_factor as i16),
+            Ok(Ok(_)) => result,
             Ok(Err(e)) => fail(topic_error(&e), e.to_string()),
             Err(_) => fail(
                 ResponseError::RequestTimedOut,
@@ -123,7 +128,11 @@ pub async fn create(context: &Context, request: CreateTopicsRequest) -> CreateTo
     CreateTopicsResponse::default().with_topics(results)
 }
 
-pub async fn delete(context: &Context, request: DeleteTopicsRequest) -> DeleteTopicsResponse {
+pub async fn delete(
+    context: &Context,
+    request: DeleteTopicsRequest,
+    version: i16,
+) -> DeleteTopicsResponse {
     // v0–5 name topics in `topic_names`, v6 in `topics`.
     let names: Vec<TopicName> = request
         .topic_names
@@ -142,9 +151,11 @@ pub async fn delete(context: &Context, request: DeleteTopicsRequest) -> DeleteTo
             .await;
         results.push(match deleted {
             Ok(Ok(())) => result,
-            Ok(Err(e)) => result
+            // Error messages came with v5.
+            Ok(Err(e)) if version >= 5 => result
                 .with_error_code(topic_error(&e).code())
                 .with_error_message(Some(StrBytes::from_string(e.to_string()))),
+            Ok(Err(e)) => result.with_error_code(topic_error(&e).code()),
             Err(_) => result.with_error_code(topic_error(&TopicError::ShuttingDown).code()),
         });
     }
@@ -179,8 +190,7 @@ pub fn describe_configs(
                         "only topic configs are described",
                     )));
             }
-            let Some(handle) = context.broker.registry.get(resource.resource_name.as_str())
-            else {
+            let Some(handle) = context.broker.registry.get(resource.resource_name.as_str()) else {
                 return result.with_error_code(ResponseError::UnknownTopicOrPartition.code());
             };
             let wanted: Option<Vec<String>> = resource
@@ -210,6 +220,7 @@ pub fn describe_configs(
 /// address.
 pub fn describe_cluster(
     context: &Context,
+    version: i16,
 ) -> kafka_protocol::messages::DescribeClusterResponse {
     use kafka_protocol::messages::describe_cluster_response::DescribeClusterBroker;
     let brokers = super::metadata::brokers(context)
@@ -222,7 +233,8 @@ pub fn describe_cluster(
         })
         .collect();
     kafka_protocol::messages::DescribeClusterResponse::default()
-        .with_endpoint_type(1)
+        // Endpoint types came with v1 (1: brokers).
+        .with_endpoint_type(if version >= 1 { 1 } else { 0 })
         .with_cluster_id(StrBytes::from_static_str(super::metadata::CLUSTER_ID))
         .with_controller_id(kafka_protocol::messages::BrokerId(
             i32::try_from(context.broker.cluster.metadata_leader()).unwrap_or(-1),
