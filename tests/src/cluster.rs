@@ -151,9 +151,18 @@ impl TestCluster {
     /// Create `topic` with replication factor 3 through broker 1 and wait until every partition
     /// has a leader every broker agrees on.
     pub fn create_replicated(&self, topic: &str, partitions: u32) -> Result<()> {
+        self.create_replicated_with_factor(topic, partitions, 3)
+    }
+
+    /// [`TestCluster::create_replicated`] with `factor` replicas per partition.
+    pub fn create_replicated_with_factor(
+        &self,
+        topic: &str,
+        partitions: u32,
+        factor: u16,
+    ) -> Result<()> {
         let http = Client::new();
-        let body =
-            serde_json::json!({"name": topic, "partitions": partitions, "replication_factor": 3});
+        let body = serde_json::json!({"name": topic, "partitions": partitions, "replication_factor": factor});
         let reply = http.post_json(&self.broker(1).url("/topics"), &body)?;
         anyhow::ensure!(
             reply.status == 201,

@@ -233,7 +233,7 @@ pub async fn handle(context: &Context, frame: Bytes) -> Result<Option<BytesMut>,
             topics::describe_configs(context, request),
         )),
         RequestKind::DescribeCluster(_) => Some(ResponseKind::DescribeCluster(
-            topics::describe_cluster(context, version),
+            topics::describe_cluster(context),
         )),
         other => {
             return Err(Closed::Malformed(format!(

@@ -218,10 +218,8 @@ pub fn describe_configs(
 
 /// The cluster: its id, the metadata group's leader as controller, every broker's Kafka
 /// address.
-pub fn describe_cluster(
-    context: &Context,
-    version: i16,
-) -> kafka_protocol::messages::DescribeClusterResponse {
+/// (The endpoint type, v1, stays at its default: brokers.)
+pub fn describe_cluster(context: &Context) -> kafka_protocol::messages::DescribeClusterResponse {
     use kafka_protocol::messages::describe_cluster_response::DescribeClusterBroker;
     let brokers = super::metadata::brokers(context)
         .into_iter()
@@ -233,8 +231,6 @@ pub fn describe_cluster(
         })
         .collect();
     kafka_protocol::messages::DescribeClusterResponse::default()
-        // Endpoint types came with v1 (1: brokers).
-        .with_endpoint_type(if version >= 1 { 1 } else { 0 })
         .with_cluster_id(StrBytes::from_static_str(super::metadata::CLUSTER_ID))
         .with_controller_id(kafka_protocol::messages::BrokerId(
             i32::try_from(context.broker.cluster.metadata_leader()).unwrap_or(-1),
