@@ -61,7 +61,9 @@ impl BatchHeader {
 ///
 /// Offsets are dense: record `i` gets `base_offset + i`. All records share `timestamp_ms`, the
 /// broker's append time (the encoder cannot set the LogAppendTime attribute bit, so the batch says
-/// CreateTime with the broker's clock, which is what retention by time is measured against).
+/// CreateTime with the broker's clock). Retention by time goes by batches' max timestamps: the
+/// broker's clock for these, the producer's for batches a Kafka client sent (which may be at
+/// most an hour ahead, see [`check_client_batch`]).
 pub fn encode(
     base_offset: u64,
     timestamp_ms: i64,
@@ -201,39 +203,72 @@ const TRANSACTIONAL_OR_CONTROL: i16 = 0x30;
 /// Why a batch a Kafka client sent cannot be stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientBatchError {
-    /// Not a whole, intact v2 batch (length, magic, CRC, offsets not dense).
+    /// Not a whole, intact v2 batch: length, magic, CRC, or records that do not decode to what
+    /// the header says (count, dense offsets), or more than it may decompress to.
     Corrupt(String),
+    /// Well-formed, but not acceptable: more than one batch, a reserved producer id.
+    Invalid(String),
+    /// A timestamp too far in the future (it would hold time-based retention back).
+    Timestamp(String),
     /// A transactional or control batch.
     Transactional,
 }
 
-/// Split the `records` field of a Kafka produce request into its batches, each checked as
-/// stored as-is: whole, magic 2, CRC intact, dense offset deltas, at least one record, not part
-/// of a transaction. Each is returned with base offset 0, ready to propose (the real base
-/// offset is set at apply).
-pub fn check_client_batches(records: &Bytes) -> Result<Vec<Bytes>, ClientBatchError> {
-    let mut batches = Vec::new();
-    let mut at = 0usize;
-    while at < records.len() {
-        let rest = &records[at..];
-        let header = parse_header(rest).map_err(|e| ClientBatchError::Corrupt(e.to_string()))?;
-        if header.record_count == 0 {
-            return Err(ClientBatchError::Corrupt("a batch without records".into()));
-        }
-        let attributes = i16::from_be_bytes(array(rest, ATTRIBUTES_OFFSET));
-        if attributes & TRANSACTIONAL_OR_CONTROL != 0 {
-            return Err(ClientBatchError::Transactional);
-        }
-        let size = header.size_bytes as usize;
-        let mut batch = BytesMut::from(&rest[..size]);
-        batch[0..8].copy_from_slice(&0i64.to_be_bytes());
-        batches.push(batch.freeze());
-        at += size;
+/// How far ahead of the broker's clock a record's timestamp may be (Kafka's
+/// `log.message.timestamp.after.max.ms` default since 3.6).
+pub const TIMESTAMP_AHEAD_MAX_MS: i64 = 60 * 60 * 1000;
+
+/// Check the `records` field of one partition of a Kafka produce request, the way it will be
+/// stored and later read: exactly one v2 batch (Kafka's rule since Produce v3), whole, CRC
+/// intact, not transactional, decoding (decompressed, bounded) to exactly the records its
+/// header counts at dense offsets, no timestamp more than [`TIMESTAMP_AHEAD_MAX_MS`] ahead of
+/// `now_ms`, and no producer id of the cluster's own. Everything a reader will later trust of
+/// the batch is checked here, because a batch is replicated as it is: one a reader cannot
+/// decode would break every reader of the partition. Returned with base offset 0, ready to
+/// propose (the real base offset is set at apply).
+pub fn check_client_batch(records: &Bytes, now_ms: i64) -> Result<Bytes, ClientBatchError> {
+    let corrupt = |why: String| ClientBatchError::Corrupt(why);
+    let header = parse_header(records).map_err(|e| corrupt(e.to_string()))?;
+    let size = header.size_bytes as usize;
+    if size != records.len() {
+        return Err(ClientBatchError::Invalid(
+            "exactly one record batch per partition".into(),
+        ));
     }
-    if batches.is_empty() {
-        return Err(ClientBatchError::Corrupt("no record batch".into()));
+    if header.record_count == 0 {
+        return Err(corrupt("a batch without records".into()));
     }
-    Ok(batches)
+    let attributes = i16::from_be_bytes(array(records, ATTRIBUTES_OFFSET));
+    if attributes & TRANSACTIONAL_OR_CONTROL != 0 {
+        return Err(ClientBatchError::Transactional);
+    }
+    if header.producer.id >= crate::producers::RESERVED_PRODUCER_IDS {
+        return Err(ClientBatchError::Invalid(format!(
+            "producer id {} is in the range the cluster keeps for itself",
+            header.producer.id
+        )));
+    }
+    if header.max_timestamp_ms > now_ms.saturating_add(TIMESTAMP_AHEAD_MAX_MS) {
+        return Err(ClientBatchError::Timestamp(format!(
+            "max timestamp {} is more than {TIMESTAMP_AHEAD_MAX_MS} ms ahead of the broker's clock",
+            header.max_timestamp_ms
+        )));
+    }
+    let mut batch = BytesMut::from(&records[..]);
+    batch[0..8].copy_from_slice(&0i64.to_be_bytes());
+    let batch = batch.freeze();
+    let decoded = decode(&batch).map_err(|e| corrupt(e.to_string()))?;
+    if let Some((i, r)) = decoded
+        .iter()
+        .enumerate()
+        .find(|(i, r)| r.offset != *i as u64)
+    {
+        return Err(corrupt(format!(
+            "record {i} has offset delta {}, not {i}",
+            r.offset
+        )));
+    }
+    Ok(batch)
 }
 
 /// Read and validate the fixed header of the batch at the start of `bytes`, CRC included.
@@ -382,37 +417,66 @@ mod tests {
     }
 
     #[test]
-    fn client_batches_are_split_checked_and_stored_as_sent() {
-        let one = encode(7, 5, &[rec(None, "a"), rec(None, "b")]).expect("encode");
-        let two = encode(9, 5, &[rec(Some("k"), "c")]).expect("encode");
-        let mut both = one.to_vec();
-        both.extend_from_slice(&two);
-        let split = check_client_batches(&Bytes::from(both)).expect("valid");
-        assert_eq!(split.len(), 2);
-        // Base offsets are reset; the rest is byte for byte what was sent.
-        assert_eq!(parse_header(&split[0]).expect("header").base_offset, 0);
-        assert_eq!(split[0][8..], one[8..]);
-        assert_eq!(split[1][8..], two[8..]);
-        let (stored, header) = with_base_offset_and_epoch(&split[1], 40, 3).expect("stored");
-        assert_eq!((header.base_offset, header.record_count), (40, 1));
+    fn a_client_batch_is_checked_whole_and_stored_as_sent() {
+        let now = 1_796_000_000_000;
+        let one = encode(7, now, &[rec(None, "a"), rec(None, "b")]).expect("encode");
+        let checked = check_client_batch(&one, now).expect("valid");
+        // The base offset is reset; the rest is byte for byte what was sent.
+        assert_eq!(parse_header(&checked).expect("header").base_offset, 0);
+        assert_eq!(checked[8..], one[8..]);
+        let (stored, header) = with_base_offset_and_epoch(&checked, 40, 3).expect("stored");
+        assert_eq!((header.base_offset, header.record_count), (40, 2));
         assert_eq!(i32::from_be_bytes(array(&stored, 12)), 3);
-        assert_eq!(decode(&stored).expect("decode")[0].offset, 40);
+        assert_eq!(decode(&stored).expect("decode")[1].offset, 41);
 
+        let mut two = one.to_vec();
+        two.extend_from_slice(&one);
+        assert!(matches!(
+            check_client_batch(&Bytes::from(two), now),
+            Err(ClientBatchError::Invalid(_))
+        ));
         let mut truncated = one.to_vec();
         truncated.pop();
         assert!(matches!(
-            check_client_batches(&Bytes::from(truncated)),
+            check_client_batch(&Bytes::from(truncated), now),
             Err(ClientBatchError::Corrupt(_))
         ));
-        assert!(check_client_batches(&Bytes::new()).is_err());
+        assert!(check_client_batch(&Bytes::new(), now).is_err());
+        let resigned = |mut bytes: Vec<u8>| {
+            let crc = crc32c::crc32c(&bytes[ATTRIBUTES_OFFSET..]);
+            bytes[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_be_bytes());
+            Bytes::from(bytes)
+        };
         let mut transactional = one.to_vec();
         transactional[22] |= 0x10;
-        let crc = crc32c::crc32c(&transactional[ATTRIBUTES_OFFSET..]);
-        transactional[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_be_bytes());
         assert_eq!(
-            check_client_batches(&Bytes::from(transactional)),
+            check_client_batch(&resigned(transactional), now),
             Err(ClientBatchError::Transactional)
         );
+        // A header that claims more records than the batch holds (CRC made valid): a reader
+        // would fail on it, so it is never stored.
+        let mut lying = one.to_vec();
+        lying[23..27].copy_from_slice(&(i32::MAX - 1).to_be_bytes());
+        lying[57..61].copy_from_slice(&i32::MAX.to_be_bytes());
+        assert!(matches!(
+            check_client_batch(&resigned(lying), now),
+            Err(ClientBatchError::Corrupt(_))
+        ));
+        let ahead = encode(0, now + 2 * TIMESTAMP_AHEAD_MAX_MS, &[rec(None, "a")]).expect("encode");
+        assert!(matches!(
+            check_client_batch(&ahead, now),
+            Err(ClientBatchError::Timestamp(_))
+        ));
+        let reserved = ProducerSequence {
+            id: crate::producers::RESERVED_PRODUCER_IDS,
+            epoch: 0,
+            base_sequence: 0,
+        };
+        let theirs = encode_as(0, now, &[rec(None, "a")], Some(reserved)).expect("encode");
+        assert!(matches!(
+            check_client_batch(&theirs, now),
+            Err(ClientBatchError::Invalid(_))
+        ));
     }
 
     #[test]

@@ -54,14 +54,18 @@ pub async fn fetch(
     if offset < partition.log_start_offset() {
         return Err(out_of_range(offset, partition));
     }
-    // Past this replica's end. The leader knows the log's end: out of range at once. A
+    // Past this replica's end. A leader that has applied an entry of its own term knows the
+    // log's end: out of range at once (one just elected may still be applying what an
+    // earlier leader committed, and answers as a lagging replica does). A
     // lagging replica (a consumer at the tail, or one that just moved here from another
     // replica) waits like any long poll, and says "out of range" only on the leader's word
     // given after the question (a status report newer than the request that puts the log's
     // end below the offset); otherwise it answers with no records, which a client just asks
     // again, where a wrong "out of range" makes Kafka clients reset their position.
     // A quiesced replica knows too: its group is idle and it holds all of the leader's log.
-    if offset > partition.high_watermark() && (partition.is_led_here() || partition.is_quiesced()) {
+    if offset > partition.high_watermark()
+        && (partition.is_led_here_caught_up() || partition.is_quiesced())
+    {
         return Err(out_of_range(offset, partition));
     }
     if offset >= partition.high_watermark() && !request.wait.is_zero() {
@@ -103,7 +107,7 @@ pub async fn fetch_many(
             let offset = request.offset;
             if offset < partition.log_start_offset()
                 || (offset > partition.high_watermark()
-                    && (partition.is_led_here() || partition.is_quiesced()))
+                    && (partition.is_led_here_caught_up() || partition.is_quiesced()))
             {
                 return Err(out_of_range(offset, partition));
             }
@@ -163,8 +167,9 @@ pub struct FetchedBatches {
 
 /// Committed batches of `partition` from the one holding `offset`, up to `bytes_max` (the
 /// first batch always, however large), without waiting: the Kafka fetch waits across all its
-/// partitions itself. Out of range only outside the log: below its start, or past the end the
-/// leader knows (a lagging replica answers with nothing, as [`fetch`] does).
+/// partitions itself. Out of range only outside the log: below its start, or past the end of a
+/// leader that has caught up with its term (a lagging replica, or a leader just elected,
+/// answers with nothing, as [`fetch`] does).
 pub async fn fetch_batches(
     storage: &Storage,
     partition: &Arc<PartitionShared>,
@@ -174,7 +179,7 @@ pub async fn fetch_batches(
 ) -> Result<FetchedBatches, PartitionError> {
     if offset < partition.log_start_offset()
         || (offset > partition.high_watermark()
-            && (partition.is_led_here() || partition.is_quiesced()))
+            && (partition.is_led_here_caught_up() || partition.is_quiesced()))
     {
         return Err(out_of_range(offset, partition));
     }

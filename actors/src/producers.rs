@@ -23,7 +23,8 @@ use crate::error::StorageError;
 /// limit for idempotence, so any retry a client can send is recognised.
 pub const RETAINED_BATCHES: usize = 5;
 
-/// A producer unheard of this long (by the batches' own timestamps) is forgotten (Kafka's
+/// A producer unheard of this long (by the clock of the leaders that proposed its batches) is
+/// forgotten (Kafka's
 /// `producer.id.expiration.ms` default: one day).
 pub const PRODUCER_EXPIRATION_MS: i64 = 24 * 60 * 60 * 1000;
 
@@ -71,7 +72,8 @@ pub struct ProducerEntry {
     pub epoch: i16,
     /// Oldest first; at most [`RETAINED_BATCHES`].
     pub batches: VecDeque<SequenceRange>,
-    /// Max timestamp of its last batch: what expiry is measured against.
+    /// When its last batch was proposed (the proposing leader's clock): what expiry is
+    /// measured against.
     pub last_timestamp_ms: i64,
 }
 

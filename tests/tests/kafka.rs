@@ -243,6 +243,19 @@ fn random_and_truncated_frames_close_only_their_connection() -> Result<()> {
     for cut in [1, 3, 4, 6, 9, valid.len() - 1] {
         bad.push(valid[..cut].to_vec());
     }
+    // Tiny frames claiming huge arrays (found by fuzzing): Metadata v0 with 2^31-1 topics,
+    // and ApiVersions v3's compact arrays with a varint length near 2^32. Refused, never
+    // allocated.
+    for body in [
+        &[0, 3, 0, 0, 0, 0, 0, 1, 0xff, 0xff, 0x7f, 0xff, 0xff, 0xff][..],
+        &[
+            0, 18, 0, 3, 0, 0, 0, 1, 0xff, 0xff, 0, 0xff, 0xff, 0xff, 0xff, 0x0f,
+        ][..],
+    ] {
+        let mut frame = (body.len() as i32).to_be_bytes().to_vec();
+        frame.extend_from_slice(body);
+        bad.push(frame);
+    }
     // A frame over the size limit, and a negative length.
     bad.push((200 * 1024 * 1024i32).to_be_bytes().to_vec());
     bad.push((-5i32).to_be_bytes().to_vec());

@@ -163,7 +163,8 @@ impl PartitionReplica {
                 }
                 continue;
             }
-            // Every entry was encoded by `batch::encode` on some replica and carried with its
+            // Every entry was encoded by `batch::encode` or checked by `batch::check_client_batch`
+            // on some replica, and carried with its
             // CRC: one that does not parse is a bug or corruption, and skipping it would make
             // this replica's offsets differ from the others'. Stop instead (the supervisor
             // restarts the replica from durable state).
@@ -284,6 +285,11 @@ impl PartitionReplica {
     /// then the appends those entries decided otherwise are told how.
     pub(super) fn complete(&mut self, applied: AppliedEntries) {
         self.publish_durable(self.state.next_offset);
+        if let (Some((_, term)), Some(raft)) = (applied.last, &self.raft) {
+            if raft.is_leader() && term == raft.term() {
+                self.shared.note_caught_up(term);
+            }
+        }
         let topic = [self.shared.topic.as_ref()];
         for (id, outcome) in applied.completed {
             let Some(pending) = self.proposals.take(id) else {

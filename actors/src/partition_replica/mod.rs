@@ -85,7 +85,7 @@ pub enum Payload {
     /// A barrier that also fences producer `id` at `epoch` (see
     /// [`crate::producers::ProducerStates::fence`]): appends nothing.
     Fence { id: i64, epoch: i16 },
-    /// A v2 batch as a Kafka client sent it, already checked ([`crate::batch::check_client_batches`]):
+    /// A v2 batch as a Kafka client sent it, already checked ([`crate::batch::check_client_batch`]):
     /// stored as sent, compressed or not; only its base offset and leader epoch are set, both
     /// outside the CRC.
     Encoded(bytes::Bytes),

@@ -46,6 +46,8 @@ pub struct PartitionShared {
     pub(super) quiesced: AtomicBool,
     /// Set when the topic is deleted; a retired partition is never restarted.
     pub(super) retired: AtomicBool,
+    /// The last term in which this replica, as leader, applied an entry of its own term.
+    pub(super) caught_up_term: AtomicU64,
     /// Replicas in sync with the leader, as the leader saw them at its last gauge refresh; empty
     /// when this broker is not the leader. A std Mutex: swapped whole, never held across awaits.
     pub(super) in_sync: Mutex<Vec<u64>>,
@@ -73,6 +75,7 @@ impl PartitionShared {
             leadership: Mutex::new((0, 0)),
             quiesced: AtomicBool::new(false),
             retired: AtomicBool::new(false),
+            caught_up_term: AtomicU64::new(0),
             in_sync: Mutex::new(Vec::new()),
             replicas,
             hosted,
@@ -118,6 +121,19 @@ impl PartitionShared {
     /// Whether this broker's replica leads the partition (as it last saw it).
     pub fn is_led_here(&self) -> bool {
         self.hosted && self.leader() == self.broker_id
+    }
+
+    /// Led here, and this leader has applied an entry of its own term: its high watermark then
+    /// covers everything an earlier leader got committed. Until then a new leader's log end
+    /// may be behind what readers were told, and an offset past it is not "out of range".
+    pub fn is_led_here_caught_up(&self) -> bool {
+        let (term, _) = self.leadership();
+        self.is_led_here() && self.caught_up_term.load(Ordering::Acquire) == term
+    }
+
+    /// This replica, leading, applied an entry of `term`.
+    pub(super) fn note_caught_up(&self, term: u64) {
+        self.caught_up_term.fetch_max(term, Ordering::AcqRel);
     }
 
     pub fn log_size_bytes(&self) -> u64 {
@@ -264,7 +280,7 @@ impl PartitionShared {
         self.append_payload(Payload::Fence { id, epoch }).await
     }
 
-    /// Append a batch a Kafka client encoded (checked with [`crate::batch::check_client_batches`]).
+    /// Append a batch a Kafka client encoded (checked with [`crate::batch::check_client_batch`]).
     pub async fn append_encoded(&self, batch: bytes::Bytes) -> Result<Appended, PartitionError> {
         self.append_payload(Payload::Encoded(batch)).await
     }

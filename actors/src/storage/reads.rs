@@ -159,8 +159,8 @@ impl Storage {
         }
     }
 
-    /// Stored batches of `log` that hold offsets in `[from, below)`, in order, stopping once
-    /// `bytes_max` is reached (the first batch is always included so a large batch cannot stall a
+    /// Stored batches of `log` that hold offsets in `[from, below)`, in order, as many as fit in
+    /// `bytes_max` (the first batch is always included so a large batch cannot stall a
     /// reader). Each batch's header and CRC are checked. Blocking.
     pub fn read_batches(
         &self,
@@ -201,11 +201,12 @@ impl Storage {
             if header.next_offset() <= from {
                 continue;
             }
-            total += value.len();
-            out.push(Bytes::from(value.into_vec()));
-            if total >= bytes_max {
+            // Within `bytes_max`, but never nothing: the first batch goes whatever its size.
+            if !out.is_empty() && total + value.len() > bytes_max {
                 break;
             }
+            total += value.len();
+            out.push(Bytes::from(value.into_vec()));
         }
         Ok(out)
     }

@@ -55,9 +55,11 @@ pub async fn handle(context: &Context, request: FetchRequest, version: i16) -> F
             .min(context.config.fetch_wait_ms_max),
     );
     let min_bytes = usize::try_from(request.min_bytes).unwrap_or(0);
+    // Bounded by the broker's own limits too: an answer must fit a frame.
     let max_bytes = usize::try_from(request.max_bytes)
         .unwrap_or(usize::MAX)
-        .min(context.config.fetch_bytes_max);
+        .min(context.config.fetch_bytes_max)
+        .min(context.config.kafka_frame_bytes_max / 2);
     let deadline = Instant::now() + max_wait;
     loop {
         // Subscribed before reading, so a write between the read and the wait still wakes us.
@@ -98,7 +100,12 @@ async fn read(
             .with_records(Some(Bytes::new()));
         match (&w.partition, u64::try_from(w.offset)) {
             (None, _) => {
-                let code = if context.broker.registry.get(&w.topic).is_some() {
+                // A partition that exists elsewhere: the client asks its leader.
+                let exists =
+                    context.broker.registry.get(&w.topic).is_some_and(|t| {
+                        u32::try_from(w.index).is_ok_and(|p| p < t.meta.partitions)
+                    });
+                let code = if exists {
                     ResponseError::NotLeaderOrFollower
                 } else {
                     ResponseError::UnknownTopicOrPartition
@@ -109,10 +116,12 @@ async fn read(
                 data = data.with_error_code(ResponseError::OffsetOutOfRange.code());
             }
             (Some(partition), Ok(offset)) => {
-                // Once the response's budget is spent the rest answer empty; the first batch
-                // of the first partition with data always goes (KIP-74).
+                // Each partition gets at most its own limit and what is left of the
+                // response's; once that is spent the rest answer empty. The first batch of the
+                // first partition with data goes whatever its size (KIP-74), so a client is
+                // never stuck behind a batch larger than it asked for.
                 let budget = if total == 0 {
-                    w.max_bytes.max(1)
+                    w.max_bytes.min(max_bytes).max(1)
                 } else {
                     w.max_bytes.min(max_bytes.saturating_sub(total))
                 };
@@ -127,6 +136,17 @@ async fn read(
                             .with_high_watermark(partition.high_watermark() as i64)
                             .with_last_stable_offset(partition.high_watermark() as i64)
                             .with_log_start_offset(partition.log_start_offset() as i64);
+                    }
+                    // Past the first partition with data, a batch larger than what is left
+                    // waits for a fetch where it comes first.
+                    Some(Ok(found))
+                        if total > 0
+                            && found.batches.iter().map(Bytes::len).sum::<usize>() > budget =>
+                    {
+                        data = data
+                            .with_high_watermark(found.high_watermark as i64)
+                            .with_last_stable_offset(found.high_watermark as i64)
+                            .with_log_start_offset(found.log_start_offset as i64);
                     }
                     Some(Ok(found)) => {
                         let mut records = BytesMut::new();

@@ -7,7 +7,9 @@
 //! `kafka_in_flight_max` of them at once and writes the answers in request order
 //! (`StreamExt::buffered`). A frame that cannot be decoded, an unknown API or an unsupported
 //! version of an API other than ApiVersions closes that connection (Kafka does the same), with
-//! a log line; it never touches another connection or the broker. ApiVersions of a version we
+//! a log line, and no request after it is started; it touches no other connection and not the
+//! broker (the codec's allocations are bounded by the bytes a frame holds: see
+//! `vendor/kafka-protocol/PUBG1-PATCH.md`, and `fuzz/` for the search). ApiVersions of a version we
 //! do not know is answered in version 0 with UNSUPPORTED_VERSION and our versions (KIP-511), so
 //! a newer client can pick one.
 //!
@@ -77,7 +79,9 @@ pub fn start(broker: Broker, config: &Config, port: ClaimedPort) -> std::io::Res
             let (stream, peer) = match listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(e) => {
+                    // Out of file descriptors, say: wait rather than spin.
                     tracing::warn!(error = %e, "accepting a Kafka connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     continue;
                 }
             };
@@ -120,13 +124,21 @@ async fn serve_connection(stream: tokio::net::TcpStream, peer: SocketAddr, conte
         .new_codec();
     let (mut sink, frames) = Framed::new(stream, codec).split();
     let in_flight = context.config.kafka_in_flight_max;
+    // Frames are decoded in order as they are read, and the stream ends at the first that
+    // cannot be: no request after a malformed one is started (they run up to `in_flight` at
+    // once, answered in order).
     let mut answers = frames
-        .map(|frame| {
-            let context = context.clone();
-            async move {
-                let frame = frame?.freeze();
-                handle(&context, frame).await
+        .map(|frame| frame.map_err(Closed::Io).and_then(|f| prepare(f.freeze())))
+        .scan(false, |ended, prepared| {
+            if *ended {
+                return futures::future::ready(None);
             }
+            *ended = prepared.is_err();
+            futures::future::ready(Some(prepared))
+        })
+        .map(|prepared| {
+            let context = context.clone();
+            async move { answer(&context, prepared?).await }
         })
         .buffered(in_flight);
     while let Some(answer) = answers.next().await {
@@ -150,8 +162,19 @@ async fn serve_connection(stream: tokio::net::TcpStream, peer: SocketAddr, conte
     }
 }
 
-/// Decode one request frame, handle it, and encode its answer (None: no answer is due).
-pub async fn handle(context: &Context, frame: Bytes) -> Result<Option<BytesMut>, Closed> {
+/// A request ready to handle, or an answer already known.
+pub enum Prepared {
+    Request {
+        api: ApiKey,
+        version: i16,
+        header: Box<kafka_protocol::messages::RequestHeader>,
+        request: Box<RequestKind>,
+    },
+    Answer(BytesMut),
+}
+
+/// Decode one request frame (synchronously, in the order frames arrive).
+pub fn prepare(frame: Bytes) -> Result<Prepared, Closed> {
     let (key, version, correlation_id) = codec::peek_header(&frame)?;
     let Ok(api) = ApiKey::try_from(key) else {
         return Err(Closed::Malformed(format!("unknown API key {key}")));
@@ -160,7 +183,7 @@ pub async fn handle(context: &Context, frame: Bytes) -> Result<Option<BytesMut>,
         if api == ApiKey::ApiVersions {
             // KIP-511: answer in version 0, which every client reads, with our versions.
             let response = apis::unsupported_version();
-            return Ok(Some(codec::encode(
+            return Ok(Prepared::Answer(codec::encode(
                 api,
                 0,
                 correlation_id,
@@ -172,6 +195,25 @@ pub async fn handle(context: &Context, frame: Bytes) -> Result<Option<BytesMut>,
         )));
     }
     let (header, request) = codec::decode(api, version, frame)?;
+    Ok(Prepared::Request {
+        api,
+        version,
+        header: Box::new(header),
+        request: Box::new(request),
+    })
+}
+
+/// Handle a decoded request and encode its answer (None: no answer is due).
+pub async fn answer(context: &Context, prepared: Prepared) -> Result<Option<BytesMut>, Closed> {
+    let (api, version, header, request) = match prepared {
+        Prepared::Answer(answer) => return Ok(Some(answer)),
+        Prepared::Request {
+            api,
+            version,
+            header,
+            request,
+        } => (api, version, header, *request),
+    };
     let response = match request {
         RequestKind::ApiVersions(_) => Some(ResponseKind::ApiVersions(apis::versions())),
         RequestKind::Metadata(request) => Some(ResponseKind::Metadata(

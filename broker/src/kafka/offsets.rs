@@ -41,7 +41,9 @@ pub async fn handle(
                     .push(answer.with_error_code(ResponseError::UnknownTopicOrPartition.code()));
                 continue;
             };
-            if !shared.is_led_here() {
+            // A leader just elected may not have applied what an earlier one committed: its
+            // end would be stale. Clients retry NOT_LEADER_OR_FOLLOWER after a metadata refresh.
+            if !shared.is_led_here_caught_up() {
                 partitions.push(answer.with_error_code(ResponseError::NotLeaderOrFollower.code()));
                 continue;
             }

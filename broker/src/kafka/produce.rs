@@ -13,7 +13,7 @@ use kafka_protocol::messages::produce_response::{PartitionProduceResponse, Topic
 use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::ResponseError;
-use pubg1_actors::batch::{check_client_batches, ClientBatchError};
+use pubg1_actors::batch::{check_client_batch, ClientBatchError};
 
 use super::errors::partition_error;
 use super::Context;
@@ -81,10 +81,19 @@ pub async fn handle(
                         fail(ResponseError::CorruptMessage, Some("no records".into())),
                     );
                 };
-                let batches = match check_client_batches(&records) {
-                    Ok(batches) => batches,
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64);
+                let batch = match check_client_batch(&records, now) {
+                    Ok(batch) => batch,
                     Err(ClientBatchError::Corrupt(why)) => {
                         return (name, fail(ResponseError::CorruptMessage, Some(why)))
+                    }
+                    Err(ClientBatchError::Invalid(why)) => {
+                        return (name, fail(ResponseError::InvalidRecord, Some(why)))
+                    }
+                    Err(ClientBatchError::Timestamp(why)) => {
+                        return (name, fail(ResponseError::InvalidTimestamp, Some(why)))
                     }
                     Err(ClientBatchError::Transactional) => {
                         return (
@@ -96,18 +105,10 @@ pub async fn handle(
                         )
                     }
                 };
-                // In order: a later batch of one request must not overtake an earlier one.
-                let mut base_offset = None;
-                for batch in batches {
-                    match shared.append_encoded(batch).await {
-                        Ok(appended) => {
-                            base_offset.get_or_insert(appended.base_offset as i64);
-                        }
-                        Err(e) => {
-                            return (name, fail(partition_error(&e), Some(e.to_string())));
-                        }
-                    }
-                }
+                let base_offset = match shared.append_encoded(batch).await {
+                    Ok(appended) => Some(appended.base_offset as i64),
+                    Err(e) => return (name, fail(partition_error(&e), Some(e.to_string()))),
+                };
                 let mut answer = answer
                     .with_base_offset(base_offset.unwrap_or(-1))
                     .with_log_append_time_ms(-1);
