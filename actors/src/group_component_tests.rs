@@ -1,6 +1,6 @@
 //! The classic group protocol through a real coordinator: a broker's actors in-process on a
 //! real RocksDB, JoinGroup/SyncGroup/Heartbeat/LeaveGroup/OffsetCommit sent to the
-//! `GroupCoordinator` as the Kafka listener will send them, commits replicated through the
+//! `GroupCoordinator` as the Kafka listener sends them, commits replicated through the
 //! offsets partition's Raft group.
 
 use std::time::Duration;

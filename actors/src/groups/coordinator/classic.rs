@@ -1,6 +1,6 @@
 //! The classic protocol on a coordinator: JoinGroup, SyncGroup, Heartbeat, LeaveGroup and
 //! OffsetCommit of members that assign partitions themselves (a leader member computes the
-//! assignment), as the Kafka listener will expose them. The protocol itself is
+//! assignment), as the Kafka listener exposes them. The protocol itself is
 //! [`ClassicGroup`]; this keeps the senders of the replies it defers and proposes the commits
 //! it allows through the offsets partition's Raft group, like every other commit.
 //!
