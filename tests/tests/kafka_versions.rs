@@ -285,5 +285,30 @@ fn every_advertised_api_and_version_answers_and_decodes() -> Result<()> {
         }
     }
     assert!(answered > 100, "{answered} requests answered");
+
+    // Asking about a group does not make it exist: a group nobody joined is "Dead", and the
+    // HTTP API does not know it afterwards either.
+    let mut body = BytesMut::new();
+    RequestHeader::default()
+        .with_request_api_key(ApiKey::DescribeGroups as i16)
+        .with_request_api_version(5)
+        .with_correlation_id(9_999)
+        .encode(&mut body, ApiKey::DescribeGroups.request_header_version(5))?;
+    DescribeGroupsRequest::default()
+        .with_groups(vec![GroupId(name("ghost"))])
+        .encode(&mut body, 5)?;
+    stream.write_all(&(body.len() as i32).to_be_bytes())?;
+    stream.write_all(&body)?;
+    let mut length = [0u8; 4];
+    stream.read_exact(&mut length)?;
+    let mut answer = vec![0u8; i32::from_be_bytes(length) as usize];
+    stream.read_exact(&mut answer)?;
+    let mut buf = Bytes::from(answer);
+    ResponseHeader::decode(&mut buf, ApiKey::DescribeGroups.response_header_version(5))?;
+    let described = DescribeGroupsResponse::decode(&mut buf, 5)?;
+    assert_eq!(described.groups[0].group_state.as_str(), "Dead");
+    let http = pubg1_tests::Client::new();
+    let reply = http.get(&cluster.broker(1).url("/consumer-groups/ghost"))?;
+    assert_eq!(reply.status, 404, "{}", reply.text);
     Ok(())
 }

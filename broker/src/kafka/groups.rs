@@ -64,9 +64,16 @@ fn group_code(error: &GroupError) -> i16 {
     }
 }
 
-/// The running coordinator of `group` on this broker (started if need be), or the error code
-/// a client acts on (NOT_COORDINATOR: ask FindCoordinator again).
-async fn coordinator(context: &Context, group: &str) -> Result<Addr<GroupCoordinator>, i16> {
+/// The running coordinator of `group` on this broker, or the error code a client acts on
+/// (NOT_COORDINATOR: ask FindCoordinator again). Only a join or a commit starts one (`create`):
+/// asking about a group does not make it exist (a started coordinator is a replicated record).
+/// Without one, `missing` is the answer.
+async fn coordinator(
+    context: &Context,
+    group: &str,
+    create: bool,
+    missing: i16,
+) -> Result<Addr<GroupCoordinator>, i16> {
     let partitions = context.broker.registry.offsets();
     if partitions.is_empty() {
         return Err(ResponseError::CoordinatorNotAvailable.code());
@@ -77,15 +84,18 @@ async fn coordinator(context: &Context, group: &str) -> Result<Addr<GroupCoordin
     };
     let coordinate = Coordinate {
         group: group.to_owned(),
-        create: true,
+        create,
     };
     match addr.send(coordinate).await {
         Ok(Ok(Coordinated::Running(coordinator))) => Ok(coordinator),
-        Ok(Ok(Coordinated::Stored(_))) => Err(ResponseError::CoordinatorNotAvailable.code()),
+        Ok(Ok(Coordinated::Stored(_))) | Ok(Err(GroupError::UnknownGroup(_))) => Err(missing),
         Ok(Err(e)) => Err(group_code(&e)),
         Err(_) => Err(ResponseError::CoordinatorNotAvailable.code()),
     }
 }
+
+/// A member request for a group nobody runs: its member is unknown.
+const NO_MEMBER: i16 = 25;
 
 fn str(s: impl Into<String>) -> StrBytes {
     StrBytes::from_string(s.into())
@@ -164,7 +174,7 @@ pub async fn join_group(
             .with_member_id(request.member_id.clone())
     };
     let group = request.group_id.0.to_string();
-    let coordinator = match coordinator(context, &group).await {
+    let coordinator = match coordinator(context, &group, true, NO_MEMBER).await {
         Ok(c) => c,
         Err(code) => return failed(code),
     };
@@ -222,7 +232,7 @@ pub async fn sync_group(context: &Context, request: SyncGroupRequest) -> SyncGro
         .with_protocol_type(request.protocol_type.clone())
         .with_protocol_name(request.protocol_name.clone());
     let group = request.group_id.0.to_string();
-    let coordinator = match coordinator(context, &group).await {
+    let coordinator = match coordinator(context, &group, false, NO_MEMBER).await {
         Ok(c) => c,
         Err(code) => return response.with_error_code(code),
     };
@@ -244,7 +254,7 @@ pub async fn sync_group(context: &Context, request: SyncGroupRequest) -> SyncGro
 
 pub async fn heartbeat(context: &Context, request: HeartbeatRequest) -> HeartbeatResponse {
     let group = request.group_id.0.to_string();
-    let code = match coordinator(context, &group).await {
+    let code = match coordinator(context, &group, false, NO_MEMBER).await {
         Err(code) => code,
         Ok(coordinator) => {
             let beat = Heartbeat {
@@ -276,7 +286,7 @@ pub async fn leave_group(
         vec![request.member_id.to_string()]
     };
     let group = request.group_id.0.to_string();
-    let coordinator = match coordinator(context, &group).await {
+    let coordinator = match coordinator(context, &group, false, NO_MEMBER).await {
         Ok(c) => c,
         Err(code) => return LeaveGroupResponse::default().with_error_code(code),
     };
@@ -343,7 +353,7 @@ pub async fn offset_commit(
             }
         }
     }
-    let outcome: Result<(), i16> = match coordinator(context, &group).await {
+    let outcome: Result<(), i16> = match coordinator(context, &group, true, NO_MEMBER).await {
         Err(code) => Err(code),
         Ok(coordinator) => {
             let commit = CommitOffsets {
@@ -549,8 +559,18 @@ pub async fn describe_groups(
     for group_id in request.groups {
         let group = group_id.0.to_string();
         let answer = DescribedGroup::default().with_group_id(group_id.clone());
-        let coordinator = match coordinator(context, &group).await {
+        // A group nobody runs: "Empty" if it has committed offsets, "Dead" if not (Kafka's
+        // states), without starting a coordinator for it.
+        let coordinator = match coordinator(context, &group, false, -1).await {
             Ok(c) => c,
+            Err(-1) => {
+                let state = match committed(context, &group).await {
+                    Ok(offsets) if !offsets.is_empty() => "Empty",
+                    _ => "Dead",
+                };
+                described.push(answer.with_group_state(str(state)));
+                continue;
+            }
             Err(code) => {
                 described.push(answer.with_error_code(code));
                 continue;
