@@ -310,5 +310,38 @@ fn every_advertised_api_and_version_answers_and_decodes() -> Result<()> {
     let http = pubg1_tests::Client::new();
     let reply = http.get(&cluster.broker(1).url("/consumer-groups/ghost"))?;
     assert_eq!(reply.status, 404, "{}", reply.text);
+
+    // An acks=0 batch that is refused (no such partition) closes the connection: the only way
+    // such a producer learns of it.
+    let mut quiet = TcpStream::connect(address)?;
+    quiet.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut body = BytesMut::new();
+    RequestHeader::default()
+        .with_request_api_key(ApiKey::Produce as i16)
+        .with_request_api_version(9)
+        .with_correlation_id(7)
+        .encode(&mut body, ApiKey::Produce.request_header_version(9))?;
+    ProduceRequest::default()
+        .with_acks(0)
+        .with_timeout_ms(5000)
+        .with_topic_data(vec![TopicProduceData::default()
+            .with_name(TopicName(name("v")))
+            .with_partition_data(vec![PartitionProduceData::default()
+                .with_index(7)
+                .with_records(Some(batch("lost")))])])
+        .encode(&mut body, 9)?;
+    quiet.write_all(&(body.len() as i32).to_be_bytes())?;
+    quiet.write_all(&body)?;
+    let mut byte = [0u8; 1];
+    let closed = match quiet.read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        // A timeout is the connection left open.
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    };
+    assert!(closed, "the connection is closed, and nothing was answered");
     Ok(())
 }

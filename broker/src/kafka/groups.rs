@@ -521,10 +521,15 @@ pub async fn offset_fetch(
 /// admin tools ask every broker).
 pub async fn list_groups(
     context: &Context,
-    _request: ListGroupsRequest,
+    request: ListGroupsRequest,
     version: i16,
 ) -> ListGroupsResponse {
     let me = context.broker.cluster.self_id;
+    let wanted: Vec<String> = request
+        .states_filter
+        .iter()
+        .map(|s| s.to_ascii_lowercase())
+        .collect();
     let mut groups = Vec::new();
     for partition in context.broker.registry.offsets() {
         if partition.leader() != me {
@@ -537,12 +542,33 @@ pub async fn list_groups(
             continue;
         };
         for (group, _) in listed {
+            // Its state as its coordinator has it; a group nobody runs is Empty (it has
+            // committed offsets, or it would not be listed).
+            let coordinate = Coordinate {
+                group: group.clone(),
+                create: false,
+            };
+            let state = match addr.send(coordinate).await {
+                Ok(Ok(Coordinated::Running(coordinator))) => {
+                    match coordinator.send(DescribeClassic).await {
+                        Ok(Some(classic)) => classic.state,
+                        _ => match coordinator.send(Describe).await {
+                            Ok(description) => description.state,
+                            Err(_) => "Empty",
+                        },
+                    }
+                }
+                _ => "Empty",
+            };
+            if !wanted.is_empty() && !wanted.contains(&state.to_ascii_lowercase()) {
+                continue;
+            }
             let listed = ListedGroup::default()
                 .with_group_id(GroupId(str(group)))
                 .with_protocol_type(str("consumer"));
             // States came with v4 (types with v5, beyond what is served).
             groups.push(if version >= 4 {
-                listed.with_group_state(str("Stable"))
+                listed.with_group_state(str(state))
             } else {
                 listed
             });

@@ -108,6 +108,8 @@ pub enum Closed {
     Malformed(String),
     #[error("reading: {0}")]
     Io(#[from] std::io::Error),
+    #[error("an acks=0 batch was refused: {0}")]
+    AcksZeroRefused(String),
 }
 
 impl From<codec::Malformed> for Closed {
@@ -156,6 +158,10 @@ async fn serve_connection(stream: tokio::net::TcpStream, peer: SocketAddr, conte
             }
             Err(Closed::Malformed(why)) => {
                 tracing::warn!(%peer, %why, "closing a Kafka connection after a malformed request");
+                return;
+            }
+            Err(Closed::AcksZeroRefused(why)) => {
+                tracing::info!(%peer, %why, "closing an acks=0 producer's connection so it notices a refused batch");
                 return;
             }
         }
@@ -219,9 +225,11 @@ pub async fn answer(context: &Context, prepared: Prepared) -> Result<Option<Byte
         RequestKind::Metadata(request) => Some(ResponseKind::Metadata(
             metadata::handle(context, request, version).await,
         )),
-        RequestKind::Produce(request) => produce::handle(context, request, version)
-            .await
-            .map(ResponseKind::Produce),
+        RequestKind::Produce(request) => match produce::handle(context, request, version).await {
+            produce::Produced::Answer(response) => Some(ResponseKind::Produce(response)),
+            produce::Produced::Nothing => None,
+            produce::Produced::Refused(why) => return Err(Closed::AcksZeroRefused(why)),
+        },
         RequestKind::Fetch(request) => Some(ResponseKind::Fetch(
             fetch::handle(context, request, version).await,
         )),

@@ -18,12 +18,17 @@ use pubg1_actors::batch::{check_client_batch, ClientBatchError};
 use super::errors::partition_error;
 use super::Context;
 
-/// None when no answer is due (acks=0).
-pub async fn handle(
-    context: &Context,
-    request: ProduceRequest,
-    version: i16,
-) -> Option<ProduceResponse> {
+/// What a produce request gets back.
+pub enum Produced {
+    Answer(ProduceResponse),
+    /// acks=0: no answer is due.
+    Nothing,
+    /// acks=0 and a partition refused its batch: Kafka closes the connection then, the only
+    /// way such a producer learns of it (it refreshes metadata and reconnects).
+    Refused(String),
+}
+
+pub async fn handle(context: &Context, request: ProduceRequest, version: i16) -> Produced {
     let acks = request.acks;
     let refuse_all = if !matches!(acks, -1..=1) {
         Some((
@@ -121,7 +126,12 @@ pub async fn handle(
     }
     let answers = join_all(work).await;
     if acks == 0 {
-        return None;
+        return match answers.iter().find(|(_, a)| a.error_code != 0) {
+            Some((topic, a)) => {
+                Produced::Refused(format!("{topic}/{}: error {}", a.index, a.error_code))
+            }
+            None => Produced::Nothing,
+        };
     }
     let mut by_topic: BTreeMap<String, Vec<PartitionProduceResponse>> = BTreeMap::new();
     for (topic, answer) in answers {
@@ -137,5 +147,5 @@ pub async fn handle(
                 .with_partition_responses(partitions)
         })
         .collect();
-    Some(ProduceResponse::default().with_responses(responses))
+    Produced::Answer(ProduceResponse::default().with_responses(responses))
 }
