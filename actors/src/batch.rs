@@ -188,12 +188,28 @@ pub fn with_base_offset_and_epoch(
     Ok((out, header))
 }
 
-/// A copy of the proposed batch `bytes` with `at_ms` in its base offset field, which is outside
-/// the CRC and is overwritten with the real base offset at apply (see the partition's apply).
-pub fn stamp_proposal(bytes: &Bytes, at_ms: i64) -> Bytes {
-    let mut out = BytesMut::from(&bytes[..]);
-    out[0..8].copy_from_slice(&at_ms.max(1).to_be_bytes());
-    out.freeze()
+/// Put `at_ms` in the base offset field of the proposed batch `bytes`: outside the CRC, and
+/// overwritten with the real base offset at apply (see the partition's apply).
+pub fn stamp_proposal(bytes: &mut [u8], at_ms: i64) {
+    bytes[0..8].copy_from_slice(&at_ms.max(1).to_be_bytes());
+}
+
+/// A proposed batch's base offset field (the proposer's clock, see [`stamp_proposal`]) and its
+/// producer, read from the fixed header without checking the CRC; None if too short to be one.
+pub fn peek_proposal(bytes: &[u8]) -> Option<(i64, ProducerBatch)> {
+    if bytes.len() < HEADER_BYTES {
+        return None;
+    }
+    let record_count = u32::try_from(i32::from_be_bytes(array(bytes, 57))).unwrap_or(0);
+    Some((
+        i64::from_be_bytes(array(bytes, 0)),
+        ProducerBatch {
+            id: i64::from_be_bytes(array(bytes, 43)),
+            epoch: i16::from_be_bytes(array(bytes, 51)),
+            base_sequence: i32::from_be_bytes(array(bytes, 53)),
+            record_count,
+        },
+    ))
 }
 
 /// Attribute bits a client batch may not carry here: transactional (0x10) and control (0x20)

@@ -31,6 +31,11 @@ fn fence_entry(id: i64, epoch: i16, at_ms: i64) -> bytes::Bytes {
     bytes::Bytes::from(out)
 }
 
+/// A barrier's or a fence's entry: not a batch.
+fn is_marker(data: &[u8]) -> bool {
+    data == BARRIER_ENTRY || data.starts_with(FENCE_PREFIX)
+}
+
 fn parse_fence(data: &[u8]) -> Option<(i64, i16, i64)> {
     let rest = data.strip_prefix(FENCE_PREFIX)?;
     if data.len() != FENCE_ENTRY_BYTES {
@@ -71,15 +76,20 @@ impl PartitionReplica {
             Payload::Records { records, .. } if records.is_empty() => {
                 bytes::Bytes::from_static(BARRIER_ENTRY)
             }
+            // The clock in the base offset field, where the encoder puts it (no copy).
             Payload::Records { records, producer } => {
                 let now = now_ms();
-                batch::stamp_proposal(&batch::encode_as(0, now, &records, producer)?, now)
+                batch::encode_as(now.max(1) as u64, now, &records, producer)?
             }
             Payload::Fence { id, epoch } => fence_entry(id, epoch, now_ms()),
-            Payload::Encoded(batch) => batch::stamp_proposal(&batch, now_ms()),
+            Payload::Encoded(batch) => batch,
         };
+        let mut data = bytes.to_vec();
+        if data.len() >= batch::HEADER_BYTES && !is_marker(&data) {
+            batch::stamp_proposal(&mut data, now_ms());
+        }
         let (id, context) = self.proposals.next_context();
-        raft.propose(context, bytes.to_vec()).map_err(|e| match e {
+        raft.propose(context, data).map_err(|e| match e {
             ProposeError::NoLeader => PartitionError::NoLeader { topic, partition },
             ProposeError::Dropped => PartitionError::Overloaded {
                 topic,
@@ -168,15 +178,22 @@ impl PartitionReplica {
             // CRC: one that does not parse is a bug or corruption, and skipping it would make
             // this replica's offsets differ from the others'. Stop instead (the supervisor
             // restarts the replica from durable state).
-            let proposed = match batch::parse_header(&entry.data) {
-                Ok(header) => header,
-                Err(e) => panic!(
-                    "committed entry {} of {}/{} is not a valid batch: {e}",
+            // The fixed header fields, read without the CRC pass (`with_base_offset_and_epoch`
+            // below checks it before anything is stored); an idempotent batch's are checked
+            // first, since they decide whether it is stored at all.
+            let Some((proposed_base, producer)) = batch::peek_proposal(&entry.data) else {
+                panic!(
+                    "committed entry {} of {}/{} is not a valid batch: too short",
                     entry.index, self.shared.topic, self.shared.partition
-                ),
+                )
             };
-            let producer = proposed.producer;
             if producer.is_idempotent() {
+                if let Err(e) = batch::parse_header(&entry.data) {
+                    panic!(
+                        "committed entry {} of {}/{} is not a valid batch: {e}",
+                        entry.index, self.shared.topic, self.shared.partition
+                    );
+                }
                 // Decided here, at apply, from replicated state: every replica decides alike,
                 // and a retry that reaches a new leader finds the batch it retries.
                 let refused = match self.producers.check(&producer) {
@@ -224,7 +241,7 @@ impl PartitionReplica {
             let header = stored.1;
             // The proposer's clock (see `propose`); entries proposed before it was stamped
             // carry 0 there, and their own time instead.
-            let proposed_at = match proposed.base_offset as i64 {
+            let proposed_at = match proposed_base {
                 0 => header.max_timestamp_ms,
                 at => at,
             };
