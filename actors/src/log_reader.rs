@@ -42,6 +42,15 @@ fn out_of_range(offset: u64, partition: &PartitionShared) -> PartitionError {
     }
 }
 
+/// Whether `offset` is known to lie outside the log without waiting: below its start, or past
+/// the end of a replica that knows the end (a leader caught up with its term, or a quiesced
+/// replica; see [`fetch`]).
+fn outside_the_log(offset: u64, partition: &PartitionShared) -> bool {
+    offset < partition.log_start_offset()
+        || (offset > partition.high_watermark()
+            && (partition.is_led_here_caught_up() || partition.is_quiesced()))
+}
+
 /// Read committed records of `partition` from `request.offset`.
 pub async fn fetch(
     storage: &Storage,
@@ -105,10 +114,7 @@ pub async fn fetch_many(
         .iter()
         .map(|(partition, request)| {
             let offset = request.offset;
-            if offset < partition.log_start_offset()
-                || (offset > partition.high_watermark()
-                    && (partition.is_led_here_caught_up() || partition.is_quiesced()))
-            {
+            if outside_the_log(offset, partition) {
                 return Err(out_of_range(offset, partition));
             }
             Ok(partition.high_watermark())
@@ -177,10 +183,7 @@ pub async fn fetch_batches(
     offset: u64,
     bytes_max: usize,
 ) -> Result<FetchedBatches, PartitionError> {
-    if offset < partition.log_start_offset()
-        || (offset > partition.high_watermark()
-            && (partition.is_led_here_caught_up() || partition.is_quiesced()))
-    {
+    if outside_the_log(offset, partition) {
         return Err(out_of_range(offset, partition));
     }
     let high_watermark = partition.high_watermark();

@@ -227,8 +227,14 @@ fn request(api: ApiKey, version: i16) -> Option<RequestKind> {
     })
 }
 
-fn send(stream: &mut TcpStream, api: ApiKey, version: i16, correlation: i32) -> Result<Bytes> {
-    let request = request(api, version).ok_or_else(|| anyhow!("no request for {api:?}"))?;
+/// Write `request` as a framed request of `api` at `version`.
+fn write(
+    stream: &mut TcpStream,
+    api: ApiKey,
+    version: i16,
+    correlation: i32,
+    request: &RequestKind,
+) -> Result<()> {
     let mut body = BytesMut::new();
     RequestHeader::default()
         .with_request_api_key(api as i16)
@@ -239,11 +245,23 @@ fn send(stream: &mut TcpStream, api: ApiKey, version: i16, correlation: i32) -> 
     request.encode(&mut body, version)?;
     stream.write_all(&(body.len() as i32).to_be_bytes())?;
     stream.write_all(&body)?;
+    Ok(())
+}
+
+/// Read one answer frame.
+fn read(stream: &mut TcpStream) -> Result<Bytes> {
     let mut length = [0u8; 4];
     stream.read_exact(&mut length)?;
     let mut answer = vec![0u8; i32::from_be_bytes(length) as usize];
     stream.read_exact(&mut answer)?;
     Ok(Bytes::from(answer))
+}
+
+/// Send this test's request of `api` at `version` and read the answer.
+fn send(stream: &mut TcpStream, api: ApiKey, version: i16, correlation: i32) -> Result<Bytes> {
+    let request = request(api, version).ok_or_else(|| anyhow!("no request for {api:?}"))?;
+    write(stream, api, version, correlation, &request)?;
+    read(stream)
 }
 
 #[test]
@@ -288,22 +306,11 @@ fn every_advertised_api_and_version_answers_and_decodes() -> Result<()> {
 
     // Asking about a group does not make it exist: a group nobody joined is "Dead", and the
     // HTTP API does not know it afterwards either.
-    let mut body = BytesMut::new();
-    RequestHeader::default()
-        .with_request_api_key(ApiKey::DescribeGroups as i16)
-        .with_request_api_version(5)
-        .with_correlation_id(9_999)
-        .encode(&mut body, ApiKey::DescribeGroups.request_header_version(5))?;
-    DescribeGroupsRequest::default()
-        .with_groups(vec![GroupId(name("ghost"))])
-        .encode(&mut body, 5)?;
-    stream.write_all(&(body.len() as i32).to_be_bytes())?;
-    stream.write_all(&body)?;
-    let mut length = [0u8; 4];
-    stream.read_exact(&mut length)?;
-    let mut answer = vec![0u8; i32::from_be_bytes(length) as usize];
-    stream.read_exact(&mut answer)?;
-    let mut buf = Bytes::from(answer);
+    let describe = RequestKind::DescribeGroups(
+        DescribeGroupsRequest::default().with_groups(vec![GroupId(name("ghost"))]),
+    );
+    write(&mut stream, ApiKey::DescribeGroups, 5, 9_999, &describe)?;
+    let mut buf = read(&mut stream)?;
     ResponseHeader::decode(&mut buf, ApiKey::DescribeGroups.response_header_version(5))?;
     let described = DescribeGroupsResponse::decode(&mut buf, 5)?;
     assert_eq!(described.groups[0].group_state.as_str(), "Dead");
@@ -315,23 +322,17 @@ fn every_advertised_api_and_version_answers_and_decodes() -> Result<()> {
     // such a producer learns of it.
     let mut quiet = TcpStream::connect(address)?;
     quiet.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut body = BytesMut::new();
-    RequestHeader::default()
-        .with_request_api_key(ApiKey::Produce as i16)
-        .with_request_api_version(9)
-        .with_correlation_id(7)
-        .encode(&mut body, ApiKey::Produce.request_header_version(9))?;
-    ProduceRequest::default()
-        .with_acks(0)
-        .with_timeout_ms(5000)
-        .with_topic_data(vec![TopicProduceData::default()
-            .with_name(TopicName(name("v")))
-            .with_partition_data(vec![PartitionProduceData::default()
-                .with_index(7)
-                .with_records(Some(batch("lost")))])])
-        .encode(&mut body, 9)?;
-    quiet.write_all(&(body.len() as i32).to_be_bytes())?;
-    quiet.write_all(&body)?;
+    let lost = RequestKind::Produce(
+        ProduceRequest::default()
+            .with_acks(0)
+            .with_timeout_ms(5000)
+            .with_topic_data(vec![TopicProduceData::default()
+                .with_name(TopicName(name("v")))
+                .with_partition_data(vec![PartitionProduceData::default()
+                    .with_index(7)
+                    .with_records(Some(batch("lost")))])]),
+    );
+    write(&mut quiet, ApiKey::Produce, 9, 7, &lost)?;
     let mut byte = [0u8; 1];
     let closed = match quiet.read(&mut byte) {
         Ok(0) => true,

@@ -64,16 +64,14 @@ fn group_code(error: &GroupError) -> i16 {
     }
 }
 
-/// The running coordinator of `group` on this broker, or the error code a client acts on
-/// (NOT_COORDINATOR: ask FindCoordinator again). Only a join or a commit starts one (`create`):
-/// asking about a group does not make it exist (a started coordinator is a replicated record).
-/// Without one, `missing` is the answer.
-async fn coordinator(
+/// Where `group` stands, asked of its offsets partition's replica on this broker (`create`:
+/// start a coordinator if none runs); the error code a client acts on if this broker cannot
+/// answer (NOT_COORDINATOR: ask FindCoordinator again).
+async fn coordinate(
     context: &Context,
     group: &str,
     create: bool,
-    missing: i16,
-) -> Result<Addr<GroupCoordinator>, i16> {
+) -> Result<Result<Coordinated, GroupError>, i16> {
     let partitions = context.broker.registry.offsets();
     if partitions.is_empty() {
         return Err(ResponseError::CoordinatorNotAvailable.code());
@@ -86,16 +84,29 @@ async fn coordinator(
         group: group.to_owned(),
         create,
     };
-    match addr.send(coordinate).await {
-        Ok(Ok(Coordinated::Running(coordinator))) => Ok(coordinator),
-        Ok(Ok(Coordinated::Stored(_))) | Ok(Err(GroupError::UnknownGroup(_))) => Err(missing),
-        Ok(Err(e)) => Err(group_code(&e)),
-        Err(_) => Err(ResponseError::CoordinatorNotAvailable.code()),
+    addr.send(coordinate)
+        .await
+        .map_err(|_| ResponseError::CoordinatorNotAvailable.code())
+}
+
+/// The running coordinator of `group` on this broker, or the error code a client acts on.
+/// Only a join or a commit starts one (`create`): asking about a group does not make it exist
+/// (a started coordinator is a replicated record). Without one, `missing` is the answer.
+async fn coordinator(
+    context: &Context,
+    group: &str,
+    create: bool,
+    missing: i16,
+) -> Result<Addr<GroupCoordinator>, i16> {
+    match coordinate(context, group, create).await? {
+        Ok(Coordinated::Running(coordinator)) => Ok(coordinator),
+        Ok(Coordinated::Stored(_)) | Err(GroupError::UnknownGroup(_)) => Err(missing),
+        Err(e) => Err(group_code(&e)),
     }
 }
 
 /// A member request for a group nobody runs: its member is unknown.
-const NO_MEMBER: i16 = 25;
+const NO_MEMBER: i16 = ResponseError::UnknownMemberId.code();
 
 fn str(s: impl Into<String>) -> StrBytes {
     StrBytes::from_string(s.into())
@@ -399,28 +410,15 @@ async fn committed(
     context: &Context,
     group: &str,
 ) -> Result<BTreeMap<TopicPartition, Committed>, i16> {
-    let partitions = context.broker.registry.offsets();
-    if partitions.is_empty() {
-        return Err(ResponseError::CoordinatorNotAvailable.code());
-    }
-    let shared = &partitions[group_partition(group, partitions.len() as u32) as usize];
-    let Some(addr) = shared.addr().filter(|_| shared.hosted) else {
-        return Err(ResponseError::NotCoordinator.code());
-    };
-    let coordinate = Coordinate {
-        group: group.to_owned(),
-        create: false,
-    };
-    match addr.send(coordinate).await {
-        Ok(Ok(Coordinated::Running(coordinator))) => match coordinator.send(Describe).await {
+    match coordinate(context, group, false).await? {
+        Ok(Coordinated::Running(coordinator)) => match coordinator.send(Describe).await {
             Ok(description) => Ok(description.committed),
             Err(_) => Err(ResponseError::CoordinatorNotAvailable.code()),
         },
-        Ok(Ok(Coordinated::Stored(state))) => Ok(state.offsets),
+        Ok(Coordinated::Stored(state)) => Ok(state.offsets),
         // A group nobody committed for: no offsets, no error (Kafka answers -1 for each).
-        Ok(Err(GroupError::UnknownGroup(_))) => Ok(BTreeMap::new()),
-        Ok(Err(e)) => Err(group_code(&e)),
-        Err(_) => Err(ResponseError::CoordinatorNotAvailable.code()),
+        Err(GroupError::UnknownGroup(_)) => Ok(BTreeMap::new()),
+        Err(e) => Err(group_code(&e)),
     }
 }
 
