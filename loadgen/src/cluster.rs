@@ -29,6 +29,8 @@ pub struct Broker {
     pub id: u32,
     pub http_port: u16,
     pub peer_port: u16,
+    /// The broker's Kafka listener.
+    pub kafka_port: u16,
     data_dir: PathBuf,
     log_path: PathBuf,
     child: Option<Child>,
@@ -107,6 +109,7 @@ impl Cluster {
                 id,
                 http_port: free_port()?,
                 peer_port: free_port()?,
+                kafka_port: free_port()?,
                 data_dir: dir.join(format!("broker-{id}")),
                 log_path: dir.join(format!("broker-{id}.log")),
                 child: None,
@@ -174,6 +177,14 @@ impl Cluster {
         self.brokers.iter().map(|b| b.url("")).collect()
     }
 
+    /// Every broker's Kafka listener (host:port), bootstrap addresses for Kafka clients.
+    pub fn kafka_addresses(&self) -> Vec<String> {
+        self.brokers
+            .iter()
+            .map(|b| format!("127.0.0.1:{}", b.kafka_port))
+            .collect()
+    }
+
     fn spawn(&mut self, id: u32) -> Result<()> {
         let (binary, tick) = (self.binary.clone(), self.raft_tick_ms);
         let env = self.broker_env.clone();
@@ -189,6 +200,7 @@ impl Cluster {
             .arg(&broker.data_dir)
             .args(["--http", &format!("127.0.0.1:{}", broker.http_port)])
             .args(["--peer", &format!("127.0.0.1:{}", broker.peer_port)])
+            .args(["--kafka", &format!("127.0.0.1:{}", broker.kafka_port)])
             .args(["--seeds", &seeds])
             .env("PUBG1_RAFT_TICK_MS", tick.to_string())
             .envs(&env)

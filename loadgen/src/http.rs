@@ -53,6 +53,21 @@ impl Http {
         read(self.agent.delete(url).call())
     }
 
+    /// A GET answered as (status, body text).
+    pub fn get_raw(&self, url: &str) -> Result<(u16, String)> {
+        read_raw(self.agent.get(url).call())
+    }
+
+    /// A POST answered as (status, body text).
+    pub fn post_raw(&self, url: &str, content_type: &str, body: &[u8]) -> Result<(u16, String)> {
+        read_raw(
+            self.agent
+                .post(url)
+                .header("Content-Type", content_type)
+                .send(body),
+        )
+    }
+
     pub fn post(&self, url: &str, content_type: &str, body: &str) -> Result<Reply> {
         read(
             self.agent
@@ -61,6 +76,20 @@ impl Http {
                 .send(body.as_bytes()),
         )
     }
+}
+
+/// Status and body text of a response (the hot paths parse their own bodies).
+fn read_raw(
+    result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+) -> Result<(u16, String)> {
+    let mut response = result?;
+    let status = response.status().as_u16();
+    let text = response
+        .body_mut()
+        .with_config()
+        .limit(512 * 1024 * 1024)
+        .read_to_string()?;
+    Ok((status, text))
 }
 
 fn read(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<Reply> {

@@ -2,6 +2,7 @@
 //! a timeline, and proves what survived. See `loadgen --help` and `loadgen/scenarios/`.
 
 mod clients;
+mod kafka;
 pub use clients::keys_by_partition;
 pub mod cluster;
 pub mod group;

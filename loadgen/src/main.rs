@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 use loadgen::http::Http;
 use loadgen::run::{self, Options};
-use loadgen::scenario::Scenario;
+use loadgen::scenario::{Protocol, Scenario};
 use loadgen::{summary, verify};
 
 #[derive(Debug, Parser)]
@@ -33,6 +33,9 @@ enum Command {
         /// Seconds of load (default: the scenario's 30).
         #[arg(long)]
         duration: Option<f64>,
+        /// Speak this protocol to the brokers instead of the scenario's (`http` or `kafka`).
+        #[arg(long, value_enum)]
+        protocol: Option<Protocol>,
         #[arg(long)]
         broker_bin: Option<PathBuf>,
         /// No progress bar (for logs and CI).
@@ -48,6 +51,12 @@ enum Command {
         /// HTTP base URLs of a running cluster, comma-separated (faults are then refused).
         #[arg(long, value_delimiter = ',')]
         bootstrap: Option<Vec<String>>,
+        /// That cluster's Kafka listeners (host:port, comma-separated), for the Kafka protocol.
+        #[arg(long, value_delimiter = ',')]
+        kafka_bootstrap: Option<Vec<String>>,
+        /// Speak this protocol to the brokers instead of the scenario's (`http` or `kafka`).
+        #[arg(long, value_enum)]
+        protocol: Option<Protocol>,
         #[arg(long)]
         broker_bin: Option<PathBuf>,
         #[arg(long)]
@@ -64,6 +73,9 @@ enum Command {
         /// Fault steps (each break and each repair counts one).
         #[arg(long, default_value_t = 100)]
         faults: usize,
+        /// Speak this protocol to the brokers instead of the scenario's (`http` or `kafka`).
+        #[arg(long, value_enum)]
+        protocol: Option<Protocol>,
         #[arg(long)]
         out: Option<PathBuf>,
         #[arg(long)]
@@ -108,6 +120,7 @@ fn real_main() -> Result<bool> {
         Command::Demo {
             out,
             duration,
+            protocol,
             broker_bin,
             quiet,
         } => {
@@ -120,11 +133,13 @@ fn real_main() -> Result<bool> {
                 }
                 scenario.duration_s = seconds;
             }
+            scenario.protocol = protocol.unwrap_or(scenario.protocol);
             Options {
                 name: "demo (built in)".into(),
                 scenario,
                 out,
                 bootstrap: None,
+                kafka_bootstrap: None,
                 broker_bin,
                 progress: !quiet,
                 seed: None,
@@ -133,22 +148,31 @@ fn real_main() -> Result<bool> {
         Command::Chaos {
             seed,
             faults,
+            protocol,
             out,
             broker_bin,
             quiet,
-        } => Options {
-            name: format!("chaos (seed {seed}, {faults} faults)"),
-            scenario: Scenario::parse(loadgen::scenario::CHAOS)?.with_nemesis(seed, faults),
-            out: out.unwrap_or_else(|| PathBuf::from(format!("loadgen-out/chaos-{seed}"))),
-            bootstrap: None,
-            broker_bin,
-            progress: !quiet,
-            seed: Some(seed),
-        },
+        } => {
+            let mut scenario =
+                Scenario::parse(loadgen::scenario::CHAOS)?.with_nemesis(seed, faults);
+            scenario.protocol = protocol.unwrap_or(scenario.protocol);
+            Options {
+                name: format!("chaos (seed {seed}, {faults} faults)"),
+                scenario,
+                out: out.unwrap_or_else(|| PathBuf::from(format!("loadgen-out/chaos-{seed}"))),
+                bootstrap: None,
+                kafka_bootstrap: None,
+                broker_bin,
+                progress: !quiet,
+                seed: Some(seed),
+            }
+        }
         Command::Run {
             scenario,
             out,
             bootstrap,
+            kafka_bootstrap,
+            protocol,
             broker_bin,
             quiet,
         } => {
@@ -156,11 +180,14 @@ fn real_main() -> Result<bool> {
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "scenario".into());
+            let mut scenario = Scenario::load(&scenario)?;
+            scenario.protocol = protocol.unwrap_or(scenario.protocol);
             Options {
                 out: out.unwrap_or_else(|| PathBuf::from("loadgen-out").join(&name)),
                 name,
-                scenario: Scenario::load(&scenario)?,
+                scenario,
                 bootstrap,
+                kafka_bootstrap,
                 broker_bin,
                 progress: !quiet,
                 seed: None,

@@ -113,7 +113,10 @@ pub fn read_replica(http: &Http, source: &str, topic: &str, partitions: u32) -> 
             for record in reply.body["records"].as_array().into_iter().flatten() {
                 let at = record["offset"].as_u64().unwrap_or_default();
                 (at, record["key"].to_string(), record["value"].to_string()).hash(&mut digest);
-                if let Some((producer, sequence)) = record["value"].as_str().and_then(parse_value) {
+                if let Some((producer, sequence)) = record["value"]
+                    .as_str()
+                    .and_then(|v| parse_value(v.as_bytes()))
+                {
                     log.push(Stored {
                         partition,
                         offset: at,

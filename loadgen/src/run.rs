@@ -13,11 +13,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::clients::{new_histogram, start_consumers, start_producers, Live};
+use crate::clients::{new_histogram, start_consumers, start_producers, AckRun, Endpoints, Live};
 use crate::cluster::{Cluster, State};
 use crate::group::{Group, GroupResult};
 use crate::http::{describe, Http, SETTLE_DEADLINE};
 use crate::readback::{self, ReplicaCheck};
+use crate::scenario::Protocol;
 use crate::scenario::{Action, Scenario, Target, TopicSpec};
 use crate::verify::{self, Ack, FaultEvent, Outcome, Verdict, Window};
 
@@ -33,6 +34,8 @@ pub struct Options {
     pub out: PathBuf,
     /// Use this running cluster (HTTP base URLs) instead of starting one; no faults on it.
     pub bootstrap: Option<Vec<String>>,
+    /// That cluster's Kafka listeners (host:port), for a scenario with `protocol = "kafka"`.
+    pub kafka_bootstrap: Option<Vec<String>>,
     pub broker_bin: Option<PathBuf>,
     pub progress: bool,
     /// The nemesis seed the scenario's faults were drawn from, if they were.
@@ -68,6 +71,9 @@ impl Percentiles {
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct RunResult {
     pub scenario: String,
+    /// What the producers and consumers spoke: "http" or "kafka".
+    #[serde(default)]
+    pub protocol: String,
     pub duration_s: f64,
     pub brokers: usize,
     pub topic: String,
@@ -167,9 +173,21 @@ pub fn run(options: &Options) -> Result<RunResult> {
         .iter()
         .find(|t| t.name == topic)
         .map_or(1, |t| t.partitions);
-    let producers = start_producers(scenario, &urls, &topic, partitions, &live, start)?;
+    let kafka = match (scenario.protocol, &options.kafka_bootstrap, &cluster) {
+        (Protocol::Http, _, _) => Vec::new(),
+        (Protocol::Kafka, Some(addresses), _) => addresses.clone(),
+        (Protocol::Kafka, None, Some(cluster)) => cluster.kafka_addresses(),
+        (Protocol::Kafka, None, None) => {
+            bail!("protocol = \"kafka\" on a running cluster needs --kafka-bootstrap")
+        }
+    };
+    let endpoints = match scenario.protocol {
+        Protocol::Http => Endpoints::Http(&urls),
+        Protocol::Kafka => Endpoints::Kafka(&kafka),
+    };
+    let producers = start_producers(scenario, &endpoints, &topic, partitions, &live, start)?;
     let consumers = match &scenario.consumers {
-        Some(spec) => start_consumers(spec.count, partitions, &urls, &topic, &live, start),
+        Some(spec) => start_consumers(spec.count, partitions, &endpoints, &topic, &live, start),
         None => Vec::new(),
     };
     let mut group = scenario
@@ -266,7 +284,7 @@ pub fn run(options: &Options) -> Result<RunResult> {
     }
     let acks: Vec<Ack> = reports
         .iter()
-        .flat_map(|r| r.acks.iter().copied())
+        .flat_map(|r| r.acks.iter().flat_map(AckRun::acks))
         .collect();
     // The group reads on until it has every acknowledged record, then its members leave.
     let group = group.map(|mut group| {
@@ -307,7 +325,7 @@ pub fn run(options: &Options) -> Result<RunResult> {
     let mut overall = new_histogram();
     let mut per_second: Vec<Histogram<u64>> = (0..seconds).map(|_| new_histogram()).collect();
     for report in &reports {
-        for (at_ms, micros) in &report.latencies {
+        for (at_ms, micros, _) in &report.latencies {
             let _ = overall.record(*micros);
             if let Some(h) = per_second.get_mut((*at_ms / 1000) as usize) {
                 let _ = h.record(*micros);
@@ -316,10 +334,9 @@ pub fn run(options: &Options) -> Result<RunResult> {
     }
     for report in &reports {
         // Records per second by acknowledgement time: each request's records count at its answer.
-        let batch = options.scenario.producers.batch as u64;
-        for (at_ms, _) in &report.latencies {
+        for (at_ms, _, records) in &report.latencies {
             if let Some(slot) = throughput.get_mut((*at_ms / 1000) as usize) {
-                *slot += batch;
+                *slot += u64::from(*records);
             }
         }
     }
@@ -333,6 +350,7 @@ pub fn run(options: &Options) -> Result<RunResult> {
     }
     let result = RunResult {
         scenario: options.name.clone(),
+        protocol: scenario.protocol.name().to_owned(),
         duration_s: elapsed.as_secs_f64(),
         brokers: urls.len(),
         topic,

@@ -20,6 +20,11 @@ pub struct Scenario {
     pub cluster: ClusterSpec,
     pub topics: Vec<TopicSpec>,
     pub producers: ProducerSpec,
+    /// What the producers and tailing consumers speak: `http` (the REST API) or `kafka` (the
+    /// Kafka wire protocol, to each partition's leader). Groups and stream jobs use HTTP either
+    /// way; the verifier reads every broker's copy over HTTP.
+    #[serde(default)]
+    pub protocol: Protocol,
     /// Consumers tail the producers' topic and measure end-to-end latency (none if absent).
     #[serde(default)]
     pub consumers: Option<ConsumerSpec>,
@@ -33,6 +38,14 @@ pub struct Scenario {
     pub stream: Option<crate::stream::StreamSpec>,
     #[serde(default)]
     pub faults: Vec<Fault>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Http,
+    Kafka,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -103,6 +116,15 @@ pub struct ProducerSpec {
     /// broker stores it once. Off: a failed request is abandoned.
     #[serde(default = "default_idempotent")]
     pub idempotent: bool,
+    /// Requests each producer keeps in flight over the Kafka protocol (pipelined on its
+    /// connections, answered in order; at most 5, Kafka's bound for idempotent producers). Over
+    /// HTTP each producer has one.
+    #[serde(default = "default_in_flight")]
+    pub in_flight: usize,
+}
+
+fn default_in_flight() -> usize {
+    5
 }
 
 fn default_idempotent() -> bool {
@@ -251,6 +273,12 @@ impl Scenario {
         }
         if self.producers.count == 0 || self.producers.batch == 0 {
             bail!("producers.count and producers.batch must be at least 1");
+        }
+        if !(1..=5).contains(&self.producers.in_flight) {
+            bail!("producers.in_flight must be 1 to 5");
+        }
+        if self.producers.batch > i32::MAX as usize / 2 {
+            bail!("producers.batch is too large");
         }
         if self
             .group

@@ -11,8 +11,15 @@ pub fn render(result: &RunResult) -> String {
     let _ = writeln!(out, "scenario            {}", result.scenario);
     let _ = writeln!(
         out,
-        "load                {:.1} s on {} brokers, topic {}",
-        result.duration_s, result.brokers, result.topic
+        "load                {:.1} s on {} brokers, topic {}, over {}",
+        result.duration_s,
+        result.brokers,
+        result.topic,
+        if result.protocol.is_empty() {
+            "http"
+        } else {
+            &result.protocol
+        }
     );
     let _ = writeln!(
         out,
@@ -55,9 +62,10 @@ pub fn render(result: &RunResult) -> String {
     if let Some(seed) = result.seed {
         let _ = writeln!(
             out,
-            "nemesis seed        {seed} ({} fault steps; rerun: loadgen chaos --seed {seed} --faults {})",
+            "nemesis seed        {seed} ({} fault steps; rerun: loadgen chaos --seed {seed} --faults {}{})",
             result.faults.len(),
-            result.faults.len()
+            result.faults.len(),
+            if result.protocol == "kafka" { " --protocol kafka" } else { "" }
         );
     }
     if !result.rss_max_bytes.is_empty() {

@@ -104,6 +104,56 @@ fn a_short_demo_kills_restarts_and_pauses_brokers_and_loses_nothing() {
 }
 
 #[test]
+fn the_demo_over_the_kafka_protocol_resends_exactly_through_kills_and_pauses() {
+    let (code, stdout, result, _report, _dir) =
+        loadgen(&["demo", "--duration", "12", "--protocol", "kafka"]);
+    assert_eq!(code, 0, "{stdout}");
+    assert_eq!(result["protocol"], "kafka");
+    let verdict = &result["verdict"];
+    assert!(
+        verdict["acknowledged"].as_u64().unwrap_or(0) > 10_000,
+        "{verdict}"
+    );
+    for anomaly in ["lost", "duplicated", "moved", "reordered"] {
+        assert_eq!(verdict[anomaly], 0, "{anomaly}: {verdict}");
+    }
+    // Every failed batch is resent unchanged until answered, and at the end the requests in
+    // flight are answered: only batches still waiting for their resend when the run stopped
+    // (at most 5 per producer, 8 × 5 × 20 records) can be stored unacknowledged.
+    assert!(
+        verdict["unacknowledged_stored"]
+            .as_u64()
+            .unwrap_or(u64::MAX)
+            <= 8 * 5 * 20,
+        "{verdict}"
+    );
+    // The kills and the pause failed requests over the Kafka protocol too, and publishing
+    // recovered after each fault.
+    assert!(
+        result["requests_failed"].as_u64().unwrap_or(0) > 0,
+        "{result}"
+    );
+    let faults = result["faults"].as_array().expect("faults");
+    assert_eq!(faults.len(), 6, "{faults:?}");
+    for fault in faults {
+        assert!(fault["unavailable_ms"].is_u64(), "never recovered: {fault}");
+    }
+    // The tailing consumers fetched over Kafka too.
+    assert!(
+        result["end_to_end_latency_ms"]["count"]
+            .as_u64()
+            .unwrap_or(0)
+            > 10_000
+    );
+    // Every broker's copy holds every acknowledged record once, the copies identical.
+    for replica in result["replicas"].as_array().expect("replicas") {
+        assert_eq!(replica["identical_to_first"], true, "{replica}");
+        assert_eq!(replica["lost"], 0, "{replica}");
+        assert_eq!(replica["duplicated"], 0, "{replica}");
+    }
+}
+
+#[test]
 fn an_isolated_leader_steps_down_the_majority_keeps_accepting_and_all_converges() {
     let scenario = manifest_dir().join("scenarios/partition.toml");
     let scenario = scenario.to_string_lossy().into_owned();
