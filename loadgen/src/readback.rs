@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use serde::Serialize;
+use serde_json::value::RawValue;
 
 use crate::clients::parse_value;
 use crate::http::{describe, Http, SETTLE_DEADLINE};
@@ -79,6 +80,28 @@ pub(crate) fn wait_converged(
     }
 }
 
+fn json_text(value: Option<&RawValue>) -> &str {
+    value.map_or("null", RawValue::get)
+}
+
+/// A page of records as the HTTP API returns it, keys and values left as JSON text.
+#[derive(serde::Deserialize)]
+struct Page<'a> {
+    #[serde(borrow)]
+    records: Vec<PageRecord<'a>>,
+    next_offset: Option<u64>,
+    high_watermark: Option<u64>,
+}
+
+#[derive(serde::Deserialize)]
+struct PageRecord<'a> {
+    offset: u64,
+    #[serde(borrow, default)]
+    key: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    value: Option<&'a RawValue>,
+}
+
 /// One broker's copy of a topic: its records, and per partition a digest of every record's
 /// offset, key and value, so copies can be compared byte for byte.
 pub struct Replica {
@@ -102,33 +125,34 @@ pub fn read_replica(http: &Http, source: &str, topic: &str, partitions: u32) -> 
             let url = format!(
                 "{source}/topics/{topic}/partitions/{partition}/records?max_records=10000{from}"
             );
-            let reply = http.get(&url)?;
-            if reply.status != 200 {
-                bail!(
-                    "reading {topic}/{partition} from {source}: {} {}",
-                    reply.status,
-                    reply.text
-                );
+            let (status, text) = http.get_raw(&url)?;
+            if status != 200 {
+                bail!("reading {topic}/{partition} from {source}: {status} {text}");
             }
-            for record in reply.body["records"].as_array().into_iter().flatten() {
-                let at = record["offset"].as_u64().unwrap_or_default();
-                (at, record["key"].to_string(), record["value"].to_string()).hash(&mut digest);
-                if let Some((producer, sequence)) = record["value"]
-                    .as_str()
-                    .and_then(|v| parse_value(v.as_bytes()))
-                {
+            let page: Page = serde_json::from_str(&text)
+                .map_err(|e| anyhow!("reading {topic}/{partition} from {source}: {e}"))?;
+            for record in &page.records {
+                // Keys and values hashed as the JSON text the broker wrote.
+                (
+                    record.offset,
+                    json_text(record.key),
+                    json_text(record.value),
+                )
+                    .hash(&mut digest);
+                let value = record.value.map(RawValue::get).unwrap_or_default();
+                if let Some((producer, sequence)) = parse_value(value.as_bytes()) {
                     log.push(Stored {
                         partition,
-                        offset: at,
+                        offset: record.offset,
                         producer,
                         sequence,
                     });
                 }
             }
-            let Some(next) = reply.body["next_offset"].as_u64() else {
-                bail!("no next_offset reading {topic}/{partition}: {}", reply.text);
+            let Some(next) = page.next_offset else {
+                bail!("no next_offset reading {topic}/{partition}: {text}");
             };
-            let end = reply.body["high_watermark"].as_u64().unwrap_or(next);
+            let end = page.high_watermark.unwrap_or(next);
             if next >= end || Some(next) == offset {
                 break;
             }
