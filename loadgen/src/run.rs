@@ -273,7 +273,10 @@ pub fn run(options: &Options) -> Result<RunResult> {
         std::thread::sleep(wake.saturating_duration_since(Instant::now()));
     }
     live.stop.store(true, Ordering::Release);
-    let reports = join_all(producers, "producer")?;
+    let reports: Vec<_> = join_all(producers, "producer")?
+        .into_iter()
+        .flatten()
+        .collect();
     let e2e_reports = join_all(consumers, "consumer")?;
     let elapsed = start.elapsed();
     bar.finish_and_clear();

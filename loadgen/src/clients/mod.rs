@@ -269,6 +269,10 @@ pub(crate) enum Endpoints<'a> {
     Kafka(&'a [String]),
 }
 
+/// HTTP producers per runtime thread (each a task with its own connection).
+const HTTP_PRODUCERS_PER_THREAD: usize = 32;
+
+/// Start the producers; each thread hands back the reports of the producers it ran.
 pub(crate) fn start_producers(
     scenario: &Scenario,
     endpoints: &Endpoints,
@@ -276,30 +280,43 @@ pub(crate) fn start_producers(
     partitions: u32,
     live: &Arc<Live>,
     start: Instant,
-) -> Result<Vec<std::thread::JoinHandle<ProducerReport>>> {
-    (0..scenario.producers.count)
-        .map(|producer| {
-            let plan = Plan::new(scenario, producer, partitions)?;
-            let spec = scenario.producers.clone();
-            let (live, topic) = (live.clone(), topic.to_owned());
-            Ok(match endpoints {
-                Endpoints::Http(urls) => {
-                    let urls = urls.to_vec();
-                    std::thread::spawn(move || {
-                        rest::produce(plan, &spec, &urls, &topic, partitions, &live, start)
-                    })
-                }
-                Endpoints::Kafka(bootstrap) => {
-                    let bootstrap = bootstrap.to_vec();
-                    std::thread::spawn(move || {
-                        crate::kafka::producer::produce(
-                            plan, &spec, &bootstrap, &topic, partitions, &live, start,
-                        )
-                    })
-                }
+) -> Result<Vec<std::thread::JoinHandle<Vec<ProducerReport>>>> {
+    let plans = (0..scenario.producers.count)
+        .map(|producer| Plan::new(scenario, producer, partitions))
+        .collect::<Result<Vec<_>>>()?;
+    let spec = scenario.producers.clone();
+    let threads = match endpoints {
+        Endpoints::Http(urls) => {
+            let mut plans = plans.into_iter().peekable();
+            let mut threads = Vec::new();
+            while plans.peek().is_some() {
+                let these: Vec<Plan> = plans.by_ref().take(HTTP_PRODUCERS_PER_THREAD).collect();
+                let (live, topic, urls, spec) =
+                    (live.clone(), topic.to_owned(), urls.to_vec(), spec.clone());
+                threads.push(std::thread::spawn(move || {
+                    rest::produce_all(these, &spec, &urls, &topic, partitions, &live, start)
+                }));
+            }
+            threads
+        }
+        Endpoints::Kafka(bootstrap) => plans
+            .into_iter()
+            .map(|plan| {
+                let (live, topic, bootstrap, spec) = (
+                    live.clone(),
+                    topic.to_owned(),
+                    bootstrap.to_vec(),
+                    spec.clone(),
+                );
+                std::thread::spawn(move || {
+                    vec![crate::kafka::producer::produce(
+                        plan, &spec, &bootstrap, &topic, partitions, &live, start,
+                    )]
+                })
             })
-        })
-        .collect()
+            .collect(),
+    };
+    Ok(threads)
 }
 
 /// Consumers share the partitions out and tail them from the start, timing each record from
