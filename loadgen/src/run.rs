@@ -313,6 +313,10 @@ pub fn run(options: &Options) -> Result<RunResult> {
         }
         _ => None,
     };
+    if acks.is_empty() {
+        // A run that stored nothing proves nothing: fail it rather than pass it vacuously.
+        checks.push("violation: no record was acknowledged, so nothing was verified".into());
+    }
     save_acks(&options.out.join("acks.csv"), &acks)?;
     let (verdict, replicas) =
         readback::verify_replicas(&http, &urls, &topic, &scenario.topics, &acks)?;

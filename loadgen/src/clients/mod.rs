@@ -220,16 +220,20 @@ impl Plan {
     /// partition and its sequence is that partition's; keyed producers skip partitions none of
     /// their keys hash to.
     pub(crate) fn next(&mut self) -> Planned {
+        let mut partition = (self.producer + self.requests) % self.partitions;
+        self.requests = self.requests.wrapping_add(1);
+        while !self.writes_to(partition) {
+            partition = (partition + 1) % self.partitions;
+        }
+        self.next_for(partition)
+    }
+
+    /// The next request for `partition` (the producer's sequence numbers and rate are shared
+    /// by all its partitions).
+    pub(crate) fn next_for(&mut self, partition: u32) -> Planned {
         if let Some(interval) = self.interval {
             let now = Instant::now();
             self.next_send = self.next_send.max(now - interval) + interval;
-        }
-        let mut partition = (self.producer + self.requests) % self.partitions;
-        self.requests = self.requests.wrapping_add(1);
-        if let Some(keys) = &self.keys {
-            while keys[partition as usize].is_empty() {
-                partition = (partition + 1) % self.partitions;
-            }
         }
         let first = self.next_sequence;
         self.next_sequence += self.batch as u64;
@@ -238,6 +242,13 @@ impl Plan {
             first,
             sent_unix_micros: unix_micros(),
         }
+    }
+
+    /// Whether this producer writes to `partition` (a keyed one only where its keys go).
+    pub(crate) fn writes_to(&self, partition: u32) -> bool {
+        self.keys
+            .as_ref()
+            .is_none_or(|keys| keys.get(partition as usize).is_some_and(|k| !k.is_empty()))
     }
 
     /// A key for a record of `partition`: one Kafka's partitioner sends there (None: keyless).

@@ -2,6 +2,7 @@
 //! into a reused buffer and replies read into typed, borrowing structs: building and parsing
 //! `serde_json::Value` trees per record took most of loadgen's CPU.
 
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -70,8 +71,9 @@ pub(super) fn produce_all(
                 topic,
                 live,
                 ids: &ids,
-                leaders: vec![None; partitions as usize],
-                ask: plan.producer as usize,
+                leaders: RefCell::new(vec![None; partitions as usize]),
+                avoid: RefCell::new(vec![None; partitions as usize]),
+                ask: Cell::new(plan.producer as usize),
             };
             producer.run(plan, spec, partitions, start)
         });
@@ -95,7 +97,7 @@ fn broker_ids(bases: &[String]) -> Vec<(u32, usize)> {
         .collect()
 }
 
-/// One producer's connection and what it knows of the cluster.
+/// One producer's connections and what it knows of the cluster.
 struct Producer<'a> {
     client: awc::Client,
     bases: &'a [String],
@@ -105,21 +107,33 @@ struct Producer<'a> {
     ids: &'a [(u32, usize)],
     /// Per partition, its leader's index in `bases`: requests go to the leader, as a Kafka
     /// client's do, since a follower forwards a produce to its leader and waits for it.
-    leaders: Vec<Option<usize>>,
+    leaders: RefCell<Vec<Option<usize>>>,
+    /// Per partition, a broker its last request failed on: its word on who leads is not
+    /// taken, and requests go through another broker (which forwards them) until one succeeds.
+    avoid: RefCell<Vec<Option<usize>>>,
     /// Which broker to ask (or send to) next when no leader is known.
-    ask: usize,
+    ask: Cell<usize>,
+}
+
+/// What a producer's lanes share: its plan and its report.
+struct Shared {
+    plan: RefCell<Plan>,
+    report: RefCell<ProducerReport>,
+    idempotent: Option<i64>,
 }
 
 impl Producer<'_> {
+    /// One lane per partition the producer writes to, each with one request in flight, so a
+    /// partition whose leader hangs (paused, cut off) holds up only its own lane, as a Kafka
+    /// producer's per-partition queue does; within a lane requests go in sequence order.
     async fn run(
-        mut self,
-        mut plan: Plan,
+        self,
+        plan: Plan,
         spec: &ProducerSpec,
         partitions: u32,
         start: Instant,
     ) -> ProducerReport {
         let producer = plan.producer;
-        let mut report = ProducerReport::new();
         // An idempotent producer resends a failed request, same records and sequence, until it
         // is answered: the broker stores it once whatever happened to the first try.
         let idempotent = if spec.idempotent {
@@ -132,40 +146,61 @@ impl Producer<'_> {
                 "loadgen: producer {producer} got no producer id (POST /producers); it publishes without idempotence"
             );
         }
-        let mut sequences = vec![0i32; partitions as usize];
+        let lanes: Vec<u32> = (0..partitions).filter(|&p| plan.writes_to(p)).collect();
+        let shared = Shared {
+            plan: RefCell::new(plan),
+            report: RefCell::new(ProducerReport::new()),
+            idempotent,
+        };
+        let lanes = lanes
+            .into_iter()
+            .map(|partition| self.lane(partition, &shared, spec, start));
+        futures::future::join_all(lanes).await;
+        shared.report.into_inner()
+    }
+
+    async fn lane(&self, partition: u32, shared: &Shared, spec: &ProducerSpec, start: Instant) {
+        let producer = shared.plan.borrow().producer;
+        let mut sequence = 0i32;
         let mut body = Vec::with_capacity(spec.batch * (spec.record_bytes + 24) + 128);
-        while !self.live.stop.load(Ordering::Acquire) {
-            if let Some(wait) = plan.until_due() {
-                actix_rt::time::sleep(wait).await;
+        'requests: while !self.live.stop.load(Ordering::Acquire) {
+            // The producer's rate is shared by its lanes: whichever wakes first takes the turn.
+            loop {
+                let wait = shared.plan.borrow().until_due();
+                match wait {
+                    Some(wait) => actix_rt::time::sleep(wait).await,
+                    None => break,
+                }
+                if self.live.stop.load(Ordering::Acquire) {
+                    break 'requests;
+                }
             }
-            let request = plan.next();
-            let partition = request.partition;
+            let request = shared.plan.borrow_mut().next_for(partition);
+            let batch = spec.batch;
             body.clear();
             body.extend_from_slice(b"{\"records\":[");
-            for i in 0..plan.batch {
+            for i in 0..batch {
                 if i > 0 {
                     body.push(b',');
                 }
                 body.push(b'{');
-                if let Some(key) = plan.key(partition) {
+                if let Some(key) = shared.plan.borrow_mut().key(partition) {
                     body.extend_from_slice(b"\"key\":");
                     write_key(&mut body, key);
                     body.push(b',');
                 }
                 body.extend_from_slice(b"\"value\":");
-                let sequence = request.first + i as u64;
                 write_value(
                     &mut body,
                     producer,
-                    sequence,
+                    request.first + i as u64,
                     request.sent_unix_micros,
-                    plan.record_bytes,
+                    spec.record_bytes,
                 );
                 body.push(b'}');
             }
             body.push(b']');
-            if let Some(id) = idempotent {
-                let sequence = sequences[partition as usize];
+            if let Some(id) = shared.idempotent {
                 let _ = std::io::Write::write_fmt(
                     &mut body,
                     format_args!(
@@ -177,10 +212,7 @@ impl Producer<'_> {
             let body = bytes::Bytes::copy_from_slice(&body);
             let sent = Instant::now();
             loop {
-                let to = match self.leader(partition).await {
-                    Some(leader) => leader,
-                    None => self.ask % self.bases.len(),
-                };
+                let to = self.target(partition).await;
                 let url = format!(
                     "{}/topics/{}/partitions/{partition}",
                     self.bases[to], self.topic
@@ -190,7 +222,7 @@ impl Producer<'_> {
                     .as_ref()
                     .ok()
                     .filter(|(status, _)| *status == 200)
-                    .and_then(|(_, text)| ack_of(text, producer, request.first, plan.batch));
+                    .and_then(|(_, text)| ack_of(text, producer, request.first, batch));
                 let at_ms = start.elapsed().as_millis() as u64;
                 let outcome = |ok| Outcome {
                     at_ms,
@@ -201,20 +233,25 @@ impl Producer<'_> {
                     self.live
                         .acked
                         .fetch_add(u64::from(run.count), Ordering::Relaxed);
+                    let mut report = shared.report.borrow_mut();
                     report.acks.push(run);
                     report.outcomes.push(outcome(true));
                     report
                         .latencies
                         .push((at_ms, sent.elapsed().as_micros() as u64, run.count));
-                    let next = &mut sequences[partition as usize];
-                    *next = next_kafka_sequence(*next, plan.batch);
+                    self.avoid.borrow_mut()[partition as usize] = None;
+                    sequence = next_kafka_sequence(sequence, batch);
                     break;
                 }
                 self.live.failed.fetch_add(1, Ordering::Relaxed);
-                report.failed += 1;
-                report.outcomes.push(outcome(false));
-                self.ask += 1;
-                self.leaders[partition as usize] = None;
+                {
+                    let mut report = shared.report.borrow_mut();
+                    report.failed += 1;
+                    report.outcomes.push(outcome(false));
+                }
+                self.leaders.borrow_mut()[partition as usize] = None;
+                self.avoid.borrow_mut()[partition as usize] = Some(to);
+                self.ask.set(to + 1);
                 actix_rt::time::sleep(FAILURE_BACKOFF).await;
                 // Without a producer id its sequences are abandoned, never resent: a sequence
                 // stored twice is then a real duplicate. With one, a request whose outcome may
@@ -226,23 +263,47 @@ impl Producer<'_> {
                     Ok((status, _)) => *status >= 500 || matches!(status, 200 | 307 | 421 | 429),
                     Err(()) => true,
                 };
-                if idempotent.is_none() || !resend || self.live.stop.load(Ordering::Acquire) {
+                if shared.idempotent.is_none() || !resend || self.live.stop.load(Ordering::Acquire)
+                {
                     break;
                 }
             }
         }
-        report
+    }
+
+    /// Where to send a request of `partition`: its leader if known, else the leader a broker
+    /// names (not the one a request just failed on), else the next broker in turn.
+    async fn target(&self, partition: u32) -> usize {
+        let known = self.leaders.borrow()[partition as usize];
+        if let Some(known) = known {
+            return known;
+        }
+        let avoid = self.avoid.borrow()[partition as usize];
+        let mut ask = self.ask.get() % self.bases.len();
+        if Some(ask) == avoid && self.bases.len() > 1 {
+            ask = (ask + 1) % self.bases.len();
+        }
+        self.ask.set(ask);
+        match self.leader_named_by(ask, partition).await {
+            Some(leader) if Some(leader) != avoid => {
+                self.leaders.borrow_mut()[partition as usize] = Some(leader);
+                leader
+            }
+            _ => ask,
+        }
     }
 
     /// (status, body) of a POST; Err on a transport error or timeout.
     async fn post(&self, url: &str, body: bytes::Bytes) -> Result<(u16, String), ()> {
+        // awc's timeout covers the wait for the headers; the body read gets its own.
         let mut response = self
             .client
             .post(url)
             .insert_header(("Content-Type", JSON_V2))
             .send_body(body)
             .await
-            .map_err(|_| ())?;
+            .map_err(|_| ())?
+            .timeout(REQUEST_TIMEOUT);
         let status = response.status().as_u16();
         let body = response
             .body()
@@ -253,7 +314,13 @@ impl Producer<'_> {
     }
 
     async fn get(&self, url: &str) -> Result<(u16, String), ()> {
-        let mut response = self.client.get(url).send().await.map_err(|_| ())?;
+        let mut response = self
+            .client
+            .get(url)
+            .send()
+            .await
+            .map_err(|_| ())?
+            .timeout(REQUEST_TIMEOUT);
         let status = response.status().as_u16();
         let body = response
             .body()
@@ -263,24 +330,22 @@ impl Producer<'_> {
         Ok((status, String::from_utf8_lossy(&body).into_owned()))
     }
 
-    /// The partition's leader, asked of a broker when not known (None: the answer named none).
-    async fn leader(&mut self, partition: u32) -> Option<usize> {
-        if let Some(known) = self.leaders[partition as usize] {
-            return Some(known);
-        }
-        let base = &self.bases[self.ask % self.bases.len()];
-        let url = format!("{base}/topics/{}/partitions/{partition}", self.topic);
+    /// The leader of `partition` as the broker at `base` describes it (its index in `bases`).
+    async fn leader_named_by(&self, base: usize, partition: u32) -> Option<usize> {
+        let url = format!(
+            "{}/topics/{}/partitions/{partition}",
+            self.bases[base], self.topic
+        );
         let (status, text) = self.get(&url).await.ok()?;
+        if status != 200 {
+            return None;
+        }
         let described: serde_json::Value = serde_json::from_str(&text).ok()?;
         let leader = u32::try_from(described["leader"].as_u64()?).ok()?;
-        let index = self
-            .ids
+        self.ids
             .iter()
             .find(|(id, _)| *id == leader)
-            .map(|(_, i)| *i);
-        let index = index.filter(|_| status == 200)?;
-        self.leaders[partition as usize] = Some(index);
-        Some(index)
+            .map(|(_, i)| *i)
     }
 
     /// A producer id from the cluster (`POST /producers`), asked of each broker in turn until

@@ -257,7 +257,7 @@ impl Producer<'_> {
         match sent {
             Ok(()) => self.in_flight.push_back(request),
             Err(_) => {
-                self.client.drop_conn(request.node);
+                self.lose_conn(request.node);
                 self.client.forget(request.partition);
                 self.failed(request, Answer::Retry);
             }
@@ -293,16 +293,8 @@ impl Producer<'_> {
                 answer => answer,
             },
             Err(_) => {
-                // The connection is gone, and with it every answer still owed on it.
-                self.client.drop_conn(request.node);
+                self.lose_conn(request.node);
                 self.client.forget(request.partition);
-                let node = request.node;
-                let (lost, kept): (VecDeque<Request>, VecDeque<Request>) =
-                    self.in_flight.drain(..).partition(|r| r.node == node);
-                self.in_flight = kept;
-                for other in lost {
-                    self.failed(other, Answer::Retry);
-                }
                 Answer::Retry
             }
         };
@@ -339,6 +331,19 @@ impl Producer<'_> {
         }
     }
 
+    /// The connection to `node` failed, and with it every answer still owed on it: those
+    /// requests failed too (their outcome is unknown). A new connection to `node` must not be
+    /// read for their answers.
+    fn lose_conn(&mut self, node: i32) {
+        self.client.drop_conn(node);
+        let (lost, kept): (VecDeque<Request>, VecDeque<Request>) =
+            self.in_flight.drain(..).partition(|r| r.node == node);
+        self.in_flight = kept;
+        for request in lost {
+            self.failed(request, Answer::Retry);
+        }
+    }
+
     fn failed(&mut self, request: Request, answer: Answer) {
         self.live.failed.fetch_add(1, Ordering::Relaxed);
         self.report.failed += 1;
@@ -368,14 +373,19 @@ impl Producer<'_> {
     /// A new producer id and sequences from 0; whatever was still to resend is given up (the
     /// verifier counts any of it found stored as stored-unacknowledged).
     fn restart_idempotence(&mut self) {
-        self.resend.clear();
-        // Answers still owed concern the old id; wait them out first.
+        // Answers still owed concern the old id; wait them out first (they are not counted: a
+        // batch stored among them is found as stored-unacknowledged).
         while let Some(request) = self.in_flight.pop_front() {
-            let _ = self
+            let answer = self
                 .client
                 .conn(request.node)
                 .and_then(|conn| conn.receive::<ProduceResponse>());
+            if answer.is_err() {
+                self.client.drop_conn(request.node);
+                self.in_flight.retain(|r| r.node != request.node);
+            }
         }
+        self.resend.clear();
         self.sequences.iter_mut().for_each(|s| *s = 0);
         self.id = self.init_producer_id();
     }
