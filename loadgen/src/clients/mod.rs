@@ -177,6 +177,8 @@ pub(crate) struct Plan {
     rng: u64,
     next_sequence: u64,
     requests: u32,
+    /// The partition whose turn is next when lanes take turns ([`Plan::turn`]).
+    cursor: u32,
     interval: Option<Duration>,
     next_send: Instant,
 }
@@ -203,6 +205,7 @@ impl Plan {
             rng: 0x9E37_79B9_7F4A_7C15u64 ^ u64::from(producer) << 32,
             next_sequence: 0,
             requests: 0,
+            cursor: producer % partitions,
             interval: (spec.rate > 0)
                 .then(|| Duration::from_secs_f64(spec.batch as f64 / per_producer_rate)),
             next_send: Instant::now(),
@@ -237,11 +240,24 @@ impl Plan {
         }
         let first = self.next_sequence;
         self.next_sequence += self.batch as u64;
+        self.cursor = (partition + 1) % self.partitions;
         Planned {
             partition,
             first,
             sent_unix_micros: unix_micros(),
         }
+    }
+
+    /// At a rate, the partition whose turn it is: the next in turn from the last one written
+    /// to that is not `busy` (None: all are). Flat out, every partition's turn is always.
+    pub(crate) fn turn(&self, busy: &[bool]) -> Option<u32> {
+        (0..self.partitions)
+            .map(|i| (self.cursor + i) % self.partitions)
+            .find(|&p| self.writes_to(p) && !busy.get(p as usize).copied().unwrap_or(true))
+    }
+
+    pub(crate) fn at_a_rate(&self) -> bool {
+        self.interval.is_some()
     }
 
     /// Whether this producer writes to `partition` (a keyed one only where its keys go).
@@ -423,6 +439,32 @@ mod tests {
         };
         let acks: Vec<(u64, u64)> = run.acks().map(|a| (a.sequence, a.offset)).collect();
         assert_eq!(acks, [(10, 500), (11, 501), (12, 502)]);
+    }
+
+    #[test]
+    fn at_a_rate_partitions_take_turns_skipping_busy_ones() {
+        let scenario = Scenario::parse(
+            r#"
+duration_s = 1
+[[topics]]
+name = "t"
+partitions = 3
+replication_factor = 1
+[producers]
+count = 1
+rate = 100
+"#,
+        )
+        .expect("scenario");
+        let mut plan = Plan::new(&scenario, 0, 3).expect("plan");
+        assert_eq!(plan.turn(&[false; 3]), Some(0));
+        plan.next_for(0);
+        assert_eq!(plan.turn(&[false; 3]), Some(1));
+        // Partition 1 hangs: its turn passes to 2, then back round to 0.
+        assert_eq!(plan.turn(&[false, true, false]), Some(2));
+        plan.next_for(2);
+        assert_eq!(plan.turn(&[false, true, false]), Some(0));
+        assert_eq!(plan.turn(&[true; 3]), None);
     }
 
     #[test]

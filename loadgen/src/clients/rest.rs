@@ -4,7 +4,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -118,6 +118,8 @@ struct Producer<'a> {
 /// What a producer's lanes share: its plan and its report.
 struct Shared {
     plan: RefCell<Plan>,
+    /// Per partition, whether its lane has a request out.
+    busy: RefCell<Vec<bool>>,
     report: RefCell<ProducerReport>,
     idempotent: Option<i64>,
 }
@@ -149,6 +151,7 @@ impl Producer<'_> {
         let lanes: Vec<u32> = (0..partitions).filter(|&p| plan.writes_to(p)).collect();
         let shared = Shared {
             plan: RefCell::new(plan),
+            busy: RefCell::new(vec![false; partitions as usize]),
             report: RefCell::new(ProducerReport::new()),
             idempotent,
         };
@@ -164,18 +167,29 @@ impl Producer<'_> {
         let mut sequence = 0i32;
         let mut body = Vec::with_capacity(spec.batch * (spec.record_bytes + 24) + 128);
         'requests: while !self.live.stop.load(Ordering::Acquire) {
-            // The producer's rate is shared by its lanes: whichever wakes first takes the turn.
+            // At a rate, the producer's lanes take turns (a busy one is skipped), so its
+            // partitions get equal shares unless one hangs; flat out, every lane sends freely.
             loop {
-                let wait = shared.plan.borrow().until_due();
+                let (wait, turn, at_a_rate) = {
+                    let plan = shared.plan.borrow();
+                    (
+                        plan.until_due(),
+                        plan.turn(&shared.busy.borrow()),
+                        plan.at_a_rate(),
+                    )
+                };
                 match wait {
                     Some(wait) => actix_rt::time::sleep(wait).await,
-                    None => break,
+                    None if turn == Some(partition) || !at_a_rate => break,
+                    // Another lane's turn: it takes it now, then the next is due later.
+                    None => actix_rt::time::sleep(TURN_WAIT).await,
                 }
                 if self.live.stop.load(Ordering::Acquire) {
                     break 'requests;
                 }
             }
             let request = shared.plan.borrow_mut().next_for(partition);
+            shared.busy.borrow_mut()[partition as usize] = true;
             let batch = spec.batch;
             body.clear();
             body.extend_from_slice(b"{\"records\":[");
@@ -268,6 +282,7 @@ impl Producer<'_> {
                     break;
                 }
             }
+            shared.busy.borrow_mut()[partition as usize] = false;
         }
     }
 
@@ -368,6 +383,9 @@ impl Producer<'_> {
         None
     }
 }
+
+/// How long a lane whose turn it is not waits before it looks again.
+const TURN_WAIT: Duration = Duration::from_micros(500);
 
 /// Largest reply a producer reads (a produce reply has one entry per record).
 const REPLY_BYTES_MAX: usize = 64 * 1024 * 1024;
