@@ -248,16 +248,12 @@ impl Plan {
         }
     }
 
-    /// At a rate, the partition whose turn it is: the next in turn from the last one written
-    /// to that is not `busy` (None: all are). Flat out, every partition's turn is always.
+    /// The partition whose turn it is: the next in turn from the last one written to that is
+    /// not `busy` (None: all are).
     pub(crate) fn turn(&self, busy: &[bool]) -> Option<u32> {
         (0..self.partitions)
             .map(|i| (self.cursor + i) % self.partitions)
             .find(|&p| self.writes_to(p) && !busy.get(p as usize).copied().unwrap_or(true))
-    }
-
-    pub(crate) fn at_a_rate(&self) -> bool {
-        self.interval.is_some()
     }
 
     /// Whether this producer writes to `partition` (a keyed one only where its keys go).

@@ -3,6 +3,9 @@
 //! `serde_json::Value` trees per record took most of loadgen's CPU.
 
 use std::cell::{Cell, RefCell};
+
+use futures::channel::mpsc;
+use futures::StreamExt as _;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -11,7 +14,7 @@ use serde_json::value::RawValue;
 
 use super::{
     next_kafka_sequence, unix_micros, write_key, write_value, AckRun, ConsumerReport, Live, Plan,
-    ProducerReport, FAILURE_BACKOFF, REQUEST_TIMEOUT,
+    Planned, ProducerReport, FAILURE_BACKOFF, REQUEST_TIMEOUT,
 };
 use crate::http::Http;
 use crate::scenario::ProducerSpec;
@@ -118,8 +121,6 @@ struct Producer<'a> {
 /// What a producer's lanes share: its plan and its report.
 struct Shared {
     plan: RefCell<Plan>,
-    /// Per partition, whether its lane has a request out.
-    busy: RefCell<Vec<bool>>,
     report: RefCell<ProducerReport>,
     idempotent: Option<i64>,
 }
@@ -148,48 +149,92 @@ impl Producer<'_> {
                 "loadgen: producer {producer} got no producer id (POST /producers); it publishes without idempotence"
             );
         }
-        let lanes: Vec<u32> = (0..partitions).filter(|&p| plan.writes_to(p)).collect();
         let shared = Shared {
             plan: RefCell::new(plan),
-            busy: RefCell::new(vec![false; partitions as usize]),
             report: RefCell::new(ProducerReport::new()),
             idempotent,
         };
-        let lanes = lanes
-            .into_iter()
-            .map(|partition| self.lane(partition, &shared, spec, start));
-        futures::future::join_all(lanes).await;
+        let (freed_tx, freed_rx) = mpsc::unbounded();
+        let mut lanes = Vec::new();
+        let mut work = vec![None; partitions as usize];
+        for partition in (0..partitions).filter(|&p| shared.plan.borrow().writes_to(p)) {
+            let (tx, rx) = mpsc::unbounded();
+            work[partition as usize] = Some(tx);
+            lanes.push(self.lane(partition, rx, freed_tx.clone(), &shared, spec, start));
+        }
+        drop(freed_tx);
+        futures::future::join(
+            self.dispatch(&shared, work, freed_rx),
+            futures::future::join_all(lanes),
+        )
+        .await;
         shared.report.into_inner()
     }
 
-    async fn lane(&self, partition: u32, shared: &Shared, spec: &ProducerSpec, start: Instant) {
+    /// Hand the producer's requests to its lanes: at the scenario's rate, in turn (a busy lane
+    /// skipped), or flat out to every idle lane. Only this loop waits for the rate, and a lane
+    /// wakes only for work, however many partitions there are.
+    async fn dispatch(
+        &self,
+        shared: &Shared,
+        mut work: Vec<Option<mpsc::UnboundedSender<Planned>>>,
+        mut freed: mpsc::UnboundedReceiver<u32>,
+    ) {
+        let mut busy: Vec<bool> = work.iter().map(Option::is_none).collect();
+        while !self.live.stop.load(Ordering::Acquire) {
+            while let Ok(partition) = freed.try_recv() {
+                busy[partition as usize] = false;
+            }
+            let wait = shared.plan.borrow().until_due();
+            if let Some(wait) = wait {
+                // Short naps, so a stop is seen soon at low rates too.
+                actix_rt::time::sleep(wait.min(STOP_CHECK)).await;
+                continue;
+            }
+            let turn = shared.plan.borrow().turn(&busy);
+            match turn {
+                Some(partition) => {
+                    let request = shared.plan.borrow_mut().next_for(partition);
+                    busy[partition as usize] = true;
+                    if let Some(lane) = &work[partition as usize] {
+                        let _ = lane.unbounded_send(request);
+                    }
+                }
+                // Every lane has a request out: wait until one is answered.
+                None => {
+                    let next = futures::future::select(
+                        freed.next(),
+                        Box::pin(actix_rt::time::sleep(STOP_CHECK)),
+                    )
+                    .await;
+                    if let futures::future::Either::Left((Some(partition), _)) = next {
+                        busy[partition as usize] = false;
+                    }
+                }
+            }
+        }
+        // Closing the lanes' queues ends them once their requests in hand are done.
+        work.iter_mut().for_each(|lane| *lane = None);
+    }
+
+    /// One partition's lane: one request at a time, in sequence order, each resent until it is
+    /// answered for sure.
+    async fn lane(
+        &self,
+        partition: u32,
+        mut work: mpsc::UnboundedReceiver<Planned>,
+        freed: mpsc::UnboundedSender<u32>,
+        shared: &Shared,
+        spec: &ProducerSpec,
+        start: Instant,
+    ) {
         let producer = shared.plan.borrow().producer;
         let mut sequence = 0i32;
         let mut body = Vec::with_capacity(spec.batch * (spec.record_bytes + 24) + 128);
-        'requests: while !self.live.stop.load(Ordering::Acquire) {
-            // At a rate, the producer's lanes take turns (a busy one is skipped), so its
-            // partitions get equal shares unless one hangs; flat out, every lane sends freely.
-            loop {
-                let (wait, turn, at_a_rate) = {
-                    let plan = shared.plan.borrow();
-                    (
-                        plan.until_due(),
-                        plan.turn(&shared.busy.borrow()),
-                        plan.at_a_rate(),
-                    )
-                };
-                match wait {
-                    Some(wait) => actix_rt::time::sleep(wait).await,
-                    None if turn == Some(partition) || !at_a_rate => break,
-                    // Another lane's turn: it takes it now, then the next is due later.
-                    None => actix_rt::time::sleep(TURN_WAIT).await,
-                }
-                if self.live.stop.load(Ordering::Acquire) {
-                    break 'requests;
-                }
+        while let Some(request) = work.next().await {
+            if self.live.stop.load(Ordering::Acquire) {
+                break;
             }
-            let request = shared.plan.borrow_mut().next_for(partition);
-            shared.busy.borrow_mut()[partition as usize] = true;
             let batch = spec.batch;
             body.clear();
             body.extend_from_slice(b"{\"records\":[");
@@ -225,6 +270,8 @@ impl Producer<'_> {
             body.push(b'}');
             let body = bytes::Bytes::copy_from_slice(&body);
             let sent = Instant::now();
+            // Whether a try of this request may have been stored without an answer saying so.
+            let mut uncertain = false;
             loop {
                 let to = self.target(partition).await;
                 let url = format!(
@@ -269,20 +316,20 @@ impl Producer<'_> {
                 actix_rt::time::sleep(FAILURE_BACKOFF).await;
                 // Without a producer id its sequences are abandoned, never resent: a sequence
                 // stored twice is then a real duplicate. With one, a request whose outcome may
-                // be unknown is resent until answered (or the run ends with it unanswered); one
+                // be unknown is resent until answered (or the run ends with it unanswered). One
                 // refused for good (a 4xx but 421/429) stored nothing, so its sequence is the
-                // next request's.
-                let resend = match &reply {
-                    // 200 without every offset: what was stored is not known.
-                    Ok((status, _)) => *status >= 500 || matches!(status, 200 | 307 | 421 | 429),
-                    Err(()) => true,
-                };
-                if shared.idempotent.is_none() || !resend || self.live.stop.load(Ordering::Acquire)
+                // next request's, unless an earlier try's outcome was unknown: that try may
+                // have stored it, and the next batch under the same sequence would then be
+                // taken for its duplicate, so it is resent until an answer is sure.
+                uncertain |= outcome_unknown(&reply);
+                if shared.idempotent.is_none()
+                    || !uncertain
+                    || self.live.stop.load(Ordering::Acquire)
                 {
                     break;
                 }
             }
-            shared.busy.borrow_mut()[partition as usize] = false;
+            let _ = freed.unbounded_send(partition);
         }
     }
 
@@ -384,11 +431,20 @@ impl Producer<'_> {
     }
 }
 
-/// How long a lane whose turn it is not waits before it looks again.
-const TURN_WAIT: Duration = Duration::from_micros(500);
+/// Longest a producer's dispatcher sleeps before it looks at the stop flag again.
+const STOP_CHECK: Duration = Duration::from_millis(100);
 
 /// Largest reply a producer reads (a produce reply has one entry per record).
 const REPLY_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// Whether a failed try may have stored its batch: no answer, a 5xx, a redirect or overload
+/// answer, or a 200 without every offset. Any other 4xx refused it whole.
+fn outcome_unknown(reply: &Result<(u16, String), ()>) -> bool {
+    match reply {
+        Ok((status, _)) => *status >= 500 || matches!(status, 200 | 307 | 421 | 429),
+        Err(()) => true,
+    }
+}
 
 /// The acknowledgement in a 200 produce reply; None unless every record has an offset, in one
 /// partition, consecutive (one request is one batch).
@@ -434,7 +490,7 @@ pub(super) fn consume(
                 .map(|o| format!("&offset={o}"))
                 .unwrap_or_default();
             let url = format!(
-                "{}/{partition}/records?max_records=5000&timeout_ms=100{from}",
+                "{}/{partition}/records?max_records=10000&timeout_ms=100{from}",
                 urls[target % urls.len()]
             );
             let text = match http.get_raw(&url) {
@@ -473,6 +529,19 @@ pub(super) fn consume(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_refusal_says_for_sure_that_nothing_was_stored() {
+        for unknown in [Err(()), Ok((503, String::new())), Ok((200, "{}".into()))] {
+            assert!(outcome_unknown(&unknown), "{unknown:?}");
+        }
+        for status in [421, 429, 307] {
+            assert!(outcome_unknown(&Ok((status, String::new()))), "{status}");
+        }
+        for refused in [400, 404, 409, 413] {
+            assert!(!outcome_unknown(&Ok((refused, String::new()))), "{refused}");
+        }
+    }
 
     #[test]
     fn a_reply_acknowledges_only_every_record_at_consecutive_offsets() {
