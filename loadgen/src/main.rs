@@ -52,6 +52,8 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         bootstrap: Option<Vec<String>>,
         /// That cluster's Kafka listeners (host:port, comma-separated), for the Kafka protocol.
+        /// Without --bootstrap: a run over Kafka alone (topics created with CreateTopics, the
+        /// leaders' copy read back with Fetch), for any broker that speaks it.
         #[arg(long, value_delimiter = ',')]
         kafka_bootstrap: Option<Vec<String>>,
         /// Speak this protocol to the brokers instead of the scenario's (`http` or `kafka`).

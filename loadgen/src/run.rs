@@ -134,8 +134,19 @@ pub fn run(options: &Options) -> Result<RunResult> {
     let scenario = &options.scenario;
     std::fs::create_dir_all(&options.out)
         .with_context(|| format!("creating {}", options.out.display()))?;
+    // Known only by its Kafka listeners: topics, load and read-back all over Kafka.
+    let kafka_only = options.bootstrap.is_none() && options.kafka_bootstrap.is_some();
+    if kafka_only {
+        if scenario.protocol != Protocol::Kafka {
+            bail!("--kafka-bootstrap without --bootstrap needs protocol = \"kafka\" (or --protocol kafka)");
+        }
+        if scenario.group.is_some() || scenario.stream.is_some() {
+            bail!("[group] and [stream] use the HTTP API: give --bootstrap too");
+        }
+    }
     let mut cluster = match &options.bootstrap {
         Some(_) => None,
+        None if kafka_only => None,
         None => {
             let binary = match &options.broker_bin {
                 Some(path) => path.clone(),
@@ -154,15 +165,21 @@ pub fn run(options: &Options) -> Result<RunResult> {
     let urls = match (&options.bootstrap, &cluster) {
         (Some(urls), _) => urls.clone(),
         (None, Some(c)) => c.urls(),
+        (None, None) if kafka_only => Vec::new(),
         (None, None) => bail!("no cluster"),
     };
-    if options.bootstrap.is_some() && !scenario.faults.is_empty() {
+    if cluster.is_none() && !scenario.faults.is_empty() {
         bail!("faults act only on brokers loadgen started: drop --bootstrap or the [[faults]]");
     }
     let http = Http::new(Duration::from_secs(10));
     for topic in &scenario.topics {
-        create_topic(&http, &urls, topic)?;
-        wait_for_leaders(&http, &urls, topic)?;
+        match &options.kafka_bootstrap {
+            Some(kafka) if kafka_only => crate::kafka::admin::create_topic(kafka, topic)?,
+            _ => {
+                create_topic(&http, &urls, topic)?;
+                wait_for_leaders(&http, &urls, topic)?;
+            }
+        }
     }
 
     let topic = scenario.producer_topic();
@@ -318,8 +335,13 @@ pub fn run(options: &Options) -> Result<RunResult> {
         checks.push("violation: no record was acknowledged, so nothing was verified".into());
     }
     save_acks(&options.out.join("acks.csv"), &acks)?;
-    let (verdict, replicas) =
-        readback::verify_replicas(&http, &urls, &topic, &scenario.topics, &acks)?;
+    let (verdict, replicas) = if kafka_only {
+        // Over Kafka only the leaders' copy can be read: one copy verified, no replicas.
+        let log = crate::kafka::admin::read_topic(&kafka, &topic, partitions)?;
+        (verify::verify(&acks, &log), Vec::new())
+    } else {
+        readback::verify_replicas(&http, &urls, &topic, &scenario.topics, &acks)?
+    };
     let mut outcomes: Vec<Outcome> = reports
         .iter()
         .flat_map(|r| r.outcomes.iter().copied())
@@ -359,7 +381,7 @@ pub fn run(options: &Options) -> Result<RunResult> {
         scenario: options.name.clone(),
         protocol: scenario.protocol.name().to_owned(),
         duration_s: elapsed.as_secs_f64(),
-        brokers: urls.len(),
+        brokers: if kafka_only { kafka.len() } else { urls.len() },
         topic,
         records_acknowledged: acks.len() as u64,
         requests_ok: overall.len(),

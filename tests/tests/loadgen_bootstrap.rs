@@ -104,3 +104,64 @@ fn a_run_on_a_running_cluster_verifies_later_and_catches_a_deleted_topic() -> an
     assert!(text.contains("FAIL"), "{text}");
     Ok(())
 }
+
+#[test]
+fn a_run_over_kafka_alone_creates_loads_and_reads_back_through_the_listeners() -> anyhow::Result<()>
+{
+    let cluster = TestCluster::start_with_kafka(3)?;
+    let dir = tempfile::tempdir()?;
+    let scenario = dir.path().join("external.toml");
+    std::fs::write(&scenario, SCENARIO.replace("external", "over-kafka"))?;
+    let out = dir.path().join("run");
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    // No HTTP address at all: loadgen knows the cluster only as a Kafka bootstrap list.
+    let (code, text) = loadgen(&[
+        "run".into(),
+        "--scenario".into(),
+        path(&scenario),
+        "--kafka-bootstrap".into(),
+        cluster.bootstrap(),
+        "--protocol".into(),
+        "kafka".into(),
+        "--out".into(),
+        path(&out),
+        "--quiet".into(),
+    ])?;
+    assert_eq!(code, 0, "{text}");
+    let result: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("result.json"))?)?;
+    assert_eq!(result["protocol"], "kafka");
+    let verdict = &result["verdict"];
+    assert!(
+        verdict["acknowledged"].as_u64().unwrap_or(0) >= 4_000,
+        "{verdict}"
+    );
+    for anomaly in [
+        "lost",
+        "duplicated",
+        "moved",
+        "reordered",
+        "unacknowledged_stored",
+    ] {
+        assert_eq!(verdict[anomaly], 0, "{anomaly}: {verdict}");
+    }
+    // The acknowledgements hold when checked independently over HTTP, too.
+    let http = cluster
+        .brokers
+        .iter()
+        .map(|b| format!("http://{}", b.http))
+        .collect::<Vec<_>>()
+        .join(",");
+    let (code, text) = loadgen(&[
+        "verify".into(),
+        "--run".into(),
+        path(&out),
+        "--scenario".into(),
+        path(&scenario),
+        "--bootstrap".into(),
+        http,
+    ])?;
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("0 lost") && text.contains("PASS"), "{text}");
+    Ok(())
+}

@@ -274,15 +274,10 @@ impl Plan {
     }
 }
 
-/// The sequence after a request of `batch` records from `sequence`: Kafka's sequences wrap after
-/// i32::MAX, and a request never spans the wrap.
+/// The sequence after a request of `batch` records from `sequence`: Kafka's sequences wrap
+/// after i32::MAX to 0, within a batch too (as the broker counts them).
 pub(crate) fn next_kafka_sequence(sequence: i32, batch: usize) -> i32 {
-    let next = i64::from(sequence) + batch as i64;
-    if next + batch as i64 > i64::from(i32::MAX) + 1 {
-        0
-    } else {
-        next as i32
-    }
+    ((i64::from(sequence) + batch as i64) % (i64::from(i32::MAX) + 1)) as i32
 }
 
 /// Where the producers and consumers connect.
@@ -464,10 +459,12 @@ rate = 100
     }
 
     #[test]
-    fn kafka_sequences_wrap_before_a_request_would_span_i32_max() {
+    fn kafka_sequences_wrap_after_i32_max_as_the_broker_counts_them() {
         assert_eq!(next_kafka_sequence(0, 100), 100);
         assert_eq!(next_kafka_sequence(i32::MAX - 199, 100), i32::MAX - 99);
         assert_eq!(next_kafka_sequence(i32::MAX - 99, 100), 0);
+        // A batch may span the wrap: 50 records up to i32::MAX, 50 from 0.
+        assert_eq!(next_kafka_sequence(i32::MAX - 49, 100), 50);
     }
 
     #[test]

@@ -66,7 +66,10 @@ pub(super) fn produce_all(
     system.block_on(async {
         let producers = plans.into_iter().map(|plan| {
             let producer = Producer {
+                // No cap on connections (awc's default is 100): the lanes, one request each,
+                // bound them, and a lane must not time out waiting for a connection.
                 client: awc::Client::builder()
+                    .connector(awc::Connector::new().limit(0))
                     .timeout(REQUEST_TIMEOUT)
                     .disable_redirects()
                     .finish(),

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use bytes::{Buf, Bytes};
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
 use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
@@ -117,7 +117,9 @@ fn fetch(
                 let Some(records) = &data.records else {
                     continue;
                 };
-                let (read, next) = read_batches(records, *offset, report, now, second);
+                let (read, next) = read_batches(records, *offset, |_, value| {
+                    report.record(value, now, second)
+                });
                 live.consumed.fetch_add(read, Ordering::Relaxed);
                 *offset = next.max(*offset);
             }
@@ -128,15 +130,10 @@ fn fetch(
     Ok(())
 }
 
-/// Time the records at `from` and after in `records` (whole batches; a trailing partial one, as
-/// Kafka may send, is left for the next fetch). Returns (records read, next offset).
-fn read_batches(
-    records: &Bytes,
-    from: i64,
-    report: &mut ConsumerReport,
-    now: u128,
-    second: usize,
-) -> (u64, i64) {
+/// Hand each record at `from` and after in `records` to `each` (its offset and value): whole
+/// batches; a trailing partial one, as Kafka may send, is left for the next fetch. Returns
+/// (records read, next offset).
+fn read_batches(records: &Bytes, from: i64, mut each: impl FnMut(i64, &[u8])) -> (u64, i64) {
     let mut rest = records.clone();
     let (mut read, mut next) = (0, from);
     while rest.len() >= 27 {
@@ -158,9 +155,7 @@ fn read_batches(
             };
             for record in set.records.iter().filter(|r| r.offset >= from) {
                 read += 1;
-                if let Some(value) = &record.value {
-                    report.record(value, now, second);
-                }
+                each(record.offset, record.value.as_deref().unwrap_or_default());
             }
         }
         next = next.max(base + i64::from(last_delta) + 1);
@@ -168,8 +163,51 @@ fn read_batches(
     (read, next)
 }
 
+/// One fetch of `partition` from `from` at its leader `node`: each record to `each`; returns
+/// (next offset, high watermark).
+pub(super) fn fetch_once(
+    client: &mut Client,
+    node: i32,
+    topic: &str,
+    partition: u32,
+    from: i64,
+    each: impl FnMut(i64, &[u8]),
+) -> Result<(i64, i64)> {
+    let request = FetchRequest::default()
+        .with_replica_id(BrokerId(-1))
+        .with_max_wait_ms(0)
+        .with_min_bytes(0)
+        .with_max_bytes(FETCH_BYTES_MAX)
+        .with_session_id(0)
+        .with_session_epoch(-1)
+        .with_topics(vec![FetchTopic::default()
+            .with_topic(topic_name(topic))
+            .with_partitions(vec![FetchPartition::default()
+                .with_partition(partition as i32)
+                .with_current_leader_epoch(-1)
+                .with_fetch_offset(from)
+                .with_last_fetched_epoch(-1)
+                .with_log_start_offset(-1)
+                .with_partition_max_bytes(FETCH_BYTES_MAX)])]);
+    let answer: FetchResponse = client.conn(node)?.call(ApiKey::Fetch, &request)?;
+    let data = answer
+        .responses
+        .iter()
+        .flat_map(|t| &t.partitions)
+        .find(|p| p.partition_index == partition as i32)
+        .ok_or_else(|| anyhow!("a fetch answer without partition {partition}"))?;
+    if data.error_code != 0 {
+        bail!("fetching {topic}/{partition}: error {}", data.error_code);
+    }
+    let (_, next) = match &data.records {
+        Some(records) => read_batches(records, from, each),
+        None => (0, from),
+    };
+    Ok((next, data.high_watermark))
+}
+
 /// The log start of `partition`, asked of its leader.
-fn earliest(client: &mut Client, node: i32, topic: &str, partition: u32) -> Result<i64> {
+pub(super) fn earliest(client: &mut Client, node: i32, topic: &str, partition: u32) -> Result<i64> {
     let request = ListOffsetsRequest::default()
         .with_replica_id(BrokerId(-1))
         .with_topics(vec![ListOffsetsTopic::default()
@@ -236,14 +274,14 @@ mod tests {
         batch(5..8, &mut out);
         // Kafka may cut the last batch short at the fetch's byte limit.
         let records = out.freeze().slice(..whole + 30);
-        let mut report = ConsumerReport::new();
-        let (read, next) = read_batches(&records, 1, &mut report, unix_micros(), 0);
+        let mut seen = Vec::new();
+        let (read, next) = read_batches(&records, 1, |offset, value| {
+            seen.push((offset, crate::clients::parse_value(value)));
+        });
         assert_eq!((read, next), (4, 5));
-        assert_eq!(report.overall.len(), 4, "each record read is timed");
+        let expected: Vec<_> = (1..5).map(|o| (o, Some((1, o as u64)))).collect();
+        assert_eq!(seen, expected, "each record from offset 1, with its value");
         // Nothing whole: nothing read, the offset stays.
-        assert_eq!(
-            read_batches(&records.slice(..20), 7, &mut report, 0, 0),
-            (0, 7)
-        );
+        assert_eq!(read_batches(&records.slice(..20), 7, |_, _| {}), (0, 7));
     }
 }

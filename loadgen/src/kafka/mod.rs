@@ -3,6 +3,7 @@
 //! pipeline requests (answers come back in request order on a connection). Works against any
 //! broker that speaks these versions, not only PubG1.
 
+pub(crate) mod admin;
 pub(crate) mod consumer;
 pub(crate) mod producer;
 
@@ -21,17 +22,18 @@ use kafka_protocol::messages::{
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 
 /// The APIs loadgen uses and the versions it can speak.
-const SPOKEN: [(ApiKey, i16, i16); 5] = [
+const SPOKEN: [(ApiKey, i16, i16); 6] = [
     (ApiKey::Produce, 3, 9),
     (ApiKey::Fetch, 4, 12),
     (ApiKey::Metadata, 1, 12),
     (ApiKey::InitProducerId, 0, 4),
     (ApiKey::ListOffsets, 1, 7),
+    (ApiKey::CreateTopics, 2, 5),
 ];
 
 /// How long a connection waits for an answer: longer than the timeout a produce request gives
 /// the broker, so the broker's own timeout answer arrives first.
-const SOCKET_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const SOCKET_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Largest answer loadgen reads (a fetch asks for at most 16 MiB).
 const FRAME_MAX: usize = 64 * 1024 * 1024;
