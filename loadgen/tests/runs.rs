@@ -60,10 +60,10 @@ fn loadgen(args: &[&str]) -> (i32, String, Value, String, tempfile::TempDir) {
     )
 }
 
-#[test]
-fn a_short_demo_kills_restarts_and_pauses_brokers_and_loses_nothing() {
-    let (code, stdout, result, report, _dir) = loadgen(&["demo", "--duration", "12"]);
-    assert_eq!(code, 0, "{stdout}");
+/// What every demo run must show: plenty acknowledged, nothing lost, duplicated, moved or
+/// reordered, at most `unacknowledged_max` records stored unacknowledged, the six faults (leader
+/// kill, restart, follower kill, restart, pause, resume) each recovered from, consumers reading.
+fn assert_demo_held(result: &Value, stdout: &str, unacknowledged_max: u64) {
     let verdict = &result["verdict"];
     assert!(
         verdict["acknowledged"].as_u64().unwrap_or(0) > 10_000,
@@ -72,18 +72,13 @@ fn a_short_demo_kills_restarts_and_pauses_brokers_and_loses_nothing() {
     for anomaly in ["lost", "duplicated", "moved", "reordered"] {
         assert_eq!(verdict[anomaly], 0, "{anomaly}: {verdict}");
     }
-    // Idempotent producers resend a failed request until it is answered, and the broker
-    // answers a resend of a stored batch with its offsets: only a request still unanswered
-    // when the run stopped (one per producer: 8 × 20 records) can be stored unacknowledged.
     assert!(
         verdict["unacknowledged_stored"]
             .as_u64()
             .unwrap_or(u64::MAX)
-            <= 8 * 20,
+            <= unacknowledged_max,
         "{verdict}"
     );
-    // Six faults happened: leader kill, restart, follower kill, restart, pause, resume; and
-    // publishing recovered after each.
     let faults = result["faults"].as_array().expect("faults");
     assert_eq!(faults.len(), 6, "{faults:?}");
     for fault in faults {
@@ -96,6 +91,16 @@ fn a_short_demo_kills_restarts_and_pauses_brokers_and_loses_nothing() {
             .unwrap_or(0)
             > 10_000
     );
+}
+
+#[test]
+fn a_short_demo_kills_restarts_and_pauses_brokers_and_loses_nothing() {
+    let (code, stdout, result, report, _dir) = loadgen(&["demo", "--duration", "12"]);
+    assert_eq!(code, 0, "{stdout}");
+    // Idempotent producers resend a failed request until it is answered, and the broker
+    // answers a resend of a stored batch with its offsets: only a request still unanswered
+    // when the run stopped (one per producer: 8 × 20 records) can be stored unacknowledged.
+    assert_demo_held(&result, &stdout, 8 * 20);
     // The report is one page with both plots inline, fault markers and the verifier's table.
     assert_eq!(report.matches("<svg").count(), 2, "two plots");
     assert!(report.contains("<polyline") || report.contains("<path"));
@@ -109,41 +114,15 @@ fn the_demo_over_the_kafka_protocol_resends_exactly_through_kills_and_pauses() {
         loadgen(&["demo", "--duration", "12", "--protocol", "kafka"]);
     assert_eq!(code, 0, "{stdout}");
     assert_eq!(result["protocol"], "kafka");
-    let verdict = &result["verdict"];
-    assert!(
-        verdict["acknowledged"].as_u64().unwrap_or(0) > 10_000,
-        "{verdict}"
-    );
-    for anomaly in ["lost", "duplicated", "moved", "reordered"] {
-        assert_eq!(verdict[anomaly], 0, "{anomaly}: {verdict}");
-    }
     // Every failed batch is resent unchanged until answered, and at the end the requests in
     // flight are answered: only batches still waiting for their resend when the run stopped
-    // (at most 5 per producer, 8 × 5 × 20 records) can be stored unacknowledged.
-    assert!(
-        verdict["unacknowledged_stored"]
-            .as_u64()
-            .unwrap_or(u64::MAX)
-            <= 8 * 5 * 20,
-        "{verdict}"
-    );
-    // The kills and the pause failed requests over the Kafka protocol too, and publishing
-    // recovered after each fault.
+    // (at most 5 per producer, 8 × 5 × 20 records) can be stored unacknowledged. The tailing
+    // consumers fetch over Kafka too.
+    assert_demo_held(&result, &stdout, 8 * 5 * 20);
+    // The kills and the pause failed requests over the Kafka protocol too.
     assert!(
         result["requests_failed"].as_u64().unwrap_or(0) > 0,
         "{result}"
-    );
-    let faults = result["faults"].as_array().expect("faults");
-    assert_eq!(faults.len(), 6, "{faults:?}");
-    for fault in faults {
-        assert!(fault["unavailable_ms"].is_u64(), "never recovered: {fault}");
-    }
-    // The tailing consumers fetched over Kafka too.
-    assert!(
-        result["end_to_end_latency_ms"]["count"]
-            .as_u64()
-            .unwrap_or(0)
-            > 10_000
     );
     // Every broker's copy holds every acknowledged record once, the copies identical.
     for replica in result["replicas"].as_array().expect("replicas") {

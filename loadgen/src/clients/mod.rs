@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Result;
 use hdrhistogram::Histogram;
 
-use crate::scenario::{Protocol, Scenario};
+use crate::scenario::Scenario;
 use crate::verify::{Ack, Outcome};
 
 /// How long a request may take before the client gives up on it and moves on.
@@ -367,15 +367,6 @@ pub(crate) fn start_consumers(
             }
         })
         .collect()
-}
-
-impl Protocol {
-    pub fn name(self) -> &'static str {
-        match self {
-            Protocol::Http => "http",
-            Protocol::Kafka => "kafka",
-        }
-    }
 }
 
 /// Key numbers `0..n` by the partition Kafka's default partitioner sends the stored key

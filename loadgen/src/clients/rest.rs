@@ -360,39 +360,16 @@ impl Producer<'_> {
 
     /// (status, body) of a POST; Err on a transport error or timeout.
     async fn post(&self, url: &str, body: bytes::Bytes) -> Result<(u16, String), ()> {
-        // awc's timeout covers the wait for the headers; the body read gets its own.
-        let mut response = self
+        let sent = self
             .client
             .post(url)
             .insert_header(("Content-Type", JSON_V2))
-            .send_body(body)
-            .await
-            .map_err(|_| ())?
-            .timeout(REQUEST_TIMEOUT);
-        let status = response.status().as_u16();
-        let body = response
-            .body()
-            .limit(REPLY_BYTES_MAX)
-            .await
-            .map_err(|_| ())?;
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+            .send_body(body);
+        reply(sent).await
     }
 
     async fn get(&self, url: &str) -> Result<(u16, String), ()> {
-        let mut response = self
-            .client
-            .get(url)
-            .send()
-            .await
-            .map_err(|_| ())?
-            .timeout(REQUEST_TIMEOUT);
-        let status = response.status().as_u16();
-        let body = response
-            .body()
-            .limit(REPLY_BYTES_MAX)
-            .await
-            .map_err(|_| ())?;
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        reply(self.client.get(url).send()).await
     }
 
     /// The leader of `partition` as the broker at `base` describes it (its index in `bases`).
@@ -436,6 +413,19 @@ impl Producer<'_> {
 
 /// Longest a producer's dispatcher sleeps before it looks at the stop flag again.
 const STOP_CHECK: Duration = Duration::from_millis(100);
+
+/// (status, body) of a sent request. awc's timeout covers the wait for the headers; the body
+/// read gets its own.
+async fn reply(sent: awc::SendClientRequest) -> Result<(u16, String), ()> {
+    let mut response = sent.await.map_err(|_| ())?.timeout(REQUEST_TIMEOUT);
+    let status = response.status().as_u16();
+    let body = response
+        .body()
+        .limit(REPLY_BYTES_MAX)
+        .await
+        .map_err(|_| ())?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
 
 /// Largest reply a producer reads (a produce reply has one entry per record).
 const REPLY_BYTES_MAX: usize = 64 * 1024 * 1024;

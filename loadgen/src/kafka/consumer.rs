@@ -79,29 +79,8 @@ fn fetch(
     start: Instant,
 ) -> Result<()> {
     let topic = client.topic().to_owned();
-    let request = FetchRequest::default()
-        .with_replica_id(BrokerId(-1))
-        .with_max_wait_ms(FETCH_WAIT_MS)
-        .with_min_bytes(1)
-        .with_max_bytes(FETCH_BYTES_MAX)
-        .with_session_id(0)
-        .with_session_epoch(-1)
-        .with_topics(vec![FetchTopic::default()
-            .with_topic(topic_name(&topic))
-            .with_partitions(
-                partitions
-                    .iter()
-                    .map(|&p| {
-                        FetchPartition::default()
-                            .with_partition(p as i32)
-                            .with_current_leader_epoch(-1)
-                            .with_fetch_offset(offsets[&p])
-                            .with_last_fetched_epoch(-1)
-                            .with_log_start_offset(-1)
-                            .with_partition_max_bytes(PARTITION_BYTES_MAX)
-                    })
-                    .collect(),
-            )]);
+    let from: Vec<(u32, i64)> = partitions.iter().map(|&p| (p, offsets[&p])).collect();
+    let request = fetch_request(&topic, &from, FETCH_WAIT_MS, PARTITION_BYTES_MAX);
     let answer: FetchResponse = client.conn(node)?.call(ApiKey::Fetch, &request)?;
     let now = unix_micros();
     let second = start.elapsed().as_secs() as usize;
@@ -128,6 +107,38 @@ fn fetch(
         }
     }
     Ok(())
+}
+
+/// A sessionless Fetch of `topic`'s partitions from the given offsets, waiting up to `wait_ms`
+/// for a first byte.
+fn fetch_request(
+    topic: &str,
+    from: &[(u32, i64)],
+    wait_ms: i32,
+    partition_bytes: i32,
+) -> FetchRequest {
+    FetchRequest::default()
+        .with_replica_id(BrokerId(-1))
+        .with_max_wait_ms(wait_ms)
+        .with_min_bytes(i32::from(wait_ms > 0))
+        .with_max_bytes(FETCH_BYTES_MAX)
+        .with_session_id(0)
+        .with_session_epoch(-1)
+        .with_topics(vec![FetchTopic::default()
+            .with_topic(topic_name(topic))
+            .with_partitions(
+                from.iter()
+                    .map(|&(partition, offset)| {
+                        FetchPartition::default()
+                            .with_partition(partition as i32)
+                            .with_current_leader_epoch(-1)
+                            .with_fetch_offset(offset)
+                            .with_last_fetched_epoch(-1)
+                            .with_log_start_offset(-1)
+                            .with_partition_max_bytes(partition_bytes)
+                    })
+                    .collect(),
+            )])
 }
 
 /// Hand each record at `from` and after in `records` to `each` (its offset and value): whole
@@ -173,22 +184,8 @@ pub(super) fn fetch_once(
     from: i64,
     each: impl FnMut(i64, &[u8]),
 ) -> Result<(i64, i64)> {
-    let request = FetchRequest::default()
-        .with_replica_id(BrokerId(-1))
-        .with_max_wait_ms(0)
-        .with_min_bytes(0)
-        .with_max_bytes(FETCH_BYTES_MAX)
-        .with_session_id(0)
-        .with_session_epoch(-1)
-        .with_topics(vec![FetchTopic::default()
-            .with_topic(topic_name(topic))
-            .with_partitions(vec![FetchPartition::default()
-                .with_partition(partition as i32)
-                .with_current_leader_epoch(-1)
-                .with_fetch_offset(from)
-                .with_last_fetched_epoch(-1)
-                .with_log_start_offset(-1)
-                .with_partition_max_bytes(FETCH_BYTES_MAX)])]);
+    // No wait: the read-back wants what is there, and stops at the high watermark.
+    let request = fetch_request(topic, &[(partition, from)], 0, FETCH_BYTES_MAX);
     let answer: FetchResponse = client.conn(node)?.call(ApiKey::Fetch, &request)?;
     let data = answer
         .responses
